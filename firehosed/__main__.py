@@ -1,0 +1,3 @@
+from firehosed.cli import main
+
+raise SystemExit(main())

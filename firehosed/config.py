@@ -1,0 +1,418 @@
+"""The TOML configuration, decoded once into msgspec Structs and validated up front.
+
+Every problem is reported as `FILE:LINE: key: message`, all of them at once, so that
+`firehosed check` and a SIGHUP reload tell a person everything to fix in one pass.
+Secrets are never required in the file: a key `X_env` reads X from an environment
+variable, a key `X_file` reads it from a file (systemd `LoadCredential=`).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+import typing
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import msgspec
+
+from firehosed.channels import CHANNEL_CONFIGS
+from firehosed.errors import ConfigError
+from firehosed.units import Duration, Size, dec_hook
+
+MiB = 1 << 20
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+
+
+class _Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Base of every config table: unknown keys are errors."""
+
+
+class ServerConfig(_Section):
+    """`[server]`: where the HTTP receiver listens and what it accepts."""
+
+    listen: str = "127.0.0.1:8080"
+    max_body: Size = Size(10 * MiB)
+    drain_timeout: Duration = Duration(10.0)
+
+
+class StorageConfig(_Section):
+    """`[storage]`: the durable queues, batches and dead letters."""
+
+    dir: str = "./var"
+    durability: Literal["fsync", "write", "memory"] = "fsync"
+    max_disk: Size = Size(10 * 1024 * MiB)
+    segment_size: Size = Size(64 * MiB)
+
+
+class CatchUpConfig(_Section):
+    """`[catch_up]`: the per-session ring of anonymous signals re-sent on identification."""
+
+    signals_per_session: int = 30
+    session_ttl: Duration = Duration(24 * 3600.0)
+    max_memory: Size = Size(512 * MiB)
+
+
+class AlertsConfig(_Section, rename={"from_": "from"}):
+    """`[alerts]`: the SMTP server for error-alert e-mails."""
+
+    smtp: str = "localhost:25"
+    from_: str = "firehosed@localhost"
+    starttls: bool = False
+    username: str | None = None
+    password: str | None = None
+    password_env: str | None = None
+    password_file: str | None = None
+    every: Duration = Duration(15 * 60.0)
+    timeout: Duration = Duration(30.0)
+
+
+class FallbackConfig(_Section):
+    """`[fallback]`: the channel for accounts with no firehose of their own."""
+
+    channel: str | None = None
+
+
+class FieldsConfig(_Section):
+    """`[accounts.X.fields]`: dotted paths into the posted JSON."""
+
+    type: str = "type"
+    id: str = "signal_id.$oid"
+    session: str = "did"
+    person: str = "pid"
+    time: str = "evdt.$date"
+
+
+class AccountConfig(_Section):
+    """`[accounts.X]`: one customer: who may post, and how its signals are read."""
+
+    tokens: list[str] = msgspec.field(default_factory=list)
+    tokens_env: str | None = None
+    tokens_file: str | None = None
+    firehose_enabled: bool = True
+    dedupe_window: Duration = Duration(600.0)
+    dedupe_max: int = 1_000_000
+    fields: FieldsConfig = msgspec.field(default_factory=FieldsConfig)
+
+
+class FirehoseConfig(_Section):
+    """`[firehoses.X]`: which signals of an account go where, in what shape, how often."""
+
+    account: str
+    channel: str
+    format: Literal["json", "ndjson", "csv"] = "json"
+    mapping: str | None = None
+    compression: Literal["none", "gzip"] = "none"
+    minutes_between_files: float = 5.0
+    max_file: Size = Size(64 * MiB)
+    filename_pattern: str = "firehose-%Y-%m-%d-%H-%M-%S-%f"
+    types: list[str] = msgspec.field(default_factory=list)
+    include_anonymous: bool = True
+    catch_up: bool = False
+    send_person_identified: bool = False
+    paused: bool = False
+    error_alert_email: str | None = None
+    alert_after: Duration = Duration(300.0)
+    retry_for: Duration = Duration(24 * 3600.0)
+    # Set only on the fallback firehoses the daemon makes: a prefix for every file name.
+    prefix: str = ""
+
+
+ChannelConfig: Any = Union[CHANNEL_CONFIGS]  # noqa: UP007 - built from the registry at run time
+
+
+class Config(msgspec.Struct, kw_only=True):
+    """The whole decoded, validated configuration."""
+
+    path: str
+    server: ServerConfig
+    storage: StorageConfig
+    catch_up: CatchUpConfig
+    alerts: AlertsConfig
+    fallback: FallbackConfig
+    accounts: dict[str, AccountConfig]
+    channels: dict[str, Any]
+    mappings: dict[str, dict[str, str]]
+    firehoses: dict[str, FirehoseConfig]
+
+    def all_firehoses(self) -> dict[str, FirehoseConfig]:
+        """Configured firehoses plus a fallback firehose per account that needs one."""
+        result = dict(self.firehoses)
+        owners = {f.account for f in self.firehoses.values()}
+        if self.fallback.channel is None:
+            return result
+        for account, cfg in self.accounts.items():
+            if cfg.firehose_enabled and account not in owners:
+                result[f"fallback.{account}"] = FirehoseConfig(
+                    account=account,
+                    channel=self.fallback.channel,
+                    format="json",
+                    catch_up=True,
+                    include_anonymous=True,
+                    prefix=f"{account}/Firehose/",
+                )
+        return result
+
+
+_SECTIONS: dict[str, type[_Section]] = {
+    "server": ServerConfig,
+    "storage": StorageConfig,
+    "catch_up": CatchUpConfig,
+    "alerts": AlertsConfig,
+    "fallback": FallbackConfig,
+}
+_TABLES: dict[str, Any] = {
+    "accounts": AccountConfig,
+    "channels": ChannelConfig,
+    "mappings": dict[str, str],
+    "firehoses": FirehoseConfig,
+}
+
+
+def default_path() -> str:
+    """`$FIREHOSED_CONFIG`, else `./config.toml`."""
+    return os.environ.get("FIREHOSED_CONFIG", "config.toml")
+
+
+def load(path: str | os.PathLike[str]) -> Config:
+    """Read, decode and validate the config file; raise ConfigError listing every problem."""
+    path = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError([f"{path}:1: cannot read config: {exc}"]) from exc
+    return parse(text, path)
+
+
+def parse(text: str, path: str = "config.toml") -> Config:
+    """Decode and validate config text; `path` is used in error messages."""
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        line = re.search(r"line (\d+)", str(exc))
+        raise ConfigError([f"{path}:{line.group(1) if line else 1}: syntax: {exc}"]) from exc
+    report = _Report(path, text)
+    decoded = _decode(raw, report)
+    if report.problems:
+        raise ConfigError(report.problems)
+    config = Config(path=path, **decoded)
+    _resolve_secrets(config, report)
+    _validate(config, report)
+    if report.problems:
+        raise ConfigError(report.problems)
+    return config
+
+
+class _Report:
+    """Collects problems, each located at the line where its key (or table) is written."""
+
+    def __init__(self, path: str, text: str) -> None:
+        self.path = path
+        self.lines = _key_lines(text)
+        self.problems: list[str] = []
+
+    def add(self, key: tuple[str, ...], message: str) -> None:
+        line = 1
+        for n in range(len(key), 0, -1):
+            if key[:n] in self.lines:
+                line = self.lines[key[:n]]
+                break
+        self.problems.append(f"{self.path}:{line}: {'.'.join(key)}: {message}")
+
+
+def _decode(raw: dict[str, Any], report: _Report) -> dict[str, Any]:
+    decoded: dict[str, Any] = {}
+    for key in raw.keys() - _SECTIONS.keys() - _TABLES.keys():
+        report.add((key,), "unknown section")
+    for name, struct in _SECTIONS.items():
+        decoded[name] = _convert(raw.get(name, {}), struct, (name,), report)
+    for name, entry_type in _TABLES.items():
+        table = raw.get(name, {})
+        if not isinstance(table, dict):
+            report.add((name,), "expected a table")
+            table = {}
+        decoded[name] = {}
+        for entry, value in table.items():
+            if not NAME.fullmatch(entry):
+                report.add((name, entry), "names may use letters, digits, '_', '-' and '.'")
+            decoded[name][entry] = _convert(value, entry_type, (name, entry), report)
+    return decoded
+
+
+_AT = re.compile(r"^(.*) - at `\$[^`]*`$", re.DOTALL)
+
+
+def _convert(value: Any, type_: Any, key: tuple[str, ...], report: _Report) -> Any:
+    """Convert one TOML value, reporting every bad key of a table, not just the first."""
+    struct = _struct_type(value, type_, key, report)
+    if struct is _REPORTED:
+        return None
+    if struct is None:
+        return _convert_value(value, type_, key, report)
+    if not isinstance(value, dict):
+        report.add(key, "expected a table")
+        return None
+    fields = {f.encode_name: f for f in msgspec.structs.fields(struct)}
+    tag_field = struct.__struct_config__.tag_field
+    count = len(report.problems)
+    for name, item in value.items():
+        field = fields.get(name)
+        if name == tag_field:
+            continue
+        if field is None:
+            report.add((*key, name), "unknown key")
+        else:
+            _convert(item, field.type, (*key, name), report)
+    for name, field in fields.items():
+        if field.required and name not in value:
+            report.add(key, f"missing required key {name!r}")
+    if len(report.problems) > count:
+        return None
+    return _convert_value(value, struct, key, report)
+
+
+_REPORTED = object()
+
+
+def _struct_type(value: Any, type_: Any, key: tuple[str, ...], report: _Report) -> Any:
+    """The Struct class for `value`: `type_` itself, or the union member its tag names."""
+    members = typing.get_args(type_) if typing.get_origin(type_) is Union else (type_,)
+    structs = [m for m in members if isinstance(m, type) and issubclass(m, msgspec.Struct)]
+    if not structs:
+        return None
+    if structs[0].__struct_config__.tag_field is None:
+        return structs[0]
+    tags = {m.__struct_config__.tag: m for m in structs}
+    tag = value.get("type") if isinstance(value, dict) else None
+    if tag not in tags:
+        known = ", ".join(sorted(map(str, tags)))
+        report.add((*key, "type"), f"expected one of {known}, got {tag!r}")
+        return _REPORTED
+    return tags[tag]
+
+
+def _convert_value(value: Any, type_: Any, key: tuple[str, ...], report: _Report) -> Any:
+    try:
+        return msgspec.convert(value, type_, dec_hook=dec_hook)
+    except msgspec.ValidationError as exc:
+        message = str(exc)
+        if m := _AT.match(message):
+            message = m.group(1)
+        report.add(key, message)
+        return None
+
+
+def _resolve_secrets(config: Config, report: _Report) -> None:
+    """Fill `X` from `X_env` / `X_file` on every table that offers them."""
+    tables: list[tuple[tuple[str, ...], msgspec.Struct]] = [(("alerts",), config.alerts)]
+    tables += [(("accounts", k), v) for k, v in config.accounts.items()]
+    tables += [(("channels", k), v) for k, v in config.channels.items()]
+    for key, table in tables:
+        for field in msgspec.structs.fields(table):
+            if field.name.endswith(("_env", "_file")):
+                _resolve_one(table, field.name, key, report)
+
+
+def _resolve_one(table: msgspec.Struct, name: str, key: tuple[str, ...], report: _Report) -> None:
+    source = getattr(table, name)
+    target = name.rsplit("_", 1)[0]
+    if source is None or not hasattr(table, target):
+        return
+    if getattr(table, target) not in (None, []):
+        report.add((*key, name), f"set either {target} or {name}, not both")
+        return
+    if name.endswith("_env"):
+        secret = os.environ.get(source)
+        if secret is None:
+            report.add((*key, name), f"environment variable {source} is not set")
+            return
+    else:
+        try:
+            secret = Path(source).read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            report.add((*key, name), f"cannot read {source}: {exc.__class__.__name__}")
+            return
+    if isinstance(getattr(table, target), list) or target == "tokens":
+        setattr(table, target, [t for t in re.split(r"[,\s]+", secret) if t])
+    else:
+        setattr(table, target, secret)
+
+
+def _validate(config: Config, report: _Report) -> None:
+    _validate_server(config, report)
+    for name, account in config.accounts.items():
+        if not account.tokens:
+            report.add(("accounts", name), "no tokens: set tokens, tokens_env or tokens_file")
+        for field in msgspec.structs.fields(account.fields):
+            path = getattr(account.fields, field.name)
+            if not path or "" in path.split("."):
+                report.add(("accounts", name, "fields", field.name), f"invalid path {path!r}")
+    for name, mapping in config.mappings.items():
+        if not mapping:
+            report.add(("mappings", name), "a mapping needs at least one column")
+        for column, path in mapping.items():
+            if not path or "" in path.split("."):
+                report.add(("mappings", name, column), f"invalid path {path!r}")
+    if config.fallback.channel is not None and config.fallback.channel not in config.channels:
+        report.add(("fallback", "channel"), f"no channel named {config.fallback.channel!r}")
+    for name, firehose in config.firehoses.items():
+        _validate_firehose(config, ("firehoses", name), firehose, report)
+
+
+def _validate_server(config: Config, report: _Report) -> None:
+    listen = config.server.listen
+    if not listen.startswith("unix:"):
+        host, _, port = listen.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            report.add(("server", "listen"), f"expected \"host:port\" or \"unix:/path\", got {listen!r}")
+    if config.catch_up.signals_per_session < 1:
+        report.add(("catch_up", "signals_per_session"), "must be at least 1")
+    if config.storage.segment_size < MiB:
+        report.add(("storage", "segment_size"), "must be at least 1MiB")
+
+
+def _validate_firehose(
+    config: Config, key: tuple[str, ...], firehose: FirehoseConfig, report: _Report
+) -> None:
+    refs: Iterable[tuple[str, str | None, dict[str, Any]]] = (
+        ("account", firehose.account, config.accounts),
+        ("channel", firehose.channel, config.channels),
+        ("mapping", firehose.mapping, config.mappings),
+    )
+    for field, ref, table in refs:
+        if ref is not None and ref not in table:
+            report.add((*key, field), f"no {field} named {ref!r}")
+    if firehose.format == "csv" and firehose.mapping is None:
+        report.add((*key, "format"), "csv needs a mapping (the columns)")
+    if firehose.minutes_between_files <= 0:
+        report.add((*key, "minutes_between_files"), "must be greater than 0")
+    if firehose.max_file < 1024:
+        report.add((*key, "max_file"), "must be at least 1KiB")
+    if firehose.prefix:
+        report.add((*key, "prefix"), "unknown key")
+    if "/" in firehose.filename_pattern or not firehose.filename_pattern.strip():
+        report.add((*key, "filename_pattern"), "must be a file name without '/'")
+
+
+_HEADER = re.compile(r"^\s*\[\[?\s*([^\]]+?)\s*\]\]?\s*(#.*)?$")
+_KEY = re.compile(r"""^\s*((?:[A-Za-z0-9_-]+|"[^"]*"|'[^']*')(?:\s*\.\s*(?:[A-Za-z0-9_-]+|"[^"]*"|'[^']*'))*)\s*=""")
+
+
+def _split_key(text: str) -> tuple[str, ...]:
+    parts = re.findall(r"""[A-Za-z0-9_-]+|"[^"]*"|'[^']*'""", text)
+    return tuple(p.strip("\"'") for p in parts)
+
+
+def _key_lines(text: str) -> dict[tuple[str, ...], int]:
+    """Map each table and key path to the line it is written on (first occurrence)."""
+    lines: dict[tuple[str, ...], int] = {}
+    table: tuple[str, ...] = ()
+    for number, line in enumerate(text.splitlines(), start=1):
+        if m := _HEADER.match(line):
+            table = _split_key(m.group(1))
+            lines.setdefault(table, number)
+        elif m := _KEY.match(line):
+            lines.setdefault(table + _split_key(m.group(1)), number)
+    return lines

@@ -1,0 +1,45 @@
+"""The project's own exception tree.
+
+Library errors (asyncssh, aioftp, botocore, aiohttp, OSError) are translated into these
+at the channel boundary; the delivery worker decides retry from them alone.
+"""
+
+from __future__ import annotations
+
+
+class FirehosedError(Exception):
+    """Base of every error firehosed raises on purpose."""
+
+
+class ConfigError(FirehosedError):
+    """The configuration is invalid; `problems` holds one `file:line: key: message` each."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+class StorageError(FirehosedError):
+    """The durable queue could not write or sync (disk full, I/O error)."""
+
+
+class DeliveryError(FirehosedError):
+    """A batch could not be delivered; retried with backoff unless `retryable` is false.
+
+    `retry_after` (seconds) is the destination's own hint (HTTP Retry-After), honoured
+    as a lower bound for the next attempt.
+    """
+
+    def __init__(
+        self, message: str, *, retryable: bool = True, retry_after: float | None = None
+    ) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+        self.retry_after = retry_after
+
+
+class DestinationGone(DeliveryError):
+    """The destination says it no longer wants deliveries (HTTP 410): the firehose stops."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, retryable=False)
