@@ -355,6 +355,10 @@ def _validate(config: Config, report: _Report) -> None:
         for column, path in mapping.items():
             if not path or "" in path.split("."):
                 report.add(("mappings", name, column), f"invalid path {path!r}")
+    for name, channel in config.channels.items():
+        # A channel config may check its own cross-key rules: `problems()` yields (key, message).
+        for key, message in getattr(channel, "problems", tuple)():
+            report.add(("channels", name, key), message)
     if config.fallback.channel is not None and config.fallback.channel not in config.channels:
         report.add(("fallback", "channel"), f"no channel named {config.fallback.channel!r}")
     for name, firehose in config.firehoses.items():
@@ -366,7 +370,9 @@ def _validate_server(config: Config, report: _Report) -> None:
     if not listen.startswith("unix:"):
         host, _, port = listen.rpartition(":")
         if not host or not port.isdigit() or not 0 < int(port) < 65536:
-            report.add(("server", "listen"), f"expected \"host:port\" or \"unix:/path\", got {listen!r}")
+            report.add(
+                ("server", "listen"), f'expected "host:port" or "unix:/path", got {listen!r}'
+            )
     if config.catch_up.signals_per_session < 1:
         report.add(("catch_up", "signals_per_session"), "must be at least 1")
     if config.storage.segment_size < MiB:
@@ -397,7 +403,9 @@ def _validate_firehose(
 
 
 _HEADER = re.compile(r"^\s*\[\[?\s*([^\]]+?)\s*\]\]?\s*(#.*)?$")
-_KEY = re.compile(r"""^\s*((?:[A-Za-z0-9_-]+|"[^"]*"|'[^']*')(?:\s*\.\s*(?:[A-Za-z0-9_-]+|"[^"]*"|'[^']*'))*)\s*=""")
+_KEY = re.compile(
+    r"""^\s*((?:[A-Za-z0-9_-]+|"[^"]*"|'[^']*')(?:\s*\.\s*(?:[A-Za-z0-9_-]+|"[^"]*"|'[^']*'))*)\s*="""
+)
 
 
 def _split_key(text: str) -> tuple[str, ...]:

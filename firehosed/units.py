@@ -36,17 +36,17 @@ class Size(int):
 def parse_duration(value: object) -> Duration:
     """Parse `"1h30m"`, `"200ms"` or a number of seconds; raise ValueError if invalid."""
     if isinstance(value, bool):
-        raise ValueError("expected a duration like \"30s\", \"5m\" or \"24h\"")
+        raise ValueError('expected a duration like "30s", "5m" or "24h"')
     if isinstance(value, int | float):
         seconds = float(value)
     elif isinstance(value, str) and value.strip():
         text = value.strip().replace(" ", "")
         parts = _DURATION_PART.findall(text)
         if not parts or "".join(n + u for n, u in parts) != text:
-            raise ValueError(f"invalid duration {value!r}: use e.g. \"200ms\", \"30s\", \"5m\", \"24h\"")
+            raise ValueError(f'invalid duration {value!r}: use e.g. "200ms", "30s", "5m", "24h"')
         seconds = sum(float(n) * _DURATION_UNITS[u] for n, u in parts)
     else:
-        raise ValueError("expected a duration like \"30s\", \"5m\" or \"24h\"")
+        raise ValueError('expected a duration like "30s", "5m" or "24h"')
     if seconds < 0:
         raise ValueError("a duration cannot be negative")
     return Duration(seconds)
@@ -55,13 +55,13 @@ def parse_duration(value: object) -> Duration:
 def parse_size(value: object) -> Size:
     """Parse `"10MiB"`, `"64MB"` or a number of bytes; raise ValueError if invalid."""
     if isinstance(value, bool):
-        raise ValueError("expected a size like \"64MiB\"")
+        raise ValueError('expected a size like "64MiB"')
     if isinstance(value, int):
         size = value
     elif isinstance(value, str) and (m := _SIZE.fullmatch(value.strip())):
         size = int(float(m.group(1)) * _SIZE_UNITS[(m.group(2) or "B").lower()])
     else:
-        raise ValueError(f"invalid size {value!r}: use e.g. \"512KiB\", \"10MiB\", \"1GB\"")
+        raise ValueError(f'invalid size {value!r}: use e.g. "512KiB", "10MiB", "1GB"')
     if size < 0:
         raise ValueError("a size cannot be negative")
     return Size(size)

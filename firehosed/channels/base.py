@@ -31,6 +31,9 @@ class Batch:
     records: int
     content_type: str
     content_encoding: str | None
+    # (record id, session) per record, in file order; filled for stream channels only,
+    # for per-record keys (SQS MessageDeduplicationId/MessageGroupId, Pub/Sub orderingKey).
+    keys: tuple[tuple[str, str | None], ...] = ()
 
 
 class Channel(abc.ABC):
@@ -38,10 +41,18 @@ class Channel(abc.ABC):
 
     `put` raises `firehosed.errors.DeliveryError` (never a library exception) on failure.
     `stream` channels want small batches as soon as records arrive (webhook, queues);
-    file channels want batches cut on the firehose's schedule.
+    file channels want batches cut on the firehose's schedule. A DestinationGone error
+    stops the firehose's delivery (kept queued) and alerts.
     """
 
     stream: ClassVar[bool] = False
+    # The file format a channel requires regardless of the firehose's `format`:
+    # "json" (one array, e.g. webhook bodies) or "ndjson" (one record per line, split
+    # into messages by queues). None: the firehose's own format.
+    format: ClassVar[str | None] = None
+    # Stream channels cut a batch at `max_records` or `max_wait` seconds, whichever first.
+    max_records: int | None = None
+    max_wait: float | None = None
 
     def __init__(self, name: str) -> None:
         self.name = name

@@ -17,7 +17,9 @@ from firehosed.channels.base import Batch, Channel
 from firehosed.errors import DeliveryError
 
 
-class DirectoryConfig(msgspec.Struct, tag="directory", tag_field="type", forbid_unknown_fields=True):
+class DirectoryConfig(
+    msgspec.Struct, tag="directory", tag_field="type", forbid_unknown_fields=True
+):
     """`type = "directory"`: files go under `path` (created when missing)."""
 
     path: str
