@@ -1,0 +1,105 @@
+"""Per-session catch-up rings: the latest anonymous signals of each session, in memory.
+
+When a session is identified, its ring is handed back (oldest first) so firehoses with
+`catch_up` get those signals again with the person attached. A session then stays
+identified for `session_ttl`. Memory is bounded by `max_memory`: the least recently
+seen sessions are evicted first, and counted.
+
+Invariant: `_sessions` is ordered by last activity (a touched session is moved to the
+end), so expiry and eviction only ever look at its front.
+"""
+
+from __future__ import annotations
+
+from firehosed import metrics
+from firehosed.config import CatchUpConfig
+
+# Rough bookkeeping cost of one session (key, dict slot, Session, list), for max_memory.
+SESSION_OVERHEAD = 200
+ENTRY_OVERHEAD = 40
+
+
+class Session:
+    """One session's state: its person once identified, else its ring of encoded records."""
+
+    __slots__ = ("person", "ring", "seen", "size")
+
+    def __init__(self, seen: float) -> None:
+        self.person: str | None = None
+        self.ring: list[bytes] = []
+        self.seen = seen
+        self.size = SESSION_OVERHEAD
+
+
+class CatchUp:
+    """All sessions' rings and identities for one daemon."""
+
+    def __init__(self, config: CatchUpConfig) -> None:
+        self.config = config
+        self._sessions: dict[str, Session] = {}
+        self.memory = 0
+
+    def reconfigure(self, config: CatchUpConfig) -> None:
+        """Apply new limits (SIGHUP); shrinking limits evict at the next touch."""
+        self.config = config
+
+    def _touch(self, key: str, now: float) -> Session:
+        self._expire(now)
+        session = self._sessions.pop(key, None)
+        if session is None:
+            session = Session(now)
+            self.memory += session.size
+        session.seen = now
+        self._sessions[key] = session
+        return session
+
+    def person_of(self, account: str, session: str, now: float) -> str | None:
+        """The person a live session was identified as, if any."""
+        state = self._sessions.get(f"{account}\0{session}")
+        if state is None or state.person is None or now - state.seen > self.config.session_ttl:
+            return None
+        self._touch(f"{account}\0{session}", now)
+        return state.person
+
+    def buffer(self, account: str, session: str, record: bytes, now: float) -> None:
+        """Keep an anonymous signal (an encoded Record) in its session's ring."""
+        state = self._touch(f"{account}\0{session}", now)
+        state.ring.append(record)
+        added = len(record) + ENTRY_OVERHEAD
+        if len(state.ring) > self.config.signals_per_session:
+            added -= len(state.ring.pop(0)) + ENTRY_OVERHEAD
+        state.size += added
+        self.memory += added
+        self._evict()
+
+    def identify(self, account: str, session: str, person: str, now: float) -> list[bytes] | None:
+        """Mark the session identified; its ring if this is its first identification."""
+        state = self._touch(f"{account}\0{session}", now)
+        first = state.person is None
+        ring, state.ring = state.ring, []
+        state.person = person
+        self.memory -= state.size - SESSION_OVERHEAD
+        state.size = SESSION_OVERHEAD
+        return ring if first else None
+
+    def _expire(self, now: float) -> None:
+        ttl = self.config.session_ttl
+        while self._sessions:
+            key = next(iter(self._sessions))
+            if now - self._sessions[key].seen <= ttl:
+                break
+            self.memory -= self._sessions.pop(key).size
+
+    def _evict(self) -> None:
+        while self.memory > self.config.max_memory and len(self._sessions) > 1:
+            key = next(iter(self._sessions))
+            self.memory -= self._sessions.pop(key).size
+            metrics.catchup_evictions.inc()
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def update_metrics(self) -> None:
+        """Publish session count and memory (called at scrape time)."""
+        metrics.catchup_sessions.set(len(self._sessions))
+        metrics.catchup_bytes.set(self.memory)

@@ -1,0 +1,211 @@
+"""What the `s3` and `sqs` channels share: credentials, one aiobotocore client, errors.
+
+Retry policy for AWS errors: retryable unless the request itself can never succeed
+(`_NEVER_SUCCEEDS`). A missing bucket or queue, denied access, an unknown key id or a
+wrong setting are retryable on purpose: an operator can fix them (and the worker alerts
+meanwhile), and nothing accepted may be lost; `retry_for` still bounds the wait before
+the dead-letter store. botocore itself retries each request a few times (standard mode)
+before an error reaches here, which matters for the parts of a multipart upload.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+import aiohttp
+import msgspec
+import structlog
+from aiobotocore.config import AioConfig
+from aiobotocore.session import AioSession
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    CredentialRetrievalError,
+    NoCredentialsError,
+    ParamValidationError,
+    PartialCredentialsError,
+)
+
+from firehosed.errors import DeliveryError
+from firehosed.units import Duration
+
+log = structlog.get_logger(__name__)
+
+# Everything an aiobotocore call (or reading the batch file) may raise; `delivery_error`
+# turns each into a DeliveryError. OSError covers TimeoutError.
+ERRORS: tuple[type[Exception], ...] = (BotoCoreError, ClientError, aiohttp.ClientError, OSError)
+
+# botocore's own attempts per request (1 = no retry); short, the worker retries batches.
+REQUEST_ATTEMPTS = 3
+
+_NEVER_SUCCEEDS = frozenset(
+    {
+        "EntityTooLarge",
+        "InvalidMessageContents",
+        "BatchRequestTooLong",
+        "TooManyEntriesInBatchRequest",
+        "BatchEntryIdsNotDistinct",
+        "InvalidBatchEntryId",
+        "EmptyBatchRequest",
+    }
+)
+
+# Error codes an operator must act on, with what to tell them.
+_HINTS = {
+    "NoSuchBucket": "the bucket does not exist",
+    "AccessDenied": "access denied: the credentials lack permission",
+    "AccessDeniedException": "access denied: the credentials lack permission",
+    "AllAccessDisabled": "all access to this bucket is disabled",
+    "InvalidAccessKeyId": "the access key id is not known to AWS: check access_key_id",
+    "InvalidClientTokenId": "the access key id is not known to AWS: check access_key_id",
+    "UnrecognizedClientException": "the access key id is not known to AWS: check access_key_id",
+    "SignatureDoesNotMatch": "the secret access key does not match the access key id",
+    "ExpiredToken": "the session token has expired",
+    "ExpiredTokenException": "the session token has expired",
+    "InvalidToken": "the session token is invalid",
+    "AWS.SimpleQueueService.NonExistentQueue": "the queue does not exist",
+    "QueueDoesNotExist": "the queue does not exist",
+    "RequestTimeTooSkewed": "this machine's clock is too far from AWS time",
+}
+
+
+class AwsConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Keys common to every AWS channel. Credentials absent: the default AWS chain
+    (environment, shared files, instance or container role)."""
+
+    endpoint_url: str = ""
+    access_key_id: str | None = None
+    access_key_id_env: str | None = None
+    access_key_id_file: str | None = None
+    secret_access_key: str | None = None
+    secret_access_key_env: str | None = None
+    secret_access_key_file: str | None = None
+    session_token: str | None = None
+    session_token_env: str | None = None
+    session_token_file: str | None = None
+    connect_timeout: Duration = Duration(10.0)
+    read_timeout: Duration = Duration(60.0)
+
+    def problems(self) -> list[tuple[str, str]]:
+        """Cross-key rules on credentials and timeouts (secrets are resolved by now)."""
+        problems: list[tuple[str, str]] = []
+        if (self.access_key_id is None) != (self.secret_access_key is None):
+            problems.append(
+                ("access_key_id", "set both access_key_id and secret_access_key, or neither")
+            )
+        if self.session_token is not None and self.access_key_id is None:
+            problems.append(("session_token", "needs access_key_id and secret_access_key"))
+        if self.endpoint_url and not self.endpoint_url.startswith(("http://", "https://")):
+            problems.append(("endpoint_url", "must start with http:// or https://"))
+        for key in ("connect_timeout", "read_timeout"):
+            if getattr(self, key) <= 0:
+                problems.append((key, "must be greater than 0"))
+        return problems
+
+
+class Client:
+    """One aiobotocore client for a channel, created on first use and reused.
+
+    Creation is serialized by a lock so concurrent puts share one client (and its
+    connection pool). `close` releases it; a later `get` creates a new one.
+    """
+
+    def __init__(
+        self, channel: str, service: str, config: AwsConfig, region: str, max_connections: int
+    ) -> None:
+        self.channel = channel
+        self.service = service
+        self.config = config
+        self.region = region
+        self.max_connections = max_connections
+        self._client: Any = None
+        self._stack = contextlib.AsyncExitStack()
+        self._lock = asyncio.Lock()
+
+    async def get(self) -> Any:
+        """The client, created now if this is the first call (or the first after close)."""
+        async with self._lock:
+            if self._client is None:
+                self._client = await self._stack.enter_async_context(self._create())
+                log.info(
+                    "channel.client_created",
+                    channel=self.channel,
+                    service=self.service,
+                    region=self.region,
+                    endpoint=self.config.endpoint_url or None,
+                )
+            return self._client
+
+    def _create(self) -> Any:
+        config = self.config
+        botocore_config = AioConfig(
+            connect_timeout=float(config.connect_timeout),
+            read_timeout=float(config.read_timeout),
+            max_pool_connections=self.max_connections,
+            retries={"mode": "standard", "total_max_attempts": REQUEST_ATTEMPTS},
+            # The channels send Content-MD5 themselves; a second (CRC32) checksum computed
+            # by botocore would cost CPU and trip S3-compatible stores that lack it.
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+        )
+        return AioSession().create_client(
+            self.service,
+            region_name=self.region,
+            endpoint_url=config.endpoint_url or None,
+            aws_access_key_id=config.access_key_id,
+            aws_secret_access_key=config.secret_access_key,
+            aws_session_token=config.session_token,
+            config=botocore_config,
+        )
+
+    async def close(self) -> None:
+        """Close the client and its connections (no-op when none was created)."""
+        async with self._lock:
+            self._client = None
+            await self._stack.aclose()
+
+
+def delivery_error(
+    exc: Exception, target: str, aliases: dict[str, str] | None = None
+) -> DeliveryError:
+    """Translate an exception from `ERRORS` into a DeliveryError about `target`.
+
+    `aliases` renames bare status codes for operations without an error body (S3
+    HeadBucket answers a plain 404 or 403).
+    """
+    if isinstance(exc, ClientError):
+        return _client_error(exc, target, aliases or {})
+    if isinstance(exc, NoCredentialsError | PartialCredentialsError | CredentialRetrievalError):
+        return DeliveryError(
+            f"{target}: no usable AWS credentials ({exc}): set access_key_id and "
+            "secret_access_key, or configure the default credential chain"
+        )
+    if isinstance(exc, ParamValidationError):
+        return DeliveryError(f"{target}: invalid request: {exc}", retryable=False)
+    return DeliveryError(f"{target}: {type(exc).__name__}: {exc}")
+
+
+def _client_error(exc: ClientError, target: str, aliases: dict[str, str]) -> DeliveryError:
+    error = exc.response.get("Error", {})
+    metadata = exc.response.get("ResponseMetadata", {})
+    status = metadata.get("HTTPStatusCode")
+    code = str(error.get("Code") or status or "Unknown")
+    code = aliases.get(code, code)
+    detail = _HINTS.get(code) or error.get("Message") or "no message"
+    return DeliveryError(
+        f"{target}: {code} (HTTP {status}): {detail}",
+        retryable=code not in _NEVER_SUCCEEDS,
+        retry_after=_retry_after(metadata.get("HTTPHeaders", {})),
+    )
+
+
+def _retry_after(headers: dict[str, str]) -> float | None:
+    """The server's hint: `Retry-After` (seconds) or `x-amz-retry-after` (milliseconds)."""
+    for name, scale in (("retry-after", 1.0), ("x-amz-retry-after", 0.001)):
+        value = headers.get(name)
+        if value is not None:
+            with contextlib.suppress(ValueError):
+                return max(0.0, float(value) * scale)
+    return None

@@ -1,0 +1,351 @@
+"""`ftp` and `ftpes`: upload each batch to an FTP server, in clear or over explicit TLS.
+
+Uploads are atomic: the batch is stored as `.NAME.part` beside its final name, then
+renamed (RNFR/RNTO), so the customer's pick-up job never sees a partial file, and a
+retry of the same batch replaces the file with identical bytes. One control
+connection is kept across batches; it is probed with NOOP before reuse, so a server
+that dropped an idle session costs one reconnect, not a failed batch.
+
+`ftpes` is explicit FTPS (RFC 4217): AUTH TLS before USER, the server's certificate
+verified (the system CAs, or `ca`), PBSZ 0 and PROT P so data connections are encrypted
+too. A server that does not offer TLS is an error, never a reason to fall back to clear
+text. Data connections are passive, always to the control connection's host (the
+address in a PASV reply is often wrong behind NAT).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import ssl
+from collections.abc import Iterator
+from pathlib import PurePosixPath
+from typing import BinaryIO
+
+import aioftp
+import msgspec
+import structlog
+from aioftp.common import SSLSessionBoundContext
+
+from firehosed.channels.base import Batch, Channel
+from firehosed.errors import DeliveryError
+from firehosed.units import Duration
+
+log = structlog.get_logger(__name__)
+
+_BLOCK = 1 << 20
+_PROBE = ".firehosed-check"
+# What the network, TLS and the FTP server can raise; each becomes a DeliveryError.
+# TimeoutError and ssl.SSLError are OSErrors; aioftp.InvalidCommand (CR/LF in a
+# name) is an AIOFTPException.
+_FAILURES = (aioftp.AIOFTPException, OSError)
+
+
+class _FtpBase(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Keys common to `ftp` and `ftpes`."""
+
+    host: str
+    port: int = 21
+    username: str = "anonymous"
+    password: str | None = None
+    password_env: str | None = None
+    password_file: str | None = None
+    # The remote directory batches go under; relative paths start at the login directory.
+    path: str = "/"
+    # Bounds connecting, the TLS handshake and logging in, together.
+    connect_timeout: Duration = Duration(10.0)
+    # Bounds each later read or write on the control and data connections.
+    timeout: Duration = Duration(60.0)
+
+    def problems(self) -> list[tuple[str, str]]:
+        """Cross-key rules checked at config load."""
+        found: list[tuple[str, str]] = []
+        if not self.host:
+            found.append(("host", "must not be empty"))
+        if not 0 < self.port < 65536:
+            found.append(("port", "must be between 1 and 65535"))
+        if not self.path or "\r" in self.path or "\n" in self.path:
+            found.append(("path", "must be a non-empty path without line breaks"))
+        for key in ("connect_timeout", "timeout"):
+            if getattr(self, key) <= 0:
+                found.append((key, "must be greater than 0"))
+        return found
+
+
+class FtpConfig(_FtpBase, tag="ftp", tag_field="type"):
+    """`type = "ftp"`: plain FTP; the password and the data cross the network in clear."""
+
+
+class FtpesConfig(_FtpBase, tag="ftpes", tag_field="type"):
+    """`type = "ftpes"`: FTP over explicit TLS, the server's certificate verified.
+
+    `ca` (or `ca_file`) holds the PEM certificates to trust instead of the system's;
+    `server_hostname` is the name the certificate must carry (default: `host`).
+    """
+
+    ca: str | None = None
+    ca_file: str | None = None
+    server_hostname: str | None = None
+
+    def problems(self) -> list[tuple[str, str]]:
+        """Also reject a `ca` that holds no usable PEM certificate."""
+        found = super().problems()
+        if self.ca is not None:
+            try:
+                ssl.create_default_context(cadata=self.ca)
+            except (ssl.SSLError, ValueError) as exc:
+                key = "ca_file" if self.ca_file else "ca"
+                found.append((key, f"no PEM CA certificate could be loaded ({exc})"))
+        return found
+
+
+class _TlsRefused(aioftp.AIOFTPException):
+    """The server answered AUTH TLS with an error: FTPES is impossible there."""
+
+
+class _Client(aioftp.Client):
+    """aioftp's client, plus FTPES data connections that servers requiring reuse accept.
+
+    aioftp (>= 0.26) wraps a data connection in TLS as soon as it connects, before the
+    transfer command is sent. vsftpd starts the data handshake only once it has the
+    command, so that order deadlocks; and with `require_ssl_reuse=YES` (its default
+    in many distributions) it refuses a data connection that does not resume the
+    control connection's TLS session, which is how it knows the data comes from the
+    authenticated client. `store` therefore opens the data connection in clear,
+    sends STOR, and only then does the handshake, resuming the control session.
+    """
+
+    def __init__(
+        self,
+        *,
+        tls: ssl.SSLContext | None,
+        tls_name: str,
+        connect_timeout: float,
+        timeout: float,
+    ) -> None:
+        super().__init__(socket_timeout=timeout, connection_timeout=connect_timeout)
+        self.tls = tls
+        self.tls_name = tls_name
+
+    async def secure(self, tls: ssl.SSLContext) -> None:
+        """AUTH TLS and the handshake; a server without TLS is refused, never used in clear."""
+        try:
+            await self.command("AUTH TLS", "234")
+        except aioftp.StatusCodeError as exc:
+            raise _TlsRefused(
+                f"server refused AUTH TLS ({_status(exc)}): it does not offer FTPES, "
+                "and nothing is sent in clear"
+            ) from exc
+        await self.stream.writer.start_tls(tls, server_hostname=self.tls_name)
+
+    async def protect_data(self) -> None:
+        """PBSZ 0 and PROT P: every data connection from now on is encrypted."""
+        await self.command("PBSZ 0", "200")
+        await self.command("PROT P", "200")
+
+    async def store(self, remote: PurePosixPath, source: BinaryIO) -> None:
+        """STOR `source`'s bytes as `remote` over a passive data connection."""
+        _reader, writer = await self._open_data()
+        try:
+            await self.command(f"STOR {remote}", "1xx")
+            if self.tls is not None:
+                await writer.start_tls(
+                    self._resumed_session(),
+                    server_hostname=self.tls_name,
+                    ssl_handshake_timeout=self.socket_timeout,
+                )
+            while block := await asyncio.to_thread(source.read, _BLOCK):
+                writer.write(block)
+                await asyncio.wait_for(writer.drain(), self.socket_timeout)
+        finally:
+            writer.close()
+        await self.command(None, "2xx", "1xx")
+        # The server has answered, so its side is done: this only reaps the socket.
+        with contextlib.suppress(OSError):
+            await asyncio.wait_for(writer.wait_closed(), self.socket_timeout)
+
+    async def _open_data(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        await self.command("TYPE I", "200")
+        try:
+            _, info = await self.command("EPSV", "229")
+            _, port = self.parse_epsv_response(info[-1])
+        except aioftp.StatusCodeError as exc:
+            if not exc.received_codes[-1].matches("50x"):
+                raise
+            _, info = await self.command("PASV", "227")
+            _, port = self.parse_pasv_response(info[-1])
+        return await asyncio.wait_for(
+            asyncio.open_connection(self.server_host, port), self.connection_timeout
+        )
+
+    def _resumed_session(self) -> ssl.SSLContext:
+        control = self.stream.writer.get_extra_info("ssl_object")
+        return SSLSessionBoundContext(
+            ssl.PROTOCOL_TLS_CLIENT, context=control.context, session=control.session
+        )
+
+    async def aclose(self) -> None:
+        """QUIT politely, then close; a server that already hung up is fine."""
+        with contextlib.suppress(*_FAILURES):
+            await self.quit()
+        self.close()
+        with contextlib.suppress(*_FAILURES):
+            await asyncio.wait_for(self.stream.writer.wait_closed(), self.socket_timeout)
+
+
+class FtpChannel(Channel):
+    """Delivers batches to an FTP or FTPES server over one reused control connection.
+
+    Calls are serialized (one control connection carries one command at a time).
+    After any failure the connection is dropped, so the next attempt starts clean.
+    """
+
+    def __init__(self, name: str, config: FtpConfig | FtpesConfig) -> None:
+        super().__init__(name)
+        self.config = config
+        self.root = PurePosixPath(config.path)
+        self.tls: ssl.SSLContext | None = None
+        self.tls_name = config.host
+        if isinstance(config, FtpesConfig):
+            self.tls = ssl.create_default_context(cadata=config.ca)
+            self.tls_name = config.server_hostname or config.host
+        self.scheme = "ftp" if self.tls is None else "ftpes"
+        self._client: _Client | None = None
+        # Directories made (or found) on the current connection: MKD is sent once each.
+        self._dirs: set[PurePosixPath] = set()
+        self._lock = asyncio.Lock()
+
+    async def put(self, batch: Batch) -> None:
+        target = self.root / batch.name
+        async with self._lock:
+            with self._translated():
+                client = await self._connection()
+                await self._make_dirs(client, target.parent)
+                source = await asyncio.to_thread(batch.path.open, "rb")
+                with source:
+                    await self._store_atomically(client, source, target)
+        log.debug("channel.uploaded", channel=self.name, batch=batch.id, path=str(target))
+
+    async def check(self) -> str:
+        probe = self.root / _PROBE
+        async with self._lock:
+            with self._translated():
+                client = await self._connection()
+                await self._make_dirs(client, self.root)
+                await client.store(probe, io.BytesIO(b"firehosed check\n"))
+                await client.remove_file(probe)
+        cfg = self.config
+        return f"{self.scheme} {cfg.username}@{cfg.host}:{cfg.port} path {self.root} is writable"
+
+    async def close(self) -> None:
+        async with self._lock:
+            client, self._client = self._client, None
+            if client is not None:
+                await client.aclose()
+
+    async def _connection(self) -> _Client:
+        if self._client is not None:
+            try:
+                await self._client.command("NOOP", "2xx")
+                return self._client
+            except _FAILURES as exc:
+                log.info("channel.reconnecting", channel=self.name, reason=_describe(exc))
+                self._drop()
+        self._client = await self._connect()
+        return self._client
+
+    async def _connect(self) -> _Client:
+        cfg = self.config
+        client = _Client(
+            tls=self.tls,
+            tls_name=self.tls_name,
+            connect_timeout=cfg.connect_timeout,
+            timeout=cfg.timeout,
+        )
+        try:
+            async with asyncio.timeout(cfg.connect_timeout):
+                await client.connect(cfg.host, cfg.port)
+                if self.tls is not None:
+                    await client.secure(self.tls)
+                await client.login(cfg.username, cfg.password or "")
+                if self.tls is not None:
+                    await client.protect_data()
+        except BaseException:
+            client.close()
+            raise
+        log.info(
+            "channel.connected", channel=self.name, host=cfg.host, port=cfg.port, tls=bool(self.tls)
+        )
+        return client
+
+    async def _make_dirs(self, client: _Client, directory: PurePosixPath) -> None:
+        for path in (*reversed(directory.parents), directory):
+            if not path.name or path in self._dirs:
+                continue
+            # Servers answer 550 both for "exists" and for "denied", so a failed MKD is
+            # not an error here: a directory that is really missing fails the STOR.
+            with contextlib.suppress(aioftp.StatusCodeError):
+                await client.command(f"MKD {path}", "257")
+            self._dirs.add(path)
+
+    async def _store_atomically(
+        self, client: _Client, source: BinaryIO, target: PurePosixPath
+    ) -> None:
+        part = target.with_name(f".{target.name}.part")
+        await client.store(part, source)
+        await client.command(f"RNFR {part}", "350")
+        try:
+            await client.command(f"RNTO {target}", "2xx")
+        except aioftp.StatusCodeError:
+            # Some servers refuse to rename onto an existing file; a retried batch must
+            # still replace it (with the same bytes), so delete the old one and retry once.
+            await client.remove_file(target)
+            await client.rename(part, target)
+
+    def _drop(self) -> None:
+        if self._client is not None:
+            self._client.close()
+        self._client = None
+        self._dirs.clear()
+
+    @contextlib.contextmanager
+    def _translated(self) -> Iterator[None]:
+        """Drop the connection on any failure and raise it as a DeliveryError."""
+        try:
+            yield
+        except _FAILURES as exc:
+            self._drop()
+            raise DeliveryError(f"{self._where()}: {_describe(exc, self.tls_name)}") from exc
+        except asyncio.CancelledError:
+            # Cancelled mid-command: the connection's state is unknown.
+            self._drop()
+            raise
+
+    def _where(self) -> str:
+        return f"{self.scheme}://{self.config.host}:{self.config.port}"
+
+
+def _describe(exc: BaseException, tls_name: str | None = None) -> str:
+    """One line naming what went wrong, for logs and DeliveryError messages."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"TLS certificate for {tls_name} not trusted: {exc.verify_message}"
+    if isinstance(exc, aioftp.StatusCodeError):
+        return f"server answered {_status(exc)}"
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    if isinstance(exc, ssl.SSLError):
+        return f"TLS error: {exc.reason or exc}"
+    if isinstance(exc, ConnectionResetError) and not exc.args:
+        return "connection closed by the server"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc) or type(exc).__name__
+
+
+def _status(exc: aioftp.StatusCodeError) -> str:
+    text = " ".join(line.strip() for line in exc.info) if isinstance(exc.info, list) else exc.info
+    return f"{exc.received_codes[-1]} {text}".strip()
+
+
+__all__ = ["FtpChannel", "FtpConfig", "FtpesConfig"]

@@ -1,0 +1,229 @@
+"""`s3`: each batch becomes one object `prefix + batch.name` in a bucket.
+
+Atomic and idempotent by S3's own semantics: an object appears whole or not at all
+(one PutObject, or a multipart upload that only exists once completed), and a retry
+of the same batch overwrites the object with the same bytes. Every body carries its
+Content-MD5, so S3 rejects bytes damaged on the way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import structlog
+
+from firehosed.channels import aws
+from firehosed.channels.base import Batch, Channel
+from firehosed.errors import DeliveryError
+from firehosed.units import Size
+
+log = structlog.get_logger(__name__)
+
+MiB = 1 << 20
+MIN_PART = 5 * MiB  # S3's smallest part (except the last)
+MAX_PUT = 5 * 1024 * MiB  # S3's largest single PUT and largest part
+MAX_PARTS = 10_000
+PROBE_NAME = ".firehosed-check"
+
+StorageClass = Literal[
+    "STANDARD",
+    "REDUCED_REDUNDANCY",
+    "STANDARD_IA",
+    "ONEZONE_IA",
+    "INTELLIGENT_TIERING",
+    "GLACIER",
+    "DEEP_ARCHIVE",
+    "GLACIER_IR",
+    "OUTPOSTS",
+    "SNOW",
+    "EXPRESS_ONEZONE",
+]
+
+# HeadBucket answers with a bare status and no error body.
+_HEAD_BUCKET_CODES = {"404": "NoSuchBucket", "403": "AccessDenied", "NotFound": "NoSuchBucket"}
+
+
+class S3Config(aws.AwsConfig, tag="s3", tag_field="type", forbid_unknown_fields=True, kw_only=True):
+    """`type = "s3"`: objects go to `bucket` under `prefix` (`{account}` is replaced)."""
+
+    bucket: str
+    prefix: str = ""
+    region: str = "us-east-1"
+    sse: Literal["AES256", "aws:kms"] | None = None
+    kms_key_id: str | None = None
+    storage_class: StorageClass | None = None
+    multipart_threshold: Size = Size(16 * MiB)
+    part_size: Size = Size(8 * MiB)
+    max_concurrency: int = 4
+
+    def problems(self) -> list[tuple[str, str]]:
+        """Cross-key rules: credentials, SSE, part sizes, concurrency, prefix placeholders."""
+        problems = super().problems()
+        if not self.bucket:
+            problems.append(("bucket", "must not be empty"))
+        if self.kms_key_id is not None and self.sse != "aws:kms":
+            problems.append(("kms_key_id", 'only used with sse = "aws:kms"'))
+        if not MIN_PART <= self.part_size <= MAX_PUT:
+            problems.append(("part_size", "must be between 5MiB and 5GiB (S3's part limits)"))
+        if not MIN_PART <= self.multipart_threshold <= MAX_PUT:
+            problems.append(("multipart_threshold", "must be between 5MiB and 5GiB"))
+        if self.max_concurrency < 1:
+            problems.append(("max_concurrency", "must be at least 1"))
+        if "{" in self.prefix.replace("{account}", ""):
+            problems.append(("prefix", "the only placeholder is {account}"))
+        return problems
+
+
+class S3Channel(Channel):
+    """PutObject below `multipart_threshold`, else a multipart upload with up to
+    `max_concurrency` parts in flight (and as many part buffers in memory)."""
+
+    def __init__(self, name: str, config: S3Config) -> None:
+        super().__init__(name)
+        self.config = config
+        self.bucket = config.bucket
+        self._client = aws.Client(
+            name, "s3", config, config.region, max_connections=max(10, config.max_concurrency)
+        )
+
+    def key(self, batch: Batch) -> str:
+        """The object key for `batch`: the prefix (with its account) plus the batch name."""
+        return self.config.prefix.replace("{account}", batch.account) + batch.name
+
+    async def put(self, batch: Batch) -> None:
+        key = self.key(batch)
+        try:
+            client = await self._client.get()
+            if batch.size < self.config.multipart_threshold:
+                await self._put_object(client, batch, key)
+            else:
+                await self._put_multipart(client, batch, key)
+        except aws.ERRORS as exc:
+            raise aws.delivery_error(exc, f"s3://{self.bucket}/{key}") from exc
+
+    def _object_args(self, batch: Batch | None) -> dict[str, Any]:
+        """Headers set on the object itself (with a batch) or on the check probe (None)."""
+        args: dict[str, Any] = {}
+        if batch is not None:
+            args["ContentType"] = batch.content_type
+            if batch.content_encoding:
+                args["ContentEncoding"] = batch.content_encoding
+            if self.config.storage_class:
+                args["StorageClass"] = self.config.storage_class
+        if self.config.sse:
+            args["ServerSideEncryption"] = self.config.sse
+        if self.config.kms_key_id:
+            args["SSEKMSKeyId"] = self.config.kms_key_id
+        return args
+
+    async def _put_object(self, client: Any, batch: Batch, key: str) -> None:
+        body, md5 = await asyncio.to_thread(_read, batch.path, 0, batch.size)
+        await client.put_object(
+            Bucket=self.bucket, Key=key, Body=body, ContentMD5=md5, **self._object_args(batch)
+        )
+
+    async def _put_multipart(self, client: Any, batch: Batch, key: str) -> None:
+        upload = await client.create_multipart_upload(
+            Bucket=self.bucket, Key=key, **self._object_args(batch)
+        )
+        upload_id = upload["UploadId"]
+        try:
+            parts = await self._upload_parts(client, batch, key, upload_id)
+            await client.complete_multipart_upload(
+                Bucket=self.bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": parts}
+            )
+        except BaseException:
+            # An unfinished upload is invisible but billed until aborted.
+            await self._abort(client, key, upload_id)
+            raise
+
+    async def _upload_parts(
+        self, client: Any, batch: Batch, key: str, upload_id: str
+    ) -> list[dict[str, Any]]:
+        part_size = max(self.config.part_size, math.ceil(batch.size / MAX_PARTS))
+        # One shared iterator: each uploader takes the next part when it is free, so at
+        # most `max_concurrency` parts are read into memory at once.
+        pending = iter(enumerate(range(0, batch.size, part_size), start=1))
+        etags: dict[int, str] = {}
+
+        async def uploader() -> None:
+            for number, offset in pending:
+                length = min(part_size, batch.size - offset)
+                body, md5 = await asyncio.to_thread(_read, batch.path, offset, length)
+                response = await client.upload_part(
+                    Bucket=self.bucket,
+                    Key=key,
+                    UploadId=upload_id,
+                    PartNumber=number,
+                    Body=body,
+                    ContentMD5=md5,
+                )
+                etags[number] = response["ETag"]
+
+        count = min(self.config.max_concurrency, math.ceil(batch.size / part_size))
+        await _gather_or_cancel([uploader() for _ in range(count)])
+        return [{"PartNumber": n, "ETag": etags[n]} for n in sorted(etags)]
+
+    async def _abort(self, client: Any, key: str, upload_id: str) -> None:
+        try:
+            await client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
+        except aws.ERRORS as exc:
+            # The bucket's lifecycle rule (AbortIncompleteMultipartUpload) is the backstop.
+            log.warning(
+                "s3.abort_failed", channel=self.name, bucket=self.bucket, key=key, error=str(exc)
+            )
+
+    async def check(self) -> str:
+        probe = self.config.prefix.split("{account}", 1)[0] + PROBE_NAME
+        try:
+            client = await self._client.get()
+            await client.head_bucket(Bucket=self.bucket)
+            await client.put_object(
+                Bucket=self.bucket,
+                Key=probe,
+                Body=b"",
+                ContentMD5=_md5(b""),
+                **self._object_args(None),
+            )
+            await client.delete_object(Bucket=self.bucket, Key=probe)
+        except aws.ERRORS as exc:
+            target = f"s3://{self.bucket}/{probe}"
+            raise aws.delivery_error(exc, target, aliases=_HEAD_BUCKET_CODES) from exc
+        return f"s3 bucket {self.bucket} is writable (probe {probe} put and deleted)"
+
+    async def close(self) -> None:
+        await self._client.close()
+
+
+async def _gather_or_cancel(coroutines: list[Any]) -> None:
+    """Run `coroutines` concurrently; on the first error cancel the rest, then re-raise."""
+    tasks = [asyncio.create_task(c) for c in coroutines]
+    try:
+        await asyncio.gather(*tasks)
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+
+
+def _read(path: Path, offset: int, length: int) -> tuple[bytes, str]:
+    """`length` bytes of `path` from `offset`, and their base64 MD5 (run in a thread)."""
+    with open(path, "rb") as file:
+        file.seek(offset)
+        body = file.read(length)
+    if len(body) != length:
+        # The batch file is fixed before the first attempt: a retry would read the same.
+        raise DeliveryError(
+            f"{path}: expected {length} bytes at {offset}, read {len(body)}", retryable=False
+        )
+    return body, _md5(body)
+
+
+def _md5(body: bytes) -> str:
+    return base64.b64encode(hashlib.md5(body, usedforsecurity=False).digest()).decode("ascii")

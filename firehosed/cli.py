@@ -1,0 +1,76 @@
+"""`firehosed run` and `firehosed check`: the command line (DESIGN.md §3)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+
+import uvloop
+
+from firehosed import __version__, config
+from firehosed.errors import ConfigError, DeliveryError, FirehosedError
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `firehosed` console script and `python -m firehosed`."""
+    args = _parser().parse_args(argv)
+    try:
+        cfg = config.load(args.config)
+    except ConfigError as exc:
+        print("\n".join(exc.problems), file=sys.stderr)
+        return 2
+    if args.command == "check":
+        return _check(cfg, connect=args.connect)
+    return _run(cfg, args.log_level)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="firehosed", description="Signal firehose daemon")
+    parser.add_argument("--version", action="version", version=f"firehosed {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", help="run the daemon")
+    check = commands.add_parser("check", help="validate the config (exit 2 on errors)")
+    check.add_argument("--connect", action="store_true", help="also connect to every channel")
+    for sub in (run, check):
+        sub.add_argument("-c", "--config", default=config.default_path(), help="config file (default: ./config.toml or $FIREHOSED_CONFIG)")
+    run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    return parser
+
+
+def _run(cfg: config.Config, log_level: str) -> int:
+    from firehosed import daemon, log
+
+    log.configure(log_level)
+    try:
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            return runner.run(daemon.run(cfg))
+    except FirehosedError as exc:
+        print(f"firehosed: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"firehosed: cannot start: {exc}", file=sys.stderr)
+        return 1
+
+
+def _check(cfg: config.Config, *, connect: bool) -> int:
+    print(f"{cfg.path}: ok ({len(cfg.accounts)} accounts, {len(cfg.channels)} channels, {len(cfg.all_firehoses())} firehoses)")
+    if not connect:
+        return 0
+    return asyncio.run(_connect_all(cfg))
+
+
+async def _connect_all(cfg: config.Config) -> int:
+    from firehosed.channels import open_channel
+
+    failed = 0
+    for name, channel_config in cfg.channels.items():
+        channel = open_channel(name, channel_config)
+        try:
+            print(f"channel {name}: ok: {await channel.check()}")
+        except DeliveryError as exc:
+            failed += 1
+            print(f"channel {name}: FAILED: {exc}")
+        finally:
+            await channel.close()
+    return 1 if failed else 0

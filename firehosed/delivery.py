@@ -1,0 +1,285 @@
+"""The delivery worker of one firehose: cut batches, put them, retry, dead-letter, alert.
+
+One worker per firehose, one batch in flight at a time, oldest first:
+
+    wait for work ─► cut a batch when due ─► channel.put(batch)
+                                               ├─ ok: forget the batch, count, maybe "recovered"
+                                               ├─ DeliveryError: back off (full jitter), alert
+                                               │   after alert_after, dead-letter after retry_for
+                                               └─ DestinationGone: stop delivering, alert
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from firehosed import formats, metrics
+from firehosed.alerts import Alerts, Incident
+from firehosed.channels.base import Batch, Channel
+from firehosed.errors import DeliveryError, DestinationGone
+from firehosed.firehose import Firehose
+from firehosed.queue.store import Manifest
+
+log = structlog.get_logger(__name__)
+
+BACKOFF_BASE = 1.0
+BACKOFF_CAP = 300.0
+STREAM_MAX_BYTES = 8 << 20
+
+
+def backoff(attempt: int, retry_after: float | None) -> float:
+    """Full-jitter exponential backoff (base 1 s, cap 5 min), never below `retry_after`."""
+    delay = random.uniform(0, min(BACKOFF_CAP, BACKOFF_BASE * 2**attempt))
+    return max(delay, retry_after or 0.0)
+
+
+@dataclass(slots=True)
+class Outcome:
+    """When and what: the last delivery or the last error of a worker."""
+
+    at: float
+    what: str
+
+
+class Worker:
+    """Delivers one firehose's queue to its channel until stopped."""
+
+    def __init__(self, firehose: Firehose, channel: Channel, dead_dir: Path, alerts: Alerts) -> None:
+        self.firehose = firehose
+        self.channel = channel
+        self.dead_dir = dead_dir
+        self.alerts = alerts
+        self.wake = asyncio.Event()
+        self.stopping = False
+        self.retiring = False
+        self.gone: str | None = None
+        self.last_delivery: Outcome | None = None
+        self.last_error: Outcome | None = None
+        self._failing_since: float | None = None
+        self._alerted = False
+
+    @property
+    def name(self) -> str:
+        return self.firehose.name
+
+    # -- the loop -------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Cut and deliver until `stop()`; a retiring worker ends once its queue is empty."""
+        queue = self.firehose.queue
+        while not self.stopping:
+            if self._cut_due():
+                await self.cut()
+                continue
+            if queue.batches and self._may_deliver():
+                await self._deliver(queue.batches[0])
+                continue
+            if self.retiring and not queue.batches and queue.staged_records == 0:
+                return
+            await self._sleep(self._next_cut_in())
+
+    def _may_deliver(self) -> bool:
+        return not self.firehose.config.paused and self.gone is None
+
+    def _cut_due(self) -> bool:
+        queue = self.firehose.queue
+        if queue.committed <= queue.state.cursor:
+            return False
+        if self.channel.stream or self.stopping or self.retiring:
+            return not queue.batches or not self._may_deliver()
+        return self._next_cut_in() <= 0 or queue.staged_bytes >= self.firehose.config.max_file
+
+    def _next_cut_in(self) -> float | None:
+        queue = self.firehose.queue
+        if queue.staged_since is None or self.channel.stream:
+            return None
+        interval = self.firehose.config.minutes_between_files * 60.0
+        return queue.staged_since + interval - time.time()
+
+    async def _sleep(self, timeout: float | None) -> None:
+        self.wake.clear()
+        if timeout is not None and timeout <= 0:
+            return
+        try:
+            await asyncio.wait_for(self.wake.wait(), timeout)
+        except TimeoutError:
+            pass
+
+    def stop(self) -> None:
+        """Ask the loop to end after the current step."""
+        self.stopping = True
+        self.wake.set()
+
+    # -- cutting ----------------------------------------------------------------------
+
+    async def cut(self) -> Manifest | None:
+        """Turn the next committed records into a batch fixed on disk; None if none."""
+        queue, config = self.firehose.queue, self.firehose.config
+        stream = self.channel.stream
+        limit_records = (self.channel.max_records or 500) if stream else 1 << 62
+        limit_bytes = STREAM_MAX_BYTES if stream else config.max_file
+        records, end, frame_bytes = await asyncio.to_thread(queue.read, limit_bytes, limit_records)
+        if not records:
+            return None
+        fmt = self.channel.format or config.format
+        compression = "none" if stream else config.compression
+        data = await asyncio.to_thread(formats.encode, fmt, records, self.firehose.mapping, compression)
+        opened = records[0].received
+        base = datetime.fromtimestamp(opened, UTC).strftime(config.filename_pattern)
+        manifest = queue.new_manifest(
+            name=config.prefix + queue.unique_name(base) + formats.extension(fmt, compression),
+            records=len(records),
+            size=len(data),
+            opened=opened,
+            cut=time.time(),
+            end=end,
+            content_type=formats.CONTENT_TYPES[fmt],
+            content_encoding="gzip" if compression == "gzip" else None,
+            keys=[(r.id, r.session) for r in records] if stream else [],
+        )
+        freed = await asyncio.to_thread(queue.persist_batch, manifest, data)
+        queue.add_batch(manifest, freed, frame_bytes)
+        log.info("batch.cut", firehose=self.name, batch=manifest.name, records=manifest.records, bytes=manifest.size)
+        return manifest
+
+    # -- delivering -------------------------------------------------------------------
+
+    async def _deliver(self, manifest: Manifest) -> None:
+        """Put one batch, retrying with backoff until delivered, dead-lettered or stopped."""
+        attempt = 0
+        while not self.stopping and self._may_deliver():
+            try:
+                await self.channel.put(self._batch(manifest))
+            except DestinationGone as exc:
+                self._gone(exc)
+                return
+            except DeliveryError as exc:
+                if await self._failed(manifest, exc):
+                    return
+                await self._sleep(backoff(attempt, exc.retry_after))
+                attempt += 1
+                continue
+            except Exception as exc:  # a channel bug must not kill the worker: retry it
+                log.exception("channel.unexpected_error", firehose=self.name, channel=self.channel.name)
+                if await self._failed(manifest, DeliveryError(f"unexpected {exc.__class__.__name__}: {exc}")):
+                    return
+                await self._sleep(backoff(attempt, None))
+                attempt += 1
+                continue
+            await self._delivered(manifest)
+            return
+
+    def _batch(self, manifest: Manifest) -> Batch:
+        return Batch(
+            id=manifest.id,
+            firehose=self.name,
+            account=self.firehose.config.account,
+            name=manifest.name,
+            path=self.firehose.queue.batch_path(manifest),
+            size=manifest.size,
+            records=manifest.records,
+            content_type=manifest.content_type,
+            content_encoding=manifest.content_encoding,
+            keys=tuple((k[0], k[1]) for k in manifest.keys),
+        )
+
+    async def _delivered(self, manifest: Manifest) -> None:
+        queue = self.firehose.queue
+        await asyncio.to_thread(queue.remove_batch, manifest)
+        queue.drop_batch(manifest)
+        labels = (self.name, self.channel.name)
+        metrics.batches_delivered.labels(*labels).inc()
+        metrics.records_delivered.labels(*labels).inc(manifest.records)
+        metrics.bytes_delivered.labels(*labels).inc(manifest.size)
+        self.last_delivery = Outcome(time.time(), manifest.name)
+        log.info("batch.delivered", firehose=self.name, channel=self.channel.name, batch=manifest.name, records=manifest.records, bytes=manifest.size)
+        if self._failing_since is not None:
+            if self._alerted:
+                self.alerts.recovered(self.firehose.config.error_alert_email, self._incident("recovered"))
+            self._failing_since, self._alerted = None, False
+
+    async def _failed(self, manifest: Manifest, exc: DeliveryError) -> bool:
+        """Record a failed attempt; True when the batch left the queue (dead-lettered)."""
+        now = time.time()
+        self._failing_since = self._failing_since or now
+        self.last_error = Outcome(now, str(exc))
+        metrics.delivery_errors.labels(self.name, self.channel.name).inc()
+        log.warning("batch.failed", firehose=self.name, channel=self.channel.name, batch=manifest.name, error=str(exc), retryable=exc.retryable)
+        config = self.firehose.config
+        if not exc.retryable or now - manifest.cut >= config.retry_for:
+            await self._dead_letter(manifest, str(exc))
+            return True
+        if now - self._failing_since >= config.alert_after:
+            self.alerts.failing(config.error_alert_email, self._incident(str(exc)))
+            self._alerted = True
+        return False
+
+    async def _dead_letter(self, manifest: Manifest, error: str) -> None:
+        queue = self.firehose.queue
+        await asyncio.to_thread(queue.move_batch, manifest, self.dead_dir / self.name)
+        queue.drop_batch(manifest)
+        metrics.batches_dead_lettered.labels(self.name).inc()
+        log.error("batch.dead_lettered", firehose=self.name, channel=self.channel.name, batch=manifest.name, records=manifest.records, error=error)
+        self.alerts.dead_lettered(self.firehose.config.error_alert_email, self._incident(error), manifest.name)
+
+    def _gone(self, exc: DestinationGone) -> None:
+        self.gone = str(exc)
+        self.last_error = Outcome(time.time(), str(exc))
+        log.error("firehose.destination_gone", firehose=self.name, channel=self.channel.name, error=str(exc))
+        self.alerts.failing(self.firehose.config.error_alert_email, self._incident(str(exc)))
+
+    def _incident(self, error: str) -> Incident:
+        queue = self.firehose.queue
+        now = time.time()
+        return Incident(
+            firehose=self.name,
+            channel=self.channel.name,
+            error=error,
+            backlog_records=queue.queued_records(),
+            backlog_bytes=queue.queued_bytes(),
+            oldest_age=queue.oldest_age(now),
+            first_failure=self._failing_since or now,
+        )
+
+    # -- drain and status -------------------------------------------------------------
+
+    async def drain(self) -> None:
+        """Cut everything staged and deliver what can be delivered (the caller times it)."""
+        self.retiring = True
+        self.wake.set()
+        while self.firehose.queue.committed > self.firehose.queue.state.cursor:
+            if await self.cut() is None:
+                break
+        while self.firehose.queue.batches and self._may_deliver() and not self.stopping:
+            await self._deliver(self.firehose.queue.batches[0])
+
+    def status(self) -> dict[str, Any]:
+        """This firehose's figures for `/v1/status`."""
+        queue, config = self.firehose.queue, self.firehose.config
+        return {
+            "account": config.account,
+            "channel": self.channel.name,
+            "paused": config.paused,
+            "stopped": self.gone,
+            "queued_records": queue.queued_records(),
+            "queued_bytes": queue.queued_bytes(),
+            "oldest_queued_age_seconds": round(queue.oldest_age(time.time()), 3),
+            "batches_pending": len(queue.batches),
+            "last_delivery": _outcome(self.last_delivery, "batch"),
+            "last_error": _outcome(self.last_error, "error"),
+        }
+
+
+def _outcome(outcome: Outcome | None, key: str) -> dict[str, Any] | None:
+    if outcome is None:
+        return None
+    return {"time": datetime.fromtimestamp(outcome.at, UTC).isoformat(), key: outcome.what}
+

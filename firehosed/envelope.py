@@ -1,0 +1,179 @@
+"""Read a signal's envelope (type, id, session, person, time) by the account's field paths.
+
+Per account we build, once, a msgspec Struct type holding only the configured paths, so
+decoding a record skips every other field in C and creates no per-record dict. A path
+ending in `$oid` or `$date` also accepts the plain value at its parent
+(`"signal_id": "abc"` as well as `"signal_id": {"$oid": "abc"}`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any, Union
+
+import msgspec
+
+from firehosed.config import FieldsConfig
+
+_LEAF_TYPES: dict[str, Any] = {
+    "type": str,
+    "id": Union[str, int],  # noqa: UP007 - msgspec needs a runtime Union here
+    "session": Union[str, int, None],  # noqa: UP007
+    "person": Union[str, int, None],  # noqa: UP007
+    "time": Union[str, int, float],  # noqa: UP007
+}
+_WRAPPERS = ("$oid", "$date")
+
+
+class Envelope(msgspec.Struct, gc=False):
+    """The routing facts of one record; `raw` is the record exactly as received."""
+
+    type: str
+    id: str
+    session: str | None
+    person: str | None
+    time: float
+    id_assigned: bool
+
+
+class RecordError(ValueError):
+    """A record is rejected; the message says why (it goes back to the client)."""
+
+
+_Accessor = Callable[[Any], Any]
+
+
+class EnvelopeReader:
+    """Decodes the envelope of a record by one account's field paths."""
+
+    def __init__(self, fields: FieldsConfig) -> None:
+        self.paths = {name: getattr(fields, name).split(".") for name in _LEAF_TYPES}
+        root_type, self._accessors = _build(self.paths)
+        self._decoder = msgspec.json.Decoder(root_type)
+        self._ids = _id_source()
+
+    def read(self, raw: bytes, received: float) -> Envelope:
+        """Decode `raw` (one JSON object); raise RecordError naming what is wrong."""
+        try:
+            root = self._decoder.decode(raw)
+        except msgspec.ValidationError as exc:
+            raise RecordError(str(exc)) from None
+        except msgspec.DecodeError as exc:
+            raise RecordError(f"invalid JSON: {exc}") from None
+        except RecursionError:
+            raise RecordError("invalid JSON: nested too deeply") from None
+        get = self._accessors
+        kind = get["type"](root)
+        if kind is None:
+            raise RecordError(f"missing type at {'.'.join(self.paths['type'])}")
+        _check_type(kind)
+        ident = get["id"](root)
+        session = get["session"](root)
+        person = get["person"](root)
+        moment = get["time"](root)
+        return Envelope(
+            type=kind,
+            id=str(ident) if ident is not None else self._ids(),
+            session=str(session) if session is not None else None,
+            person=str(person) if person is not None and person != "" else None,
+            time=parse_time(moment) if moment is not None else received,
+            id_assigned=ident is None,
+        )
+
+
+def _check_type(kind: str) -> None:
+    if not 0 < len(kind) <= 64:
+        raise RecordError("type must be 1 to 64 characters")
+    if "." in kind:
+        raise RecordError(f"type {kind!r} must not contain '.'")
+    if kind.isdigit():
+        raise RecordError(f"type {kind!r} must not be all digits")
+
+
+def parse_time(value: str | int | float) -> float:
+    """ISO 8601 (naive = UTC) or epoch milliseconds, as unix seconds; RecordError if not."""
+    if isinstance(value, str):
+        try:
+            moment = datetime.fromisoformat(value)
+        except ValueError:
+            raise RecordError(f"unparseable time {value[:64]!r}") from None
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=UTC)
+        return moment.timestamp()
+    if isinstance(value, bool) or not -1e16 < value < 1e16:
+        raise RecordError(f"unparseable time {value!r}")
+    return value / 1000.0
+
+
+def _id_source() -> Callable[[], str]:
+    """Ids for records that bring none: unique across restarts (time, pid, counter)."""
+    prefix = f"fh{time.time_ns() // 1000:x}{os.getpid() & 0xFFFF:04x}"
+    counter = itertools.count()
+    return lambda: f"{prefix}{next(counter):08x}"
+
+
+def _build(paths: dict[str, list[str]]) -> tuple[type, dict[str, _Accessor]]:
+    """The Struct type for these paths, and one accessor per envelope field."""
+    tree: dict[str, Any] = {}
+    for name, segments in paths.items():
+        node = tree
+        for segment in segments[:-1]:
+            node = node.setdefault(segment, {})
+            if not isinstance(node, dict):
+                break
+        else:
+            node.setdefault(segments[-1], name)
+    root = _struct_for(tree, "Envelope")
+    return root, {name: _accessor(tree, segments) for name, segments in paths.items()}
+
+
+_counter = itertools.count()
+
+
+def _struct_for(node: dict[str, Any], label: str) -> type:
+    """A Struct with one optional field per key of `node`, nested for sub-paths."""
+    fields: list[tuple[str, Any, Any]] = []
+    rename: dict[str, str] = {}
+    for index, (segment, child) in enumerate(node.items()):
+        attr = f"f{index}"
+        rename[attr] = segment
+        fields.append((attr, _field_type(child, segment, label), None))
+    return msgspec.defstruct(f"{label}{next(_counter)}", fields, rename=rename, gc=False)
+
+
+def _field_type(child: Any, segment: str, label: str) -> Any:
+    if isinstance(child, str):
+        return _LEAF_TYPES[child]
+    sub = _struct_for(child, label)
+    wrapped = [leaf for key, leaf in child.items() if key in _WRAPPERS and isinstance(leaf, str)]
+    if len(child) == 1 and wrapped:
+        # `{"$oid": x}` or the plain value x itself
+        return Union[_LEAF_TYPES[wrapped[0]], sub, None]  # noqa: UP007
+    return Union[sub, None]  # noqa: UP007
+
+
+def _accessor(tree: dict[str, Any], segments: list[str]) -> _Accessor:
+    """Walk the decoded Struct along the generated attribute names for `segments`."""
+    steps: list[tuple[str, str]] = []
+    node: Any = tree
+    for segment in segments:
+        if not isinstance(node, dict) or segment not in node:
+            break
+        steps.append((segment, f"f{list(node).index(segment)}"))
+        node = node[segment]
+
+    def get(root: Any) -> Any:
+        value = root
+        for segment, attr in steps:
+            if value is None:
+                return None
+            if not isinstance(value, msgspec.Struct):
+                return value if segment in _WRAPPERS else None
+            value = getattr(value, attr)
+        return value
+
+    return get

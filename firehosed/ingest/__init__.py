@@ -1,0 +1,1 @@
+"""HTTP ingestion: the aiohttp app, authentication and request-body parsing."""

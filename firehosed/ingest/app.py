@@ -1,0 +1,140 @@
+"""The HTTP API (DESIGN.md §5): signal ingest, health, readiness, metrics, status."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+import structlog
+from aiohttp import web
+
+from firehosed import metrics
+from firehosed.envelope import RecordError
+from firehosed.errors import StorageError
+from firehosed.ingest import auth, body
+
+if TYPE_CHECKING:
+    from firehosed.daemon import Daemon
+
+log = structlog.get_logger(__name__)
+DAEMON = web.AppKey("daemon", Any)
+MAX_REJECTED_LISTED = 1000
+RETRY_AFTER = "5"
+
+
+def build_app(daemon: Daemon) -> web.Application:
+    """The aiohttp application serving `daemon`."""
+    app = web.Application(client_max_size=1 << 20, middlewares=[_errors])
+    app[DAEMON] = daemon
+    app.router.add_post("/v1/accounts/{account}/signals", post_signals)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", get_metrics)
+    app.router.add_get("/v1/status", get_status)
+    return app
+
+
+def answer(status: int, payload: dict[str, Any], **headers: str) -> web.Response:
+    """A JSON response, counted by status."""
+    metrics.requests.labels(str(status)).inc()
+    return web.Response(
+        status=status, body=msgspec.json.encode(payload), content_type="application/json", headers=headers
+    )
+
+
+@web.middleware
+async def _errors(request: web.Request, handler: Any) -> web.StreamResponse:
+    """JSON bodies for aiohttp's own errors (404, 405…); an unexpected error is a logged 500."""
+    try:
+        response: web.StreamResponse = await handler(request)
+        return response
+    except web.HTTPException as exc:
+        return answer(exc.status, {"error": exc.reason})
+    except Exception:
+        log.exception("http.unhandled_error", path=request.path)
+        return answer(500, {"error": "internal error"})
+
+
+async def post_signals(request: web.Request) -> web.Response:
+    """POST /v1/accounts/{account}/signals: accept records, durable before 202."""
+    daemon: Daemon = request.app[DAEMON]
+    name = request.match_info["account"]
+    account = daemon.accounts.get(name)
+    if not auth.authorized(account.tokens if account else None, auth.bearer(request.headers.get("Authorization"))):
+        return answer(401, {"error": "missing or invalid bearer token for this account"})
+    assert account is not None
+    if refusal := daemon.refusal():
+        return answer(503, {"error": refusal}, **{"Retry-After": RETRY_AFTER})
+    try:
+        kind = body.content_kind(request)
+        raws = body.split(await body.read(request, daemon.config.server.max_body), kind)
+    except body.BodyError as exc:
+        return answer(exc.status, {"error": exc.message})
+    return await _accept(daemon, account, raws)
+
+
+async def _accept(daemon: Daemon, account: Any, raws: list[bytes]) -> web.Response:
+    received = time.time()
+    rejected: list[dict[str, Any]] = []
+    fresh: list[str] = []
+    duplicates = 0
+    for index, raw in enumerate(raws):
+        try:
+            env = account.reader.read(raw, received)
+        except RecordError as exc:
+            rejected.append({"index": index, "error": str(exc)})
+            continue
+        if not env.id_assigned and account.dedupe.seen(env.id, received):
+            duplicates += 1
+            continue
+        daemon.router.route(account.name, env, raw, received)
+        fresh.append(env.id)
+    if rejected:
+        metrics.signals_rejected.labels(account.name).inc(len(rejected))
+    if duplicates:
+        metrics.signals_duplicate.labels(account.name).inc(duplicates)
+    if not fresh and not duplicates:
+        return answer(400, {"error": "every record was rejected", **_rejections(rejected)})
+    if fresh:
+        try:
+            await daemon.committer.commit()
+        except StorageError as exc:
+            for record_id in fresh:
+                account.dedupe.forget(record_id)
+            return answer(503, {"error": str(exc)}, **{"Retry-After": RETRY_AFTER})
+        metrics.signals_accepted.labels(account.name).inc(len(fresh))
+    return answer(202, {"accepted": len(fresh), "duplicates": duplicates, **_rejections(rejected)})
+
+
+def _rejections(rejected: list[dict[str, Any]]) -> dict[str, Any]:
+    """The `rejected` list, cut at MAX_REJECTED_LISTED with the full count beside it."""
+    if len(rejected) <= MAX_REJECTED_LISTED:
+        return {"rejected": rejected}
+    return {"rejected": rejected[:MAX_REJECTED_LISTED], "rejected_total": len(rejected)}
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """Alive: the event loop answers."""
+    return answer(200, {"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """Ready to accept signals: started, not draining, storage under max_disk."""
+    daemon: Daemon = request.app[DAEMON]
+    if refusal := daemon.refusal():
+        return answer(503, {"status": "not ready", "error": refusal}, **{"Retry-After": RETRY_AFTER})
+    return answer(200, {"status": "ready"})
+
+
+async def get_metrics(request: web.Request) -> web.Response:
+    """Prometheus text exposition."""
+    daemon: Daemon = request.app[DAEMON]
+    daemon.update_metrics()
+    return web.Response(body=metrics.render(), headers={"Content-Type": "text/plain; version=0.0.4"})
+
+
+async def get_status(request: web.Request) -> web.Response:
+    """Per firehose: queued records and bytes, oldest age, last delivery and error, paused."""
+    daemon: Daemon = request.app[DAEMON]
+    return answer(200, daemon.status())

@@ -1,0 +1,1 @@
+"""Durable per-firehose queues: framed segments, group commit, cut batches."""

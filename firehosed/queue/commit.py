@@ -1,0 +1,109 @@
+"""Group commit: every request waiting in the same round shares one write+sync per queue.
+
+Requests append to queues on the event loop and await `commit()`. One committer task
+takes everything pending, writes and syncs it in a worker thread, and wakes all those
+requests together; requests arriving meanwhile form the next group. So under load the
+sync cost is paid once per group, not once per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import structlog
+
+from firehosed import metrics
+from firehosed.errors import StorageError
+from firehosed.queue.store import FirehoseQueue, Pending
+
+log = structlog.get_logger(__name__)
+
+
+class Committer:
+    """Writes pending queue bytes in groups; `durability` decides when requests are told."""
+
+    def __init__(self, durability: str) -> None:
+        self.durability = durability
+        self._dirty: dict[FirehoseQueue, None] = {}
+        self._waiters: list[asyncio.Future[None]] = []
+        self._wake = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def mark(self, queue: FirehoseQueue) -> None:
+        """Note that `queue` has pending bytes (call after `queue.append`)."""
+        self._dirty[queue] = None
+
+    async def commit(self) -> None:
+        """Wait until everything appended so far is durable (per `durability`)."""
+        self._wake.set()
+        if self.durability == "memory":
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        await waiter
+
+    async def run(self) -> None:
+        """The committer loop; runs until cancelled."""
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            if not self._dirty:
+                self._release(self._waiters, None)
+                self._waiters = []
+                continue
+            self._idle.clear()
+            await self._round()
+            self._idle.set()
+
+    async def flush(self) -> None:
+        """Wait for everything pending to be written (used at shutdown)."""
+        while self._dirty or not self._idle.is_set():
+            self._wake.set()
+            await asyncio.sleep(0.001)
+
+    async def _round(self) -> None:
+        work = [(q, q.take_pending()) for q in self._dirty]
+        waiters, self._waiters = self._waiters, []
+        self._dirty = {}
+        started = time.perf_counter()
+        results = await asyncio.to_thread(_write_all, work, self.durability == "fsync")
+        metrics.fsync_seconds.observe(time.perf_counter() - started)
+        error: StorageError | None = None
+        for (queue, pending), result in zip(work, results, strict=True):
+            if isinstance(result, OSError):
+                queue.rollback(pending)
+                log.error("storage.write_failed", firehose=queue.firehose, error=str(result))
+                error = StorageError(f"storage write failed: {result.strerror or result}")
+            else:
+                queue.committed = result
+                queue.disk_bytes += len(pending.data)
+                if queue.on_commit is not None:
+                    queue.on_commit()
+        # A group is all or nothing for its requests: if any queue failed, every request
+        # of the group is refused and retried by its client (ids already written to other
+        # queues are then delivered twice at most, never lost).
+        self._release(waiters, error)
+
+    @staticmethod
+    def _release(waiters: list[asyncio.Future[None]], error: Exception | None) -> None:
+        for waiter in waiters:
+            if not waiter.done():
+                if error is None:
+                    waiter.set_result(None)
+                else:
+                    waiter.set_exception(error)
+
+
+def _write_all(
+    work: list[tuple[FirehoseQueue, Pending]], sync: bool
+) -> list[tuple[int, int] | OSError]:
+    """Write each queue's pending bytes; a failure is returned in that queue's place (thread)."""
+    results: list[tuple[int, int] | OSError] = []
+    for queue, pending in work:
+        try:
+            results.append(queue.write(pending, sync) if pending.data else queue.committed)
+        except OSError as exc:
+            results.append(exc)
+    return results

@@ -1,0 +1,75 @@
+"""Record framing in segment files: magic, length and CRC-32 before every payload.
+
+    | magic (2) | length (4, LE) | crc32 (4, LE) | payload (length) |
+
+The magic lets recovery find the next intact frame after a corrupt one; the CRC tells a
+torn or flipped record from an intact one.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+MAGIC = b"\xfb\x1e"
+HEADER = struct.Struct("<2sII")
+MAX_PAYLOAD = 256 << 20
+
+
+def frame(payload: bytes) -> bytes:
+    """The framed bytes of one payload."""
+    return HEADER.pack(MAGIC, len(payload), zlib.crc32(payload)) + payload
+
+
+@dataclass(frozen=True, slots=True)
+class Span:
+    """A run of a segment: an intact frame (`payload` set) or corrupt bytes (`payload` None)."""
+
+    start: int
+    end: int
+    payload: bytes | None
+
+
+def scan(data: bytes | memoryview, start: int = 0) -> Iterator[Span]:
+    """Split `data[start:]` into intact frames and corrupt spans.
+
+    A trailing span that is neither (a write cut short by a crash) is yielded as corrupt
+    with `end == len(data)`; the caller decides whether that is a torn tail.
+    """
+    view = memoryview(data)
+    pos, size = start, len(view)
+    while pos < size:
+        payload = _frame_at(view, pos)
+        if payload is not None:
+            end = pos + HEADER.size + len(payload)
+            yield Span(pos, end, payload)
+            pos = end
+            continue
+        resume = _next_frame(view, pos + 1)
+        yield Span(pos, resume, None)
+        pos = resume
+
+
+def _frame_at(view: memoryview, pos: int) -> bytes | None:
+    if pos + HEADER.size > len(view):
+        return None
+    magic, length, crc = HEADER.unpack_from(view, pos)
+    end = pos + HEADER.size + length
+    if magic != MAGIC or length > MAX_PAYLOAD or end > len(view):
+        return None
+    payload = bytes(view[pos + HEADER.size : end])
+    return payload if zlib.crc32(payload) == crc else None
+
+
+def _next_frame(view: memoryview, pos: int) -> int:
+    """Offset of the next intact frame at or after `pos`, or the end of the data."""
+    raw = view.obj if isinstance(view.obj, bytes) else bytes(view)
+    while True:
+        pos = raw.find(MAGIC, pos)
+        if pos < 0:
+            return len(view)
+        if _frame_at(view, pos) is not None:
+            return pos
+        pos += 1

@@ -1,0 +1,377 @@
+"""One firehose's durable queue: append-only segments, a cursor, and cut batches.
+
+Layout under `storage.dir/queues/<firehose>/`:
+
+    segments/<n>.seg      framed records (see frames.py); appended by group commit
+    batches/<n>.data      a cut batch's file bytes, exactly as delivered
+    batches/<n>.json      its manifest (name, id, records, source end); written last
+    state.json            cursor (first record not yet in a batch) and naming state
+
+Invariants: a record is acknowledged only after its segment bytes are synced (in
+`fsync` durability); a batch's .data is synced before its manifest is renamed into
+place, and the cursor moves past its records only after that; a segment is deleted only
+when the cursor is past its end. Recovery therefore never loses a record and never
+re-batches one that a manifest already holds.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import msgspec
+import structlog
+
+from firehosed import metrics
+from firehosed.queue.frames import HEADER, frame, scan
+from firehosed.record import Record, decoder
+
+log = structlog.get_logger(__name__)
+
+Position = tuple[int, int]  # (segment number, byte offset)
+
+
+class Manifest(msgspec.Struct, kw_only=True):
+    """A cut batch, fixed on disk before its first delivery attempt."""
+
+    no: int
+    id: str
+    name: str
+    records: int
+    size: int
+    opened: float
+    cut: float
+    end: Position
+    content_type: str
+    content_encoding: str | None = None
+    keys: list[tuple[str, str | None]] = msgspec.field(default_factory=list)
+
+
+class State(msgspec.Struct, kw_only=True):
+    """What `state.json` holds."""
+
+    cursor: Position = (0, 0)
+    next_batch: int = 1
+    last_name: str = ""
+    name_suffix: int = 0
+
+
+@dataclass(slots=True)
+class Pending:
+    """Records appended since the last group commit (event loop side only)."""
+
+    data: bytearray = field(default_factory=bytearray)
+    records: int = 0
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename or create in `path` durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_durably(path: Path, data: bytes, sync: bool) -> None:
+    """Write `path` atomically: temp file, fsync, rename, fsync directory."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        if sync:
+            f.flush()
+            os.fsync(f.fileno())
+    os.replace(tmp, path)
+    if sync:
+        fsync_dir(path.parent)
+
+
+class FirehoseQueue:
+    """Durable FIFO of one firehose's records, and its batches awaiting delivery."""
+
+    def __init__(self, root: Path, firehose: str, segment_size: int, sync: bool) -> None:
+        self.firehose = firehose
+        self.root = root
+        self.segment_size = segment_size
+        self.sync = sync
+        self.segments_dir = root / "segments"
+        self.batches_dir = root / "batches"
+        self.state = State()
+        self.segments: list[int] = []
+        self.pending = Pending()
+        self.committed: Position = (0, 0)
+        self.staged_records = 0
+        self.staged_bytes = 0
+        self.staged_since: float | None = None
+        self.batches: deque[Manifest] = deque()
+        self.disk_bytes = 0
+        # Called on the event loop after each group commit that wrote to this queue.
+        self.on_commit: Callable[[], None] | None = None
+        self._fd: int | None = None
+
+    # -- recovery -------------------------------------------------------------------
+
+    def open(self) -> None:
+        """Create or recover the queue from disk (blocking: run in a thread)."""
+        for d in (self.segments_dir, self.batches_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        state_path = self.root / "state.json"
+        if state_path.exists():
+            self.state = msgspec.json.decode(state_path.read_bytes(), type=State)
+        self._recover_batches()
+        self.segments = sorted(int(p.stem) for p in self.segments_dir.glob("*.seg"))
+        self._recover_segments()
+        self._open_segment(self.segments[-1] if self.segments else 1)
+        self.disk_bytes -= self._delete_consumed_segments()
+
+    def _recover_batches(self) -> None:
+        for tmp in self.batches_dir.glob("*.tmp"):
+            tmp.unlink()
+        manifests = sorted(self.batches_dir.glob("*.json"), key=lambda p: int(p.stem))
+        kept = {p.stem for p in manifests}
+        for data in self.batches_dir.glob("*.data"):
+            if data.stem not in kept:  # cut interrupted before its manifest landed
+                data.unlink()
+        for path in manifests:
+            manifest = msgspec.json.decode(path.read_bytes(), type=Manifest)
+            self.batches.append(manifest)
+            self.disk_bytes += manifest.size
+            self.state.cursor = max(self.state.cursor, tuple(manifest.end))  # type: ignore[arg-type]
+            self.state.next_batch = max(self.state.next_batch, manifest.no + 1)
+
+    def _recover_segments(self) -> None:
+        """Verify every frame past the cursor; truncate a torn tail, quarantine corruption."""
+        for number in self.segments:
+            path = self.segments_dir / f"{number}.seg"
+            if number < self.state.cursor[0]:
+                self.disk_bytes += path.stat().st_size
+                continue
+            data = path.read_bytes()
+            start = self.state.cursor[1] if number == self.state.cursor[0] else 0
+            good = bytearray(data[:start])
+            bad = 0
+            for span in scan(data, start):
+                if span.payload is not None:
+                    good += data[span.start : span.end]
+                    self._count_staged(span.payload)
+                elif span.end == len(data) and number == self.segments[-1]:
+                    log.warning(
+                        "queue.torn_tail", firehose=self.firehose, bytes=span.end - span.start
+                    )
+                else:
+                    bad += 1
+                    self._quarantine(number, data[span.start : span.end])
+            if len(good) != len(data):
+                write_durably(path, bytes(good), self.sync)
+            if bad:
+                metrics.records_quarantined.labels(self.firehose).inc(bad)
+            self.disk_bytes += len(good)
+            self.committed = (number, len(good))
+
+    def _count_staged(self, payload: bytes) -> None:
+        if self.staged_records == 0:
+            self.staged_since = decoder.decode(payload).received
+        self.staged_records += 1
+        self.staged_bytes += HEADER.size + len(payload)
+
+    def _quarantine(self, segment: int, data: bytes) -> None:
+        target = self.root.parent.parent / "quarantine" / self.firehose
+        target.mkdir(parents=True, exist_ok=True)
+        path = target / f"{segment}-{time.time_ns()}.bin"
+        path.write_bytes(data)
+        log.error(
+            "queue.corrupt_record", firehose=self.firehose, segment=segment, saved_to=str(path)
+        )
+
+    # -- appending (event loop) and group commit (committer thread) ---------------
+
+    def append(self, record: bytes) -> None:
+        """Stage one encoded Record; durable after the next group commit."""
+        framed = frame(record)
+        self.pending.data += framed
+        if self.staged_records == 0:
+            self.staged_since = time.time()
+        self.pending.records += 1
+        self.staged_records += 1
+        self.staged_bytes += len(framed)
+
+    def take_pending(self) -> Pending:
+        """Hand the pending bytes to the committer (event loop side)."""
+        pending, self.pending = self.pending, Pending()
+        return pending
+
+    def write(self, pending: Pending, sync: bool) -> Position:
+        """Append `pending` to the current segment and sync it; return its end (thread).
+
+        Only the committer calls this, one call at a time.
+        """
+        assert self._fd is not None
+        number = self.segments[-1]
+        before = os.lseek(self._fd, 0, os.SEEK_END)
+        try:
+            os.write(self._fd, pending.data)
+            if sync:
+                os.fdatasync(self._fd)
+        except OSError:
+            self._abandon_segment(before)
+            raise
+        end = before + len(pending.data)
+        if end >= self.segment_size:
+            self._open_segment(number + 1)
+        return (number, end)
+
+    def rollback(self, pending: Pending) -> None:
+        """Forget records whose commit failed (their requests were answered 503)."""
+        self.staged_records -= pending.records
+        self.staged_bytes -= len(pending.data)
+
+    def _abandon_segment(self, size: int) -> None:
+        """After a failed write or sync, never append to that file again."""
+        assert self._fd is not None
+        try:
+            os.ftruncate(self._fd, size)
+        except OSError:
+            log.exception("queue.truncate_failed", firehose=self.firehose)
+        self._open_segment(self.segments[-1] + 1)
+
+    def _open_segment(self, number: int) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+        path = self.segments_dir / f"{number}.seg"
+        created = not path.exists()
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        if created:
+            if self.sync:
+                fsync_dir(self.segments_dir)
+            self.segments.append(number)
+
+    # -- cutting batches (worker) -------------------------------------------------
+
+    def read(self, limit_bytes: int, limit_records: int) -> tuple[list[Record], Position, int]:
+        """Committed records from the cursor, up to the limits: records, end, frame bytes.
+
+        Runs in a thread; reads only what the committer has made durable.
+        """
+        records: list[Record] = []
+        size = framed = 0
+        position: Position = self.state.cursor
+        end = self.committed
+        for number in list(self.segments):
+            if number < position[0] or (number, 0) > end:
+                continue
+            start = position[1] if number == position[0] else 0
+            data = self._read_segment(number, start, end[1] if number == end[0] else None)
+            for span in scan(data):
+                if span.payload is None:
+                    continue
+                record = decoder.decode(span.payload)
+                records.append(record)
+                size += len(record.raw)
+                framed += span.end - span.start
+                position = (number, start + span.end)
+                if size >= limit_bytes or len(records) >= limit_records:
+                    return records, position, framed
+            position = (number, start + len(data))
+        return records, position, framed
+
+    def _read_segment(self, number: int, start: int, stop: int | None) -> bytes:
+        with open(self.segments_dir / f"{number}.seg", "rb") as f:
+            f.seek(start)
+            return f.read(-1 if stop is None else stop - start)
+
+    def persist_batch(self, manifest: Manifest, data: bytes) -> int:
+        """Write a cut batch durably, then the cursor past it; return bytes freed (thread)."""
+        with open(self.batch_path(manifest), "wb") as f:
+            f.write(data)
+            if self.sync:
+                f.flush()
+                os.fsync(f.fileno())
+        manifest_path = self.batches_dir / f"{manifest.no}.json"
+        write_durably(manifest_path, msgspec.json.encode(manifest), self.sync)
+        state = msgspec.structs.replace(self.state, cursor=manifest.end, next_batch=manifest.no + 1)
+        write_durably(self.root / "state.json", msgspec.json.encode(state), self.sync)
+        self.state = state
+        return self._delete_consumed_segments()
+
+    def add_batch(self, manifest: Manifest, freed: int, frame_bytes: int) -> None:
+        """Account for a persisted batch (event loop side)."""
+        self.batches.append(manifest)
+        self.disk_bytes += manifest.size - freed
+        self.staged_records -= manifest.records
+        self.staged_bytes -= frame_bytes
+        self.staged_since = time.time() if self.staged_records > 0 else None
+
+    def _delete_consumed_segments(self) -> int:
+        freed = 0
+        while len(self.segments) > 1 and self.segments[0] < self.state.cursor[0]:
+            path = self.segments_dir / f"{self.segments[0]}.seg"
+            freed += path.stat().st_size
+            path.unlink()
+            self.segments.pop(0)
+        return freed
+
+    def batch_path(self, manifest: Manifest) -> Path:
+        """The local file holding a batch's bytes."""
+        return self.batches_dir / f"{manifest.no}.data"
+
+    def unique_name(self, base: str) -> str:
+        """`base`, or `base-1`, `base-2`… when the last batch had the same base name."""
+        if base == self.state.last_name:
+            self.state.name_suffix += 1
+            return f"{base}-{self.state.name_suffix}"
+        self.state.last_name, self.state.name_suffix = base, 0
+        return base
+
+    def new_manifest(self, **fields: object) -> Manifest:
+        """A manifest numbered after the last one, with a fresh stable id."""
+        return Manifest(no=self.state.next_batch, id=f"msg_{uuid.uuid4().hex}", **fields)  # type: ignore[arg-type]
+
+    # -- delivery (worker) --------------------------------------------------------
+
+    def remove_batch(self, manifest: Manifest) -> None:
+        """Forget a delivered batch: manifest first, so a crash never re-sends half (thread)."""
+        (self.batches_dir / f"{manifest.no}.json").unlink(missing_ok=True)
+        if self.sync:
+            fsync_dir(self.batches_dir)
+        self.batch_path(manifest).unlink(missing_ok=True)
+
+    def move_batch(self, manifest: Manifest, target: Path) -> None:
+        """Move a batch's files to `target` (the dead-letter store) durably (thread)."""
+        target.mkdir(parents=True, exist_ok=True)
+        os.replace(self.batch_path(manifest), target / f"{manifest.no}.data")
+        os.replace(self.batches_dir / f"{manifest.no}.json", target / f"{manifest.no}.json")
+        if self.sync:
+            fsync_dir(target)
+            fsync_dir(self.batches_dir)
+
+    def drop_batch(self, manifest: Manifest) -> None:
+        """Account for a batch delivered or dead-lettered (event loop side)."""
+        self.batches.remove(manifest)
+        self.disk_bytes -= manifest.size
+
+    def close(self) -> None:
+        """Close the open segment file."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    # -- figures -------------------------------------------------------------------
+
+    def queued_records(self) -> int:
+        """Records not yet delivered: staged plus in cut batches."""
+        return self.staged_records + sum(b.records for b in self.batches)
+
+    def queued_bytes(self) -> int:
+        """Bytes not yet delivered: staged frames plus cut batch files."""
+        return self.staged_bytes + sum(b.size for b in self.batches)
+
+    def oldest_age(self, now: float) -> float:
+        """Seconds since the oldest undelivered record was staged (0 when empty)."""
+        if self.batches:
+            return max(0.0, now - self.batches[0].opened)
+        return max(0.0, now - self.staged_since) if self.staged_since else 0.0

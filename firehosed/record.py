@@ -1,0 +1,26 @@
+"""The record as staged in a firehose's queue: envelope facts plus the raw bytes."""
+
+from __future__ import annotations
+
+import msgspec
+
+
+class Record(msgspec.Struct, array_like=True, gc=False):
+    """One signal queued for one firehose.
+
+    `raw` is the JSON object exactly as received, unless the daemon had to change it
+    (catch-up copies and later signals of an identified session get the person set).
+    Times are unix seconds: `time` is the signal's event time, `received` when we got it.
+    """
+
+    type: str
+    id: str
+    session: str | None
+    person: str | None
+    time: float
+    received: float
+    raw: bytes
+
+
+encoder = msgspec.msgpack.Encoder()
+decoder = msgspec.msgpack.Decoder(Record)
