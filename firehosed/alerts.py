@@ -140,7 +140,7 @@ class Alerts:
 
     async def _mail_recovered(self, to: str, incident: Incident, episode: _Episode) -> None:
         await _settled(episode.last)
-        if True:
+        if episode.sent:
             await self._deliver(to, "recovered", incident)
 
     async def _mail_dead_letter(self, to: str, incident: Incident, batch_name: str) -> None:
@@ -269,14 +269,14 @@ def _body(config: AlertsConfig, host: str, kind: Kind, incident: Incident, batch
             f"retry window and was moved to the dead-letter store.\n"
             "Its records are kept there; they need replaying once the channel works."
         )
-    return f"{lead}\n\n{_facts(incident, host)}\n"
+    return f"{lead}\n\n{_facts(incident, host, recovered=kind == 'recovered')}\n"
 
 
-def _facts(incident: Incident, host: str) -> str:
+def _facts(incident: Incident, host: str, *, recovered: bool) -> str:
     rows = [
         ("Firehose", incident.firehose),
         ("Channel", incident.channel),
-        ("Error", incident.error),
+        ("Last error" if recovered else "Error", incident.error),
         ("Backlog", f"{incident.backlog_records:,} records, {human_size(incident.backlog_bytes)}"),
         ("Oldest queued", human_age(incident.oldest_age)),
         ("First failure", _utc(incident.first_failure)),

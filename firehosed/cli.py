@@ -8,7 +8,8 @@ import sys
 
 import uvloop
 
-from firehosed import __version__, config
+from firehosed import __version__, config, daemon, log
+from firehosed.channels import open_channel
 from firehosed.errors import ConfigError, DeliveryError, FirehosedError
 
 
@@ -33,14 +34,17 @@ def _parser() -> argparse.ArgumentParser:
     check = commands.add_parser("check", help="validate the config (exit 2 on errors)")
     check.add_argument("--connect", action="store_true", help="also connect to every channel")
     for sub in (run, check):
-        sub.add_argument("-c", "--config", default=config.default_path(), help="config file (default: ./config.toml or $FIREHOSED_CONFIG)")
+        sub.add_argument(
+            "-c",
+            "--config",
+            default=config.default_path(),
+            help="config file (default: ./config.toml or $FIREHOSED_CONFIG)",
+        )
     run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return parser
 
 
 def _run(cfg: config.Config, log_level: str) -> int:
-    from firehosed import daemon, log
-
     log.configure(log_level)
     try:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
@@ -54,15 +58,14 @@ def _run(cfg: config.Config, log_level: str) -> int:
 
 
 def _check(cfg: config.Config, *, connect: bool) -> int:
-    print(f"{cfg.path}: ok ({len(cfg.accounts)} accounts, {len(cfg.channels)} channels, {len(cfg.all_firehoses())} firehoses)")
+    counts = (len(cfg.accounts), len(cfg.channels), len(cfg.all_firehoses()))
+    print(f"{cfg.path}: ok ({counts[0]} accounts, {counts[1]} channels, {counts[2]} firehoses)")
     if not connect:
         return 0
     return asyncio.run(_connect_all(cfg))
 
 
 async def _connect_all(cfg: config.Config) -> int:
-    from firehosed.channels import open_channel
-
     failed = 0
     for name, channel_config in cfg.channels.items():
         channel = open_channel(name, channel_config)

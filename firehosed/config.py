@@ -342,13 +342,7 @@ def _resolve_one(table: msgspec.Struct, name: str, key: tuple[str, ...], report:
 
 def _validate(config: Config, report: _Report) -> None:
     _validate_server(config, report)
-    for name, account in config.accounts.items():
-        if not account.tokens:
-            report.add(("accounts", name), "no tokens: set tokens, tokens_env or tokens_file")
-        for field in msgspec.structs.fields(account.fields):
-            path = getattr(account.fields, field.name)
-            if not path or "" in path.split("."):
-                report.add(("accounts", name, "fields", field.name), f"invalid path {path!r}")
+    _validate_accounts(config, report)
     for name, mapping in config.mappings.items():
         if not mapping:
             report.add(("mappings", name), "a mapping needs at least one column")
@@ -363,6 +357,16 @@ def _validate(config: Config, report: _Report) -> None:
         report.add(("fallback", "channel"), f"no channel named {config.fallback.channel!r}")
     for name, firehose in config.firehoses.items():
         _validate_firehose(config, ("firehoses", name), firehose, report)
+
+
+def _validate_accounts(config: Config, report: _Report) -> None:
+    for name, account in config.accounts.items():
+        if not account.tokens:
+            report.add(("accounts", name), "no tokens: set tokens, tokens_env or tokens_file")
+        for field in msgspec.structs.fields(account.fields):
+            path = getattr(account.fields, field.name)
+            if not path or "" in path.split("."):
+                report.add(("accounts", name, "fields", field.name), f"invalid path {path!r}")
 
 
 def _validate_server(config: Config, report: _Report) -> None:

@@ -199,10 +199,15 @@ class Daemon:
             channels[name] = old if same and old is not None else open_channel(name, channel_config)
         return channels
 
-    async def _add_firehose(self, name: str, config: Any, mapping: Mapping | None, channel: Channel) -> None:
+    async def _add_firehose(
+        self, name: str, config: Any, mapping: Mapping | None, channel: Channel
+    ) -> None:
         storage = self.config.storage
         queue = FirehoseQueue(
-            self.storage / "queues" / name, name, storage.segment_size, storage.durability == "fsync"
+            self.storage / "queues" / name,
+            name,
+            storage.segment_size,
+            storage.durability == "fsync",
         )
         await asyncio.to_thread(queue.open)
         firehose = Firehose(name, config, queue, mapping)
@@ -210,7 +215,9 @@ class Daemon:
         queue.on_commit = worker.wake.set
         self.firehoses[name], self.workers[name] = firehose, worker
         self._track(f"worker:{name}", self._run_worker(worker))
-        log.info("firehose.started", firehose=name, channel=channel.name, queued=queue.queued_records())
+        log.info(
+            "firehose.started", firehose=name, channel=channel.name, queued=queue.queued_records()
+        )
 
     async def _run_worker(self, worker: Worker) -> None:
         await worker.run()
@@ -230,7 +237,9 @@ class Daemon:
 
     def _set_accounts(self, config: Config, firehoses: dict[str, Any]) -> None:
         self.accounts = {
-            name: IngestAccount(name, account, self.accounts[name].dedupe if name in self.accounts else None)
+            name: IngestAccount(
+                name, account, self.accounts[name].dedupe if name in self.accounts else None
+            )
             for name, account in config.accounts.items()
         }
         self.router.accounts = {
@@ -298,7 +307,9 @@ class Daemon:
             return "not accepting signals: starting or shutting down"
         used = self.disk_used()
         if used > self.config.storage.max_disk:
-            return f"storage is full: {used} bytes queued, max_disk is {self.config.storage.max_disk}"
+            return (
+                f"storage is full: {used} bytes queued, max_disk is {self.config.storage.max_disk}"
+            )
         return None
 
     def disk_used(self) -> int:
@@ -323,7 +334,9 @@ class Daemon:
         """Per-firehose queue figures for the Prometheus collector."""
         now = time.time()
         return [
-            metrics.QueueFigures(name, f.queue.queued_records(), f.queue.queued_bytes(), f.queue.oldest_age(now))
+            metrics.QueueFigures(
+                name, f.queue.queued_records(), f.queue.queued_bytes(), f.queue.oldest_age(now)
+            )
             for name, f in self.firehoses.items()
         ]
 

@@ -12,6 +12,7 @@ One worker per firehose, one batch in flight at a time, oldest first:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
 from dataclasses import dataclass
@@ -52,7 +53,9 @@ class Outcome:
 class Worker:
     """Delivers one firehose's queue to its channel until stopped."""
 
-    def __init__(self, firehose: Firehose, channel: Channel, dead_dir: Path, alerts: Alerts) -> None:
+    def __init__(
+        self, firehose: Firehose, channel: Channel, dead_dir: Path, alerts: Alerts
+    ) -> None:
         self.firehose = firehose
         self.channel = channel
         self.dead_dir = dead_dir
@@ -95,7 +98,10 @@ class Worker:
             return False
         if self.channel.stream or self.stopping or self.retiring:
             return not queue.batches or not self._may_deliver()
-        return self._next_cut_in() <= 0 or queue.staged_bytes >= self.firehose.config.max_file
+        due_in = self._next_cut_in()
+        return (
+            due_in is not None and due_in <= 0
+        ) or queue.staged_bytes >= self.firehose.config.max_file
 
     def _next_cut_in(self) -> float | None:
         queue = self.firehose.queue
@@ -104,14 +110,13 @@ class Worker:
         interval = self.firehose.config.minutes_between_files * 60.0
         return queue.staged_since + interval - time.time()
 
-    async def _sleep(self, timeout: float | None) -> None:
+    async def _sleep(self, seconds: float | None) -> None:
+        """Wait `seconds` (None: until woken), or less if woken by a commit, reload or stop."""
         self.wake.clear()
-        if timeout is not None and timeout <= 0:
+        if seconds is not None and seconds <= 0:
             return
-        try:
-            await asyncio.wait_for(self.wake.wait(), timeout)
-        except TimeoutError:
-            pass
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.wake.wait(), seconds)
 
     def stop(self) -> None:
         """Ask the loop to end after the current step."""
@@ -131,7 +136,9 @@ class Worker:
             return None
         fmt = self.channel.format or config.format
         compression = "none" if stream else config.compression
-        data = await asyncio.to_thread(formats.encode, fmt, records, self.firehose.mapping, compression)
+        data = await asyncio.to_thread(
+            formats.encode, fmt, records, self.firehose.mapping, compression
+        )
         opened = records[0].received
         base = datetime.fromtimestamp(opened, UTC).strftime(config.filename_pattern)
         manifest = queue.new_manifest(
@@ -147,7 +154,13 @@ class Worker:
         )
         freed = await asyncio.to_thread(queue.persist_batch, manifest, data)
         queue.add_batch(manifest, freed, frame_bytes)
-        log.info("batch.cut", firehose=self.name, batch=manifest.name, records=manifest.records, bytes=manifest.size)
+        log.info(
+            "batch.cut",
+            firehose=self.name,
+            batch=manifest.name,
+            records=manifest.records,
+            bytes=manifest.size,
+        )
         return manifest
 
     # -- delivering -------------------------------------------------------------------
@@ -168,8 +181,12 @@ class Worker:
                 attempt += 1
                 continue
             except Exception as exc:  # a channel bug must not kill the worker: retry it
-                log.exception("channel.unexpected_error", firehose=self.name, channel=self.channel.name)
-                if await self._failed(manifest, DeliveryError(f"unexpected {exc.__class__.__name__}: {exc}")):
+                log.exception(
+                    "channel.unexpected_error", firehose=self.name, channel=self.channel.name
+                )
+                if await self._failed(
+                    manifest, DeliveryError(f"unexpected {exc.__class__.__name__}: {exc}")
+                ):
                     return
                 await self._sleep(backoff(attempt, None))
                 attempt += 1
@@ -200,10 +217,19 @@ class Worker:
         metrics.records_delivered.labels(*labels).inc(manifest.records)
         metrics.bytes_delivered.labels(*labels).inc(manifest.size)
         self.last_delivery = Outcome(time.time(), manifest.name)
-        log.info("batch.delivered", firehose=self.name, channel=self.channel.name, batch=manifest.name, records=manifest.records, bytes=manifest.size)
+        log.info(
+            "batch.delivered",
+            firehose=self.name,
+            channel=self.channel.name,
+            batch=manifest.name,
+            records=manifest.records,
+            bytes=manifest.size,
+        )
         if self._failing_since is not None:
             if self._alerted:
-                self.alerts.recovered(self.firehose.config.error_alert_email, self._incident("recovered"))
+                self.alerts.recovered(
+                    self.firehose.config.error_alert_email, self._incident("recovered")
+                )
             self._failing_since, self._alerted = None, False
 
     async def _failed(self, manifest: Manifest, exc: DeliveryError) -> bool:
@@ -212,7 +238,14 @@ class Worker:
         self._failing_since = self._failing_since or now
         self.last_error = Outcome(now, str(exc))
         metrics.delivery_errors.labels(self.name, self.channel.name).inc()
-        log.warning("batch.failed", firehose=self.name, channel=self.channel.name, batch=manifest.name, error=str(exc), retryable=exc.retryable)
+        log.warning(
+            "batch.failed",
+            firehose=self.name,
+            channel=self.channel.name,
+            batch=manifest.name,
+            error=str(exc),
+            retryable=exc.retryable,
+        )
         config = self.firehose.config
         if not exc.retryable or now - manifest.cut >= config.retry_for:
             await self._dead_letter(manifest, str(exc))
@@ -227,13 +260,27 @@ class Worker:
         await asyncio.to_thread(queue.move_batch, manifest, self.dead_dir / self.name)
         queue.drop_batch(manifest)
         metrics.batches_dead_lettered.labels(self.name).inc()
-        log.error("batch.dead_lettered", firehose=self.name, channel=self.channel.name, batch=manifest.name, records=manifest.records, error=error)
-        self.alerts.dead_lettered(self.firehose.config.error_alert_email, self._incident(error), manifest.name)
+        log.error(
+            "batch.dead_lettered",
+            firehose=self.name,
+            channel=self.channel.name,
+            batch=manifest.name,
+            records=manifest.records,
+            error=error,
+        )
+        self.alerts.dead_lettered(
+            self.firehose.config.error_alert_email, self._incident(error), manifest.name
+        )
 
     def _gone(self, exc: DestinationGone) -> None:
         self.gone = str(exc)
         self.last_error = Outcome(time.time(), str(exc))
-        log.error("firehose.destination_gone", firehose=self.name, channel=self.channel.name, error=str(exc))
+        log.error(
+            "firehose.destination_gone",
+            firehose=self.name,
+            channel=self.channel.name,
+            error=str(exc),
+        )
         self.alerts.failing(self.firehose.config.error_alert_email, self._incident(str(exc)))
 
     def _incident(self, error: str) -> Incident:
@@ -282,4 +329,3 @@ def _outcome(outcome: Outcome | None, key: str) -> dict[str, Any] | None:
     if outcome is None:
         return None
     return {"time": datetime.fromtimestamp(outcome.at, UTC).isoformat(), key: outcome.what}
-

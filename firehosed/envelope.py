@@ -53,7 +53,7 @@ class EnvelopeReader:
     def __init__(self, fields: FieldsConfig) -> None:
         self.paths = {name: getattr(fields, name).split(".") for name in _LEAF_TYPES}
         root_type, self._accessors = _build(self.paths)
-        self._decoder = msgspec.json.Decoder(root_type)
+        self._decoder: msgspec.json.Decoder[Any] = msgspec.json.Decoder(root_type)
         self._ids = _id_source()
 
     def read(self, raw: bytes, received: float) -> Envelope:

@@ -69,7 +69,9 @@ class Router:
         self, firehoses: list[Firehose], encoded: bytes, signal_type: str, *, anonymous: bool
     ) -> None:
         for firehose in firehoses:
-            if firehose.admits(signal_type) and (not anonymous or firehose.config.include_anonymous):
+            if firehose.admits(signal_type) and (
+                not anonymous or firehose.config.include_anonymous
+            ):
                 firehose.queue.append(encoded)
                 self.committer.mark(firehose.queue)
 

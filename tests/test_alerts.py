@@ -152,6 +152,7 @@ async def test_recovery_mail_once_after_failure_mail(smtp_server: SmtpServer) ->
     assert recovery.message["Subject"] == "[firehosed] firehose flap_fh recovered"
     body = recovery.message.get_content()
     assert "partner_sftp" in body and "2025-11-23T10:58:00Z" in body
+    assert "Last error:" in body
     assert sent("flap_fh", "recovered") == 1
 
 

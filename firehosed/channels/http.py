@@ -54,10 +54,12 @@ def tls_context(ca: str | None) -> ssl.SSLContext:
 def redact_url(url: str) -> str:
     """`url` without user info, query or fragment, fit for logs and error messages."""
     try:
-        parsed = yarl.URL(url)
+        parsed = yarl.URL(url).with_query(None).with_fragment(None)
+        if parsed.is_absolute():
+            parsed = parsed.with_user(None)
     except (TypeError, ValueError):
         return "<invalid url>"
-    return str(parsed.with_user(None).with_query(None).with_fragment(None))
+    return str(parsed)
 
 
 def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
@@ -96,7 +98,9 @@ def status_error(answer: Answer, where: str, detail: str = "") -> DeliveryError:
     message = f"HTTP {answer.status} from {where}"
     if 300 <= answer.status < 400:
         location = redact_url(answer.headers.get("Location", ""))
-        detail = f"redirects are not followed: point the url at {location}"
+        detail = "redirects are not followed" + (
+            f": point the url at {location}" if location else ""
+        )
     if detail:
         message = f"{message}: {detail}"
     if answer.status == 410:

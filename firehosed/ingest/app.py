@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from firehosed.daemon import Daemon
 
 log = structlog.get_logger(__name__)
-DAEMON = web.AppKey("daemon", Any)
+DAEMON: web.AppKey[Daemon] = web.AppKey("daemon")
 MAX_REJECTED_LISTED = 1000
 RETRY_AFTER = "5"
 
@@ -39,7 +39,10 @@ def answer(status: int, payload: dict[str, Any], **headers: str) -> web.Response
     """A JSON response, counted by status."""
     metrics.requests.labels(str(status)).inc()
     return web.Response(
-        status=status, body=msgspec.json.encode(payload), content_type="application/json", headers=headers
+        status=status,
+        body=msgspec.json.encode(payload),
+        content_type="application/json",
+        headers=headers,
     )
 
 
@@ -61,7 +64,9 @@ async def post_signals(request: web.Request) -> web.Response:
     daemon: Daemon = request.app[DAEMON]
     name = request.match_info["account"]
     account = daemon.accounts.get(name)
-    if not auth.authorized(account.tokens if account else None, auth.bearer(request.headers.get("Authorization"))):
+    if not auth.authorized(
+        account.tokens if account else None, auth.bearer(request.headers.get("Authorization"))
+    ):
         return answer(401, {"error": "missing or invalid bearer token for this account"})
     assert account is not None
     if refusal := daemon.refusal():
@@ -123,7 +128,9 @@ async def readyz(request: web.Request) -> web.Response:
     """Ready to accept signals: started, not draining, storage under max_disk."""
     daemon: Daemon = request.app[DAEMON]
     if refusal := daemon.refusal():
-        return answer(503, {"status": "not ready", "error": refusal}, **{"Retry-After": RETRY_AFTER})
+        return answer(
+            503, {"status": "not ready", "error": refusal}, **{"Retry-After": RETRY_AFTER}
+        )
     return answer(200, {"status": "ready"})
 
 
@@ -131,7 +138,9 @@ async def get_metrics(request: web.Request) -> web.Response:
     """Prometheus text exposition."""
     daemon: Daemon = request.app[DAEMON]
     daemon.update_metrics()
-    return web.Response(body=metrics.render(), headers={"Content-Type": "text/plain; version=0.0.4"})
+    return web.Response(
+        body=metrics.render(), headers={"Content-Type": "text/plain; version=0.0.4"}
+    )
 
 
 async def get_status(request: web.Request) -> web.Response:

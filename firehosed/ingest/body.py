@@ -37,7 +37,9 @@ def content_kind(request: web.Request) -> str:
         return "json"
     if mime in NDJSON_TYPES:
         return "ndjson"
-    raise BodyError(415, f"unsupported content type {mime!r}: use application/json or application/x-ndjson")
+    raise BodyError(
+        415, f"unsupported content type {mime!r}: use application/json or application/x-ndjson"
+    )
 
 
 async def read(request: web.Request, max_body: int) -> bytes:
@@ -46,7 +48,9 @@ async def read(request: web.Request, max_body: int) -> bytes:
     if encoding not in ("identity", "gzip", "x-gzip"):
         raise BodyError(415, f"unsupported content encoding {encoding!r}: use gzip or none")
     if request.content_length is not None and request.content_length > max_body:
-        raise BodyError(413, f"body of {request.content_length} bytes is over max_body ({max_body})")
+        raise BodyError(
+            413, f"body of {request.content_length} bytes is over max_body ({max_body})"
+        )
     chunks = []
     size = 0
     async for chunk in request.content.iter_chunked(1 << 16):

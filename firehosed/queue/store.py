@@ -141,7 +141,7 @@ class FirehoseQueue:
             manifest = msgspec.json.decode(path.read_bytes(), type=Manifest)
             self.batches.append(manifest)
             self.disk_bytes += manifest.size
-            self.state.cursor = max(self.state.cursor, tuple(manifest.end))  # type: ignore[arg-type]
+            self.state.cursor = max(self.state.cursor, (manifest.end[0], manifest.end[1]))
             self.state.next_batch = max(self.state.next_batch, manifest.no + 1)
 
     def _recover_segments(self) -> None:

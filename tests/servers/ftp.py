@@ -9,13 +9,14 @@ connection's TLS session is refused. Certificates come from `trustme`.
 
 from __future__ import annotations
 
+import errno
 import os
 import pwd
-import shutil
 import socket
 import subprocess
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -24,9 +25,15 @@ from typing import Any
 
 import pytest
 import trustme
-from pyftpdlib.authorizers import DummyAuthorizer
-from pyftpdlib.handlers import FTPHandler, TLS_FTPHandler
-from pyftpdlib.servers import FTPServer
+
+with warnings.catch_warnings():
+    # pyftpdlib runs on asyncore/asynchat, deprecated on Python 3.11 (it ships its own
+    # copies for 3.12+): a warning about the test server, not about firehosed.
+    warnings.filterwarnings("ignore", r"The async\w+ module is deprecated", DeprecationWarning)
+    from pyftpdlib.authorizers import DummyAuthorizer
+    from pyftpdlib.filesystems import AbstractedFS
+    from pyftpdlib.handlers import FTPHandler, TLS_FTPHandler
+    from pyftpdlib.servers import FTPServer
 
 VSFTPD = "/usr/sbin/vsftpd"
 USERNAME = "firehose"
@@ -78,7 +85,18 @@ class PyftpdServer:
     disconnections: int = 0
 
 
-def _handler(state: PyftpdServer, cert: ServerCert | None, idle_timeout: float) -> type[Any]:
+class _NoOverwriteFS(AbstractedFS):  # type: ignore[misc]
+    """Refuses to rename onto an existing file, as Windows and some FTP servers do."""
+
+    def rename(self, src: str, dst: str) -> None:
+        if os.path.exists(dst):
+            raise OSError(errno.EEXIST, os.strerror(errno.EEXIST))
+        super().rename(src, dst)
+
+
+def _handler(
+    state: PyftpdServer, cert: ServerCert | None, idle_timeout: float, refuse_overwrite: bool
+) -> type[Any]:
     authorizer = DummyAuthorizer()
     authorizer.add_user(USERNAME, PASSWORD, str(state.home), perm="elradfmwMT")
     authorizer.add_user(READER, READER_PASSWORD, str(state.home), perm="elr")
@@ -99,6 +117,8 @@ def _handler(state: PyftpdServer, cert: ServerCert | None, idle_timeout: float) 
 
     Handler.authorizer = authorizer
     Handler.timeout = idle_timeout
+    if refuse_overwrite:
+        Handler.abstracted_fs = _NoOverwriteFS
     if cert is not None:
         Handler.certfile = str(cert.cert)
         Handler.keyfile = str(cert.key)
@@ -109,16 +129,21 @@ def _handler(state: PyftpdServer, cert: ServerCert | None, idle_timeout: float) 
 
 @contextmanager
 def pyftpd_server(
-    home: Path, cert: ServerCert | None = None, *, idle_timeout: float = 300.0
+    home: Path,
+    cert: ServerCert | None = None,
+    *,
+    idle_timeout: float = 300.0,
+    refuse_overwrite: bool = False,
 ) -> Iterator[PyftpdServer]:
     """Run pyftpdlib in a thread on a free port: TLS required when `cert` is given.
 
     `idle_timeout` is the control connection's idle timeout: the server then answers
-    421 and hangs up, as production servers do.
+    421 and hangs up, as production servers do. `refuse_overwrite` makes RNTO onto an
+    existing file fail with 550.
     """
     home.mkdir(parents=True, exist_ok=True)
     state = PyftpdServer(home=home)
-    server = FTPServer(("127.0.0.1", 0), _handler(state, cert, idle_timeout))
+    server = FTPServer(("127.0.0.1", 0), _handler(state, cert, idle_timeout, refuse_overwrite))
     state.port = server.address[1]
     stop = threading.Event()
 
@@ -202,6 +227,7 @@ secure_chroot_dir={empty}
 seccomp_sandbox=NO
 isolate=NO
 isolate_network=NO
+xferlog_enable=YES
 vsftpd_log_file={log}
 log_ftp_protocol=YES
 debug_ssl=YES
@@ -279,6 +305,5 @@ __all__ = [
     "free_port",
     "pyftpd_server",
     "require_vsftpd",
-    "shutil",
     "vsftpd_server",
 ]

@@ -95,7 +95,7 @@ def _rooted_sftp_server(root: Path) -> type[asyncssh.SFTPServer]:
     class RootedSFTPServer(asyncssh.SFTPServer):
         """An SFTP server that sees only `root`."""
 
-        def __init__(self, chan: asyncssh.SSHServerChannel) -> None:
+        def __init__(self, chan: asyncssh.SSHServerChannel[bytes]) -> None:
             super().__init__(chan, chroot=os.fsencode(root))
 
     return RootedSFTPServer
@@ -229,9 +229,19 @@ class OpensshServer:
         return _descendants(self.process.pid)
 
     def kill_connections(self) -> None:
-        """Kill every per-connection sshd process, leaving the listener running."""
-        for pid in self.children():
+        """Kill every per-connection sshd process and wait until they are gone.
+
+        The listener keeps running. This blocks the event loop on purpose: a client in
+        the same loop cannot notice the drop before its next request.
+        """
+        pids = self.children()
+        for pid in pids:
             _kill(pid)
+        deadline = time.monotonic() + 10
+        while set(pids) & set(self.children()):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"sshd children still alive: {pids}")
+            time.sleep(0.005)
 
     def stop(self) -> None:
         """Kill the listener and its children at once (SIGKILL: no goodbye to clients)."""

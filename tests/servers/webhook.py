@@ -25,9 +25,9 @@ from aiohttp import web
 @asynccontextmanager
 async def serve(app: web.Application, tls: ssl.SSLContext | None = None) -> AsyncIterator[str]:
     """Run `app` on a free 127.0.0.1 port; yield its base URL (http:// or https://)."""
-    runner = web.AppRunner(app, access_log=None)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=tls, shutdown_timeout=1.0)
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=tls)
     await site.start()
     host, port = runner.addresses[0][:2]
     try:
@@ -43,9 +43,7 @@ def spec_key(secret: str) -> bytes:
     return secret.encode()
 
 
-def verify(
-    secret: str, headers: Mapping[str, str], body: bytes, now: float | None = None
-) -> bool:
+def verify(secret: str, headers: Mapping[str, str], body: bytes, now: float | None = None) -> bool:
     """Standard Webhooks verification: any `v1,` signature matching, timestamp within 5 min."""
     msg_id = headers.get("webhook-id")
     timestamp = headers.get("webhook-timestamp")
