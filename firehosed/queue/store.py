@@ -307,10 +307,14 @@ class FirehoseQueue:
         self.staged_since = time.time() if self.staged_records > 0 else None
 
     def _delete_consumed_segments(self) -> int:
+        """Delete segments wholly behind the cursor (never the one being written)."""
         freed = 0
-        while len(self.segments) > 1 and self.segments[0] < self.state.cursor[0]:
+        while len(self.segments) > 1:
             path = self.segments_dir / f"{self.segments[0]}.seg"
-            freed += path.stat().st_size
+            size = path.stat().st_size
+            if (self.segments[0], size) > self.state.cursor:
+                break
+            freed += size
             path.unlink()
             self.segments.pop(0)
         return freed

@@ -1,0 +1,137 @@
+"""Nothing acknowledged is lost: kill -9 under load, graceful drain, reload with queued data."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from collections import Counter
+
+from tests.daemon import Daemon, signal_record, wait_until
+
+NDJSON_FIREHOSE = """
+[firehoses.files]
+account = "acme"
+channel = "local"
+format = "ndjson"
+minutes_between_files = 0.01
+"""
+
+
+class Load:
+    """Threads posting small batches of unique ids; remembers which ids got a 202."""
+
+    def __init__(self, daemon: Daemon, threads: int = 4, per_request: int = 5) -> None:
+        self.daemon = daemon
+        self.per_request = per_request
+        self.acked: set[str] = set()
+        self.next_id = 0
+        self.lock = threading.Lock()
+        self.running = True
+        self.threads = [threading.Thread(target=self._post) for _ in range(threads)]
+
+    def _ids(self) -> list[int]:
+        with self.lock:
+            start = self.next_id
+            self.next_id += self.per_request
+        return list(range(start, start + self.per_request))
+
+    def _post(self) -> None:
+        while self.running:
+            ids = self._ids()
+            body = [signal_record(n, session=f"s{n % 7}") for n in ids]
+            try:
+                response = self.daemon.post(body)
+            except Exception:  # connection refused or reset while the daemon is down
+                time.sleep(0.01)
+                continue
+            if response.status_code == 202:
+                with self.lock:
+                    self.acked.update(f"{n:024x}" for n in ids)
+
+    def __enter__(self) -> Load:
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.running = False
+        for thread in self.threads:
+            thread.join(30)
+
+
+def delivered_ids(daemon: Daemon) -> Counter[str]:
+    return Counter(r["signal_id"]["$oid"] for r in daemon.delivered())
+
+
+def test_kill_9_under_load_loses_nothing(make_daemon) -> None:
+    daemon = make_daemon(NDJSON_FIREHOSE).start()
+    with Load(daemon) as load:
+        for _ in range(3):
+            wait_until(lambda: len(load.acked) > 200 + len(load.acked) // 2, timeout=30)
+            daemon.kill()
+            daemon.start()
+    acked = set(load.acked)
+    assert len(acked) > 600
+    assert daemon.stop() == 0
+    delivered = delivered_ids(daemon)
+    lost = acked - delivered.keys()
+    assert not lost, f"{len(lost)} acknowledged records lost"
+    assert not list(daemon.export.glob("**/.*.part"))
+
+
+def test_sigterm_drains_open_batches_and_exits_0(make_daemon) -> None:
+    slow = NDJSON_FIREHOSE.replace("minutes_between_files = 0.01", "minutes_between_files = 60")
+    daemon = make_daemon(slow).start()
+    assert daemon.post([signal_record(n) for n in range(50)]).status_code == 202
+    assert daemon.files() == []  # the batch would only be cut in an hour
+    assert daemon.stop() == 0
+    assert len(delivered_ids(daemon)) == 50
+    assert daemon.events("daemon.draining") and daemon.events("daemon.stopped")
+
+
+def test_queued_records_survive_a_clean_restart_when_the_channel_is_down(
+    make_daemon, tmp_path
+) -> None:
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the export directory should be")
+    broken = NDJSON_FIREHOSE + f'\n[channels.down]\ntype = "directory"\npath = "{blocker}/x"\n'
+    broken = broken.replace('channel = "local"\nformat', 'channel = "down"\nformat')
+    daemon = make_daemon(broken)
+    daemon.write_config(broken.replace("drain_timeout", "drain_timeout"))
+    daemon.start()
+    assert daemon.post([signal_record(n) for n in range(20)]).status_code == 202
+    wait_until(lambda: daemon.status()["firehoses"]["files"]["last_error"])
+    assert daemon.stop() == 0
+    fixed = broken.replace('channel = "down"\nformat', 'channel = "local"\nformat')
+    daemon.write_config(fixed)
+    daemon.start()
+    wait_until(lambda: len(delivered_ids(daemon)) == 20)
+
+
+def test_sighup_adds_a_firehose_and_keeps_queued_data(make_daemon) -> None:
+    paused = NDJSON_FIREHOSE + "paused = true\n"
+    daemon = make_daemon(paused).start()
+    assert daemon.post([signal_record(n) for n in range(10)]).status_code == 202
+    time.sleep(1.0)  # several cut intervals pass: paused holds delivery
+    assert delivered_ids(daemon) == Counter()
+    daemon.write_config(
+        NDJSON_FIREHOSE
+        + '\n[firehoses.json_too]\naccount = "acme"\nchannel = "local"\nformat = "json"\n'
+        + "minutes_between_files = 0.01\n"
+    )
+    daemon.signal(signal.SIGHUP)
+    wait_until(lambda: daemon.events("config.reloaded"))
+    wait_until(lambda: len(delivered_ids(daemon)) == 10)
+    assert daemon.post([signal_record(n) for n in range(10, 15)]).status_code == 202
+    wait_until(lambda: daemon.files("**/*.json"))
+    assert set(daemon.status()["firehoses"]) == {"files", "json_too"}
+
+
+def test_sighup_with_broken_config_keeps_running(make_daemon) -> None:
+    daemon = make_daemon(NDJSON_FIREHOSE).start()
+    daemon.config_path.write_text(daemon.config_path.read_text() + "\n[server]\nbogus = 1\n")
+    daemon.signal(signal.SIGHUP)
+    wait_until(lambda: daemon.events("config.reload_rejected"))
+    assert daemon.post([signal_record(1)]).status_code == 202
+    wait_until(lambda: len(delivered_ids(daemon)) == 1)

@@ -1,0 +1,142 @@
+"""The durable queue on real files: framing, group commit, cut, recovery."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from firehosed import metrics
+from firehosed.queue.commit import Committer
+from firehosed.queue.frames import HEADER, frame, scan
+from firehosed.queue.store import FirehoseQueue
+from firehosed.record import Record, encoder
+
+
+def record(n: int) -> bytes:
+    raw = b'{"type":"pd","n":%d}' % n
+    return encoder.encode(Record("pd", f"id{n}", "s", None, 0.0, 1000.0 + n, raw))
+
+
+def open_queue(root: Path, segment_size: int = 1 << 20) -> FirehoseQueue:
+    queue = FirehoseQueue(root / "queues" / "fh", "fh", segment_size, sync=True)
+    queue.open()
+    return queue
+
+
+async def append(queue: FirehoseQueue, numbers: range) -> None:
+    committer = Committer("fsync")
+    task = asyncio.create_task(committer.run())
+    for n in numbers:
+        queue.append(record(n))
+        committer.mark(queue)
+    await committer.commit()
+    task.cancel()
+
+
+def segment_bytes(queue: FirehoseQueue) -> list[Path]:
+    return sorted((queue.root / "segments").glob("*.seg"), key=lambda p: int(p.stem))
+
+
+def test_scan_finds_frames_and_resyncs_after_corruption() -> None:
+    frames = [frame(b"a" * 10), frame(b"b" * 20), frame(b"c" * 30)]
+    data = bytearray(b"".join(frames))
+    data[len(frames[0]) + HEADER.size + 3] ^= 0xFF  # flip a bit in the second payload
+    spans = list(scan(bytes(data)))
+    assert [s.payload for s in spans] == [b"a" * 10, None, b"c" * 30]
+    assert spans[1].start == len(frames[0]) and spans[1].end == len(frames[0]) + len(frames[1])
+
+
+async def test_records_survive_reopen_and_are_read_in_order(tmp_path: Path) -> None:
+    queue = open_queue(tmp_path)
+    await append(queue, range(100))
+    queue.close()
+    again = open_queue(tmp_path)
+    assert again.staged_records == 100
+    records, _, _ = again.read(1 << 30, 1 << 30)
+    assert [r.id for r in records] == [f"id{n}" for n in range(100)]
+
+
+async def test_segments_rotate_and_cut_batches_free_them(tmp_path: Path) -> None:
+    queue = open_queue(tmp_path, segment_size=4096)
+    for start in range(0, 400, 50):  # a group may overrun a segment; the next one rotates
+        await append(queue, range(start, start + 50))
+    assert len(segment_bytes(queue)) > 3
+    records, end, framed = queue.read(1 << 30, 1 << 30)
+    assert len(records) == 400
+    manifest = queue.new_manifest(
+        name="x.ndjson", records=400, size=3, opened=0.0, cut=0.0, end=end, content_type="x"
+    )
+    freed = queue.persist_batch(manifest, b"abc")
+    queue.add_batch(manifest, freed, framed)
+    assert len(segment_bytes(queue)) == 1
+    assert queue.staged_records == 0 and queue.queued_records() == 400
+    queue.close()
+    again = open_queue(tmp_path, segment_size=4096)
+    assert [b.name for b in again.batches] == ["x.ndjson"]
+    assert again.staged_records == 0
+    assert again.batch_path(again.batches[0]).read_bytes() == b"abc"
+
+
+async def test_torn_tail_is_truncated_at_every_offset(tmp_path: Path) -> None:
+    queue = open_queue(tmp_path)
+    await append(queue, range(3))
+    queue.close()
+    path = segment_bytes(queue)[-1]
+    whole = path.read_bytes()
+    last = len(frame(record(2)))
+    for cut in range(1, last):
+        path.write_bytes(whole[: len(whole) - cut])
+        again = open_queue(tmp_path)
+        records, _, _ = again.read(1 << 30, 1 << 30)
+        assert [r.id for r in records] == ["id0", "id1"], cut
+        assert path.stat().st_size == len(whole) - last
+        again.close()
+
+
+async def test_flipped_bit_is_quarantined_and_counted(tmp_path: Path) -> None:
+    queue = open_queue(tmp_path)
+    await append(queue, range(5))
+    queue.close()
+    path = segment_bytes(queue)[-1]
+    data = bytearray(path.read_bytes())
+    second = len(frame(record(0)))
+    data[second + HEADER.size + 5] ^= 0x01
+    path.write_bytes(bytes(data))
+    before = metrics.records_quarantined.labels("fh")._value.get()
+    again = open_queue(tmp_path)
+    records, _, _ = again.read(1 << 30, 1 << 30)
+    assert [r.id for r in records] == ["id0", "id2", "id3", "id4"]
+    assert metrics.records_quarantined.labels("fh")._value.get() == before + 1
+    assert list((tmp_path / "quarantine" / "fh").iterdir())
+
+
+async def test_interrupted_cut_leaves_records_staged(tmp_path: Path) -> None:
+    """A crash after the batch data but before its manifest: the records are cut again."""
+    queue = open_queue(tmp_path)
+    await append(queue, range(10))
+    (queue.batches_dir / "1.data").write_bytes(b"partial")
+    queue.close()
+    again = open_queue(tmp_path)
+    assert not (again.batches_dir / "1.data").exists()
+    assert again.staged_records == 10 and not again.batches
+
+
+async def test_failed_write_answers_with_storage_error_and_rolls_back(tmp_path: Path) -> None:
+    from firehosed.errors import StorageError
+
+    queue = open_queue(tmp_path)
+    committer = Committer("fsync")
+    task = asyncio.create_task(committer.run())
+    queue.append(record(1))
+    committer.mark(queue)
+    assert queue._fd is not None
+    import os
+
+    os.close(queue._fd)  # the next write fails with EBADF, like a dying disk
+    queue._fd = os.open(os.devnull, os.O_RDONLY)
+    with pytest.raises(StorageError):
+        await committer.commit()
+    assert queue.staged_records == 0
+    task.cancel()
