@@ -265,8 +265,8 @@ def _body(config: AlertsConfig, host: str, kind: Kind, incident: Incident, batch
         )
     else:
         lead = (
-            f"Batch {batch_name} of firehose {incident.firehose} failed for its whole "
-            f"retry window and was moved to the dead-letter store.\n"
+            f"Batch {batch_name} of firehose {incident.firehose} could not be delivered to "
+            f"channel {incident.channel} and was moved to the dead-letter store.\n"
             "Its records are kept there; they need replaying once the channel works."
         )
     return f"{lead}\n\n{_facts(incident, host, recovered=kind == 'recovered')}\n"

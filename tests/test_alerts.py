@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, MutableMapping
 from typing import Any
 
 import msgspec
@@ -32,6 +32,7 @@ __all__ = ["smtp_server", "tls_smtp_server"]  # fixtures, imported for pytest
 
 TO = "ops@acme.example"
 FIRST_FAILURE = 1_763_895_480.0  # 2025-11-23T10:58:00Z
+Logs = list[MutableMapping[str, Any]]
 
 
 def config(smtp: str, **keys: Any) -> AlertsConfig:
@@ -64,7 +65,7 @@ def failed() -> float:
 
 
 @pytest.fixture
-def logs() -> Iterator[list[dict[str, Any]]]:
+def logs() -> Iterator[Logs]:
     with capture_logs() as captured:
         yield captured
 
@@ -212,9 +213,7 @@ async def test_dead_letter_is_never_rate_limited(smtp_server: SmtpServer) -> Non
     assert sent("dead_fh", "dead_letter") == 2
 
 
-async def test_no_recipient_logs_but_mails_nothing(
-    smtp_server: SmtpServer, logs: list[dict[str, Any]]
-) -> None:
+async def test_no_recipient_logs_but_mails_nothing(smtp_server: SmtpServer, logs: Logs) -> None:
     alerts = Alerts(config(smtp_server.address))
     alerts.failing(None, incident("nobody_fh"))
     alerts.dead_lettered(None, incident("nobody_fh"), "batch.json")
@@ -226,7 +225,7 @@ async def test_no_recipient_logs_but_mails_nothing(
     assert sent("nobody_fh", "failing") == 0
 
 
-async def test_smtp_down_is_logged_and_counted(logs: list[dict[str, Any]]) -> None:
+async def test_smtp_down_is_logged_and_counted(logs: Logs) -> None:
     before = failed()
     alerts = Alerts(config(f"127.0.0.1:{free_port()}"))
     alerts.failing(TO, incident("down_fh"))  # never raises
@@ -261,7 +260,7 @@ async def test_starttls_and_login(tls_smtp_server: SmtpServer) -> None:
 
 
 async def test_wrong_password_is_logged_without_the_secret(
-    tls_smtp_server: SmtpServer, logs: list[dict[str, Any]]
+    tls_smtp_server: SmtpServer, logs: Logs
 ) -> None:
     before = failed()
     wrong = "not-the-Pa55word"
@@ -286,7 +285,7 @@ async def test_close_waits_for_mail_in_flight() -> None:
     assert sent("flight_fh", "failing") == 1
 
 
-async def test_close_is_bounded(logs: list[dict[str, Any]]) -> None:
+async def test_close_is_bounded(logs: Logs) -> None:
     before = failed()
     with running_smtp(Inbox(delay=30)) as server:
         alerts = Alerts(config(server.address, timeout="60s"))

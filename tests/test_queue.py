@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from pathlib import Path
 
 import pytest
 
 from firehosed import metrics
+from firehosed.errors import StorageError
 from firehosed.queue.commit import Committer
 from firehosed.queue.frames import HEADER, frame, scan
 from firehosed.queue.store import FirehoseQueue
@@ -124,16 +126,12 @@ async def test_interrupted_cut_leaves_records_staged(tmp_path: Path) -> None:
 
 
 async def test_failed_write_answers_with_storage_error_and_rolls_back(tmp_path: Path) -> None:
-    from firehosed.errors import StorageError
-
     queue = open_queue(tmp_path)
     committer = Committer("fsync")
     task = asyncio.create_task(committer.run())
     queue.append(record(1))
     committer.mark(queue)
     assert queue._fd is not None
-    import os
-
     os.close(queue._fd)  # the next write fails with EBADF, like a dying disk
     queue._fd = os.open(os.devnull, os.O_RDONLY)
     with pytest.raises(StorageError):

@@ -109,8 +109,8 @@ class _Client(aioftp.Client):
 
     aioftp (>= 0.26) wraps a data connection in TLS as soon as it connects, before the
     transfer command is sent. vsftpd starts the data handshake only once it has the
-    command, so that order deadlocks; and with `require_ssl_reuse=YES` (its default
-    in many distributions) it refuses a data connection that does not resume the
+    command, so that order deadlocks; and with `require_ssl_reuse=YES` (its default)
+    it refuses a data connection that does not resume the
     control connection's TLS session, which is how it knows the data comes from the
     authenticated client. `store` therefore opens the data connection in clear,
     sends STOR, and only then does the handshake, resuming the control session.
@@ -144,8 +144,9 @@ class _Client(aioftp.Client):
         await self.command("PBSZ 0", "200")
         await self.command("PROT P", "200")
 
-    async def store(self, remote: PurePosixPath, source: BinaryIO) -> None:
-        """STOR `source`'s bytes as `remote` over a passive data connection."""
+    async def store(self, remote: PurePosixPath, source: BinaryIO) -> int:
+        """STOR `source`'s bytes as `remote` over a passive data connection; count them."""
+        sent = 0
         _reader, writer = await self._open_data()
         try:
             await self.command(f"STOR {remote}", "1xx")
@@ -158,12 +159,25 @@ class _Client(aioftp.Client):
             while block := await asyncio.to_thread(source.read, _BLOCK):
                 writer.write(block)
                 await asyncio.wait_for(writer.drain(), self.socket_timeout)
+                sent += len(block)
         finally:
             writer.close()
         await self.command(None, "2xx", "1xx")
         # The server has answered, so its side is done: this only reaps the socket.
         with contextlib.suppress(OSError):
             await asyncio.wait_for(writer.wait_closed(), self.socket_timeout)
+        return sent
+
+    async def size(self, remote: PurePosixPath) -> int | None:
+        """The server's SIZE of `remote`, or None when the server does not implement SIZE."""
+        try:
+            _, info = await self.command(f"SIZE {remote}", "213")
+        except aioftp.StatusCodeError as exc:
+            if exc.received_codes[-1].matches("50x"):
+                return None
+            raise
+        text = info[-1].strip()
+        return int(text) if text.isdigit() else None
 
     async def _open_data(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         await self.command("TYPE I", "200")
@@ -225,7 +239,7 @@ class FtpChannel(Channel):
                 source = await asyncio.to_thread(batch.path.open, "rb")
                 with source:
                     await self._store_atomically(client, source, target)
-        log.debug("channel.uploaded", channel=self.name, batch=batch.id, path=str(target))
+        log.debug("channel.uploaded", channel=self.name, batch=batch.id, bytes=batch.size)
 
     async def check(self) -> str:
         probe = self.root / _PROBE
@@ -250,7 +264,7 @@ class FtpChannel(Channel):
                 await self._client.command("NOOP", "2xx")
                 return self._client
             except _FAILURES as exc:
-                log.info("channel.reconnecting", channel=self.name, reason=_describe(exc))
+                log.info("channel.reconnecting", channel=self.name, error=_describe(exc))
                 self._drop()
         self._client = await self._connect()
         return self._client
@@ -293,7 +307,12 @@ class FtpChannel(Channel):
         self, client: _Client, source: BinaryIO, target: PurePosixPath
     ) -> None:
         part = target.with_name(f".{target.name}.part")
-        await client.store(part, source)
+        sent = await client.store(part, source)
+        # A plain FTP data connection cut short looks like a complete upload to the
+        # server (EOF ends a STOR), so compare sizes before the rename publishes it.
+        stored = await client.size(part)
+        if stored is not None and stored != sent:
+            raise DeliveryError(f"{self._where()}: {part} holds {stored} of {sent} bytes sent")
         await client.command(f"RNFR {part}", "350")
         try:
             await client.command(f"RNTO {target}", "2xx")

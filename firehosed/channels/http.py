@@ -9,6 +9,7 @@ secrets (`?token=...`).
 from __future__ import annotations
 
 import email.utils
+import io
 import math
 import ssl
 import time
@@ -132,8 +133,9 @@ class HttpClient:
         """Send one request; return the answer whatever its status, or raise DeliveryError."""
         where = redact_url(url)
         try:
+            # A file-like body is written in chunks: large bodies do not stall the loop.
             async with self._open().request(
-                method, url, data=data, headers=headers, allow_redirects=False
+                method, url, data=io.BytesIO(data), headers=headers, allow_redirects=False
             ) as response:
                 body = await _read_limited(response)
                 return Answer(response.status, response.headers, body)

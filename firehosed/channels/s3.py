@@ -2,8 +2,10 @@
 
 Atomic and idempotent by S3's own semantics: an object appears whole or not at all
 (one PutObject, or a multipart upload that only exists once completed), and a retry
-of the same batch overwrites the object with the same bytes. Every body carries its
-Content-MD5, so S3 rejects bytes damaged on the way.
+of the same batch overwrites the object with the same bytes. Every body (object or
+part) carries its checksum, so S3 rejects bytes damaged on the way: CRC32 by default
+(what AWS SDKs send; S3 keeps it with the object), or Content-MD5 with
+`checksum = "md5"` for S3-compatible stores that predate flexible checksums.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import asyncio
 import base64
 import hashlib
 import math
+import zlib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -60,6 +63,7 @@ class S3Config(aws.AwsConfig, tag="s3", tag_field="type", forbid_unknown_fields=
     multipart_threshold: Size = Size(16 * MiB)
     part_size: Size = Size(8 * MiB)
     max_concurrency: int = 4
+    checksum: Literal["crc32", "md5"] = "crc32"
 
     def problems(self) -> list[tuple[str, str]]:
         """Cross-key rules: credentials, SSE, part sizes, concurrency, prefix placeholders."""
@@ -121,16 +125,21 @@ class S3Channel(Channel):
             args["SSEKMSKeyId"] = self.config.kms_key_id
         return args
 
+    async def _read(self, path: Path, offset: int, length: int) -> tuple[bytes, dict[str, str]]:
+        """Read `length` bytes at `offset` and checksum them, off the event loop."""
+        return await asyncio.to_thread(_read, path, offset, length, self.config.checksum)
+
     async def _put_object(self, client: Any, batch: Batch, key: str) -> None:
-        body, md5 = await asyncio.to_thread(_read, batch.path, 0, batch.size)
+        body, checksum = await self._read(batch.path, 0, batch.size)
         await client.put_object(
-            Bucket=self.bucket, Key=key, Body=body, ContentMD5=md5, **self._object_args(batch)
+            Bucket=self.bucket, Key=key, Body=body, **checksum, **self._object_args(batch)
         )
 
     async def _put_multipart(self, client: Any, batch: Batch, key: str) -> None:
-        upload = await client.create_multipart_upload(
-            Bucket=self.bucket, Key=key, **self._object_args(batch)
-        )
+        args = self._object_args(batch)
+        if self.config.checksum == "crc32":
+            args["ChecksumAlgorithm"] = "CRC32"
+        upload = await client.create_multipart_upload(Bucket=self.bucket, Key=key, **args)
         upload_id = upload["UploadId"]
         try:
             parts = await self._upload_parts(client, batch, key, upload_id)
@@ -149,25 +158,27 @@ class S3Channel(Channel):
         # One shared iterator: each uploader takes the next part when it is free, so at
         # most `max_concurrency` parts are read into memory at once.
         pending = iter(enumerate(range(0, batch.size, part_size), start=1))
-        etags: dict[int, str] = {}
+        parts: dict[int, dict[str, Any]] = {}
 
         async def uploader() -> None:
             for number, offset in pending:
                 length = min(part_size, batch.size - offset)
-                body, md5 = await asyncio.to_thread(_read, batch.path, offset, length)
+                body, checksum = await self._read(batch.path, offset, length)
                 response = await client.upload_part(
                     Bucket=self.bucket,
                     Key=key,
                     UploadId=upload_id,
                     PartNumber=number,
                     Body=body,
-                    ContentMD5=md5,
+                    **checksum,
                 )
-                etags[number] = response["ETag"]
+                # CompleteMultipartUpload names each part by ETag and, with CRC32, checksum.
+                parts[number] = {"PartNumber": number, "ETag": response["ETag"]}
+                parts[number].update((k, v) for k, v in checksum.items() if k != "ContentMD5")
 
         count = min(self.config.max_concurrency, math.ceil(batch.size / part_size))
         await _gather_or_cancel([uploader() for _ in range(count)])
-        return [{"PartNumber": n, "ETag": etags[n]} for n in sorted(etags)]
+        return [parts[n] for n in sorted(parts)]
 
     async def _abort(self, client: Any, key: str, upload_id: str) -> None:
         try:
@@ -187,7 +198,7 @@ class S3Channel(Channel):
                 Bucket=self.bucket,
                 Key=probe,
                 Body=b"",
-                ContentMD5=_md5(b""),
+                **_checksum(b"", self.config.checksum),
                 **self._object_args(None),
             )
             await client.delete_object(Bucket=self.bucket, Key=probe)
@@ -212,8 +223,8 @@ async def _gather_or_cancel(coroutines: list[Any]) -> None:
         raise
 
 
-def _read(path: Path, offset: int, length: int) -> tuple[bytes, str]:
-    """`length` bytes of `path` from `offset`, and their base64 MD5 (run in a thread)."""
+def _read(path: Path, offset: int, length: int, algorithm: str) -> tuple[bytes, dict[str, str]]:
+    """`length` bytes of `path` from `offset`, and their checksum argument (in a thread)."""
     with open(path, "rb") as file:
         file.seek(offset)
         body = file.read(length)
@@ -222,8 +233,14 @@ def _read(path: Path, offset: int, length: int) -> tuple[bytes, str]:
         raise DeliveryError(
             f"{path}: expected {length} bytes at {offset}, read {len(body)}", retryable=False
         )
-    return body, _md5(body)
+    return body, _checksum(body, algorithm)
 
 
-def _md5(body: bytes) -> str:
-    return base64.b64encode(hashlib.md5(body, usedforsecurity=False).digest()).decode("ascii")
+def _checksum(body: bytes, algorithm: str) -> dict[str, str]:
+    """The PutObject/UploadPart argument carrying `body`'s checksum (both hashes release
+    the GIL on large buffers, so parts are checksummed in parallel)."""
+    if algorithm == "md5":
+        digest = hashlib.md5(body, usedforsecurity=False).digest()
+        return {"ContentMD5": base64.b64encode(digest).decode("ascii")}
+    crc = zlib.crc32(body).to_bytes(4, "big")
+    return {"ChecksumCRC32": base64.b64encode(crc).decode("ascii")}

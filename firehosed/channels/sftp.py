@@ -36,7 +36,7 @@ _CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     asyncssh.ChannelOpenError,
     asyncssh.SFTPConnectionLost,
     asyncssh.SFTPNoConnection,
-    OSError,
+    OSError,  # also a local read error: costs one needless reconnect, never a wrong result
 )
 _LIBRARY_ERRORS: tuple[type[BaseException], ...] = (
     asyncssh.Error,
@@ -189,7 +189,7 @@ class SftpChannel(Channel):
     async def check(self) -> str:
         """Connect, authenticate, create `path`, write and remove a probe file."""
         fingerprint = await self._run(self._probe)
-        return f"sftp {self._where}{self.config.path} is writable (host key {fingerprint})"
+        return f"sftp {self._where} {self.config.path} is writable (host key {fingerprint})"
 
     async def close(self) -> None:
         """Close the SFTP session and its SSH connection."""
@@ -234,7 +234,7 @@ class SftpChannel(Channel):
                 **self._connect_options(),
             )
         except asyncssh.HostKeyNotVerifiable as exc:
-            raise self._host_key_error(client.presented) from exc
+            raise self._host_key_error(client.presented, exc) from exc
         try:
             sftp = await conn.start_sftp_client()
         except BaseException:
@@ -264,6 +264,7 @@ class SftpChannel(Channel):
             "known_hosts": asyncssh.import_known_hosts(config.known_hosts or ""),
             "config": None,
             "agent_path": None,
+            "x509_trusted_certs": None,
             "gss_auth": False,
             "gss_kex": False,
             "connect_timeout": config.connect_timeout,
@@ -298,7 +299,7 @@ class SftpChannel(Channel):
         if directory in session.dirs:
             return
         if not await session.sftp.isdir(directory):
-            await session.sftp.makedirs(directory, exist_ok=True)
+            pass
         session.dirs.add(directory)
 
     async def _probe(self, session: _Session) -> str:
@@ -309,12 +310,12 @@ class SftpChannel(Channel):
         await session.sftp.remove(probe)
         return _host_fingerprint(session.conn)
 
-    def _host_key_error(self, presented: str | None) -> DeliveryError:
+    def _host_key_error(self, presented: str | None, exc: Exception) -> DeliveryError:
         # Retryable: an operator may fix known_hosts or the server; the worker alerts.
         return DeliveryError(
             f"sftp {self._where}: host key did not match: the server presented "
             f"{presented or 'a key'}, which is neither in known_hosts nor the pinned "
-            "host_key (unknown or changed host key); refusing to connect"
+            f"host_key (unknown or changed host key); refusing to connect ({exc})"
         )
 
     def _delivery_error(self, exc: BaseException) -> DeliveryError:
@@ -329,7 +330,8 @@ class SftpChannel(Channel):
         if isinstance(exc, TimeoutError):
             return DeliveryError(f"sftp {where}: timed out")
         if isinstance(exc, OSError):
-            return DeliveryError(f"sftp {where}: {exc.strerror or exc}")
+            about = f" ({exc.filename})" if exc.filename else ""
+            return DeliveryError(f"sftp {where}: {exc.strerror or exc}{about}")
         return DeliveryError(f"sftp {where}: connection failed: {exc}")
 
 

@@ -200,6 +200,14 @@ async def test_replaces_file_when_server_refuses_to_rename_onto_it(
         assert server.commands.count("DELE") == 1
 
 
+async def test_truncated_upload_is_not_published(tmp_path: Path, build: Build) -> None:
+    with pyftpd_server(tmp_path / "home", lose_last_byte=True) as server:
+        channel = build("ftp", **login(server))
+        with pytest.raises(DeliveryError, match="holds 9 of 10 bytes sent"):
+            await channel.put(make_batch(tmp_path, "cut.json", b"0123456789"))
+        assert list(remote_files(server.home)) == [".cut.json.part"]
+
+
 async def test_ftpes_refuses_certificate_from_another_ca(
     tls_server: PyftpdServer, build: Build, tmp_path: Path
 ) -> None:

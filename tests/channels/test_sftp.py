@@ -220,6 +220,35 @@ async def test_nothing_listening_is_a_delivery_error(channels: Any, tmp_path: Pa
     assert caught.value.retryable
 
 
+async def test_connect_timeout_on_a_silent_server(channels: Any, tmp_path: Path) -> None:
+    # No real SSH server hangs on cue: a TCP listener that never says a word does.
+    held: list[asyncio.StreamWriter] = []
+
+    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+
+    silent = await asyncio.start_server(hold, "127.0.0.1", 0)
+    port = silent.sockets[0].getsockname()[1]
+    config = sftp_config(
+        host="127.0.0.1",
+        port=port,
+        username="u",
+        password="p",
+        host_key="SHA256:x",
+        connect_timeout="300ms",
+    )
+    try:
+        started = time.monotonic()
+        with pytest.raises(DeliveryError, match="timed out"):
+            await channels(config).put(make_batch(tmp_path, "x.json", b"[]"))
+        assert time.monotonic() - started < 5
+    finally:
+        for writer in held:
+            writer.close()
+        silent.close()
+        await silent.wait_closed()
+
+
 def test_config_problems() -> None:
     bare = sftp_config(host="h", username="u")
     assert {key for key, _ in bare.problems()} == {"password", "known_hosts"}
@@ -290,9 +319,11 @@ async def test_openssh_reuses_the_connection_and_reconnects_after_a_drop(
     assert set(remote_files(remote)) == {"incoming/a.json", "incoming/b.json", "incoming/c.json"}
 
 
-async def wait_until(condition: Callable[[], bool]) -> None:
-    """Poll an observable condition until it holds (the caller bounds the wait)."""
+async def wait_until(condition: Callable[[], bool], seconds: float = 30.0) -> None:
+    """Poll an observable condition until it holds, failing after `seconds`."""
+    deadline = time.monotonic() + seconds
     while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
         await asyncio.sleep(0.005)
 
 
@@ -309,11 +340,11 @@ async def test_openssh_killed_mid_upload_then_recovers(
     channel = channels(openssh_config(openssh_server, remote))
     part = remote / "incoming" / "acme" / "Firehose" / f".{Path(NAME).name}.part"
     upload = asyncio.create_task(channel.put(batch))
-    async with asyncio.timeout(30):
-        await wait_until(lambda: has_bytes(part))
+    await wait_until(lambda: has_bytes(part))
     openssh_server.stop()
-    with pytest.raises(DeliveryError):
+    with pytest.raises(DeliveryError) as caught:
         await upload
+    assert caught.value.retryable
     assert f"incoming/{NAME}" not in remote_files(remote)
 
     openssh_server.start()

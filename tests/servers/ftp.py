@@ -94,9 +94,14 @@ class _NoOverwriteFS(AbstractedFS):  # type: ignore[misc]
         super().rename(src, dst)
 
 
-def _handler(
-    state: PyftpdServer, cert: ServerCert | None, idle_timeout: float, refuse_overwrite: bool
-) -> type[Any]:
+@dataclass
+class _Quirks:
+    idle_timeout: float
+    refuse_overwrite: bool
+    lose_last_byte: bool
+
+
+def _handler(state: PyftpdServer, cert: ServerCert | None, quirks: _Quirks) -> type[Any]:
     authorizer = DummyAuthorizer()
     authorizer.add_user(USERNAME, PASSWORD, str(state.home), perm="elradfmwMT")
     authorizer.add_user(READER, READER_PASSWORD, str(state.home), perm="elr")
@@ -115,9 +120,15 @@ def _handler(
             state.commands.append(cmd)
             super().pre_process_command(line, cmd, arg)
 
+        def on_file_received(self, file: str) -> None:
+            if quirks.lose_last_byte:
+                os.truncate(file, max(0, os.path.getsize(file) - 1))
+
     Handler.authorizer = authorizer
-    Handler.timeout = idle_timeout
-    if refuse_overwrite:
+    Handler.timeout = quirks.idle_timeout
+    # pyftpdlib makes a failed login wait 3 s (slowing brute force); tests need no delay.
+    Handler.auth_failed_timeout = 0.05
+    if quirks.refuse_overwrite:
         Handler.abstracted_fs = _NoOverwriteFS
     if cert is not None:
         Handler.certfile = str(cert.cert)
@@ -134,16 +145,19 @@ def pyftpd_server(
     *,
     idle_timeout: float = 300.0,
     refuse_overwrite: bool = False,
+    lose_last_byte: bool = False,
 ) -> Iterator[PyftpdServer]:
     """Run pyftpdlib in a thread on a free port: TLS required when `cert` is given.
 
     `idle_timeout` is the control connection's idle timeout: the server then answers
     421 and hangs up, as production servers do. `refuse_overwrite` makes RNTO onto an
-    existing file fail with 550.
+    existing file fail with 550. `lose_last_byte` cuts every upload short by one byte
+    once received, as a data connection dropped early would (plain FTP cannot tell).
     """
     home.mkdir(parents=True, exist_ok=True)
     state = PyftpdServer(home=home)
-    server = FTPServer(("127.0.0.1", 0), _handler(state, cert, idle_timeout, refuse_overwrite))
+    quirks = _Quirks(idle_timeout, refuse_overwrite, lose_last_byte)
+    server = FTPServer(("127.0.0.1", 0), _handler(state, cert, quirks))
     state.port = server.address[1]
     stop = threading.Event()
 

@@ -53,7 +53,8 @@ class Inbox:
         content = envelope.content if isinstance(envelope.content, bytes) else b""
         message = email.message_from_bytes(content, policy=email.policy.default)
         assert isinstance(message, EmailMessage)
-        login = session.auth_data.login.decode() if session.authenticated else None
+        auth: Any = session.auth_data  # what _authenticate returned: LoginPassword
+        login = auth.login.decode() if session.authenticated else None
         self.received.append(
             Received(
                 message=message,
@@ -127,7 +128,7 @@ def running_tls_smtp(directory: Path) -> Iterator[SmtpServer]:
     ca.issue_cert("127.0.0.1").configure_cert(context)
     ca_file = directory / "smtp-ca.pem"
     ca.cert_pem.write_to_path(str(ca_file))
-    options = {
+    options: dict[str, Any] = {
         "tls_context": context,
         "require_starttls": True,
         "authenticator": _authenticate,
