@@ -228,7 +228,8 @@ class Worker:
         if self._failing_since is not None:
             if self._alerted:
                 self.alerts.recovered(
-                    self.firehose.config.error_alert_email, self._incident("recovered")
+                    self.firehose.config.error_alert_email,
+                    self._incident(self.last_error.what if self.last_error else ""),
                 )
             self._failing_since, self._alerted = None, False
 
