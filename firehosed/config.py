@@ -11,14 +11,13 @@ from __future__ import annotations
 import os
 import re
 import tomllib
-import typing
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 import msgspec
 
-from firehosed.channels import CHANNEL_CONFIGS
+from firehosed import channels
 from firehosed.errors import ConfigError
 from firehosed.units import Duration, Size, dec_hook
 
@@ -116,11 +115,12 @@ class FirehoseConfig(_Section):
     error_alert_email: str | None = None
     alert_after: Duration = Duration(300.0)
     retry_for: Duration = Duration(24 * 3600.0)
-    # Set only on the fallback firehoses the daemon makes: a prefix for every file name.
+    # A path under the channel's root for this firehose's files ("acme/Firehose/").
     prefix: str = ""
 
 
-ChannelConfig: Any = Union[CHANNEL_CONFIGS]  # noqa: UP007 - built from the registry at run time
+class ChannelConfig:
+    """Marker for a `[channels.X]` table: its Struct is chosen by its `type` key."""
 
 
 class Config(msgspec.Struct, kw_only=True):
@@ -277,20 +277,17 @@ _REPORTED = object()
 
 
 def _struct_type(value: Any, type_: Any, key: tuple[str, ...], report: _Report) -> Any:
-    """The Struct class for `value`: `type_` itself, or the union member its tag names."""
-    members = typing.get_args(type_) if typing.get_origin(type_) is Union else (type_,)
-    structs = [m for m in members if isinstance(m, type) and issubclass(m, msgspec.Struct)]
-    if not structs:
-        return None
-    if structs[0].__struct_config__.tag_field is None:
-        return structs[0]
-    tags = {m.__struct_config__.tag: m for m in structs}
-    tag = value.get("type") if isinstance(value, dict) else None
-    if tag not in tags:
-        known = ", ".join(sorted(map(str, tags)))
-        report.add((*key, "type"), f"expected one of {known}, got {tag!r}")
-        return _REPORTED
-    return tags[tag]
+    """The Struct class for `value`: `type_` itself, or the channel Struct its type names."""
+    if type_ is ChannelConfig:
+        tag = value.get("type") if isinstance(value, dict) else None
+        if tag not in channels.REGISTRY:
+            known = ", ".join(sorted(channels.REGISTRY))
+            report.add((*key, "type"), f"expected one of {known}, got {tag!r}")
+            return _REPORTED
+        return channels.config_type(tag)
+    if isinstance(type_, type) and issubclass(type_, msgspec.Struct):
+        return type_
+    return None
 
 
 def _convert_value(value: Any, type_: Any, key: tuple[str, ...], report: _Report) -> Any:
@@ -400,8 +397,8 @@ def _validate_firehose(
         report.add((*key, "minutes_between_files"), "must be greater than 0")
     if firehose.max_file < 1024:
         report.add((*key, "max_file"), "must be at least 1KiB")
-    if firehose.prefix:
-        report.add((*key, "prefix"), "unknown key")
+    if firehose.prefix.startswith("/") or ".." in firehose.prefix.split("/"):
+        report.add((*key, "prefix"), "must be a relative path without '..'")
     if "/" in firehose.filename_pattern or not firehose.filename_pattern.strip():
         report.add((*key, "filename_pattern"), "must be a file name without '/'")
 
