@@ -15,6 +15,8 @@ from firehosed.channels.base import Batch, Channel
 # type: (module, config Struct, channel class)
 REGISTRY: dict[str, tuple[str, str, str]] = {
     "directory": ("firehosed.channels.directory", "DirectoryConfig", "DirectoryChannel"),
+    "ftp": ("firehosed.channels.ftp", "FtpConfig", "FtpChannel"),
+    "ftpes": ("firehosed.channels.ftp", "FtpesConfig", "FtpChannel"),
 }
 
 

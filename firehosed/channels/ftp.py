@@ -110,10 +110,10 @@ class _Client(aioftp.Client):
     aioftp (>= 0.26) wraps a data connection in TLS as soon as it connects, before the
     transfer command is sent. vsftpd starts the data handshake only once it has the
     command, so that order deadlocks; and with `require_ssl_reuse=YES` (its default)
-    it refuses a data connection that does not resume the
-    control connection's TLS session, which is how it knows the data comes from the
-    authenticated client. `store` therefore opens the data connection in clear,
-    sends STOR, and only then does the handshake, resuming the control session.
+    it refuses a data connection that does not resume the control connection's TLS
+    session, which is how it knows the data comes from the authenticated client.
+    `store` therefore opens the data connection in clear, sends STOR, and only then
+    does the handshake, resuming the control session.
     """
 
     def __init__(

@@ -134,11 +134,11 @@ class HttpClient:
         where = redact_url(url)
         try:
             # A file-like body is written in chunks: large bodies do not stall the loop.
+            body = io.BytesIO(data) if data else None
             async with self._open().request(
-                method, url, data=io.BytesIO(data), headers=headers, allow_redirects=False
+                method, url, data=body, headers=headers, allow_redirects=False
             ) as response:
-                body = await _read_limited(response)
-                return Answer(response.status, response.headers, body)
+                return Answer(response.status, response.headers, await _read_limited(response))
         except TimeoutError as exc:
             raise DeliveryError(f"no answer from {where} within {self.timeout:g}s") from exc
         except aiohttp.ClientConnectorCertificateError as exc:

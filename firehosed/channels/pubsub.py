@@ -27,7 +27,7 @@ import re
 import time
 import zlib
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -42,7 +42,7 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from firehosed.channels.base import Batch, Channel
 from firehosed.channels.http import Answer, HttpClient, excerpt, redact_url, status_error
-from firehosed.errors import DeliveryError
+from firehosed.errors import DeliveryError, DestinationGone
 from firehosed.units import Duration
 
 log = structlog.get_logger(__name__)
@@ -58,7 +58,7 @@ MAX_REQUEST_BYTES = 10_000_000
 MAX_ATTRIBUTE_VALUE = 1024
 MAX_ORDERING_KEY = 1024
 # Requests in flight at once per batch (across lanes).
-CONCURRENT_REQUESTS = 8
+CONCURRENT_REQUESTS = 16
 # A token is refreshed this many seconds before Google says it expires.
 TOKEN_MARGIN = 60.0
 ASSERTION_LIFETIME = 3600
@@ -173,13 +173,16 @@ class _Grant(msgspec.Struct):
 class TokenSource:
     """OAuth2 access tokens for one service account by the JWT-bearer grant (RFC 7523).
 
-    A token is reused until TOKEN_MARGIN seconds before its expiry; concurrent callers
-    wait for one fetch.
+    A token is reused until TOKEN_MARGIN seconds before its expiry (or half its lifetime,
+    if shorter); concurrent callers wait for one fetch. `clock` is monotonic seconds.
     """
 
-    def __init__(self, account: ServiceAccount, http: HttpClient) -> None:
+    def __init__(
+        self, account: ServiceAccount, http: HttpClient, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.account = account
         self.http = http
+        self.clock = clock
         self._token: str | None = None
         self._renew_at = 0.0
         self._lock = asyncio.Lock()
@@ -188,15 +191,17 @@ class TokenSource:
         """A valid access token, fetched when none is cached or it is about to expire."""
         async with self._lock:
             token = self._token
-            if token is None or time.monotonic() >= self._renew_at:
+            if token is None or self.clock() >= self._renew_at:
+                fetched_at = self.clock()
                 token, lifetime = await self._fetch()
                 self._token = token
-                self._renew_at = time.monotonic() + lifetime - TOKEN_MARGIN
+                self._renew_at = fetched_at + max(lifetime - TOKEN_MARGIN, lifetime / 2)
             return token
 
-    def forget(self) -> None:
-        """Drop the cached token (the API refused it); the next call fetches another."""
-        self._token = None
+    def forget(self, token: str) -> None:
+        """Drop `token` (the API refused it) unless already replaced; the next call fetches."""
+        if self._token == token:
+            self._token = None
 
     async def _fetch(self) -> tuple[str, float]:
         form = {"grant_type": JWT_BEARER, "assertion": self.assertion(int(time.time()))}
@@ -308,25 +313,25 @@ def _field_size(length: int) -> int:
     return 1 + max(1, (length.bit_length() + 6) // 7) + length
 
 
+def _attribute_size(name: str, value: str) -> int:
+    # A map entry is a nested message: key (field 1) and value (field 2).
+    return _field_size(_field_size(len(name)) + _field_size(len(value.encode())))
+
+
 def message_size(message: _Message) -> int:
     """Size this message adds to a serialized PublishRequest (the unit of the 10 MB limit)."""
     attributes = message.attributes
     size = _field_size(len(message.data)) if message.data else 0
-    for name, value in msgspec.structs.asdict(attributes).items():
-        # A map entry is a nested message: key (field 1) and value (field 2).
-        size += _field_size(_field_size(len(name)) + _field_size(len(value.encode())))
+    size += _attribute_size("id", attributes.id)
+    size += _attribute_size("firehose", attributes.firehose)
+    size += _attribute_size("account", attributes.account)
     if message.ordering_key:
         size += _field_size(len(message.ordering_key.encode()))
     return _field_size(size)
 
 
 def plan(
-    records: Sequence[bytes],
-    keys: Sequence[tuple[str, str | None]],
-    *,
-    topic: str,
-    batch: Batch,
-    ordering: bool,
+    records: Sequence[bytes], batch: Batch, *, topic: str, ordering: bool
 ) -> list[list[Publish]]:
     """Split records into publish requests within Pub/Sub's limits, one lane per ordering key.
 
@@ -336,7 +341,7 @@ def plan(
     """
     lanes: dict[str, list[tuple[_Message, int]]] = {}
     base = _field_size(len(topic.encode()))
-    for index, (record, (record_id, session)) in enumerate(zip(records, keys, strict=True)):
+    for index, (record, (record_id, session)) in enumerate(zip(records, batch.keys, strict=True)):
         key = (session or "") if ordering else ""
         message = _Message(record, _Attributes(record_id, batch.firehose, batch.account), key)
         size = message_size(message)
@@ -427,7 +432,10 @@ class PubSubChannel(Channel):
                 f"batch {batch.id} holds {len(records)} records but {len(batch.keys)} keys",
                 retryable=False,
             )
-        lanes = plan(records, batch.keys, topic=self.topic, batch=batch, ordering=self.ordering)
+        lanes = plan(records, batch, topic=self.topic, ordering=self.ordering)
+        if self.tokens is not None:
+            # Once here, not once per lane: a refused key costs one token request.
+            await self.tokens.token()
         await self._publish_lanes(batch.id, lanes)
         log.debug(
             "pubsub.published",
@@ -468,25 +476,33 @@ class PubSubChannel(Channel):
         while len(self._published) > REMEMBERED_BATCHES:
             self._published.popitem(last=False)
         limit = asyncio.Semaphore(CONCURRENT_REQUESTS)
+        failed = asyncio.Event()
         async with asyncio.TaskGroup() as group:
-            tasks = [group.create_task(self._run_lane(lane, done, limit)) for lane in lanes]
+            tasks = [group.create_task(self._run_lane(lane, done, limit, failed)) for lane in lanes]
         failures = [error for task in tasks if (error := task.result()) is not None]
         if failures:
             raise _first_of(failures, sum(map(len, lanes)) - len(done))
         self._published.pop(batch_id, None)
 
     async def _run_lane(
-        self, lane: list[Publish], done: set[int], limit: asyncio.Semaphore
+        self, lane: list[Publish], done: set[int], limit: asyncio.Semaphore, failed: asyncio.Event
     ) -> DeliveryError | None:
-        """Send a lane's requests in order; stop at the first failure to keep the order."""
+        """Send a lane's requests in order; stop at the first failure to keep the order.
+
+        A failure anywhere stops every lane, so that an outage costs a few failed
+        requests per attempt, not one per session.
+        """
         for publish in lane:
             if publish.number in done:
                 continue
-            try:
-                async with limit:
+            async with limit:
+                if failed.is_set():
+                    return None
+                try:
                     await self._publish(publish)
-            except DeliveryError as exc:
-                return exc
+                except DeliveryError as exc:
+                    failed.set()
+                    return exc
             done.add(publish.number)
         return None
 
@@ -504,11 +520,12 @@ class PubSubChannel(Channel):
 
     async def _call(self, method: str, url: str, body: bytes = b"") -> Answer:
         headers = {"Content-Type": "application/json"}
-        if self.tokens is not None:
-            headers["Authorization"] = f"Bearer {await self.tokens.token()}"
+        token = await self.tokens.token() if self.tokens is not None else None
+        if token is not None:
+            headers["Authorization"] = f"Bearer {token}"
         answer = await self.http.request(method, url, data=body, headers=headers)
-        if answer.status == 401 and self.tokens is not None:
-            self.tokens.forget()
+        if answer.status == 401 and self.tokens is not None and token is not None:
+            self.tokens.forget(token)
         if not answer.ok:
             raise status_error(answer, redact_url(url), _google_error(answer.body))
         return answer
@@ -517,6 +534,8 @@ class PubSubChannel(Channel):
 def _first_of(failures: list[DeliveryError], pending: int) -> DeliveryError:
     """One error for a batch whose lanes failed: the first lane's, with the count left."""
     first = failures[0]
+    if isinstance(first, DestinationGone):
+        return first
     hints = [f.retry_after for f in failures if f.retry_after is not None]
     return DeliveryError(
         f"{pending} publish requests not accepted; first failure: {first}",

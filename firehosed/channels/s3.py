@@ -153,12 +153,12 @@ class S3Channel(Channel):
 
     async def _upload_parts(
         self, client: Any, batch: Batch, key: str, upload_id: str
-    ) -> list[dict[str, Any]]:
+    ) -> list[dict[str, str | int]]:
         part_size = max(self.config.part_size, math.ceil(batch.size / MAX_PARTS))
         # One shared iterator: each uploader takes the next part when it is free, so at
         # most `max_concurrency` parts are read into memory at once.
         pending = iter(enumerate(range(0, batch.size, part_size), start=1))
-        parts: dict[int, dict[str, Any]] = {}
+        parts: dict[int, dict[str, str | int]] = {}
 
         async def uploader() -> None:
             for number, offset in pending:
@@ -172,9 +172,10 @@ class S3Channel(Channel):
                     Body=body,
                     **checksum,
                 )
-                # CompleteMultipartUpload names each part by ETag and, with CRC32, checksum.
                 parts[number] = {"PartNumber": number, "ETag": response["ETag"]}
-                parts[number].update((k, v) for k, v in checksum.items() if k != "ContentMD5")
+                # An upload created with a checksum algorithm must repeat each part's.
+                if "ChecksumCRC32" in checksum:
+                    parts[number]["ChecksumCRC32"] = checksum["ChecksumCRC32"]
 
         count = min(self.config.max_concurrency, math.ceil(batch.size / part_size))
         await _gather_or_cancel([uploader() for _ in range(count)])

@@ -299,7 +299,7 @@ class SftpChannel(Channel):
         if directory in session.dirs:
             return
         if not await session.sftp.isdir(directory):
-            pass
+            await session.sftp.makedirs(directory, exist_ok=True)
         session.dirs.add(directory)
 
     async def _probe(self, session: _Session) -> str:

@@ -303,7 +303,7 @@ async def test_connection_reused_across_batches(
 async def test_reconnects_after_server_drops_idle_connection(
     tmp_path: Path, build: Build, server_cert: ServerCert, ca: trustme.CA
 ) -> None:
-    with pyftpd_server(tmp_path / "home", server_cert, idle_timeout=0.5) as server:
+    with pyftpd_server(tmp_path / "home", server_cert, idle_timeout=1.0) as server:
         channel = build("ftpes", **login(server), ca=ca_pem(ca))
         await channel.put(make_batch(tmp_path, "one.json", b"1"))
         await wait_until(lambda: server.disconnections == 1)  # "421 timed out", hung up

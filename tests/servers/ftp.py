@@ -96,6 +96,8 @@ class _NoOverwriteFS(AbstractedFS):  # type: ignore[misc]
 
 @dataclass
 class _Quirks:
+    """How a test server departs from pyftpdlib's defaults."""
+
     idle_timeout: float
     refuse_overwrite: bool
     lose_last_byte: bool
@@ -107,7 +109,7 @@ def _handler(state: PyftpdServer, cert: ServerCert | None, quirks: _Quirks) -> t
     authorizer.add_user(READER, READER_PASSWORD, str(state.home), perm="elr")
     base: type[Any] = FTPHandler if cert is None else TLS_FTPHandler
 
-    class Handler(base):  # type: ignore[valid-type,misc]
+    class Handler(base):  # type: ignore[misc]
         """Counts connections and records every command received."""
 
         def on_connect(self) -> None:
@@ -262,7 +264,9 @@ def vsftpd_server(root: Path, cert: ServerCert) -> Iterator[VsftpdServer]:
         directory.chmod(0o755)
     ftp_user = pwd.getpwnam("ftp")
     os.chown(upload, ftp_user.pw_uid, ftp_user.pw_gid)
-    port, pasv = free_port(), free_port()
+    port = pasv = free_port()
+    while pasv == port:
+        pasv = free_port()
     server = VsftpdServer(port=port, upload=upload, log=root / "vsftpd.log")
     conf = root / "vsftpd.conf"
     conf.write_text(
