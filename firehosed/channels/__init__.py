@@ -17,6 +17,7 @@ REGISTRY: dict[str, tuple[str, str, str]] = {
     "directory": ("firehosed.channels.directory", "DirectoryConfig", "DirectoryChannel"),
     "ftp": ("firehosed.channels.ftp", "FtpConfig", "FtpChannel"),
     "ftpes": ("firehosed.channels.ftp", "FtpesConfig", "FtpChannel"),
+    "sftp": ("firehosed.channels.sftp", "SftpConfig", "SftpChannel"),
 }
 
 

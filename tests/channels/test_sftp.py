@@ -340,7 +340,10 @@ async def test_openssh_killed_mid_upload_then_recovers(
     channel = channels(openssh_config(openssh_server, remote))
     part = remote / "incoming" / "acme" / "Firehose" / f".{Path(NAME).name}.part"
     upload = asyncio.create_task(channel.put(batch))
-    await wait_until(lambda: has_bytes(part))
+    await wait_until(lambda: has_bytes(part) or upload.done())
+    if upload.done():
+        await upload  # surfaces an early failure
+        pytest.fail("the upload finished before the server could be killed")
     openssh_server.stop()
     with pytest.raises(DeliveryError) as caught:
         await upload
