@@ -18,6 +18,8 @@ REGISTRY: dict[str, tuple[str, str, str]] = {
     "ftp": ("firehosed.channels.ftp", "FtpConfig", "FtpChannel"),
     "ftpes": ("firehosed.channels.ftp", "FtpesConfig", "FtpChannel"),
     "sftp": ("firehosed.channels.sftp", "SftpConfig", "SftpChannel"),
+    "webhook": ("firehosed.channels.webhook", "WebhookConfig", "WebhookChannel"),
+    "pubsub": ("firehosed.channels.pubsub", "PubSubConfig", "PubSubChannel"),
 }
 
 

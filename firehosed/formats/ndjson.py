@@ -1,8 +1,15 @@
-"""`ndjson`: one record per line; with a mapping, each gets `mapped_fields`."""
+"""`ndjson`: one record per line; with a mapping, each gets `mapped_fields`.
+
+A record posted pretty-printed inside a JSON array carries newlines in its raw bytes;
+only such records are compacted (whitespace outside strings removed), so every line
+stays one record. Others are written byte for byte.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+
+import msgspec
 
 from firehosed.formats.json import with_mapped_fields
 from firehosed.mapping import Mapping
@@ -10,7 +17,14 @@ from firehosed.record import Record
 
 
 def encode(records: Sequence[Record], mapping: Mapping | None) -> bytes:
-    """Each record's raw bytes (or mapped form) followed by `\\n`."""
+    """Each record's raw bytes (or mapped form) on its own line."""
     if mapping is None:
-        return b"".join(r.raw + b"\n" for r in records)
+        return b"".join(one_line(r.raw) + b"\n" for r in records)
     return b"".join(with_mapped_fields(r.raw, mapping) + b"\n" for r in records)
+
+
+def one_line(raw: bytes) -> bytes:
+    """`raw` itself, or its compact form when it spans lines."""
+    if b"\n" in raw or b"\r" in raw:
+        return msgspec.json.format(raw, indent=-1)
+    return raw

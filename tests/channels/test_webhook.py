@@ -97,6 +97,7 @@ async def test_delivery_is_signed_with_every_secret_during_rotation(
     assert delivery.path == "/hooks/firehose"
     assert delivery.body == BODY
     assert delivery.headers["content-type"] == "application/json"
+    assert delivery.headers["content-length"] == str(len(BODY))
     assert delivery.headers["webhook-id"] == "b-0001"
     assert abs(int(delivery.headers["webhook-timestamp"]) - time.time()) < 5
     assert len(delivery.headers["webhook-signature"].split(" ")) == 2
