@@ -5,10 +5,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
 
+import aiohttp
+import msgspec
 import uvloop
 
-from firehosed import __version__, config, daemon, log
+from firehosed import __version__, config, daemon, log, replay
 from firehosed.channels import open_channel
 from firehosed.errors import ConfigError, DeliveryError, FirehosedError
 
@@ -23,6 +28,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.command == "check":
         return _check(cfg, connect=args.connect)
+    if args.command == "replay":
+        return _replay(cfg, args.firehose)
     return _run(cfg, args.log_level)
 
 
@@ -33,7 +40,11 @@ def _parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="run the daemon")
     check = commands.add_parser("check", help="validate the config (exit 2 on errors)")
     check.add_argument("--connect", action="store_true", help="also connect to every channel")
-    for sub in (run, check):
+    replay_cmd = commands.add_parser("replay", help="put dead-lettered batches back into delivery")
+    replay_cmd.add_argument(
+        "--firehose", action="append", help="only this firehose (repeatable; default: all)"
+    )
+    for sub in (run, check, replay_cmd):
         sub.add_argument(
             "-c",
             "--config",
@@ -77,3 +88,44 @@ async def _connect_all(cfg: config.Config) -> int:
         finally:
             await channel.close()
     return 1 if failed else 0
+
+
+def _replay(cfg: config.Config, only: list[str] | None) -> int:
+    names = replay.dead_firehoses(cfg, only)
+    if not names:
+        print("nothing to replay: no dead-lettered batches")
+        return 0
+    with replay.storage_lock(Path(cfg.storage.dir)) as free:
+        if free:
+            for name in names:
+                _report(name, (replay.progress(m) for m in replay.replay_offline(cfg, name)))
+            print("the daemon is not running: the batches are delivered at its next start")
+            return 0
+    return asyncio.run(_replay_online(cfg, names))
+
+
+async def _replay_online(cfg: config.Config, names: list[str]) -> int:
+    listen = cfg.server.listen
+    unix = listen.removeprefix("unix:") if listen.startswith("unix:") else None
+    base = "http://localhost" if unix else f"http://{listen}"
+    connector = aiohttp.UnixConnector(path=unix) if unix else aiohttp.TCPConnector()
+    async with aiohttp.ClientSession(connector=connector) as session:
+        for name in names:
+            async with session.post(f"{base}/v1/firehoses/{name}/replay") as response:
+                if response.status != 200:
+                    print(f"replay {name}: FAILED: {response.status} {await response.text()}")
+                    return 1
+                lines = [
+                    msgspec.json.decode(line) async for line in response.content if line.strip()
+                ]
+                _report(name, lines)
+    return 0
+
+
+def _report(firehose: str, batches: Iterable[dict[str, Any]]) -> None:
+    count = 0
+    for batch in batches:
+        count += 1
+        size = f"{batch['records']} records, {batch['bytes']} bytes"
+        print(f"replay {firehose}: {batch['batch']} ({size})")
+    print(f"replay {firehose}: {count} batches back in delivery")

@@ -115,6 +115,7 @@ class FirehoseConfig(_Section):
     error_alert_email: str | None = None
     alert_after: Duration = Duration(300.0)
     retry_for: Duration = Duration(24 * 3600.0)
+    delivery_timeout: Duration = Duration(600.0)
     # A path under the channel's root for this firehose's files ("acme/Firehose/").
     prefix: str = ""
 

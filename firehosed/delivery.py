@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import random
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -68,6 +69,8 @@ class Worker:
         self.last_error: Outcome | None = None
         self._failing_since: float | None = None
         self._alerted = False
+        # Cutting and replaying both number new batches: one at a time.
+        self._numbering = asyncio.Lock()
 
     @property
     def name(self) -> str:
@@ -127,6 +130,10 @@ class Worker:
 
     async def cut(self) -> Manifest | None:
         """Turn the next committed records into a batch fixed on disk; None if none."""
+        async with self._numbering:
+            return await self._cut()
+
+    async def _cut(self) -> Manifest | None:
         queue, config = self.firehose.queue, self.firehose.config
         stream = self.channel.stream
         limit_records = (self.channel.max_records or 500) if stream else 1 << 62
@@ -170,7 +177,7 @@ class Worker:
         attempt = 0
         while not self.stopping and self._may_deliver():
             try:
-                await self.channel.put(self._batch(manifest))
+                await self._put(manifest)
             except DestinationGone as exc:
                 self._gone(exc)
                 return
@@ -193,6 +200,15 @@ class Worker:
                 continue
             await self._delivered(manifest)
             return
+
+    async def _put(self, manifest: Manifest) -> None:
+        """One attempt, bounded by `delivery_timeout` (a stalled server must not hang us)."""
+        limit = self.firehose.config.delivery_timeout
+        try:
+            async with asyncio.timeout(limit):
+                await self.channel.put(self._batch(manifest))
+        except TimeoutError:
+            raise DeliveryError(f"delivery timed out after {limit:g}s") from None
 
     def _batch(self, manifest: Manifest) -> Batch:
         return Batch(
@@ -273,6 +289,21 @@ class Worker:
             self.firehose.config.error_alert_email, self._incident(error), manifest.name
         )
 
+    async def replay(self) -> AsyncIterator[Manifest]:
+        """Put this firehose's dead-lettered batches back into delivery, oldest first."""
+        queue = self.firehose.queue
+        for source in dead_manifests(self.dead_dir / self.name):
+            async with self._numbering:
+                manifest = await asyncio.to_thread(queue.adopt, source)
+            queue.batches.append(manifest)
+            queue.disk_bytes += manifest.size
+            log.info(
+                "batch.replayed", firehose=self.name, batch=manifest.name, records=manifest.records
+            )
+            self.gone = None
+            self.wake.set()
+            yield manifest
+
     def _gone(self, exc: DestinationGone) -> None:
         self.gone = str(exc)
         self.last_error = Outcome(time.time(), str(exc))
@@ -324,6 +355,13 @@ class Worker:
             "last_delivery": _outcome(self.last_delivery, "batch"),
             "last_error": _outcome(self.last_error, "error"),
         }
+
+
+def dead_manifests(directory: Path) -> list[Path]:
+    """A dead-letter directory's batch manifests, oldest first."""
+    if not directory.is_dir():
+        return []
+    return sorted(directory.glob("*.json"), key=lambda p: int(p.stem))
 
 
 def _outcome(outcome: Outcome | None, key: str) -> dict[str, Any] | None:

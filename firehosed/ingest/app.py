@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import time
+from ipaddress import ip_address
 from typing import TYPE_CHECKING, Any
 
 import msgspec
 import structlog
 from aiohttp import web
 
-from firehosed import metrics
+from firehosed import metrics, replay
 from firehosed.envelope import RecordError
 from firehosed.errors import StorageError
 from firehosed.ingest import auth, body
@@ -32,6 +33,7 @@ def build_app(daemon: Daemon) -> web.Application:
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", get_metrics)
     app.router.add_get("/v1/status", get_status)
+    app.router.add_post("/v1/firehoses/{firehose}/replay", post_replay)
     return app
 
 
@@ -147,3 +149,28 @@ async def get_status(request: web.Request) -> web.Response:
     """Per firehose: queued records and bytes, oldest age, last delivery and error, paused."""
     daemon: Daemon = request.app[DAEMON]
     return answer(200, daemon.status())
+
+
+async def post_replay(request: web.Request) -> web.StreamResponse:
+    """POST /v1/firehoses/{firehose}/replay: dead batches back to delivery, NDJSON progress.
+
+    Answered only to loopback or unix-socket peers: it changes what gets delivered.
+    """
+    if not _local_peer(request):
+        return answer(403, {"error": "replay is only answered to local clients"})
+    worker = request.app[DAEMON].workers.get(request.match_info["firehose"])
+    if worker is None:
+        return answer(404, {"error": "no running firehose of that name"})
+    response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+    await response.prepare(request)
+    async for manifest in worker.replay():
+        await response.write(msgspec.json.encode(replay.progress(manifest)) + b"\n")
+    await response.write_eof()
+    return response
+
+
+def _local_peer(request: web.Request) -> bool:
+    peer = request.transport.get_extra_info("peername") if request.transport else None
+    if not isinstance(peer, tuple):  # a unix socket: guarded by its file permissions
+        return True
+    return ip_address(peer[0]).is_loopback

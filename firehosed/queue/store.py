@@ -353,6 +353,25 @@ class FirehoseQueue:
             fsync_dir(target)
             fsync_dir(self.batches_dir)
 
+    def adopt(self, source: Path) -> Manifest:
+        """Take a dead-lettered batch (manifest at `source`) back as the newest batch (thread).
+
+        Crash-safe order: link the data in, write the new manifest, then remove the dead
+        copy. A crash in between leaves the batch in the dead store (the orphan link is
+        removed at recovery) or in both places (a second replay rewrites the same file).
+        """
+        old = msgspec.json.decode(source.read_bytes(), type=Manifest)
+        new = msgspec.structs.replace(old, no=self.state.next_batch, cut=time.time())
+        data = self.batch_path(new)
+        data.unlink(missing_ok=True)
+        os.link(source.with_suffix(".data"), data)
+        write_durably(self.batches_dir / f"{new.no}.json", msgspec.json.encode(new), self.sync)
+        self.state = msgspec.structs.replace(self.state, next_batch=new.no + 1)
+        write_durably(self.root / "state.json", msgspec.json.encode(self.state), self.sync)
+        source.with_suffix(".data").unlink()
+        source.unlink()
+        return new
+
     def drop_batch(self, manifest: Manifest) -> None:
         """Account for a batch delivered or dead-lettered (event loop side)."""
         self.batches.remove(manifest)
