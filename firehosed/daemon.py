@@ -178,6 +178,7 @@ class Daemon:
                 self.firehoses[name].configure(fh_config, mapping)
                 self.workers[name].channel = channel
                 self.workers[name].retiring = False
+                self.workers[name].gone = None  # a reload resumes a firehose stopped by 410
                 self.workers[name].wake.set()
             else:
                 await self._add_firehose(name, fh_config, mapping, channel)

@@ -1,4 +1,4 @@
-"""Past retry_for a batch is dead-lettered (never dropped), and `firehosed replay` brings it back."""
+"""Past retry_for a batch is dead-lettered, never dropped; `firehosed replay` brings it back."""
 
 from __future__ import annotations
 
