@@ -20,6 +20,8 @@ REGISTRY: dict[str, tuple[str, str, str]] = {
     "sftp": ("firehosed.channels.sftp", "SftpConfig", "SftpChannel"),
     "webhook": ("firehosed.channels.webhook", "WebhookConfig", "WebhookChannel"),
     "pubsub": ("firehosed.channels.pubsub", "PubSubConfig", "PubSubChannel"),
+    "s3": ("firehosed.channels.s3", "S3Config", "S3Channel"),
+    "sqs": ("firehosed.channels.sqs", "SqsConfig", "SqsChannel"),
 }
 
 

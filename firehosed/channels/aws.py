@@ -113,13 +113,22 @@ class Client:
     """
 
     def __init__(
-        self, channel: str, service: str, config: AwsConfig, region: str, max_connections: int
+        self,
+        channel: str,
+        service: str,
+        config: AwsConfig,
+        region: str,
+        *,
+        max_connections: int,
+        options: dict[str, Any] | None = None,
     ) -> None:
+        """`options`: more botocore Config keywords for this service (e.g. `s3={...}`)."""
         self.channel = channel
         self.service = service
         self.config = config
         self.region = region
         self.max_connections = max_connections
+        self.options = options or {}
         self._client: Any = None
         self._stack = contextlib.AsyncExitStack()
         self._lock = asyncio.Lock()
@@ -145,10 +154,10 @@ class Client:
             read_timeout=float(config.read_timeout),
             max_pool_connections=self.max_connections,
             retries={"mode": "standard", "total_max_attempts": REQUEST_ATTEMPTS},
-            # The channels send Content-MD5 themselves; a second (CRC32) checksum computed
-            # by botocore would cost CPU and trip S3-compatible stores that lack it.
+            # The channels send their own checksum, computed in a thread; botocore would
+            # otherwise add one more, computed on the event loop.
             request_checksum_calculation="when_required",
-            response_checksum_validation="when_required",
+            **self.options,
         )
         return AioSession().create_client(
             self.service,

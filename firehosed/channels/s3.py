@@ -52,7 +52,13 @@ _HEAD_BUCKET_CODES = {"404": "NoSuchBucket", "403": "AccessDenied", "NotFound": 
 
 
 class S3Config(aws.AwsConfig, tag="s3", tag_field="type", forbid_unknown_fields=True, kw_only=True):
-    """`type = "s3"`: objects go to `bucket` under `prefix` (`{account}` is replaced)."""
+    """`type = "s3"`: objects go to `bucket` under `prefix` (`{account}` is replaced).
+
+    `sse` ("AES256" or "aws:kms", with `kms_key_id`) and `storage_class` are set on
+    every object. Batches of `multipart_threshold` bytes or more are uploaded in parts
+    of `part_size`, `max_concurrency` at a time. `endpoint_url` and `addressing_style`
+    serve S3-compatible stores; credentials and timeouts are in `AwsConfig`.
+    """
 
     bucket: str
     prefix: str = ""
@@ -64,6 +70,8 @@ class S3Config(aws.AwsConfig, tag="s3", tag_field="type", forbid_unknown_fields=
     part_size: Size = Size(8 * MiB)
     max_concurrency: int = 4
     checksum: Literal["crc32", "md5"] = "crc32"
+    # "path" (bucket in the URL path) is what many S3-compatible stores expect.
+    addressing_style: Literal["auto", "virtual", "path"] = "auto"
 
     def problems(self) -> list[tuple[str, str]]:
         """Cross-key rules: credentials, SSE, part sizes, concurrency, prefix placeholders."""
@@ -92,7 +100,12 @@ class S3Channel(Channel):
         self.config = config
         self.bucket = config.bucket
         self._client = aws.Client(
-            name, "s3", config, config.region, max_connections=max(10, config.max_concurrency)
+            name,
+            "s3",
+            config,
+            config.region,
+            max_connections=max(10, config.max_concurrency),
+            options={"s3": {"addressing_style": config.addressing_style}},
         )
 
     def key(self, batch: Batch) -> str:

@@ -1,0 +1,118 @@
+"""Delivery through the real daemon to a real webhook receiver, with alert mails to aiosmtpd.
+
+The receiver runs in the test's event loop, so every blocking call to the daemon runs in a
+thread and every wait polls with `asyncio.sleep`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable
+from typing import Any
+
+from tests.daemon import Daemon, signal_record
+from tests.servers.smtp import running_smtp
+from tests.servers.webhook import Reply, WebhookReceiver, webhook_receiver
+
+__all__ = ["webhook_receiver"]  # the fixture, used by name
+
+WEBHOOK = """
+[alerts]
+smtp = "{smtp}"
+every = "1h"
+
+[channels.hook]
+type = "webhook"
+url = "{url}/ingest"
+secret = "{secrets}"
+timeout = "2s"
+
+[firehoses.stream]
+account = "acme"
+channel = "hook"
+error_alert_email = "ops@acme.example"
+alert_after = "0s"
+"""
+
+
+async def until(condition: Callable[[], Any], within: float = 20.0) -> Any:
+    deadline = time.monotonic() + within
+    while not (value := condition()):
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.02)
+    return value
+
+
+async def start(make_daemon, receiver: WebhookReceiver, smtp: str) -> Daemon:
+    config = WEBHOOK.format(url=receiver.url, secrets=" ".join(receiver.secrets), smtp=smtp)
+    daemon: Daemon = make_daemon(config)
+    await asyncio.to_thread(daemon.start)
+    return daemon
+
+
+async def post(daemon: Daemon, records: list[dict[str, Any]]) -> None:
+    response = await asyncio.to_thread(daemon.post, records)
+    assert response.status_code == 202, response.text
+
+
+def delivered_ids(receiver: WebhookReceiver) -> list[str]:
+    ok = [d for d in receiver.deliveries if d.path == "/ingest"]
+    return [r["signal_id"]["$oid"] for d in ok for r in json.loads(d.body)]
+
+
+async def test_signed_batches_arrive_in_order(make_daemon, webhook_receiver) -> None:
+    with running_smtp() as smtp:
+        daemon = await start(make_daemon, webhook_receiver, smtp.address)
+        await post(daemon, [signal_record(n) for n in range(3)])
+        await post(daemon, [signal_record(n) for n in range(3, 5)])
+        await until(lambda: len(delivered_ids(webhook_receiver)) == 5)
+    assert delivered_ids(webhook_receiver) == [f"{n:024x}" for n in range(5)]
+    for delivery in webhook_receiver.deliveries:
+        assert delivery.verified == [True, True]  # both secrets sign during rotation
+        assert delivery.headers["content-type"] == "application/json"
+        assert delivery.headers["webhook-id"].startswith("msg_")
+
+
+async def test_failures_then_success_deliver_once_with_one_id_and_mail_twice(
+    make_daemon, webhook_receiver
+) -> None:
+    webhook_receiver.script(Reply(500), Reply(503, {"Retry-After": "2"}))
+    with running_smtp() as smtp:
+        daemon = await start(make_daemon, webhook_receiver, smtp.address)
+        await post(daemon, [signal_record(1)])
+        await until(lambda: len(webhook_receiver.deliveries) == 3)
+        mails = await smtp.inbox.wait_for(2, within=20)
+    attempts = webhook_receiver.deliveries
+    assert len({d.headers["webhook-id"] for d in attempts}) == 1
+    assert len({d.body for d in attempts}) == 1
+    stamps = [int(d.headers["webhook-timestamp"]) for d in attempts]
+    assert stamps[2] - stamps[1] >= 1  # Retry-After: 2 honoured (timestamps are whole seconds)
+    failing, recovered = (m.message for m in mails[:2])
+    assert "stream" in failing["Subject"] and "failing" in failing["Subject"]
+    assert failing["To"] == "ops@acme.example"
+    body = failing.get_content()
+    assert "hook" in body
+    assert "503" in body or "500" in body
+    assert "recovered" in recovered["Subject"]
+    status = await asyncio.to_thread(daemon.status)
+    assert status["firehoses"]["stream"]["last_delivery"] is not None
+
+
+async def test_410_stops_the_firehose_and_alerts(make_daemon, webhook_receiver) -> None:
+    webhook_receiver.script(Reply(410))
+    with running_smtp() as smtp:
+        daemon = await start(make_daemon, webhook_receiver, smtp.address)
+        await post(daemon, [signal_record(1)])
+        mails = await smtp.inbox.wait_for(1, within=20)
+        await post(daemon, [signal_record(2)])
+        stream = await until(lambda: _queued(daemon, 2))
+    assert stream["stopped"]
+    assert len(webhook_receiver.deliveries) == 1  # nothing more is sent after 410
+    assert "410" in mails[0].message.get_content()
+
+
+def _queued(daemon: Daemon, count: int) -> dict[str, Any] | None:
+    stream: dict[str, Any] = daemon.status()["firehoses"]["stream"]
+    return stream if stream["queued_records"] == count else None
