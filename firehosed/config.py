@@ -72,6 +72,7 @@ class FallbackConfig(_Section):
     """`[fallback]`: the channel for accounts with no firehose of their own."""
 
     channel: str | None = None
+    prefix: str = "{account}/Firehose/"
 
 
 class FieldsConfig(_Section):
@@ -152,7 +153,7 @@ class Config(msgspec.Struct, kw_only=True):
                     format="json",
                     catch_up=True,
                     include_anonymous=True,
-                    prefix=f"{account}/Firehose/",
+                    prefix=self.fallback.prefix.replace("{account}", account),
                 )
         return result
 
