@@ -117,6 +117,7 @@ class FirehoseConfig(_Section):
     alert_after: Duration = Duration(300.0)
     retry_for: Duration = Duration(24 * 3600.0)
     delivery_timeout: Duration = Duration(600.0)
+    dead_letter: str | None = None
     # A path under the channel's root for this firehose's files ("acme/Firehose/").
     prefix: str = ""
 
@@ -389,10 +390,12 @@ def _validate_firehose(
         ("account", firehose.account, config.accounts),
         ("channel", firehose.channel, config.channels),
         ("mapping", firehose.mapping, config.mappings),
+        ("dead_letter", firehose.dead_letter, config.channels),
     )
     for field, ref, table in refs:
         if ref is not None and ref not in table:
-            report.add((*key, field), f"no {field} named {ref!r}")
+            kind = "channel" if field == "dead_letter" else field
+            report.add((*key, field), f"no {kind} named {ref!r}")
     if firehose.format == "csv" and firehose.mapping is None:
         report.add((*key, "format"), "csv needs a mapping (the columns)")
     if firehose.minutes_between_files <= 0:

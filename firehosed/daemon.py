@@ -174,14 +174,17 @@ class Daemon:
         for name, fh_config in wanted.items():
             mapping = Mapping(config.mappings[fh_config.mapping]) if fh_config.mapping else None
             channel = channels[fh_config.channel]
+            dead = channels[fh_config.dead_letter] if fh_config.dead_letter else None
             if name in self.firehoses:
                 self.firehoses[name].configure(fh_config, mapping)
                 self.workers[name].channel = channel
                 self.workers[name].retiring = False
                 self.workers[name].gone = None  # a reload resumes a firehose stopped by 410
+                self.workers[name].dead_channel = dead
                 self.workers[name].wake.set()
             else:
                 await self._add_firehose(name, fh_config, mapping, channel)
+                self.workers[name].dead_channel = dead
         for name in self.firehoses.keys() - wanted.keys():
             self._retire(name)
         self._set_accounts(config, wanted)

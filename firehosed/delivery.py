@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import random
 import time
 from collections.abc import AsyncIterator
@@ -62,6 +63,8 @@ class Worker:
         self.dead_dir = dead_dir
         self.alerts = alerts
         self.wake = asyncio.Event()
+        # Where dead-lettered batches are also copied (`dead_letter` key), if anywhere.
+        self.dead_channel: Channel | None = None
         self.stopping = False
         self.retiring = False
         self.gone: str | None = None
@@ -287,6 +290,33 @@ class Worker:
         )
         self.alerts.dead_lettered(
             self.firehose.config.error_alert_email, self._incident(error), manifest.name
+        )
+        if self.dead_channel is not None:
+            await self._copy_dead(manifest)
+
+    async def _copy_dead(self, manifest: Manifest) -> None:
+        """Also put a dead batch on the `dead_letter` channel; the local copy stays for replay."""
+        assert self.dead_channel is not None
+        batch = self._batch(manifest)
+        path = self.dead_dir / self.name / f"{manifest.no}.data"
+        copy = dataclasses.replace(batch, path=path, name=f"dead/{self.name}/{manifest.name}")
+        try:
+            async with asyncio.timeout(self.firehose.config.delivery_timeout):
+                await self.dead_channel.put(copy)
+        except (DeliveryError, TimeoutError) as exc:
+            log.error(
+                "batch.dead_letter_copy_failed",
+                firehose=self.name,
+                channel=self.dead_channel.name,
+                batch=manifest.name,
+                error=str(exc) or "timeout",
+            )
+            return
+        log.info(
+            "batch.dead_letter_copied",
+            firehose=self.name,
+            channel=self.dead_channel.name,
+            batch=copy.name,
         )
 
     async def replay(self) -> AsyncIterator[Manifest]:

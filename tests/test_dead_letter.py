@@ -20,6 +20,7 @@ channel = "down"
 format = "ndjson"
 minutes_between_files = 0.01
 retry_for = "1s"
+dead_letter = "local"
 """
 
 
@@ -48,6 +49,8 @@ def test_dead_letter_then_replay_into_the_running_daemon(make_daemon, tmp_path) 
     assert event["records"] == 5 and "error" in event
     dead = daemon.root / "var" / "dead" / "files"
     assert len(list(dead.glob("*.data"))) == 1
+    copies = wait_until(lambda: list((daemon.export / "dead" / "files").glob("*.ndjson")))
+    assert copies[0].read_bytes() == next(dead.glob("*.data")).read_bytes()
     metrics = daemon.get("/metrics").text
     assert 'firehosed_batches_dead_lettered_total{firehose="files"} 1.0' in metrics
     daemon.write_config(extra.replace('channel = "down"', 'channel = "local"'))
@@ -56,7 +59,7 @@ def test_dead_letter_then_replay_into_the_running_daemon(make_daemon, tmp_path) 
     result = replay_cli(daemon)
     assert result.returncode == 0, result.stderr
     assert "replay files: 1 batches back in delivery" in result.stdout
-    wait_until(lambda: len(daemon.delivered()) == 5)
+    wait_until(lambda: len(daemon.delivered("*.ndjson")) == 5)
     assert not list(dead.glob("*.json"))
 
 
@@ -71,7 +74,7 @@ def test_replay_offline_is_delivered_at_next_start(make_daemon, tmp_path) -> Non
     assert "delivered at its next start" in result.stdout
     daemon.write_config(extra.replace('channel = "down"', 'channel = "local"'))
     daemon.start()
-    wait_until(lambda: len(daemon.delivered()) == 3)
+    wait_until(lambda: len(daemon.delivered("*.ndjson")) == 3)
 
 
 def test_replay_with_nothing_dead(make_daemon) -> None:
