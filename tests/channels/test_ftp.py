@@ -15,10 +15,10 @@ import msgspec
 import pytest
 import trustme
 
-from firehosed.channels.base import Batch
 from firehosed.channels.ftp import FtpChannel, FtpConfig, FtpesConfig
 from firehosed.errors import DeliveryError
 from firehosed.units import dec_hook
+from tests.channels.batches import make_batch
 from tests.servers.ftp import (
     PASSWORD,
     READER,
@@ -37,22 +37,6 @@ from tests.servers.ftp import (
 NAME = "acme/Firehose/firehose-2024-05-01-10-00-00-000000.json"
 
 Build = Callable[..., FtpChannel]
-
-
-def make_batch(directory: Path, name: str, data: bytes) -> Batch:
-    path = directory / f"batch-{hashlib.sha256(data).hexdigest()[:12]}"
-    path.write_bytes(data)
-    return Batch(
-        id="b-1",
-        firehose="acme_files",
-        account="acme",
-        name=name,
-        path=path,
-        size=len(data),
-        records=1,
-        content_type="application/json",
-        content_encoding=None,
-    )
 
 
 def remote_files(root: Path) -> dict[str, str]:
