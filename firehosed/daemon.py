@@ -224,7 +224,14 @@ class Daemon:
         )
 
     async def _run_worker(self, worker: Worker) -> None:
-        await worker.run()
+        """Run a worker; a crash (a bug) is logged and the worker restarted, never silent."""
+        while True:
+            try:
+                await worker.run()
+                break
+            except Exception:
+                log.exception("worker.crashed", firehose=worker.name)
+                await asyncio.sleep(1.0)
         if worker.retiring and not worker.stopping:
             log.info("firehose.retired", firehose=worker.name)
             self.workers.pop(worker.name, None)

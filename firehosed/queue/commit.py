@@ -28,8 +28,6 @@ class Committer:
         self._dirty: dict[FirehoseQueue, None] = {}
         self._waiters: list[asyncio.Future[None]] = []
         self._wake = asyncio.Event()
-        self._idle = asyncio.Event()
-        self._idle.set()
 
     def mark(self, queue: FirehoseQueue) -> None:
         """Note that `queue` has pending bytes (call after `queue.append`)."""
@@ -37,11 +35,16 @@ class Committer:
 
     async def commit(self) -> None:
         """Wait until everything appended so far is durable (per `durability`)."""
-        self._wake.set()
         if self.durability == "memory":
+            self._wake.set()
             return
+        await self.flush()
+
+    async def flush(self) -> None:
+        """Wait until everything appended so far is written (and synced, per durability)."""
         waiter = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
+        self._wake.set()
         await waiter
 
     async def run(self) -> None:
@@ -53,15 +56,7 @@ class Committer:
                 self._release(self._waiters, None)
                 self._waiters = []
                 continue
-            self._idle.clear()
             await self._round()
-            self._idle.set()
-
-    async def flush(self) -> None:
-        """Wait for everything pending to be written (used at shutdown)."""
-        while self._dirty or not self._idle.is_set():
-            self._wake.set()
-            await asyncio.sleep(0.001)
 
     async def _round(self) -> None:
         work = [(q, q.take_pending()) for q in self._dirty]
