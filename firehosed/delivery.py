@@ -28,6 +28,7 @@ from firehosed import formats, metrics
 from firehosed.alerts import Alerts, Incident
 from firehosed.channels.base import Batch, Channel
 from firehosed.errors import DeliveryError, DestinationGone
+from firehosed.faults import crash_point
 from firehosed.firehose import Firehose
 from firehosed.queue.store import Manifest
 
@@ -163,6 +164,7 @@ class Worker:
             keys=[(r.id, r.session) for r in records] if stream else [],
         )
         freed = await asyncio.to_thread(queue.persist_batch, manifest, data)
+        crash_point("batch.after_cut")
         queue.add_batch(manifest, freed, frame_bytes)
         log.info(
             "batch.cut",
@@ -228,6 +230,7 @@ class Worker:
         )
 
     async def _delivered(self, manifest: Manifest) -> None:
+        crash_point("batch.after_put")
         queue = self.firehose.queue
         await asyncio.to_thread(queue.remove_batch, manifest)
         queue.drop_batch(manifest)

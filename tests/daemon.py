@@ -79,15 +79,15 @@ class Daemon:
         text = base.format(port=self.port, dir=self.root, token=TOKEN) + extra_config
         self.config_path.write_text(text)
 
-    def start(self, *, wait: bool = True) -> Daemon:
-        """Start the process and wait until /readyz answers 200."""
+    def start(self, *, wait: bool = True, env: dict[str, str] | None = None) -> Daemon:
+        """Start the process (extra `env` vars) and wait until /readyz answers 200."""
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "firehosed", "run", "-c", str(self.config_path)],
             cwd=self.root,
             stdout=log,
             stderr=log,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
         )
         log.close()
         if wait:

@@ -15,6 +15,7 @@ import msgspec
 
 from firehosed.channels.base import Batch, Channel
 from firehosed.errors import DeliveryError
+from firehosed.faults import crash_point
 
 
 class DirectoryConfig(
@@ -45,6 +46,8 @@ class DirectoryChannel(Channel):
         target.parent.mkdir(parents=True, exist_ok=True)
         part = target.with_name(f".{target.name}.part")
         with open(batch.path, "rb") as src, open(part, "wb") as dst:
+            dst.write(src.read(batch.size // 2))
+            crash_point("channel.mid_upload")
             shutil.copyfileobj(src, dst, 1 << 20)
             if self.fsync:
                 dst.flush()

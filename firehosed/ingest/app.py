@@ -13,6 +13,7 @@ from aiohttp import web
 from firehosed import metrics, replay
 from firehosed.envelope import RecordError
 from firehosed.errors import StorageError
+from firehosed.faults import crash_point
 from firehosed.ingest import auth, body
 
 if TYPE_CHECKING:
@@ -104,12 +105,14 @@ async def _accept(daemon: Daemon, account: Any, raws: list[bytes]) -> web.Respon
     if not fresh and not duplicates:
         return answer(400, {"error": "every record was rejected", **_rejections(rejected)})
     if fresh:
+        crash_point("ingest.after_append")
         try:
             await daemon.committer.commit()
         except StorageError as exc:
             for record_id in fresh:
                 account.dedupe.forget(record_id)
             return answer(503, {"error": str(exc)}, **{"Retry-After": RETRY_AFTER})
+        crash_point("ingest.after_fsync")
         metrics.signals_accepted.labels(account.name).inc(len(fresh))
     return answer(202, {"accepted": len(fresh), "duplicates": duplicates, **_rejections(rejected)})
 

@@ -28,6 +28,7 @@ import msgspec
 import structlog
 
 from firehosed import metrics
+from firehosed.faults import crash_point
 from firehosed.queue.frames import HEADER, frame, scan
 from firehosed.record import Record, decoder
 
@@ -316,6 +317,7 @@ class FirehoseQueue:
                 break
             freed += size
             path.unlink()
+            crash_point("queue.mid_segment_delete")
             self.segments.pop(0)
         return freed
 
