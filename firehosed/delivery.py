@@ -87,7 +87,11 @@ class Worker:
         queue = self.firehose.queue
         while not self.stopping:
             if self._cut_due():
-                await self.cut()
+                try:
+                    await self.cut()
+                except OSError as exc:  # disk full or failing: the records stay queued
+                    log.error("batch.cut_failed", firehose=self.name, error=str(exc))
+                    await self._sleep(1.0)
                 continue
             if queue.batches and self._may_deliver():
                 await self._deliver(queue.batches[0])

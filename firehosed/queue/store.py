@@ -28,7 +28,7 @@ import msgspec
 import structlog
 
 from firehosed import metrics
-from firehosed.faults import crash_point
+from firehosed.faults import crash_point, fail_point
 from firehosed.queue.frames import HEADER, frame, scan
 from firehosed.record import Record, decoder
 
@@ -68,6 +68,13 @@ class Pending:
 
     data: bytearray = field(default_factory=bytearray)
     records: int = 0
+
+
+def _write_all(fd: int, data: bytes | bytearray) -> None:
+    """os.write until everything is written: a nearly full disk may take part of it."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 def fsync_dir(path: Path) -> None:
@@ -111,6 +118,8 @@ class FirehoseQueue:
         self.staged_since: float | None = None
         self.batches: deque[Manifest] = deque()
         self.disk_bytes = 0
+        # Good ends of segments abandoned after a failed write or sync (bytes past are junk).
+        self.sealed: dict[int, int] = {}
         # Called on the event loop after each group commit that wrote to this queue.
         self.on_commit: Callable[[], None] | None = None
         self._fd: int | None = None
@@ -215,11 +224,12 @@ class FirehoseQueue:
         number = self.segments[-1]
         before = os.lseek(self._fd, 0, os.SEEK_END)
         try:
-            os.write(self._fd, pending.data)
+            _write_all(self._fd, pending.data)
             if sync:
+                fail_point("queue.fsync")
                 os.fdatasync(self._fd)
         except OSError:
-            self._abandon_segment(before)
+            self._abandon_segment(number, before)
             raise
         end = before + len(pending.data)
         if end >= self.segment_size:
@@ -231,21 +241,32 @@ class FirehoseQueue:
         self.staged_records -= pending.records
         self.staged_bytes -= len(pending.data)
 
-    def _abandon_segment(self, size: int) -> None:
-        """After a failed write or sync, never append to that file again."""
+    def _abandon_segment(self, number: int, size: int) -> None:
+        """After a failed write or sync, cut the segment back and move to a new one.
+
+        After a failed fsync the page cache can no longer be trusted for that file, so
+        nothing is appended to it again; reads stop at `size` (the last good end).
+        """
         assert self._fd is not None
+        self.sealed[number] = size
         try:
             os.ftruncate(self._fd, size)
         except OSError:
             log.exception("queue.truncate_failed", firehose=self.firehose)
-        self._open_segment(self.segments[-1] + 1)
+        try:
+            self._open_segment(number + 1)
+        except OSError:  # no room even for a new file: keep the truncated one
+            log.exception("queue.rotate_failed", firehose=self.firehose)
+            self.sealed.pop(number)
 
     def _open_segment(self, number: int) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
+        """Make segment `number` the one appended to (the old fd closes only on success)."""
         path = self.segments_dir / f"{number}.seg"
         created = not path.exists()
-        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        if self._fd is not None:
+            os.close(self._fd)
+        self._fd = fd
         if created:
             if self.sync:
                 fsync_dir(self.segments_dir)
@@ -266,7 +287,8 @@ class FirehoseQueue:
             if number < position[0] or (number, 0) > end:
                 continue
             start = position[1] if number == position[0] else 0
-            data = self._read_segment(number, start, end[1] if number == end[0] else None)
+            stop = end[1] if number == end[0] else self.sealed.get(number)
+            data = self._read_segment(number, start, stop)
             for span in scan(data):
                 if span.payload is None:
                     continue
