@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import signal
-import threading
 import time
 from collections import Counter
 
 from tests.daemon import Daemon, signal_record, wait_until
+from tests.load import Load
 
 NDJSON_FIREHOSE = """
 [firehoses.files]
@@ -16,48 +16,6 @@ channel = "local"
 format = "ndjson"
 minutes_between_files = 0.01
 """
-
-
-class Load:
-    """Threads posting small batches of unique ids; remembers which ids got a 202."""
-
-    def __init__(self, daemon: Daemon, threads: int = 4, per_request: int = 5) -> None:
-        self.daemon = daemon
-        self.per_request = per_request
-        self.acked: set[str] = set()
-        self.next_id = 0
-        self.lock = threading.Lock()
-        self.running = True
-        self.threads = [threading.Thread(target=self._post) for _ in range(threads)]
-
-    def _ids(self) -> list[int]:
-        with self.lock:
-            start = self.next_id
-            self.next_id += self.per_request
-        return list(range(start, start + self.per_request))
-
-    def _post(self) -> None:
-        while self.running:
-            ids = self._ids()
-            body = [signal_record(n, session=f"s{n % 7}") for n in ids]
-            try:
-                response = self.daemon.post(body)
-            except Exception:  # connection refused or reset while the daemon is down
-                time.sleep(0.01)
-                continue
-            if response.status_code == 202:
-                with self.lock:
-                    self.acked.update(f"{n:024x}" for n in ids)
-
-    def __enter__(self) -> Load:
-        for thread in self.threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.running = False
-        for thread in self.threads:
-            thread.join(30)
 
 
 def delivered_ids(daemon: Daemon) -> Counter[str]:
@@ -69,7 +27,7 @@ def test_kill_9_under_load_loses_nothing(make_daemon) -> None:
     with Load(daemon) as load:
         for kill in range(4):
             target = len(load.acked) + 150  # load flows again after every restart
-            wait_until(lambda: len(load.acked) >= target, timeout=30)
+            wait_until(lambda target=target: len(load.acked) >= target, timeout=30)
             if kill < 3:
                 daemon.kill()
                 daemon.start()
