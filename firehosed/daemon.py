@@ -232,7 +232,7 @@ class Daemon:
             except Exception:
                 log.exception("worker.crashed", firehose=worker.name)
                 await asyncio.sleep(1.0)
-        if worker.retiring and not worker.stopping:
+        if worker.retiring and not worker.draining and not worker.stopping:
             log.info("firehose.retired", firehose=worker.name)
             self.workers.pop(worker.name, None)
             firehose = self.firehoses.pop(worker.name, None)
@@ -282,12 +282,11 @@ class Daemon:
         self.notifier.stopping()
         log.info("daemon.draining", timeout=self.config.server.drain_timeout)
         await self.committer.flush()
-        drains = [asyncio.ensure_future(w.drain()) for w in self.workers.values()]
-        if drains:
-            _, pending = await asyncio.wait(drains, timeout=self.config.server.drain_timeout)
-            for task in pending:
-                task.cancel()
-            await asyncio.gather(*drains, return_exceptions=True)
+        for worker in self.workers.values():
+            worker.drain()
+        running = [t for n, t in self._tasks.items() if n.startswith("worker:")]
+        if running:
+            await asyncio.wait(running, timeout=self.config.server.drain_timeout)
 
     async def stop(self) -> None:
         """Stop workers and the listener, close channels and queues; log one summary line."""

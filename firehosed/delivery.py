@@ -67,6 +67,7 @@ class Worker:
         # Where dead-lettered batches are also copied (`dead_letter` key), if anywhere.
         self.dead_channel: Channel | None = None
         self.stopping = False
+        self.draining = False
         self.retiring = False
         self.gone: str | None = None
         self.last_delivery: Outcome | None = None
@@ -83,7 +84,11 @@ class Worker:
     # -- the loop -------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Cut and deliver until `stop()`; a retiring worker ends once its queue is empty."""
+        """Cut and deliver until `stop()`, or until a drain or retirement is finished.
+
+        This loop is the only place that cuts and delivers, so one batch is never in
+        flight twice.
+        """
         queue = self.firehose.queue
         while not self.stopping:
             if self._cut_due():
@@ -96,9 +101,18 @@ class Worker:
             if queue.batches and self._may_deliver():
                 await self._deliver(queue.batches[0])
                 continue
-            if self.retiring and not queue.batches and queue.staged_records == 0:
+            if self._finished():
                 return
             await self._sleep(self._next_cut_in())
+
+    def _finished(self) -> bool:
+        """Draining: nothing left that can be delivered now. Retiring: nothing left at all."""
+        queue = self.firehose.queue
+        if queue.committed > queue.state.cursor:
+            return False
+        if self.draining:
+            return not queue.batches or not self._may_deliver()
+        return self.retiring and not queue.batches
 
     def _may_deliver(self) -> bool:
         return not self.firehose.config.paused and self.gone is None
@@ -107,7 +121,7 @@ class Worker:
         queue = self.firehose.queue
         if queue.committed <= queue.state.cursor:
             return False
-        if self.channel.stream or self.stopping or self.retiring:
+        if self.channel.stream or self.draining or self.retiring:
             return not queue.batches or not self._may_deliver()
         due_in = self._next_cut_in()
         return (
@@ -367,15 +381,10 @@ class Worker:
 
     # -- drain and status -------------------------------------------------------------
 
-    async def drain(self) -> None:
-        """Cut everything staged and deliver what can be delivered (the caller times it)."""
-        self.retiring = True
+    def drain(self) -> None:
+        """Ask the loop to cut everything staged, deliver what it can, then end."""
+        self.draining = True
         self.wake.set()
-        while self.firehose.queue.committed > self.firehose.queue.state.cursor:
-            if await self.cut() is None:
-                break
-        while self.firehose.queue.batches and self._may_deliver() and not self.stopping:
-            await self._deliver(self.firehose.queue.batches[0])
 
     def status(self) -> dict[str, Any]:
         """This firehose's figures for `/v1/status`."""
