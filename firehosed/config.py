@@ -198,11 +198,17 @@ def parse(text: str, path: str = "config.toml") -> Config:
         raise ConfigError([f"{path}:{line.group(1) if line else 1}: syntax: {exc}"]) from exc
     report = _Report(path, text)
     decoded = _decode(raw, report)
-    if report.problems:
-        raise ConfigError(report.problems)
+    # Keep checking what did decode (a section that failed counts as its defaults, an
+    # entry that failed is left out but its name still exists), so one pass reports
+    # every kind of problem.
+    names = {table: set(decoded[table]) for table in _TABLES}
+    for section, struct in _SECTIONS.items():
+        decoded[section] = decoded[section] or struct()
+    for table in _TABLES:
+        decoded[table] = {k: v for k, v in decoded[table].items() if v is not None}
     config = Config(path=path, **decoded)
     _resolve_secrets(config, report)
-    _validate(config, report)
+    _validate(config, report, names)
     if report.problems:
         raise ConfigError(report.problems)
     return config
@@ -340,7 +346,7 @@ def _resolve_one(table: msgspec.Struct, name: str, key: tuple[str, ...], report:
         setattr(table, target, secret)
 
 
-def _validate(config: Config, report: _Report) -> None:
+def _validate(config: Config, report: _Report, names: dict[str, set[str]]) -> None:
     _validate_server(config, report)
     _validate_accounts(config, report)
     for name, mapping in config.mappings.items():
@@ -353,10 +359,10 @@ def _validate(config: Config, report: _Report) -> None:
         # A channel config may check its own cross-key rules: `problems()` yields (key, message).
         for key, message in getattr(channel, "problems", tuple)():
             report.add(("channels", name, key), message)
-    if config.fallback.channel is not None and config.fallback.channel not in config.channels:
+    if config.fallback.channel is not None and config.fallback.channel not in names["channels"]:
         report.add(("fallback", "channel"), f"no channel named {config.fallback.channel!r}")
     for name, firehose in config.firehoses.items():
-        _validate_firehose(config, ("firehoses", name), firehose, report)
+        _validate_firehose(names, ("firehoses", name), firehose, report)
 
 
 def _validate_accounts(config: Config, report: _Report) -> None:
@@ -384,13 +390,13 @@ def _validate_server(config: Config, report: _Report) -> None:
 
 
 def _validate_firehose(
-    config: Config, key: tuple[str, ...], firehose: FirehoseConfig, report: _Report
+    names: dict[str, set[str]], key: tuple[str, ...], firehose: FirehoseConfig, report: _Report
 ) -> None:
-    refs: Iterable[tuple[str, str | None, dict[str, Any]]] = (
-        ("account", firehose.account, config.accounts),
-        ("channel", firehose.channel, config.channels),
-        ("mapping", firehose.mapping, config.mappings),
-        ("dead_letter", firehose.dead_letter, config.channels),
+    refs: Iterable[tuple[str, str | None, set[str]]] = (
+        ("account", firehose.account, names["accounts"]),
+        ("channel", firehose.channel, names["channels"]),
+        ("mapping", firehose.mapping, names["mappings"]),
+        ("dead_letter", firehose.dead_letter, names["channels"]),
     )
     for field, ref, table in refs:
         if ref is not None and ref not in table:

@@ -107,7 +107,10 @@ class Daemon:
             raise FirehosedError(f"{self.storage} is in use by another firehosed process") from None
 
     async def _listen(self) -> None:
-        self._runner = web.AppRunner(build_app(self), access_log=None, handle_signals=False)
+        # auto_decompress off: the receiver inflates gzip itself, capped at max_body.
+        self._runner = web.AppRunner(
+            build_app(self), access_log=None, handle_signals=False, auto_decompress=False
+        )
         await self._runner.setup()
         listen = self.config.server.listen
         site: web.BaseSite

@@ -56,7 +56,8 @@ async def _errors(request: web.Request, handler: Any) -> web.StreamResponse:
         response: web.StreamResponse = await handler(request)
         return response
     except web.HTTPException as exc:
-        return answer(exc.status, {"error": exc.reason})
+        allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else {}
+        return answer(exc.status, {"error": exc.reason}, **allow)
     except Exception:
         log.exception("http.unhandled_error", path=request.path)
         return answer(500, {"error": "internal error"})

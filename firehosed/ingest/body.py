@@ -65,17 +65,24 @@ async def read(request: web.Request, max_body: int) -> bytes:
 
 
 def gunzip(data: bytes, max_body: int) -> bytes:
-    """Inflate at most `max_body` bytes: a gzip bomb stops there (413)."""
-    inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
-    try:
-        out = inflater.decompress(data, max_body + 1)
-    except zlib.error as exc:
-        raise BodyError(400, f"corrupt gzip body: {exc}") from None
-    if len(out) > max_body:
-        raise BodyError(413, f"body inflates past max_body ({max_body} bytes)")
-    if not inflater.eof:
-        raise BodyError(400, "corrupt gzip body: truncated")
-    return out
+    """Inflate at most `max_body` bytes: a gzip bomb stops there (413).
+
+    A body may be several gzip members one after another (`cat a.gz b.gz`, pigz).
+    """
+    out = bytearray()
+    while True:
+        inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        try:
+            out += inflater.decompress(data, max_body + 1 - len(out))
+        except zlib.error as exc:
+            raise BodyError(400, f"corrupt gzip body: {exc}") from None
+        if len(out) > max_body:
+            raise BodyError(413, f"body inflates past max_body ({max_body} bytes)")
+        if not inflater.eof:
+            raise BodyError(400, "corrupt gzip body: truncated")
+        data = inflater.unused_data
+        if not data.strip(b"\0"):  # trailing zero padding is allowed by gzip readers
+            return bytes(out)
 
 
 def split(body: bytes, kind: str) -> list[bytes]:

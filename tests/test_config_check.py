@@ -1,0 +1,511 @@
+"""`firehosed check`: exit 0 with a summary, or exit 2 with one `FILE:LINE: key: message`
+per problem; `firehosed run` refuses the same files, and SIGHUP keeps the old config."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from tests.daemon import BASE_CONFIG, signal_record, wait_until
+
+REPO = Path(__file__).resolve().parent.parent
+UNSET = "FIREHOSED_TEST_SURELY_UNSET"
+
+VALID = """\
+[server]
+listen = "127.0.0.1:8080"
+max_body = "1MiB"
+drain_timeout = "5s"
+
+[catch_up]
+signals_per_session = 10
+
+[accounts.acme]
+tokens = ["t"]
+
+[channels.local]
+type = "directory"
+path = "./export"
+
+[mappings.cols]
+type = "type"
+email = "person.email"
+
+[firehoses.f]
+account = "acme"
+channel = "local"
+format = "json"
+minutes_between_files = 1
+"""
+
+SHIPPED_STYLE = """\
+# Every section of DESIGN.md §4, with the channel types this build registers.
+[server]
+listen = "127.0.0.1:8080"        # "host:port" or "unix:/run/firehosed/http.sock"
+max_body = "10MiB"
+drain_timeout = "30s"
+
+[storage]
+dir = "./var"
+durability = "fsync"
+max_disk = "10GiB"
+
+[catch_up]
+signals_per_session = 30
+session_ttl = "24h"
+max_memory = "512MiB"
+
+[alerts]
+smtp = "localhost:25"
+from = "firehosed@localhost"
+starttls = false
+every = "15m"
+username = "alerts"
+password_file = "{password_file}"
+
+[fallback]
+channel = "local"
+
+[accounts.acme]
+tokens_env = "FIREHOSED_TEST_TOKENS"
+firehose_enabled = true
+dedupe_window = "10m"
+dedupe_max = 1_000_000
+[accounts.acme.fields]
+type = "type"
+id = "signal_id.$oid"
+session = "did"
+person = "pid"
+time = "evdt.$date"
+
+[accounts.beta]
+tokens = ["beta-1", "beta-2"]
+
+[channels.local]
+type = "directory"
+path = "./var/export"
+
+[channels.archive]
+type = "directory"
+path = "/srv/archive"
+fsync = false
+
+[mappings.faststats]
+tms_type = "type"
+email = "person.email"
+product = "cart.p.0.prid"
+
+[firehoses.acme_files]
+account = "acme"
+channel = "archive"
+format = "csv"
+mapping = "faststats"
+compression = "none"
+minutes_between_files = 5
+max_file = "64MiB"
+filename_pattern = "firehose-%Y-%m-%d-%H-%M-%S-%f"
+types = []
+include_anonymous = true
+catch_up = true
+send_person_identified = false
+paused = false
+error_alert_email = "ops@acme.example"
+alert_after = "5m"
+retry_for = "24h"
+
+[firehoses.acme_purchases]
+account = "acme"
+channel = "local"
+format = "json"
+mapping = "faststats"
+compression = "gzip"
+minutes_between_files = 0.5
+types = ["t", "b"]
+include_anonymous = false
+"""
+
+
+def check(path: Path, *, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """`python -m firehosed check -c path`."""
+    return subprocess.run(
+        [sys.executable, "-m", "firehosed", "check", "-c", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=path.parent,
+        env={k: v for k, v in {**os.environ, **(env or {})}.items() if k != UNSET},
+        check=False,
+    )
+
+
+def line_of(text: str, needle: str) -> int:
+    """The 1-based number of the first line of `text` containing `needle`."""
+    for number, line in enumerate(text.splitlines(), start=1):
+        if needle in line:
+            return number
+    raise AssertionError(f"{needle!r} not in the config")
+
+
+def expected_line(path: Path, text: str, needle: str, key: str, message: str) -> re.Pattern[str]:
+    """The problem line `PATH:LINE: key: ...message...`, LINE being where `needle` is."""
+    prefix = f"{path}:{line_of(text, needle)}: {key}: "
+    return re.compile(re.escape(prefix) + r".*" + re.escape(message) + r".*")
+
+
+def assert_problems(
+    result: subprocess.CompletedProcess[str], path: Path, *wanted: re.Pattern[str]
+) -> list[str]:
+    """Exit 2, every stderr line a `PATH:LINE: ` problem, each wanted one among them."""
+    assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
+    assert "ok" not in result.stdout
+    lines = result.stderr.splitlines()
+    assert lines, "no problem printed"
+    for line in lines:
+        assert re.match(re.escape(str(path)) + r":\d+: \S", line), line
+    for pattern in wanted:
+        assert any(pattern.fullmatch(line) for line in lines), (pattern.pattern, lines)
+    return lines
+
+
+def write(tmp_path: Path, text: str, name: str = "config.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+# -- valid files -----------------------------------------------------------------------
+
+
+def test_the_shipped_config_passes() -> None:
+    result = check(REPO / "config.toml")
+    assert result.returncode == 0, result.stderr
+    assert re.fullmatch(
+        r".*config\.toml: ok \(\d+ accounts?, \d+ channels?, \d+ firehoses?\)\n", result.stdout
+    ), result.stdout
+
+
+def test_a_shipped_style_config_passes_with_a_summary(tmp_path: Path) -> None:
+    secret = write(tmp_path, "smtp-password\n", "smtp_password")
+    path = write(tmp_path, SHIPPED_STYLE.format(password_file=secret))
+    result = check(path, env={"FIREHOSED_TEST_TOKENS": "tok-1,tok-2"})
+    assert result.returncode == 0, result.stderr
+    # acme's two firehoses plus beta's fallback
+    assert result.stdout == f"{path}: ok (2 accounts, 2 channels, 3 firehoses)\n"
+    assert result.stderr == ""
+
+
+def test_the_minimal_base_config_passes(tmp_path: Path) -> None:
+    result = check(write(tmp_path, VALID))
+    assert result.returncode == 0, result.stderr
+
+
+# -- one problem each: the right line, key and message --------------------------------
+
+CASES: dict[str, tuple[str, str, str, str]] = {
+    # name: (edit of VALID as "old|new", needle marking the line, key, message fragment)
+    "unknown key": (
+        'max_body = "1MiB"|max_body = "1MiB"\nmax_bodyy = "2MiB"',
+        "max_bodyy",
+        "server.max_bodyy",
+        "unknown key",
+    ),
+    "unknown key in a firehose": (
+        "minutes_between_files = 1|minutes_between_file = 1",
+        "minutes_between_file",
+        "firehoses.f.minutes_between_file",
+        "unknown key",
+    ),
+    "unknown key in a channel": (
+        'path = "./export"|path = "./export"\nfsynk = true',
+        "fsynk",
+        "channels.local.fsynk",
+        "unknown key",
+    ),
+    "unknown section": (
+        "[catch_up]|[catchup]",
+        "[catchup]",
+        "catchup",
+        "unknown section",
+    ),
+    "wrong type": (
+        'signals_per_session = 10|signals_per_session = "many"',
+        "signals_per_session",
+        "catch_up.signals_per_session",
+        "Expected `int`, got `str`",
+    ),
+    "wrong type in a firehose": (
+        'format = "json"|format = "json"\npaused = "yes"',
+        "paused",
+        "firehoses.f.paused",
+        "Expected `bool`, got `str`",
+    ),
+    "tokens not a list": (
+        'tokens = ["t"]|tokens = "t"',
+        "tokens",
+        "accounts.acme.tokens",
+        "Expected `array`, got `str`",
+    ),
+    "bad size": (
+        'max_body = "1MiB"|max_body = "10 parsecs"',
+        "max_body",
+        "server.max_body",
+        "invalid size '10 parsecs'",
+    ),
+    "bad duration": (
+        'drain_timeout = "5s"|drain_timeout = "soon"',
+        "drain_timeout",
+        "server.drain_timeout",
+        "invalid duration 'soon'",
+    ),
+    "unknown format": (
+        'format = "json"|format = "xml"',
+        "format",
+        "firehoses.f.format",
+        "xml",
+    ),
+    "missing channel": (
+        'channel = "local"|channel = "nowhere"',
+        'channel = "nowhere"',
+        "firehoses.f.channel",
+        "no channel named 'nowhere'",
+    ),
+    "missing account": (
+        'account = "acme"|account = "nobody"',
+        'account = "nobody"',
+        "firehoses.f.account",
+        "no account named 'nobody'",
+    ),
+    "missing mapping": (
+        'format = "json"|format = "json"\nmapping = "nomap"',
+        'mapping = "nomap"',
+        "firehoses.f.mapping",
+        "no mapping named 'nomap'",
+    ),
+    "csv without mapping": (
+        'format = "json"|format = "csv"',
+        'format = "csv"',
+        "firehoses.f.format",
+        "csv needs a mapping",
+    ),
+    "missing required key": (
+        'channel = "local"\nformat|format',
+        "[firehoses.f]",
+        "firehoses.f",
+        "missing required key 'channel'",
+    ),
+    "unknown channel type": (
+        'type = "directory"|type = "gopher"',
+        'type = "gopher"',
+        "channels.local.type",
+        "got 'gopher'",
+    ),
+    "fallback naming a missing channel": (
+        '[catch_up]|[fallback]\nchannel = "gone"\n\n[catch_up]',
+        'channel = "gone"',
+        "fallback.channel",
+        "no channel named 'gone'",
+    ),
+    "bad listen": (
+        'listen = "127.0.0.1:8080"|listen = "nowhere"',
+        "listen",
+        "server.listen",
+        "nowhere",
+    ),
+    "tokens_env unset": (
+        f'tokens = ["t"]|tokens_env = "{UNSET}"',
+        "tokens_env",
+        "accounts.acme.tokens_env",
+        f"environment variable {UNSET} is not set",
+    ),
+    "password_env unset": (
+        f'[catch_up]|[alerts]\npassword_env = "{UNSET}"\n\n[catch_up]',
+        "password_env",
+        "alerts.password_env",
+        f"environment variable {UNSET} is not set",
+    ),
+    "tokens_file unreadable": (
+        'tokens = ["t"]|tokens_file = "/nonexistent/firehosed-tokens"',
+        "tokens_file",
+        "accounts.acme.tokens_file",
+        "cannot read /nonexistent/firehosed-tokens",
+    ),
+}
+
+
+def edited(edit: str) -> str:
+    old, new = edit.split("|")
+    assert old in VALID, old
+    return VALID.replace(old, new, 1)
+
+
+@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+def test_each_problem_is_reported_with_file_line_and_key(
+    tmp_path: Path, case: tuple[str, str, str, str]
+) -> None:
+    edit, needle, key, message = case
+    text = edited(edit)
+    path = write(tmp_path, text)
+    assert_problems(check(path), path, expected_line(path, text, needle, key, message))
+
+
+def test_a_toml_syntax_error_names_its_line(tmp_path: Path) -> None:
+    text = VALID.replace("[catch_up]", "[catch_up\nbroken = ")
+    path = write(tmp_path, text)
+    lines = assert_problems(check(path), path)
+    assert len(lines) == 1
+    assert re.fullmatch(re.escape(f"{path}:{line_of(text, '[catch_up')}: ") + r".*", lines[0])
+    text = VALID.replace("signals_per_session = 10", "signals_per_session = ")
+    path = write(tmp_path, text)
+    (line,) = assert_problems(check(path), path)
+    assert line.startswith(f"{path}:{line_of(text, 'signals_per_session')}: ")
+
+
+def test_a_missing_file_is_reported(tmp_path: Path) -> None:
+    path = tmp_path / "absent.toml"
+    (line,) = assert_problems(check(path), path)
+    assert "cannot read" in line
+
+
+# -- several problems ------------------------------------------------------------------
+
+SEVERAL = """\
+[server]
+listen = "127.0.0.1:8080"
+max_body = "lots"
+drain_timeout = "soon"
+colour = "blue"
+
+[catch_up]
+signals_per_session = "many"
+
+[accounts.acme]
+tokens = ["t"]
+
+[channels.local]
+type = "directory"
+path = "./export"
+
+[channels.odd]
+type = "gopher"
+
+[firehoses.f]
+account = "acme"
+channel = "local"
+format = "json"
+minutes_between_files = "often"
+"""
+
+
+def test_several_problems_are_all_printed(tmp_path: Path) -> None:
+    path = write(tmp_path, SEVERAL)
+    expected = [
+        ("lots", "server.max_body", "invalid size 'lots'"),
+        ("soon", "server.drain_timeout", "invalid duration 'soon'"),
+        ("colour", "server.colour", "unknown key"),
+        ("many", "catch_up.signals_per_session", "Expected `int`"),
+        ("gopher", "channels.odd.type", "got 'gopher'"),
+        ("often", "firehoses.f.minutes_between_files", "Expected `float`"),
+    ]
+    lines = assert_problems(
+        check(path), path, *(expected_line(path, SEVERAL, *e) for e in expected)
+    )
+    assert len(lines) == len(expected)
+
+
+MIXED = """\
+[server]
+listen = "127.0.0.1:8080"
+colour = "blue"
+
+[accounts.acme]
+tokens_env = "{unset}"
+
+[channels.local]
+type = "directory"
+path = "./export"
+
+[firehoses.f]
+account = "acme"
+channel = "nowhere"
+format = "csv"
+"""
+
+
+def test_problems_of_every_kind_are_printed_together(tmp_path: Path) -> None:
+    """A typo in one table must not hide a dangling reference or a missing secret in another:
+    a person fixes everything in one pass."""
+    text = MIXED.format(unset=UNSET)
+    path = write(tmp_path, text)
+    assert_problems(
+        check(path),
+        path,
+        expected_line(path, text, "colour", "server.colour", "unknown key"),
+        expected_line(path, text, "tokens_env", "accounts.acme.tokens_env", UNSET),
+        expected_line(path, text, "nowhere", "firehoses.f.channel", "no channel named"),
+        expected_line(path, text, 'format = "csv"', "firehoses.f.format", "csv needs a mapping"),
+    )
+
+
+# -- run and reload --------------------------------------------------------------------
+
+
+def test_run_refuses_an_invalid_config_with_the_same_lines(tmp_path: Path) -> None:
+    path = write(tmp_path, SEVERAL)
+    checked = check(path)
+    run = subprocess.run(
+        [sys.executable, "-m", "firehosed", "run", "-c", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=tmp_path,
+        check=False,
+    )
+    assert run.returncode == 2, run.stderr
+    assert run.stderr.splitlines() == checked.stderr.splitlines()
+    assert not (tmp_path / "var").exists()  # refused before touching storage
+
+
+def test_sighup_with_a_broken_config_keeps_the_old_one_and_logs_each_problem(
+    make_daemon,
+) -> None:
+    firehose = textwrap.dedent(
+        """
+        [firehoses.files]
+        account = "acme"
+        channel = "local"
+        format = "ndjson"
+        minutes_between_files = 0.01
+        """
+    )
+    daemon = make_daemon(firehose).start()
+    broken_base = BASE_CONFIG.replace('drain_timeout = "10s"', 'drain_timeout = "soon"')
+    broken = firehose.replace('channel = "local"', 'channel = "local"\ncolour = "red"')
+    daemon.write_config(broken, base=broken_base)
+    text = daemon.config_path.read_text()
+    daemon.signal(signal.SIGHUP)
+    wait_until(lambda: daemon.events("config.reload_rejected"))
+    problems = [e["problem"] for e in daemon.events("config.invalid")]
+    path = daemon.config_path
+    for pattern in (
+        expected_line(path, text, "soon", "server.drain_timeout", "invalid duration 'soon'"),
+        expected_line(path, text, "colour", "firehoses.files.colour", "unknown key"),
+    ):
+        assert any(pattern.fullmatch(p) for p in problems), (pattern.pattern, problems)
+    assert len(problems) == 2
+    # the old config still serves: accepted and delivered
+    assert daemon.get("/readyz").status_code == 200
+    assert daemon.post([signal_record(1)]).status_code == 202
+    wait_until(lambda: len(daemon.delivered()) == 1)
+    assert not daemon.events("config.reloaded")
+    # and a fixed file is taken by the next SIGHUP
+    daemon.write_config(firehose)
+    daemon.signal(signal.SIGHUP)
+    wait_until(lambda: daemon.events("config.reloaded"))
+    assert daemon.stop() == 0
