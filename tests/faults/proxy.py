@@ -1,4 +1,7 @@
-"""A fault-injecting TCP proxy on 127.0.0.1, for what no real destination does on cue.
+"""The fault suite's rig: a fault-injecting TCP proxy, a watch on the daemon's process,
+and the figures report.
+
+`FaultProxy` is for what no real destination does on cue.
 
 The daemon is pointed at the proxy's port; the proxy forwards every byte to the real
 server (`upstream`) and, switched at run time from the test, misbehaves like a network
@@ -10,23 +13,30 @@ or a server in trouble:
   no other socket can take it meanwhile);
 - `slow(rate)`: forward at most `rate` bytes per second in each direction (all
   connections together share a direction's budget, like one thin link);
-- `reset(after, direction, probability)`: a connection picked with `probability` is
-  reset (RST, via SO_LINGER 0) once `after` bytes went through it in `direction`:
-  "up" tears a request mid-way, "down" loses an answer the server already sent;
+- `reset(after, direction, probability)`: once `after` bytes went through a connection
+  in `direction`, each further chunk that way is, with `probability`, not forwarded
+  and the connection is reset instead (RST, via SO_LINGER 0): "up" tears a request
+  mid-way, "down" loses an answer the server already sent;
 - `hang()`: accept and hold every byte without forwarding or answering.
 
 It counts connections accepted, refused and reset, and bytes forwarded each way.
+
+`ProcessWatch` samples a process's resident memory and open file descriptors from
+/proc while a test runs and keeps the peaks. `report()` prints a figure (shown by
+`pytest -s`) and appends it to the file named by `FIREHOSED_FAULTS_REPORT`, if set.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import random
 import socket
 import struct
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 Mode = Literal["pass", "down", "slow", "reset", "hang"]
@@ -41,7 +51,6 @@ class _Link:
 
     client: asyncio.StreamWriter
     upstream: asyncio.StreamWriter | None = None
-    doomed: bool = False  # picked to be reset by the current `reset` mode
     forwarded: dict[str, int] = field(default_factory=lambda: {"up": 0, "down": 0})
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
@@ -121,10 +130,8 @@ class FaultProxy:
     async def reset(
         self, after: int, *, direction: Direction = "up", probability: float = 1.0
     ) -> None:
-        """Reset connections (each picked with `probability`) after `after` bytes `direction`."""
+        """Reset connections past `after` bytes `direction`, at each chunk with `probability`."""
         self.rule = _ResetRule(after, direction, probability)
-        for link in self._links:
-            link.doomed = self._random.random() < probability
         await self._switch("reset")
 
     async def hang(self) -> None:
@@ -146,7 +153,7 @@ class FaultProxy:
             _abort(writer)
             return
         self.connections += 1
-        link = _Link(client=writer, doomed=self._random.random() < self.rule.probability)
+        link = _Link(client=writer)
         self._links.add(link)
         try:
             up_reader, link.upstream = await asyncio.open_connection(*self.upstream)
@@ -202,9 +209,9 @@ class FaultProxy:
         rule = self.rule
         return (
             self.mode == "reset"
-            and link.doomed
             and direction == rule.direction
             and link.forwarded[direction] + size > rule.after
+            and self._random.random() < rule.probability
         )
 
     def _room(self, link: _Link) -> int:
@@ -259,3 +266,69 @@ def _abort(writer: asyncio.StreamWriter) -> None:
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     writer.transport.abort()
+
+
+# -- the process under test ---------------------------------------------------------------
+
+
+@dataclass
+class ProcessWatch:
+    """Samples `pid`'s VmRSS and open fds every `interval` seconds; keeps the peaks."""
+
+    pid: int
+    interval: float = 0.1
+    peak_rss_kib: int = 0
+    peak_fds: int = 0
+    samples: int = 0
+    _task: asyncio.Task[None] | None = None
+
+    def sample(self) -> tuple[int, int]:
+        """One reading now: (VmRSS in KiB, open fds); the peaks are updated."""
+        rss = 0
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                rss = int(line.split()[1])
+        fds = len(os.listdir(f"/proc/{self.pid}/fd"))
+        self.peak_rss_kib = max(self.peak_rss_kib, rss)
+        self.peak_fds = max(self.peak_fds, fds)
+        self.samples += 1
+        return rss, fds
+
+    @property
+    def peak_rss_mib(self) -> float:
+        return self.peak_rss_kib / 1024
+
+    async def __aenter__(self) -> ProcessWatch:
+        self.sample()
+        self._task = asyncio.create_task(self._run())
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            with contextlib.suppress(OSError):  # the process may have just ended
+                self.sample()
+
+
+# -- figures ------------------------------------------------------------------------------
+
+
+def report(scenario: str, **figures: object) -> str:
+    """Print `scenario: k=v ...` and append it to $FIREHOSED_FAULTS_REPORT when set."""
+    line = f"{scenario}: " + " ".join(f"{key}={_show(value)}" for key, value in figures.items())
+    print(line)
+    target = os.environ.get("FIREHOSED_FAULTS_REPORT")
+    if target:
+        with open(target, "a", encoding="utf-8") as out:
+            out.write(line + "\n")
+    return line
+
+
+def _show(value: object) -> str:
+    return f"{value:.2f}" if isinstance(value, float) else str(value)
