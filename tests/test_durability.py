@@ -95,3 +95,20 @@ def test_sighup_with_broken_config_keeps_running(make_daemon) -> None:
     wait_until(lambda: daemon.events("config.reload_rejected"))
     assert daemon.post([signal_record(1)]).status_code == 202
     wait_until(lambda: len(delivered_ids(daemon)) == 1)
+
+
+def test_sighup_removing_a_firehose_delivers_its_backlog_first(make_daemon) -> None:
+    slow = NDJSON_FIREHOSE.replace("minutes_between_files = 0.01", "minutes_between_files = 60")
+    daemon = make_daemon(slow).start()
+    assert daemon.post([signal_record(n) for n in range(10)]).status_code == 202
+    daemon.write_config(
+        '\n[firehoses.other]\naccount = "acme"\nchannel = "local"\nformat = "json"\n'
+        "minutes_between_files = 0.01\n"
+    )
+    daemon.signal(signal.SIGHUP)
+    wait_until(lambda: daemon.events("firehose.retired"))
+    assert len(delivered_ids(daemon)) == 10  # the removed firehose's backlog went out
+    assert daemon.post([signal_record(n) for n in range(10, 13)]).status_code == 202
+    wait_until(lambda: daemon.files("**/*.json"))
+    assert len(delivered_ids(daemon)) == 10  # new signals go only to the firehoses left
+    assert set(daemon.status()["firehoses"]) == {"other"}
