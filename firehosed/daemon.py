@@ -184,7 +184,7 @@ class Daemon:
                 self.workers[name].retiring = False
                 self.workers[name].gone = None  # a reload resumes a firehose stopped by 410
                 self.workers[name].dead_channel = dead
-                self.workers[name].wake.set()
+                self.workers[name].nudge()
             else:
                 await self._add_firehose(name, fh_config, mapping, channel)
                 self.workers[name].dead_channel = dead
@@ -246,7 +246,7 @@ class Daemon:
         """A firehose left the config: stop routing to it, deliver its backlog, then end."""
         worker = self.workers[name]
         worker.retiring = True
-        worker.wake.set()
+        worker.nudge()
         log.info("firehose.retiring", firehose=name, queued=worker.firehose.queue.queued_records())
 
     def _set_accounts(self, config: Config, firehoses: dict[str, Any]) -> None:
@@ -318,11 +318,10 @@ class Daemon:
         """Why ingest must answer 503 right now, or None."""
         if not self.accepting:
             return "not accepting signals: starting or shutting down"
-        used = self.disk_used()
-        if used > self.config.storage.max_disk:
-            return (
-                f"storage is full: {used} bytes queued, max_disk is {self.config.storage.max_disk}"
-            )
+        queued = sum(f.queue.queued_bytes() for f in self.firehoses.values())
+        limit = self.config.storage.max_disk
+        if queued > limit:
+            return f"storage is full: {queued} bytes queued, max_disk is {limit}"
         return None
 
     def disk_used(self) -> int:

@@ -63,7 +63,10 @@ class Worker:
         self.channel = channel
         self.dead_dir = dead_dir
         self.alerts = alerts
+        # `wake`: new records committed (idle waits end). `_control`: stop, drain, reload
+        # or replay (backoff waits end too: new data must not shorten a backoff).
         self.wake = asyncio.Event()
+        self._control = asyncio.Event()
         # Where dead-lettered batches are also copied (`dead_letter` key), if anywhere.
         self.dead_channel: Channel | None = None
         self.stopping = False
@@ -136,17 +139,28 @@ class Worker:
         return queue.staged_since + interval - time.time()
 
     async def _sleep(self, seconds: float | None) -> None:
-        """Wait `seconds` (None: until woken), or less if woken by a commit, reload or stop."""
+        """Wait `seconds` (None: until woken), or less if records arrive or we are nudged."""
         self.wake.clear()
         if seconds is not None and seconds <= 0:
             return
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.wake.wait(), seconds)
 
+    async def _back_off(self, seconds: float) -> None:
+        """Wait out a retry delay; only `nudge()` (stop, drain, reload, replay) cuts it short."""
+        self._control.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._control.wait(), seconds)
+
+    def nudge(self) -> None:
+        """Wake the loop, even from a backoff: its settings or its task changed."""
+        self._control.set()
+        self.wake.set()
+
     def stop(self) -> None:
         """Ask the loop to end after the current step."""
         self.stopping = True
-        self.wake.set()
+        self.nudge()
 
     # -- cutting ----------------------------------------------------------------------
 
@@ -207,7 +221,7 @@ class Worker:
             except DeliveryError as exc:
                 if await self._failed(manifest, exc):
                     return
-                await self._sleep(backoff(attempt, exc.retry_after))
+                await self._back_off(backoff(attempt, exc.retry_after))
                 attempt += 1
                 continue
             except Exception as exc:  # a channel bug must not kill the worker: retry it
@@ -218,7 +232,7 @@ class Worker:
                     manifest, DeliveryError(f"unexpected {exc.__class__.__name__}: {exc}")
                 ):
                     return
-                await self._sleep(backoff(attempt, None))
+                await self._back_off(backoff(attempt, None))
                 attempt += 1
                 continue
             await self._delivered(manifest)
@@ -352,7 +366,7 @@ class Worker:
                 "batch.replayed", firehose=self.name, batch=manifest.name, records=manifest.records
             )
             self.gone = None
-            self.wake.set()
+            self.nudge()
             yield manifest
 
     def _gone(self, exc: DestinationGone) -> None:
@@ -384,7 +398,7 @@ class Worker:
     def drain(self) -> None:
         """Ask the loop to cut everything staged, deliver what it can, then end."""
         self.draining = True
-        self.wake.set()
+        self.nudge()
 
     def status(self) -> dict[str, Any]:
         """This firehose's figures for `/v1/status`."""

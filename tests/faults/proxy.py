@@ -1,5 +1,4 @@
-"""The fault suite's rig: a fault-injecting TCP proxy, a watch on the daemon's process,
-and the figures report.
+"""The fault suite's rig: a fault-injecting TCP proxy, and a watch on the daemon's process.
 
 `FaultProxy` is for what no real destination does on cue.
 
@@ -19,25 +18,32 @@ or a server in trouble:
   mid-way, "down" loses an answer the server already sent;
 - `hang()`: accept and hold every byte without forwarding or answering.
 
-It counts connections accepted, refused and reset, and bytes forwarded each way.
+It counts connections accepted and reset, and bytes forwarded each way.
 
-`ProcessWatch` samples a process's resident memory and open file descriptors from
-/proc while a test runs and keeps the peaks. `report()` prints a figure (shown by
-`pytest -s`) and appends it to the file named by `FIREHOSED_FAULTS_REPORT`, if set.
+`proxied(receiver)` puts a proxy in front of a webhook receiver, `received(receiver)`
+counts the record ids it got, `until()` polls in the event loop. `ProcessWatch`
+samples a process's resident memory and open file descriptors from /proc while a test
+runs and keeps the peaks.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import random
 import socket
 import struct
 import time
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
+
+from tests.servers.webhook import WebhookReceiver
 
 Mode = Literal["pass", "down", "slow", "reset", "hang"]
 Direction = Literal["up", "down"]
@@ -51,8 +57,9 @@ class _Link:
 
     client: asyncio.StreamWriter
     upstream: asyncio.StreamWriter | None = None
-    forwarded: dict[str, int] = field(default_factory=lambda: {"up": 0, "down": 0})
+    forwarded: dict[Direction, int] = field(default_factory=lambda: {"up": 0, "down": 0})
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    dropped: bool = False
 
 
 @dataclass
@@ -71,14 +78,13 @@ class FaultProxy:
         self.rate = 0
         self.rule = _ResetRule(0, "up", 1.0)
         self.connections = 0  # accepted
-        self.refused = 0  # connection attempts while down (seen as RST by the client)
-        self.resets = 0  # connections the proxy reset
-        self.bytes = {"up": 0, "down": 0}
+        self.resets = 0  # connections reset by the `reset` mode
+        self.bytes: dict[Direction, int] = {"up": 0, "down": 0}
         self._random = random.Random(seed)
         self._links: set[_Link] = set()
         self._released = asyncio.Event()
         self._released.set()
-        self._paced_until = {"up": 0.0, "down": 0.0}
+        self._paced_until: dict[Direction, float] = {"up": 0.0, "down": 0.0}
         # Bound, never listening: keeps the port ours while the listener is closed.
         self._reserve = _reusable_socket()
         self._reserve.bind(("127.0.0.1", 0))
@@ -149,7 +155,6 @@ class FaultProxy:
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if self.mode == "down":  # accepted in the instant before the listener closed
-            self.refused += 1
             _abort(writer)
             return
         self.connections += 1
@@ -159,6 +164,9 @@ class FaultProxy:
             up_reader, link.upstream = await asyncio.open_connection(*self.upstream)
         except OSError:
             self._drop(link)  # upstream refused: so do we
+            return
+        if link.dropped:  # went down while connecting upstream
+            _abort(link.upstream)
             return
         link.tasks = [
             asyncio.create_task(self._pump(link, reader, link.upstream, "up")),
@@ -189,7 +197,7 @@ class FaultProxy:
                 await self._forward(link, target, direction, chunk)
             if target.can_write_eof():
                 target.write_eof()
-        except (ConnectionError, OSError):
+        except OSError:  # a side reset or closed under us
             self._drop(link)
 
     async def _forward(
@@ -228,6 +236,7 @@ class FaultProxy:
 
     def _drop(self, link: _Link) -> None:
         """Reset both sides of `link` (RST, not FIN) and stop its pumps."""
+        link.dropped = True
         for side in (link.client, link.upstream):
             if side is not None:
                 _abort(side)
@@ -266,6 +275,29 @@ def _abort(writer: asyncio.StreamWriter) -> None:
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     writer.transport.abort()
+
+
+@asynccontextmanager
+async def proxied(receiver: WebhookReceiver) -> AsyncIterator[FaultProxy]:
+    """A fault proxy in front of a running webhook `receiver`, passing traffic."""
+    host, port = receiver.url.removeprefix("http://").rsplit(":", 1)
+    async with FaultProxy(host, int(port)) as proxy:
+        yield proxy
+
+
+def received(receiver: WebhookReceiver, path: str = "/ingest") -> Counter[str]:
+    """How often the receiver got each record id (a lost answer makes a repeat)."""
+    bodies = (json.loads(d.body) for d in receiver.deliveries if d.path == path)
+    return Counter(record["signal_id"]["$oid"] for body in bodies for record in body)
+
+
+async def until(condition: Callable[[], Any], within: float = 30.0) -> Any:
+    """Poll `condition` (in the event loop) until truthy; fail after `within` seconds."""
+    deadline = time.monotonic() + within
+    while not (value := condition()):
+        assert time.monotonic() < deadline, f"condition not met within {within}s"
+        await asyncio.sleep(0.05)
+    return value
 
 
 # -- the process under test ---------------------------------------------------------------
@@ -314,21 +346,3 @@ class ProcessWatch:
             await asyncio.sleep(self.interval)
             with contextlib.suppress(OSError):  # the process may have just ended
                 self.sample()
-
-
-# -- figures ------------------------------------------------------------------------------
-
-
-def report(scenario: str, **figures: object) -> str:
-    """Print `scenario: k=v ...` and append it to $FIREHOSED_FAULTS_REPORT when set."""
-    line = f"{scenario}: " + " ".join(f"{key}={_show(value)}" for key, value in figures.items())
-    print(line)
-    target = os.environ.get("FIREHOSED_FAULTS_REPORT")
-    if target:
-        with open(target, "a", encoding="utf-8") as out:
-            out.write(line + "\n")
-    return line
-
-
-def _show(value: object) -> str:
-    return f"{value:.2f}" if isinstance(value, float) else str(value)
