@@ -35,6 +35,11 @@ class ServerConfig(_Section):
     listen: str = "127.0.0.1:8080"
     max_body: Size = Size(10 * MiB)
     drain_timeout: Duration = Duration(10.0)
+    # A connection without a complete request head this long after it opened (or after
+    # its last answer) is closed: idle keep-alive, silent and slowloris clients alike.
+    idle_timeout: Duration = Duration(60.0)
+    # A request's whole body must arrive within this, else 408 and the connection closes.
+    body_timeout: Duration = Duration(60.0)
 
 
 class StorageConfig(_Section):

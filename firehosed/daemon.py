@@ -109,7 +109,13 @@ class Daemon:
     async def _listen(self) -> None:
         # auto_decompress off: the receiver inflates gzip itself, capped at max_body.
         self._runner = web.AppRunner(
-            build_app(self), access_log=None, handle_signals=False, auto_decompress=False
+            build_app(self),
+            access_log=None,
+            handle_signals=False,
+            auto_decompress=False,
+            # aiohttp arms this timer at connection open and after each answer, and closes
+            # the connection if no complete request head arrived: it bounds slow headers too.
+            keepalive_timeout=self.config.server.idle_timeout,
         )
         await self._runner.setup()
         listen = self.config.server.listen

@@ -6,6 +6,7 @@ import logging
 import sys
 
 import structlog
+from aiohttp.http_exceptions import HttpProcessingError
 
 
 def configure(level: str = "info") -> None:
@@ -30,3 +31,16 @@ def configure(level: str = "info") -> None:
     logging.basicConfig(
         stream=sys.stderr, level=logging.WARNING, format="%(name)s %(levelname)s %(message)s"
     )
+    logging.getLogger("aiohttp.server").addFilter(_client_protocol_errors)
+
+
+def _client_protocol_errors(record: logging.LogRecord) -> bool:
+    """Drop aiohttp's traceback for a malformed request: the client's fault, not ours, a
+    log-flooding lever, and its message quotes the bad header (maybe a token)."""
+    error = record.exc_info[1] if record.exc_info else None
+    if isinstance(error, HttpProcessingError):
+        structlog.get_logger("firehosed.ingest").debug(
+            "http.bad_request", status=error.code, error=type(error).__name__
+        )
+        return False
+    return True

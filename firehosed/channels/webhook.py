@@ -84,6 +84,11 @@ class WebhookConfig(
             except ValueError as exc:
                 found.append(("secret", f"secret {number} of {len(secrets)}: {exc}"))
         found += _header_problems(self.headers)
+        has_auth = any(name.lower() == "authorization" for name in self.headers)
+        if has_auth and yarl.URL(self.url).user is not None:
+            found.append(
+                ("headers", "Authorization and credentials in the url cannot both be sent")
+            )
         if self.max_records < 1:
             found.append(("max_records", "must be at least 1"))
         if self.timeout <= 0:
@@ -116,6 +121,13 @@ def _header_problems(headers: dict[str, str]) -> list[tuple[str, str]]:
         if any(c in value for c in "\r\n\0"):
             found.append(("headers", f"the value of {name} holds a line break or NUL"))
     return found
+
+
+def redact(text: str, hidden: list[str]) -> str:
+    """`text` with every occurrence of a `hidden` value replaced."""
+    for value in sorted(hidden, key=len, reverse=True):
+        text = text.replace(value, "[redacted]")
+    return text
 
 
 def decode_secret(secret: str) -> bytes:
@@ -158,6 +170,9 @@ class WebhookChannel(Channel):
         self.where = redact_url(config.url)
         self.keys = [decode_secret(secret) for secret in (config.secret or "").split()]
         self.extra_headers = dict(config.headers)
+        # Header values and secrets, never to be quoted back from a receiver's error page.
+        self.hidden = [v for v in config.headers.values() if v] + (config.secret or "").split()
+        self.hidden += [v.split(" ", 1)[1] for v in config.headers.values() if " " in v]
         self.max_records = config.max_records
         self.max_wait = config.max_wait
         self.http = HttpClient(timeout=config.timeout, ca=config.ca)
@@ -196,7 +211,7 @@ class WebhookChannel(Channel):
         headers = self._headers(msg_id, body, encoding)
         answer = await self.http.request("POST", self.url, data=body, headers=headers)
         if not answer.ok:
-            raise status_error(answer, self.where, excerpt(answer.body))
+            raise status_error(answer, self.where, redact(excerpt(answer.body), self.hidden))
         return answer.status
 
     def _headers(self, msg_id: str, body: bytes, encoding: str | None) -> dict[str, str]:

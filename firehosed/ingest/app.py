@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from ipaddress import ip_address
 from typing import TYPE_CHECKING, Any
@@ -22,6 +23,13 @@ if TYPE_CHECKING:
 log = structlog.get_logger(__name__)
 DAEMON: web.AppKey[Daemon] = web.AppKey("daemon")
 MAX_REJECTED_LISTED = 1000
+BIG_BODY = 1 << 16  # bytes: above this, splitting into records runs in a thread
+# A body of a million tiny records must not stall the event loop: every YIELD_EVERY
+# records (a few ms of work) the handler pauses briefly. A real pause, not sleep(0): the
+# loop must block in its poll for a moment so that worker threads (the committer's
+# fsync) can take the GIL; a loop that never blocks starves them (GIL convoy).
+YIELD_EVERY = 2000
+YIELD_PAUSE = 0.001
 RETRY_AFTER = "5"
 
 
@@ -71,40 +79,71 @@ async def post_signals(request: web.Request) -> web.Response:
     if not auth.authorized(
         account.tokens if account else None, auth.bearer(request.headers.get("Authorization"))
     ):
-        return answer(401, {"error": "missing or invalid bearer token for this account"})
+        return answer(
+            401,
+            {"error": "missing or invalid bearer token for this account"},
+            **{"WWW-Authenticate": 'Bearer realm="firehosed"'},
+        )
     assert account is not None
     if refusal := daemon.refusal():
         return answer(503, {"error": refusal}, **{"Retry-After": RETRY_AFTER})
+    server = daemon.config.server
     try:
         kind = body.content_kind(request)
-        raws = body.split(await body.read(request, daemon.config.server.max_body), kind)
+        async with asyncio.timeout(server.body_timeout):
+            data = await body.read(request, server.max_body)
+        if len(data) > BIG_BODY:  # millions of tiny records take a while to split
+            raws = await asyncio.to_thread(body.split, data, kind)
+        else:
+            raws = body.split(data, kind)
     except body.BodyError as exc:
         return answer(exc.status, {"error": exc.message})
+    except TimeoutError:
+        late = f"body not received within body_timeout ({server.body_timeout:g}s)"
+        return await _answer_and_close(request, answer(408, {"error": late}))
     return await _accept(daemon, account, raws)
+
+
+async def _answer_and_close(request: web.Request, response: web.Response) -> web.Response:
+    """Send `response`, then close: the rest of a trickled body is not worth waiting for
+    (aiohttp would otherwise linger up to 10 s reading it)."""
+    response.force_close()
+    await response.prepare(request)
+    await response.write_eof()
+    if request.transport is not None:
+        request.transport.close()
+    return response
 
 
 async def _accept(daemon: Daemon, account: Any, raws: list[bytes]) -> web.Response:
     received = time.time()
     rejected: list[dict[str, Any]] = []
+    rejected_total = 0
     fresh: list[str] = []
     duplicates = 0
     for index, raw in enumerate(raws):
+        if index % YIELD_EVERY == YIELD_EVERY - 1:
+            await asyncio.sleep(YIELD_PAUSE)
         try:
             env = account.reader.read(raw, received)
         except RecordError as exc:
-            rejected.append({"index": index, "error": str(exc)})
+            rejected_total += 1
+            if len(rejected) < MAX_REJECTED_LISTED:  # keep the answer, and memory, bounded
+                rejected.append({"index": index, "error": str(exc)})
             continue
         if not env.id_assigned and account.dedupe.seen(env.id, received):
             duplicates += 1
             continue
         daemon.router.route(account.name, env, raw, received)
         fresh.append(env.id)
-    if rejected:
-        metrics.signals_rejected.labels(account.name).inc(len(rejected))
+    if rejected_total:
+        metrics.signals_rejected.labels(account.name).inc(rejected_total)
     if duplicates:
         metrics.signals_duplicate.labels(account.name).inc(duplicates)
     if not fresh and not duplicates:
-        return answer(400, {"error": "every record was rejected", **_rejections(rejected)})
+        return answer(
+            400, {"error": "every record was rejected", **_rejections(rejected, rejected_total)}
+        )
     if fresh:
         crash_point("ingest.after_append")
         try:
@@ -115,14 +154,15 @@ async def _accept(daemon: Daemon, account: Any, raws: list[bytes]) -> web.Respon
             return answer(503, {"error": str(exc)}, **{"Retry-After": RETRY_AFTER})
         crash_point("ingest.after_fsync")
         metrics.signals_accepted.labels(account.name).inc(len(fresh))
-    return answer(202, {"accepted": len(fresh), "duplicates": duplicates, **_rejections(rejected)})
+    listed = _rejections(rejected, rejected_total)
+    return answer(202, {"accepted": len(fresh), "duplicates": duplicates, **listed})
 
 
-def _rejections(rejected: list[dict[str, Any]]) -> dict[str, Any]:
-    """The `rejected` list, cut at MAX_REJECTED_LISTED with the full count beside it."""
-    if len(rejected) <= MAX_REJECTED_LISTED:
+def _rejections(rejected: list[dict[str, Any]], total: int) -> dict[str, Any]:
+    """The `rejected` list (at most MAX_REJECTED_LISTED), with the full count when cut."""
+    if total <= len(rejected):
         return {"rejected": rejected}
-    return {"rejected": rejected[:MAX_REJECTED_LISTED], "rejected_total": len(rejected)}
+    return {"rejected": rejected, "rejected_total": total}
 
 
 async def healthz(request: web.Request) -> web.Response:
