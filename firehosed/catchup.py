@@ -16,6 +16,8 @@ from firehosed.config import CatchUpConfig
 
 # Rough bookkeeping cost of one session (key, dict slot, Session, list), for max_memory.
 SESSION_OVERHEAD = 200
+# Sessions are re-ordered (moved to the end) at most every session_ttl / REFRESH.
+REFRESH = 64
 ENTRY_OVERHEAD = 40
 
 
@@ -44,6 +46,11 @@ class CatchUp:
         self.config = config
 
     def _touch(self, key: str, now: float) -> Session:
+        session = self._sessions.get(key)
+        if session is not None and now - session.seen < self.config.session_ttl / REFRESH:
+            # Moved to the end moments ago: skip the reorder (hot path). A session's TTL
+            # thereby counts from its last move, at most ttl/REFRESH early.
+            return session
         self._expire(now)
         session = self._sessions.pop(key, None)
         if session is None:

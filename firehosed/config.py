@@ -374,10 +374,15 @@ def _validate_accounts(config: Config, report: _Report) -> None:
     for name, account in config.accounts.items():
         if not account.tokens:
             report.add(("accounts", name), "no tokens: set tokens, tokens_env or tokens_file")
-        for field in msgspec.structs.fields(account.fields):
-            path = getattr(account.fields, field.name)
+        paths = {
+            f.name: getattr(account.fields, f.name) for f in msgspec.structs.fields(account.fields)
+        }
+        for field, path in paths.items():
+            key = ("accounts", name, "fields", field)
             if not path or "" in path.split("."):
-                report.add(("accounts", name, "fields", field.name), f"invalid path {path!r}")
+                report.add(key, f"invalid path {path!r}")
+            elif clash := [o for o in paths.values() if o.startswith(path + ".")]:
+                report.add(key, f"{path!r} cannot be both a value and the parent of {clash[0]!r}")
 
 
 def _validate_server(config: Config, report: _Report) -> None:

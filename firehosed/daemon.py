@@ -50,6 +50,9 @@ class IngestAccount:
         self.reader = EnvelopeReader(config.fields)
         self.dedupe = dedupe or Dedupe(config.dedupe_window, config.dedupe_max)
         self.dedupe.window, self.dedupe.limit = config.dedupe_window, config.dedupe_max
+        self.accepted = metrics.signals_accepted.labels(name)
+        self.rejected = metrics.signals_rejected.labels(name)
+        self.duplicates = metrics.signals_duplicate.labels(name)
 
 
 class Daemon:

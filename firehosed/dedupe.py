@@ -16,8 +16,10 @@ class Dedupe:
         self._seen: dict[str, float] = {}
 
     def seen(self, record_id: str, now: float) -> bool:
-        """True if `record_id` was accepted inside the window; else remember it as accepted."""
-        self._expire(now)
+        """True if `record_id` was accepted inside the window; else remember it as accepted.
+
+        Call `expire(now)` once per request first (not per record: hot path).
+        """
         if record_id in self._seen:
             return True
         self._seen[record_id] = now
@@ -29,7 +31,8 @@ class Dedupe:
         """Undo `seen` for a record whose request was not acknowledged after all."""
         self._seen.pop(record_id, None)
 
-    def _expire(self, now: float) -> None:
+    def expire(self, now: float) -> None:
+        """Forget ids accepted before the window."""
         seen = self._seen
         while seen:
             first = next(iter(seen))

@@ -174,28 +174,11 @@ class Worker:
         stream = self.channel.stream
         limit_records = (self.channel.max_records or 500) if stream else 1 << 62
         limit_bytes = STREAM_MAX_BYTES if stream else config.max_file
-        records, end, frame_bytes = await asyncio.to_thread(queue.read, limit_bytes, limit_records)
-        if not records:
+        # One thread hop for read, encode and persist: it is on a stream's latency path.
+        cut = await asyncio.to_thread(self._cut_blocking, limit_bytes, limit_records)
+        if cut is None:
             return None
-        fmt = self.channel.format or config.format
-        compression = "none" if stream else config.compression
-        data = await asyncio.to_thread(
-            formats.encode, fmt, records, self.firehose.mapping, compression
-        )
-        opened = records[0].received
-        base = datetime.fromtimestamp(opened, UTC).strftime(config.filename_pattern)
-        manifest = queue.new_manifest(
-            name=config.prefix + queue.unique_name(base) + formats.extension(fmt, compression),
-            records=len(records),
-            size=len(data),
-            opened=opened,
-            cut=time.time(),
-            end=end,
-            content_type=formats.CONTENT_TYPES[fmt],
-            content_encoding="gzip" if compression == "gzip" else None,
-            keys=[(r.id, r.session) for r in records] if stream else [],
-        )
-        freed = await asyncio.to_thread(queue.persist_batch, manifest, data)
+        manifest, freed, frame_bytes = cut
         crash_point("batch.after_cut")
         queue.add_batch(manifest, freed, frame_bytes)
         log.info(
@@ -206,6 +189,36 @@ class Worker:
             bytes=manifest.size,
         )
         return manifest
+
+    def _cut_blocking(
+        self, limit_bytes: int, limit_records: int
+    ) -> tuple[Manifest, int, int] | None:
+        """Read the next records, encode them, fix the batch on disk (worker thread)."""
+        queue, config = self.firehose.queue, self.firehose.config
+        records, end, frame_bytes = queue.read(limit_bytes, limit_records)
+        if not records:
+            return None
+        stream = self.channel.stream
+        fmt = self.channel.format or config.format
+        compression = "none" if stream else config.compression
+        data = formats.encode(fmt, records, self.firehose.mapping, compression)
+        opened = records[0].received
+        base = datetime.fromtimestamp(opened, UTC).strftime(config.filename_pattern)
+        name = queue.unique_name(base)
+        manifest = queue.new_manifest(
+            name=config.prefix + name + formats.extension(fmt, compression),
+            base=queue.state.last_name,
+            suffix=queue.state.name_suffix,
+            records=len(records),
+            size=len(data),
+            opened=opened,
+            cut=time.time(),
+            end=end,
+            content_type=formats.CONTENT_TYPES[fmt],
+            content_encoding="gzip" if compression == "gzip" else None,
+            keys=[(r.id, r.session) for r in records] if stream else [],
+        )
+        return manifest, queue.persist_batch(manifest, data), frame_bytes
 
     # -- delivering -------------------------------------------------------------------
 

@@ -9,6 +9,7 @@ ending in `$oid` or `$date` also accepts the plain value at its parent
 from __future__ import annotations
 
 import itertools
+import operator
 import os
 import time
 from collections.abc import Callable
@@ -52,8 +53,11 @@ class EnvelopeReader:
 
     def __init__(self, fields: FieldsConfig) -> None:
         self.paths = {name: getattr(fields, name).split(".") for name in _LEAF_TYPES}
-        root_type, self._accessors = _build(self.paths)
+        root_type, get = _build(self.paths)
         self._decoder: msgspec.json.Decoder[Any] = msgspec.json.Decoder(root_type)
+        self._type, self._id, self._session = get["type"], get["id"], get["session"]
+        self._person, self._time = get["person"], get["time"]
+        self._valid_types: set[str] = set()
         self._ids = _id_source()
 
     def read(self, raw: bytes, received: float) -> Envelope:
@@ -66,15 +70,17 @@ class EnvelopeReader:
             raise RecordError(f"invalid JSON: {exc}") from None
         except RecursionError:
             raise RecordError("invalid JSON: nested too deeply") from None
-        get = self._accessors
-        kind = get["type"](root)
+        kind = self._type(root)
         if kind is None:
             raise RecordError(f"missing type at {'.'.join(self.paths['type'])}")
-        _check_type(kind)
-        ident = get["id"](root)
-        session = get["session"](root)
-        person = get["person"](root)
-        moment = get["time"](root)
+        if kind not in self._valid_types:
+            _check_type(kind)
+            if len(self._valid_types) < 10_000:
+                self._valid_types.add(kind)
+        ident = self._id(root)
+        session = self._session(root)
+        person = self._person(root)
+        moment = self._time(root)
         return Envelope(
             type=kind,
             id=str(ident) if ident is not None else self._ids(),
@@ -157,23 +163,33 @@ def _field_type(child: Any, segment: str, label: str) -> Any:
 
 
 def _accessor(tree: dict[str, Any], segments: list[str]) -> _Accessor:
-    """Walk the decoded Struct along the generated attribute names for `segments`."""
-    steps: list[tuple[str, str]] = []
+    """A fast getter along the generated attribute names for `segments` (hot path).
+
+    A `None` on the way gives None; a `$oid`/`$date` path whose parent holds the plain
+    value gives that value.
+    """
+    attrs: list[str] = []
     node: Any = tree
     for segment in segments:
-        if not isinstance(node, dict) or segment not in node:
-            break
-        steps.append((segment, f"f{list(node).index(segment)}"))
+        if not isinstance(node, dict) or segment not in node:  # config rejects such paths
+            return lambda root: None
+        attrs.append(f"f{list(node).index(segment)}")
         node = node[segment]
+    if len(attrs) == 1:
+        return operator.attrgetter(attrs[0])
+    parent = operator.attrgetter(".".join(attrs[:-1]))
+    leaf = operator.attrgetter(attrs[-1])
+    wrapped = segments[-1] in _WRAPPERS
 
     def get(root: Any) -> Any:
-        value = root
-        for segment, attr in steps:
-            if value is None:
-                return None
-            if not isinstance(value, msgspec.Struct):
-                return value if segment in _WRAPPERS else None
-            value = getattr(value, attr)
-        return value
+        try:
+            value = parent(root)
+        except AttributeError:  # None part-way
+            return None
+        if value is None:
+            return None
+        if wrapped and not isinstance(value, msgspec.Struct):
+            return value
+        return leaf(value)
 
     return get

@@ -6,6 +6,7 @@ time from the live queues through `QueueCollector`, so the hot path never update
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
@@ -122,6 +123,12 @@ class QueueCollector(Collector):
             size.add_metric([q.firehose], q.bytes)
             age.add_metric([q.firehose], q.oldest_age)
         yield from (records, size, age)
+
+
+@functools.cache
+def requests_with(status: int) -> Counter:
+    """The `requests` counter child for one status (cached: labels() costs a lock)."""
+    return requests.labels(str(status))
 
 
 def render() -> bytes:

@@ -32,6 +32,7 @@ class AccountRoutes:
         self.fields = fields
         self.firehoses = list(firehoses)
         self.wants_catch_up = any(f.config.catch_up for f in self.firehoses)
+        self.wants_pi = any(f.config.send_person_identified for f in self.firehoses)
 
 
 class Router:
@@ -61,7 +62,7 @@ class Router:
             return
         if session is not None and env.person is not None:
             ring = self.catch_up.identify(account, session, person, received)
-            if ring is not None:
+            if ring or (ring is not None and routes.wants_pi):
                 self._replay(routes, ring, record)
         self._append(routes.firehoses, encoded, env.type, anonymous=False)
 
@@ -89,6 +90,8 @@ class Router:
                     firehose.queue.append(encoded)
                     self.committer.mark(firehose.queue)
                     metrics.catchup_replayed.labels(firehose.name).inc()
+        if not routes.wants_pi:
+            return
         pi = _person_identified(identifying)
         for firehose in routes.firehoses:
             if firehose.config.send_person_identified:

@@ -138,3 +138,30 @@ async def test_failed_write_answers_with_storage_error_and_rolls_back(tmp_path: 
         await committer.commit()
     assert queue.staged_records == 0
     task.cancel()
+
+
+async def test_naming_survives_a_crash_before_state_is_saved(tmp_path: Path) -> None:
+    """state.json lags the newest manifest; recovery takes cursor and names from it."""
+    queue = open_queue(tmp_path)
+    await append(queue, range(4))
+    for n in (1, 2):
+        records, end, framed = queue.read(1 << 30, 2)
+        name = queue.unique_name("x-2026")
+        manifest = queue.new_manifest(
+            name=name,
+            base=queue.state.last_name,
+            suffix=queue.state.name_suffix,
+            records=len(records),
+            size=1,
+            opened=0.0,
+            cut=0.0,
+            end=end,
+            content_type="x",
+        )
+        queue.add_batch(manifest, queue.persist_batch(manifest, b"x"), framed)
+        assert name == ("x-2026" if n == 1 else "x-2026-1")
+    assert not (queue.root / "state.json").exists()  # never saved: no batch was delivered
+    queue.close()
+    again = open_queue(tmp_path)
+    assert again.staged_records == 0 and len(again.batches) == 2
+    assert again.unique_name("x-2026") == "x-2026-2"

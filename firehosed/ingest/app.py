@@ -48,7 +48,7 @@ def build_app(daemon: Daemon) -> web.Application:
 
 def answer(status: int, payload: dict[str, Any], **headers: str) -> web.Response:
     """A JSON response, counted by status."""
-    metrics.requests.labels(str(status)).inc()
+    metrics.requests_with(status).inc()
     return web.Response(
         status=status,
         body=msgspec.json.encode(payload),
@@ -121,6 +121,7 @@ async def _accept(daemon: Daemon, account: Any, raws: list[bytes]) -> web.Respon
     rejected_total = 0
     fresh: list[str] = []
     duplicates = 0
+    account.dedupe.expire(received)
     for index, raw in enumerate(raws):
         if index % YIELD_EVERY == YIELD_EVERY - 1:
             await asyncio.sleep(YIELD_PAUSE)
@@ -137,9 +138,9 @@ async def _accept(daemon: Daemon, account: Any, raws: list[bytes]) -> web.Respon
         daemon.router.route(account.name, env, raw, received)
         fresh.append(env.id)
     if rejected_total:
-        metrics.signals_rejected.labels(account.name).inc(rejected_total)
+        account.rejected.inc(rejected_total)
     if duplicates:
-        metrics.signals_duplicate.labels(account.name).inc(duplicates)
+        account.duplicates.inc(duplicates)
     if not fresh and not duplicates:
         return answer(
             400, {"error": "every record was rejected", **_rejections(rejected, rejected_total)}
@@ -153,7 +154,7 @@ async def _accept(daemon: Daemon, account: Any, raws: list[bytes]) -> web.Respon
                 account.dedupe.forget(record_id)
             return answer(503, {"error": str(exc)}, **{"Retry-After": RETRY_AFTER})
         crash_point("ingest.after_fsync")
-        metrics.signals_accepted.labels(account.name).inc(len(fresh))
+        account.accepted.inc(len(fresh))
     listed = _rejections(rejected, rejected_total)
     return answer(202, {"accepted": len(fresh), "duplicates": duplicates, **listed})
 

@@ -6,6 +6,7 @@ carrying the HTTP status and message the client gets (DESIGN.md §5).
 
 from __future__ import annotations
 
+import asyncio
 import zlib
 
 import msgspec
@@ -51,6 +52,12 @@ async def read(request: web.Request, max_body: int) -> bytes:
         raise BodyError(
             413, f"body of {request.content_length} bytes is over max_body ({max_body})"
         )
+    if request.content_length is not None:  # the usual case: one read, no chunk loop
+        try:
+            body = await request.content.readexactly(request.content_length)
+        except asyncio.IncompleteReadError:
+            raise BodyError(400, "body shorter than its Content-Length") from None
+        return gunzip(body, max_body) if encoding != "identity" else body
     chunks = []
     size = 0
     async for chunk in request.content.iter_chunked(1 << 16):

@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import time
 import uuid
+import zlib
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,7 +30,7 @@ import structlog
 
 from firehosed import metrics
 from firehosed.faults import crash_point, fail_point
-from firehosed.queue.frames import HEADER, frame, scan
+from firehosed.queue.frames import HEADER, MAGIC, scan
 from firehosed.record import Record, decoder
 
 log = structlog.get_logger(__name__)
@@ -51,6 +52,9 @@ class Manifest(msgspec.Struct, kw_only=True):
     content_type: str
     content_encoding: str | None = None
     keys: list[tuple[str, str | None]] = msgspec.field(default_factory=list)
+    # The naming state after this batch (state.json may lag behind the newest manifest).
+    base: str = ""
+    suffix: int = 0
 
 
 class State(msgspec.Struct, kw_only=True):
@@ -110,6 +114,7 @@ class FirehoseQueue:
         self.segments_dir = root / "segments"
         self.batches_dir = root / "batches"
         self.state = State()
+        self._saved = self.state  # what state.json holds
         self.segments: list[int] = []
         self.pending = Pending()
         self.committed: Position = (0, 0)
@@ -133,6 +138,7 @@ class FirehoseQueue:
         state_path = self.root / "state.json"
         if state_path.exists():
             self.state = msgspec.json.decode(state_path.read_bytes(), type=State)
+        self._saved = self.state
         self._recover_batches()
         self.segments = sorted(int(p.stem) for p in self.segments_dir.glob("*.seg"))
         self._recover_segments()
@@ -151,8 +157,13 @@ class FirehoseQueue:
             manifest = msgspec.json.decode(path.read_bytes(), type=Manifest)
             self.batches.append(manifest)
             self.disk_bytes += manifest.size
-            self.state.cursor = max(self.state.cursor, (manifest.end[0], manifest.end[1]))
-            self.state.next_batch = max(self.state.next_batch, manifest.no + 1)
+            if manifest.no >= self.state.next_batch:  # newer than state.json: take its state
+                self.state = State(
+                    cursor=max(self.state.cursor, (manifest.end[0], manifest.end[1])),
+                    next_batch=manifest.no + 1,
+                    last_name=manifest.base,
+                    name_suffix=manifest.suffix,
+                )
 
     def _recover_segments(self) -> None:
         """Verify every frame past the cursor; truncate a torn tail, quarantine corruption."""
@@ -202,13 +213,14 @@ class FirehoseQueue:
 
     def append(self, record: bytes) -> None:
         """Stage one encoded Record; durable after the next group commit."""
-        framed = frame(record)
-        self.pending.data += framed
+        pending = self.pending
+        pending.data += HEADER.pack(MAGIC, len(record), zlib.crc32(record))
+        pending.data += record
         if self.staged_records == 0:
             self.staged_since = time.time()
-        self.pending.records += 1
+        pending.records += 1
         self.staged_records += 1
-        self.staged_bytes += len(framed)
+        self.staged_bytes += HEADER.size + len(record)
 
     def take_pending(self) -> Pending:
         """Hand the pending bytes to the committer (event loop side)."""
@@ -308,7 +320,12 @@ class FirehoseQueue:
             return f.read(-1 if stop is None else stop - start)
 
     def persist_batch(self, manifest: Manifest, data: bytes) -> int:
-        """Write a cut batch durably, then the cursor past it; return bytes freed (thread)."""
+        """Write a cut batch durably and move the cursor past it; return bytes freed (thread).
+
+        Three syncs (data, manifest, directory). state.json is not written here: while
+        the manifest exists, recovery takes the cursor and naming state from it; the
+        state is saved before the manifest goes (`_save_state`).
+        """
         with open(self.batch_path(manifest), "wb") as f:
             f.write(data)
             if self.sync:
@@ -316,10 +333,16 @@ class FirehoseQueue:
                 os.fsync(f.fileno())
         manifest_path = self.batches_dir / f"{manifest.no}.json"
         write_durably(manifest_path, msgspec.json.encode(manifest), self.sync)
-        state = msgspec.structs.replace(self.state, cursor=manifest.end, next_batch=manifest.no + 1)
-        write_durably(self.root / "state.json", msgspec.json.encode(state), self.sync)
-        self.state = state
+        self.state = msgspec.structs.replace(
+            self.state, cursor=manifest.end, next_batch=manifest.no + 1
+        )
         return self._delete_consumed_segments()
+
+    def _save_state(self) -> None:
+        """Persist state.json if it lags the in-memory state (before a manifest goes)."""
+        if self.state != self._saved:
+            write_durably(self.root / "state.json", msgspec.json.encode(self.state), self.sync)
+            self._saved = self.state
 
     def add_batch(self, manifest: Manifest, freed: int, frame_bytes: int) -> None:
         """Account for a persisted batch (event loop side)."""
@@ -363,6 +386,7 @@ class FirehoseQueue:
 
     def remove_batch(self, manifest: Manifest) -> None:
         """Forget a delivered batch: manifest first, so a crash never re-sends half (thread)."""
+        self._save_state()
         (self.batches_dir / f"{manifest.no}.json").unlink(missing_ok=True)
         if self.sync:
             fsync_dir(self.batches_dir)
@@ -370,6 +394,7 @@ class FirehoseQueue:
 
     def move_batch(self, manifest: Manifest, target: Path) -> None:
         """Move a batch's files to `target` (the dead-letter store) durably (thread)."""
+        self._save_state()
         target.mkdir(parents=True, exist_ok=True)
         os.replace(self.batch_path(manifest), target / f"{manifest.no}.data")
         os.replace(self.batches_dir / f"{manifest.no}.json", target / f"{manifest.no}.json")
@@ -385,13 +410,21 @@ class FirehoseQueue:
         removed at recovery) or in both places (a second replay rewrites the same file).
         """
         old = msgspec.json.decode(source.read_bytes(), type=Manifest)
-        new = msgspec.structs.replace(old, no=self.state.next_batch, cut=time.time())
+        # It carries today's naming state, not its own: recovery must not roll names back.
+        new = msgspec.structs.replace(
+            old,
+            no=self.state.next_batch,
+            cut=time.time(),
+            base=self.state.last_name,
+            suffix=self.state.name_suffix,
+        )
         data = self.batch_path(new)
         data.unlink(missing_ok=True)
         os.link(source.with_suffix(".data"), data)
         write_durably(self.batches_dir / f"{new.no}.json", msgspec.json.encode(new), self.sync)
         self.state = msgspec.structs.replace(self.state, next_batch=new.no + 1)
         write_durably(self.root / "state.json", msgspec.json.encode(self.state), self.sync)
+        self._saved = self.state
         source.with_suffix(".data").unlink()
         source.unlink()
         return new
