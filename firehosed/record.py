@@ -24,3 +24,15 @@ class Record(msgspec.Struct, array_like=True, gc=False):
 
 encoder = msgspec.msgpack.Encoder()
 decoder = msgspec.msgpack.Decoder(Record)
+_buffer = bytearray()
+
+
+def encode(record: Record) -> bytes:
+    """The record's msgpack bytes, allocated at their exact size.
+
+    `Encoder.encode` returns bytes with spare capacity (about half a record here),
+    which catch-up rings would keep for a day; encoding into a reused buffer and
+    copying out does not.
+    """
+    encoder.encode_into(record, _buffer)
+    return bytes(_buffer)

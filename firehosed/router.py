@@ -22,7 +22,7 @@ from firehosed.envelope import Envelope
 from firehosed.firehose import Firehose
 from firehosed.mapping import set_path
 from firehosed.queue.commit import Committer
-from firehosed.record import Record, decoder, encoder
+from firehosed.record import Record, decoder, encode
 
 
 class AccountRoutes:
@@ -54,7 +54,7 @@ class Router:
             if person is not None:
                 raw = _with_person(raw, routes.fields.person, person, catch_up=False)
         record = Record(env.type, env.id, session, person, env.time, received, raw)
-        encoded = encoder.encode(record)
+        encoded = encode(record)
         if person is None:
             if session is not None and routes.wants_catch_up:
                 self.catch_up.buffer(account, session, encoded, received)
@@ -84,7 +84,7 @@ class Router:
             old = decoder.decode(entry)
             raw = _with_person(old.raw, routes.fields.person, person, catch_up=True)
             copy = msgspec.structs.replace(old, person=person, raw=raw)
-            encoded = encoder.encode(copy)
+            encoded = encode(copy)
             for firehose in routes.firehoses:
                 if firehose.config.catch_up and firehose.admits(old.type):
                     firehose.queue.append(encoded)
@@ -118,4 +118,4 @@ def _person_identified(identifying: Record) -> bytes:
         }
     )
     record = msgspec.structs.replace(identifying, type="pi", id=f"{identifying.id}-pi", raw=raw)
-    return encoder.encode(record)
+    return encode(record)
