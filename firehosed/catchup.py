@@ -14,11 +14,12 @@ from __future__ import annotations
 from firehosed import metrics
 from firehosed.config import CatchUpConfig
 
-# Rough bookkeeping cost of one session (key, dict slot, Session, list), for max_memory.
-SESSION_OVERHEAD = 200
+# Bookkeeping cost of one session (key, dict slot, Session, list) and of one buffered
+# record (bytes header, list slot), measured with tracemalloc: max_memory is real memory.
+SESSION_OVERHEAD = 270
+ENTRY_OVERHEAD = 41
 # Sessions are re-ordered (moved to the end) at most every session_ttl / REFRESH.
 REFRESH = 64
-ENTRY_OVERHEAD = 40
 
 
 class Session:
