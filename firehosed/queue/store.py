@@ -24,6 +24,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import msgspec
 import structlog
@@ -291,8 +292,7 @@ class FirehoseQueue:
 
         Runs in a thread; reads only what the committer has made durable.
         """
-        records: list[Record] = []
-        size = framed = 0
+        batch = _Reading(limit_bytes, limit_records)
         position: Position = self.state.cursor
         end = self.committed
         for number in list(self.segments):
@@ -300,24 +300,12 @@ class FirehoseQueue:
                 continue
             start = position[1] if number == position[0] else 0
             stop = end[1] if number == end[0] else self.sealed.get(number)
-            data = self._read_segment(number, start, stop)
-            for span in scan(data):
-                if span.payload is None:
-                    continue
-                record = decoder.decode(span.payload)
-                records.append(record)
-                size += len(record.raw)
-                framed += span.end - span.start
-                position = (number, start + span.end)
-                if size >= limit_bytes or len(records) >= limit_records:
-                    return records, position, framed
-            position = (number, start + len(data))
-        return records, position, framed
-
-    def _read_segment(self, number: int, start: int, stop: int | None) -> bytes:
-        with open(self.segments_dir / f"{number}.seg", "rb") as f:
-            f.seek(start)
-            return f.read(-1 if stop is None else stop - start)
+            with open(self.segments_dir / f"{number}.seg", "rb") as f:
+                offset = batch.take(f, start, stop)
+            position = (number, offset)
+            if batch.full():
+                break
+        return batch.records, position, batch.framed
 
     def persist_batch(self, manifest: Manifest, data: bytes) -> int:
         """Write a cut batch durably and move the cursor past it; return bytes freed (thread).
@@ -455,3 +443,53 @@ class FirehoseQueue:
         if self.batches:
             return max(0.0, now - self.batches[0].opened)
         return max(0.0, now - self.staged_since) if self.staged_since else 0.0
+
+
+class _Reading:
+    """Records read for one cut, up to its limits, a chunk of a segment at a time.
+
+    Reading in chunks keeps a small stream batch from reading a whole segment of backlog.
+    """
+
+    CHUNK = 1 << 20
+
+    def __init__(self, limit_bytes: int, limit_records: int) -> None:
+        self.limit_bytes, self.limit_records = limit_bytes, limit_records
+        self.records: list[Record] = []
+        self.size = self.framed = 0
+
+    def full(self) -> bool:
+        return self.size >= self.limit_bytes or len(self.records) >= self.limit_records
+
+    def take(self, f: BinaryIO, offset: int, stop: int | None) -> int:
+        """Read frames from `offset` until the limits, `stop` or the end; the offset reached."""
+        want = self.CHUNK
+        while not self.full():
+            f.seek(offset)
+            data = f.read(want if stop is None else min(want, stop - offset))
+            used = self._frames(data)
+            if used == 0 and len(data) < want and (stop is None or offset + len(data) >= stop):
+                return offset + len(data)  # only an unreadable tail is left: skip it
+            offset += used
+            want = self.CHUNK if used else want * 2  # a frame larger than a chunk
+            if not data:
+                break
+        return offset
+
+    def _frames(self, data: bytes) -> int:
+        """Decode whole frames from `data` until full; the bytes used."""
+        used = 0
+        for span in scan(data):
+            if span.payload is None:
+                if span.end == len(data):
+                    break  # an incomplete frame at the chunk's end: read on from it
+                used = span.end  # corrupt bytes (quarantined at recovery): skip
+                continue
+            record = decoder.decode(span.payload)
+            self.records.append(record)
+            self.size += len(record.raw)
+            self.framed += span.end - span.start
+            used = span.end
+            if self.full():
+                break
+        return used
