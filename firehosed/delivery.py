@@ -373,8 +373,7 @@ class Worker:
         for source in dead_manifests(self.dead_dir / self.name):
             async with self._numbering:
                 manifest = await asyncio.to_thread(queue.adopt, source)
-            queue.batches.append(manifest)
-            queue.disk_bytes += manifest.size
+            queue.add_adopted(manifest)
             log.info(
                 "batch.replayed", firehose=self.name, batch=manifest.name, records=manifest.records
             )

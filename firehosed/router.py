@@ -22,6 +22,7 @@ from firehosed.envelope import Envelope
 from firehosed.firehose import Firehose
 from firehosed.mapping import set_path
 from firehosed.queue.commit import Committer
+from firehosed.queue.frames import frame
 from firehosed.record import Record, decoder, encode
 
 
@@ -55,26 +56,30 @@ class Router:
                 raw = _with_person(raw, routes.fields.person, person, catch_up=False)
         record = Record(env.type, env.id, session, person, env.time, received, raw)
         encoded = encode(record)
+        framed = frame(encoded)  # once, whatever the number of firehoses
         if person is None:
             if session is not None and routes.wants_catch_up:
                 self.catch_up.buffer(account, session, encoded, received)
-            self._append(routes.firehoses, encoded, env.type, anonymous=True)
+            self._append(routes.firehoses, framed, env.type, anonymous=True)
             return
         if session is not None and env.person is not None:
             ring = self.catch_up.identify(account, session, person, received)
             if ring or (ring is not None and routes.wants_pi):
                 self._replay(routes, ring, record)
-        self._append(routes.firehoses, encoded, env.type, anonymous=False)
+        self._append(routes.firehoses, framed, env.type, anonymous=False)
 
     def _append(
-        self, firehoses: list[Firehose], encoded: bytes, signal_type: str, *, anonymous: bool
+        self, firehoses: list[Firehose], framed: bytes, signal_type: str, *, anonymous: bool
     ) -> None:
         for firehose in firehoses:
             if firehose.admits(signal_type) and (
                 not anonymous or firehose.config.include_anonymous
             ):
-                firehose.queue.append(encoded)
-                self.committer.mark(firehose.queue)
+                self._stage(firehose, framed)
+
+    def _stage(self, firehose: Firehose, framed: bytes) -> None:
+        if firehose.queue.append(framed):
+            self.committer.mark(firehose.queue)
 
     def _replay(self, routes: AccountRoutes, ring: list[bytes], identifying: Record) -> None:
         """Re-send a session's buffered signals with the person, then the `pi` record."""
@@ -84,19 +89,17 @@ class Router:
             old = decoder.decode(entry)
             raw = _with_person(old.raw, routes.fields.person, person, catch_up=True)
             copy = msgspec.structs.replace(old, person=person, raw=raw)
-            encoded = encode(copy)
+            framed = frame(encode(copy))
             for firehose in routes.firehoses:
                 if firehose.config.catch_up and firehose.admits(old.type):
-                    firehose.queue.append(encoded)
-                    self.committer.mark(firehose.queue)
+                    self._stage(firehose, framed)
                     metrics.catchup_replayed.labels(firehose.name).inc()
         if not routes.wants_pi:
             return
-        pi = _person_identified(identifying)
+        pi = frame(_person_identified(identifying))
         for firehose in routes.firehoses:
             if firehose.config.send_person_identified:
-                firehose.queue.append(pi)
-                self.committer.mark(firehose.queue)
+                self._stage(firehose, pi)
 
 
 def _with_person(raw: bytes, path: str, person: str, *, catch_up: bool) -> bytes:

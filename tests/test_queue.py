@@ -17,8 +17,9 @@ from firehosed.record import Record, encoder
 
 
 def record(n: int) -> bytes:
+    """One framed record, as the router stages it."""
     raw = b'{"type":"pd","n":%d}' % n
-    return encoder.encode(Record("pd", f"id{n}", "s", None, 0.0, 1000.0 + n, raw))
+    return frame(encoder.encode(Record("pd", f"id{n}", "s", None, 0.0, 1000.0 + n, raw)))
 
 
 def open_queue(root: Path, segment_size: int = 1 << 20) -> FirehoseQueue:
@@ -87,7 +88,7 @@ async def test_torn_tail_is_truncated_at_every_offset(tmp_path: Path) -> None:
     queue.close()
     path = segment_bytes(queue)[-1]
     whole = path.read_bytes()
-    last = len(frame(record(2)))
+    last = len(record(2))
     for cut in range(1, last):
         path.write_bytes(whole[: len(whole) - cut])
         again = open_queue(tmp_path)
@@ -103,7 +104,7 @@ async def test_flipped_bit_is_quarantined_and_counted(tmp_path: Path) -> None:
     queue.close()
     path = segment_bytes(queue)[-1]
     data = bytearray(path.read_bytes())
-    second = len(frame(record(0)))
+    second = len(record(0))
     data[second + HEADER.size + 5] ^= 0x01
     path.write_bytes(bytes(data))
     before = metrics.records_quarantined.labels("fh")._value.get()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import structlog
 
@@ -91,14 +92,23 @@ class Committer:
                     waiter.set_exception(error)
 
 
+# Several queues' syncs run at once: the file system commits them together, so a
+# round costs about one sync, not one per firehose.
+_syncers = ThreadPoolExecutor(max_workers=8, thread_name_prefix="firehosed-sync")
+
+
 def _write_all(
     work: list[tuple[FirehoseQueue, Pending]], sync: bool
 ) -> list[tuple[int, int] | OSError]:
     """Write each queue's pending bytes; a failure is returned in that queue's place (thread)."""
-    results: list[tuple[int, int] | OSError] = []
-    for queue, pending in work:
-        try:
-            results.append(queue.write(pending, sync) if pending.data else queue.committed)
-        except OSError as exc:
-            results.append(exc)
-    return results
+    if len(work) == 1:
+        return [_write_one(work[0], sync)]
+    return list(_syncers.map(lambda item: _write_one(item, sync), work))
+
+
+def _write_one(item: tuple[FirehoseQueue, Pending], sync: bool) -> tuple[int, int] | OSError:
+    queue, pending = item
+    try:
+        return queue.write(pending, sync) if pending.data else queue.committed
+    except OSError as exc:
+        return exc

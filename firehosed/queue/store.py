@@ -19,7 +19,6 @@ from __future__ import annotations
 import os
 import time
 import uuid
-import zlib
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,7 +30,7 @@ import structlog
 
 from firehosed import metrics
 from firehosed.faults import crash_point, fail_point
-from firehosed.queue.frames import HEADER, MAGIC, scan
+from firehosed.queue.frames import HEADER, scan
 from firehosed.record import Record, decoder
 
 log = structlog.get_logger(__name__)
@@ -123,6 +122,7 @@ class FirehoseQueue:
         self.staged_bytes = 0
         self.staged_since: float | None = None
         self.batches: deque[Manifest] = deque()
+        self.batch_bytes = 0  # sum of the sizes of `batches` (read per request)
         self.disk_bytes = 0
         # Good ends of segments abandoned after a failed write or sync (bytes past are junk).
         self.sealed: dict[int, int] = {}
@@ -157,6 +157,7 @@ class FirehoseQueue:
         for path in manifests:
             manifest = msgspec.json.decode(path.read_bytes(), type=Manifest)
             self.batches.append(manifest)
+            self.batch_bytes += manifest.size
             self.disk_bytes += manifest.size
             if manifest.no >= self.state.next_batch:  # newer than state.json: take its state
                 self.state = State(
@@ -212,16 +213,19 @@ class FirehoseQueue:
 
     # -- appending (event loop) and group commit (committer thread) ---------------
 
-    def append(self, record: bytes) -> None:
-        """Stage one encoded Record; durable after the next group commit."""
+    def append(self, framed: bytes) -> bool:
+        """Stage one framed Record (durable after the next group commit).
+
+        True when this made the queue dirty, i.e. the committer must be told.
+        """
         pending = self.pending
-        pending.data += HEADER.pack(MAGIC, len(record), zlib.crc32(record))
-        pending.data += record
+        pending.data += framed
         if self.staged_records == 0:
             self.staged_since = time.time()
         pending.records += 1
         self.staged_records += 1
-        self.staged_bytes += HEADER.size + len(record)
+        self.staged_bytes += len(framed)
+        return pending.records == 1
 
     def take_pending(self) -> Pending:
         """Hand the pending bytes to the committer (event loop side)."""
@@ -335,6 +339,7 @@ class FirehoseQueue:
     def add_batch(self, manifest: Manifest, freed: int, frame_bytes: int) -> None:
         """Account for a persisted batch (event loop side)."""
         self.batches.append(manifest)
+        self.batch_bytes += manifest.size
         self.disk_bytes += manifest.size - freed
         self.staged_records -= manifest.records
         self.staged_bytes -= frame_bytes
@@ -417,9 +422,16 @@ class FirehoseQueue:
         source.unlink()
         return new
 
+    def add_adopted(self, manifest: Manifest) -> None:
+        """Account for a batch taken back from the dead-letter store (event loop side)."""
+        self.batches.append(manifest)
+        self.batch_bytes += manifest.size
+        self.disk_bytes += manifest.size
+
     def drop_batch(self, manifest: Manifest) -> None:
         """Account for a batch delivered or dead-lettered (event loop side)."""
         self.batches.remove(manifest)
+        self.batch_bytes -= manifest.size
         self.disk_bytes -= manifest.size
 
     def close(self) -> None:
@@ -436,7 +448,7 @@ class FirehoseQueue:
 
     def queued_bytes(self) -> int:
         """Bytes not yet delivered: staged frames plus cut batch files."""
-        return self.staged_bytes + sum(b.size for b in self.batches)
+        return self.staged_bytes + self.batch_bytes
 
     def oldest_age(self, now: float) -> float:
         """Seconds since the oldest undelivered record was staged (0 when empty)."""
