@@ -1,0 +1,114 @@
+"""Destination servers for the upload benchmarks: OpenSSH sshd and moto, on the load CPU."""
+
+from __future__ import annotations
+
+import getpass
+import os
+import subprocess
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import asyncssh
+
+from bench.procs import LOAD_CPU, PYTHON, free_port, pinned, terminate, wait_until
+
+SSHD = "/usr/sbin/sshd"
+
+
+class Missing(RuntimeError):
+    """A server binary is not installed."""
+
+
+@dataclass
+class Sshd:
+    """OpenSSH sshd (internal-sftp, key auth for the current user) with its files in `home`."""
+
+    home: Path
+    port: int
+    proc: subprocess.Popen[bytes]
+    key_file: Path
+    known_hosts_file: Path
+    username: str
+
+    @classmethod
+    def start(cls, home: Path) -> Sshd:
+        if not os.access(SSHD, os.X_OK):
+            raise Missing(f"{SSHD} not installed (apt-get install openssh-server)")
+        home.mkdir(parents=True, exist_ok=True)
+        port = free_port()
+        host_key = home / "host_ed25519"
+        subprocess.run(
+            ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(host_key)], check=True
+        )
+        client = asyncssh.generate_private_key("ssh-ed25519")
+        key_file = home / "client_key"
+        key_file.write_bytes(client.export_private_key())
+        key_file.chmod(0o600)
+        (home / "authorized_keys").write_bytes(client.export_public_key())
+        known = home / "known_hosts"
+        known.write_text(f"[127.0.0.1]:{port} {(home / 'host_ed25519.pub').read_text().strip()}\n")
+        config = home / "sshd_config"
+        config.write_text(
+            f"Port {port}\nListenAddress 127.0.0.1\nHostKey {host_key}\n"
+            f"PidFile {home / 'sshd.pid'}\nAuthorizedKeysFile {home / 'authorized_keys'}\n"
+            "StrictModes no\nUsePAM no\nPubkeyAuthentication yes\nPasswordAuthentication no\n"
+            "KbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\n"
+            "Subsystem sftp internal-sftp\nLogLevel INFO\n"
+        )
+        Path("/run/sshd").mkdir(mode=0o755, parents=True, exist_ok=True)
+        log = open(home / "sshd.log", "wb")  # noqa: SIM115 - handed to the child
+        proc = subprocess.Popen(
+            pinned(LOAD_CPU, [SSHD, "-D", "-e", "-f", str(config)]), stdout=log, stderr=log
+        )
+        log.close()
+        server = cls(home, port, proc, key_file, known, getpass.getuser())
+        wait_until(
+            lambda: (
+                b"Server listening" in (home / "sshd.log").read_bytes() or proc.poll() is not None
+            ),
+            10,
+            "sshd to listen",
+        )
+        if proc.poll() is not None:
+            raise RuntimeError(f"sshd exited: {(home / 'sshd.log').read_text()}")
+        return server
+
+    def stop(self) -> None:
+        terminate(self.proc)
+
+
+@dataclass
+class Moto:
+    """`python -m moto.server` on a free port."""
+
+    url: str
+    proc: subprocess.Popen[bytes]
+
+    @classmethod
+    def start(cls) -> Moto:
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        proc = subprocess.Popen(
+            pinned(LOAD_CPU, [PYTHON, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        server = cls(url, proc)
+        wait_until(server._up, 30, "moto server", interval=0.05)
+        return server
+
+    def _up(self) -> bool:
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"moto server exited {self.proc.returncode}")
+        try:
+            with urllib.request.urlopen(f"{self.url}/moto-api/data.json", timeout=1):
+                return True
+        except urllib.error.HTTPError:
+            return True
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        terminate(self.proc)
