@@ -137,6 +137,16 @@ class Daemon:
         result: dict[str, Any] = self.get("/v1/status").json()
         return result
 
+    def cli(self, *command: str) -> subprocess.CompletedProcess[str]:
+        """Run `firehosed <command> -c <this config>` to completion (e.g. "replay")."""
+        return subprocess.run(
+            [sys.executable, "-m", "firehosed", *command, "-c", str(self.config_path)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+
     def signal(self, signum: int) -> None:
         assert self.proc is not None
         self.proc.send_signal(signum)

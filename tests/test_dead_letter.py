@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 from tests.daemon import Daemon, signal_record, wait_until
@@ -31,16 +29,6 @@ def broken_daemon(make_daemon, tmp_path: Path) -> tuple[Daemon, str]:
     return make_daemon(extra), extra
 
 
-def replay_cli(daemon: Daemon) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "firehosed", "replay", "-c", str(daemon.config_path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-
-
 def test_dead_letter_then_replay_into_the_running_daemon(make_daemon, tmp_path) -> None:
     daemon, extra = broken_daemon(make_daemon, tmp_path)
     daemon.start()
@@ -56,7 +44,7 @@ def test_dead_letter_then_replay_into_the_running_daemon(make_daemon, tmp_path) 
     daemon.write_config(extra.replace('channel = "down"', 'channel = "local"'))
     daemon.signal(signal.SIGHUP)
     wait_until(lambda: daemon.events("config.reloaded"))
-    result = replay_cli(daemon)
+    result = daemon.cli("replay")
     assert result.returncode == 0, result.stderr
     assert "replay files: 1 batches back in delivery" in result.stdout
     wait_until(lambda: len(daemon.delivered("*.ndjson")) == 5)
@@ -69,7 +57,7 @@ def test_replay_offline_is_delivered_at_next_start(make_daemon, tmp_path) -> Non
     assert daemon.post([signal_record(n) for n in range(3)]).status_code == 202
     wait_until(lambda: daemon.events("batch.dead_lettered"))
     assert daemon.stop() == 0
-    result = replay_cli(daemon)
+    result = daemon.cli("replay")
     assert result.returncode == 0, result.stderr
     assert "delivered at its next start" in result.stdout
     daemon.write_config(extra.replace('channel = "down"', 'channel = "local"'))
@@ -79,5 +67,5 @@ def test_replay_offline_is_delivered_at_next_start(make_daemon, tmp_path) -> Non
 
 def test_replay_with_nothing_dead(make_daemon) -> None:
     daemon = make_daemon()
-    result = replay_cli(daemon)
+    result = daemon.cli("replay")
     assert result.returncode == 0 and "nothing to replay" in result.stdout

@@ -4,9 +4,8 @@ and `firehosed check --connect` against it."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import uuid
+from typing import Any
 
 import boto3
 import pytest
@@ -41,28 +40,26 @@ secret_access_key = "testing"
 """
 
 
-@pytest.fixture
-def bucket(moto_server: str) -> str:
-    name = f"fh-{uuid.uuid4().hex[:12]}"
-    s3 = boto3.client(
+def s3_client(moto_server: str) -> Any:
+    """A plain boto3 client of the moto server, to set up and inspect buckets."""
+    return boto3.client(
         "s3",
         endpoint_url=moto_server,
         region_name="us-east-1",
         aws_access_key_id="testing",
         aws_secret_access_key="testing",
     )
-    s3.create_bucket(Bucket=name)
+
+
+@pytest.fixture
+def bucket(moto_server: str) -> str:
+    name = f"fh-{uuid.uuid4().hex[:12]}"
+    s3_client(moto_server).create_bucket(Bucket=name)
     return name
 
 
 def objects(moto_server: str, bucket: str) -> dict[str, bytes]:
-    s3 = boto3.client(
-        "s3",
-        endpoint_url=moto_server,
-        region_name="us-east-1",
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-    )
+    s3 = s3_client(moto_server)
     listed = s3.list_objects_v2(Bucket=bucket).get("Contents", [])
     return {o["Key"]: s3.get_object(Bucket=bucket, Key=o["Key"])["Body"].read() for o in listed}
 
@@ -86,20 +83,10 @@ def test_fallback_firehose_writes_json_under_account_firehose(
     assert [r["signal_id"]["$oid"] for r in json.loads(body)] == [f"{n:024x}" for n in range(3)]
 
 
-def check_connect(daemon: Daemon) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "firehosed", "check", "--connect", "-c", str(daemon.config_path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-
-
 def test_check_connect_reports_each_channel(make_daemon, moto_server, bucket) -> None:
-    good = check_connect(s3_daemon(make_daemon, moto_server, bucket))
+    good = s3_daemon(make_daemon, moto_server, bucket).cli("check", "--connect")
     assert good.returncode == 0, good.stdout + good.stderr
     assert "channel archive: ok" in good.stdout
-    bad = check_connect(s3_daemon(make_daemon, moto_server, bucket + "-missing"))
+    bad = s3_daemon(make_daemon, moto_server, bucket + "-missing").cli("check", "--connect")
     assert bad.returncode == 1
     assert "channel archive: FAILED" in bad.stdout and "missing" in bad.stdout

@@ -17,8 +17,6 @@ The 10-minute outage runs only with FIREHOSED_FAULTS_FULL=1.
 from __future__ import annotations
 
 import asyncio
-import subprocess
-import sys
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -192,7 +190,7 @@ async def test_past_retry_for_dead_letters_then_replay_delivers(
             assert len(list(dead.glob("*.data"))) == 1
             assert not received(webhook_receiver)
             await proxy.pass_()
-            replayed = await asyncio.to_thread(replay_cli, daemon)
+            replayed = await asyncio.to_thread(daemon.cli, "replay")
             assert replayed.returncode == 0, replayed.stderr
             assert "replay stream: 1 batches back in delivery" in replayed.stdout
             await until(lambda: received(webhook_receiver).keys() >= set(acked))
@@ -207,16 +205,6 @@ async def test_past_retry_for_dead_letters_then_replay_delivers(
         dead_lettered=len(events),
         dead_letter_after_s=round(_dead_letter_age(events[0], daemon), 2),
         replay_to_delivered_s=round(delivered_in, 2),
-    )
-
-
-def replay_cli(daemon: Daemon) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "firehosed", "replay", "-c", str(daemon.config_path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
     )
 
 
