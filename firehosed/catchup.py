@@ -16,30 +16,42 @@ from firehosed.config import CatchUpConfig
 
 # Bookkeeping cost of one session (key, dict slot, Session, list) and of one buffered
 # record (bytes header, list slot), measured with tracemalloc: max_memory is real memory.
-SESSION_OVERHEAD = 270
+SESSION_OVERHEAD = 230
 ENTRY_OVERHEAD = 41
 # Sessions are re-ordered (moved to the end) at most every session_ttl / REFRESH.
 REFRESH = 64
 
 
 class Session:
-    """One session's state: its person once identified, else its ring of encoded records."""
+    """One session's state: its person once identified, else its ring of encoded records.
 
-    __slots__ = ("person", "ring", "seen", "size")
+    Three slots only: a million sessions are held at once (its size is derived).
+    """
+
+    __slots__ = ("person", "ring", "seen")
 
     def __init__(self, seen: float) -> None:
         self.person: str | None = None
         self.ring: list[bytes] = []
         self.seen = seen
-        self.size = SESSION_OVERHEAD
+
+    def size(self) -> int:
+        """What this session costs in `max_memory` terms."""
+        return SESSION_OVERHEAD + sum(len(r) + ENTRY_OVERHEAD for r in self.ring)
 
 
 class CatchUp:
-    """All sessions' rings and identities for one daemon."""
+    """All sessions' rings and identities for one daemon.
+
+    Expiry and eviction walk `_sessions` from its front in one pass, at most once a
+    second (expiry) or down to a margin below `max_memory` (eviction): taking a dict's
+    first key again and again would rescan its deleted slots each time.
+    """
 
     def __init__(self, config: CatchUpConfig) -> None:
         self.config = config
         self._sessions: dict[str, Session] = {}
+        self._next_expiry = 0.0
         self.memory = 0
 
     def reconfigure(self, config: CatchUpConfig) -> None:
@@ -52,11 +64,13 @@ class CatchUp:
             # Moved to the end moments ago: skip the reorder (hot path). A session's TTL
             # thereby counts from its last move, at most ttl/REFRESH early.
             return session
-        self._expire(now)
+        if now >= self._next_expiry:
+            self._expire(now)
+            self._next_expiry = now + 1.0
         session = self._sessions.pop(key, None)
         if session is None:
             session = Session(now)
-            self.memory += session.size
+            self.memory += SESSION_OVERHEAD
         session.seen = now
         self._sessions[key] = session
         return session
@@ -76,9 +90,9 @@ class CatchUp:
         added = len(record) + ENTRY_OVERHEAD
         if len(state.ring) > self.config.signals_per_session:
             added -= len(state.ring.pop(0)) + ENTRY_OVERHEAD
-        state.size += added
         self.memory += added
-        self._evict()
+        if self.memory > self.config.max_memory:
+            self._evict()
 
     def identify(self, account: str, session: str, person: str, now: float) -> list[bytes] | None:
         """Mark the session identified; its ring if this is its first identification."""
@@ -86,23 +100,34 @@ class CatchUp:
         first = state.person is None
         ring, state.ring = state.ring, []
         state.person = person
-        self.memory -= state.size - SESSION_OVERHEAD
-        state.size = SESSION_OVERHEAD
+        if ring:
+            self.memory -= sum(len(r) + ENTRY_OVERHEAD for r in ring)
         return ring if first else None
 
     def _expire(self, now: float) -> None:
         ttl = self.config.session_ttl
-        while self._sessions:
-            key = next(iter(self._sessions))
-            if now - self._sessions[key].seen <= ttl:
+        expired: list[str] = []
+        for key, session in self._sessions.items():
+            if now - session.seen <= ttl:
                 break
-            self.memory -= self._sessions.pop(key).size
+            expired.append(key)
+        for key in expired:
+            self.memory -= self._sessions.pop(key).size()
 
     def _evict(self) -> None:
-        while self.memory > self.config.max_memory and len(self._sessions) > 1:
-            key = next(iter(self._sessions))
-            self.memory -= self._sessions.pop(key).size
-            metrics.catchup_evictions.inc()
+        """Evict least recently seen sessions down to 98% of max_memory, in one pass."""
+        target = self.config.max_memory * 0.98
+        evicted: list[str] = []
+        freed = 0
+        for key, session in self._sessions.items():
+            if self.memory - freed <= target or len(evicted) == len(self._sessions) - 1:
+                break
+            evicted.append(key)
+            freed += session.size()
+        for key in evicted:
+            del self._sessions[key]
+        self.memory -= freed
+        metrics.catchup_evictions.inc(len(evicted))
 
     def __len__(self) -> int:
         return len(self._sessions)

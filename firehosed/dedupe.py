@@ -1,10 +1,15 @@
 """Recently accepted record ids per account, so a retried request is not stored twice.
 
 Bounded in time (`dedupe_window`) and count (`dedupe_max`, oldest forgotten first).
-Invariant: `_seen` is in acceptance order, so expiry only ever looks at its front.
+Invariant: `_ids`/`_times` hold every acceptance in order; an entry whose time differs
+from `_seen[id]` is stale (the id was forgotten, or accepted again) and is skipped. The
+order is kept in deques, not the dict's own order: popping a dict's first key again and
+again rescans the deleted slots before it, quadratic under load.
 """
 
 from __future__ import annotations
+
+from collections import deque
 
 
 class Dedupe:
@@ -14,6 +19,8 @@ class Dedupe:
         self.window = window
         self.limit = limit
         self._seen: dict[str, float] = {}
+        self._ids: deque[str] = deque()
+        self._times: deque[float] = deque()
 
     def seen(self, record_id: str, now: float) -> bool:
         """True if `record_id` was accepted inside the window; else remember it as accepted.
@@ -23,8 +30,10 @@ class Dedupe:
         if record_id in self._seen:
             return True
         self._seen[record_id] = now
+        self._ids.append(record_id)
+        self._times.append(now)
         if len(self._seen) > self.limit:
-            del self._seen[next(iter(self._seen))]
+            self._drop_oldest()
         return False
 
     def forget(self, record_id: str) -> None:
@@ -33,9 +42,21 @@ class Dedupe:
 
     def expire(self, now: float) -> None:
         """Forget ids accepted before the window."""
-        seen = self._seen
-        while seen:
-            first = next(iter(seen))
-            if now - seen[first] <= self.window:
-                return
-            del seen[first]
+        while self._times and now - self._times[0] > self.window:
+            self._pop_front()
+
+    def _drop_oldest(self) -> None:
+        """Forget the oldest live id (stale entries on the way are discarded)."""
+        while self._ids and not self._pop_front():
+            pass
+
+    def _pop_front(self) -> bool:
+        """Discard the front entry; True if it was the live acceptance of its id."""
+        record_id, accepted = self._ids.popleft(), self._times.popleft()
+        if self._seen.get(record_id) == accepted:
+            del self._seen[record_id]
+            return True
+        return False
+
+    def __len__(self) -> int:
+        return len(self._seen)
