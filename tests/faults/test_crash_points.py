@@ -10,6 +10,7 @@ import pytest
 import requests
 
 from tests.daemon import Daemon, signal_record, wait_until
+from tests.faults.report import report
 
 FIREHOSE = """
 [firehoses.files]
@@ -55,6 +56,8 @@ def test_crash_before_the_answer_then_the_client_retries(make_daemon, point: str
     delivered = ids(daemon.delivered())
     # after_fsync: the first copy was durable too; at-least-once means at most 2 copies
     assert max(delivered.values()) <= (2 if point == "ingest.after_fsync" else 1)
+    duplicates = sum(delivered.values()) - len(delivered)
+    report(f"crash at {point}", acked=len(records), lost=0, duplicates=duplicates)
 
 
 def batch_files(daemon: Daemon) -> dict[str, tuple[str, bytes]]:
@@ -81,6 +84,7 @@ def test_crash_around_the_upload_resends_the_same_file(make_daemon, point: str) 
     assert daemon.files()[0].read_bytes() == data
     assert ids(daemon.delivered()) == ids(records)
     assert not list(daemon.export.glob("**/.*.part"))
+    report(f"crash at {point}", acked=len(records), lost=0, same_name_and_bytes=True)
 
 
 def test_crash_while_deleting_segments(make_daemon) -> None:
