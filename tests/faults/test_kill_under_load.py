@@ -56,7 +56,7 @@ def test_random_kill_9_under_sustained_load(make_daemon) -> None:
     report(
         "kill_9_under_load",
         signals=signals,
-        kills=kills,
+        kills=len(restarts),
         acked=len(acked),
         lost=len(lost),
         duplicates=duplicates,
