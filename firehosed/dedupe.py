@@ -47,8 +47,9 @@ class Dedupe:
 
     def _drop_oldest(self) -> None:
         """Forget the oldest live id (stale entries on the way are discarded)."""
-        while self._ids and not self._pop_front():
-            pass
+        while self._ids:
+            if self._pop_front():
+                return
 
     def _pop_front(self) -> bool:
         """Discard the front entry; True if it was the live acceptance of its id."""
