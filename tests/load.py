@@ -11,12 +11,9 @@ from tests.daemon import Daemon, signal_record
 class Load:
     """Threads posting small batches of unique ids; remembers which ids got a 202."""
 
-    def __init__(
-        self, daemon: Daemon, threads: int = 4, per_request: int = 5, limit: int | None = None
-    ) -> None:
+    def __init__(self, daemon: Daemon, threads: int = 4, per_request: int = 5) -> None:
         self.daemon = daemon
         self.per_request = per_request
-        self.limit = limit
         self.acked: set[str] = set()
         self.failures: list[str] = []
         self.next_id = 0
@@ -31,7 +28,7 @@ class Load:
         return list(range(start, start + self.per_request))
 
     def _post(self) -> None:
-        while self.running and (self.limit is None or self.next_id < self.limit):
+        while self.running:
             ids = self._ids()
             body = [signal_record(n, session=f"s{n % 7}") for n in ids]
             try:
@@ -45,11 +42,6 @@ class Load:
                     self.acked.update(f"{n:024x}" for n in ids)
             else:
                 self.failures.append(str(response.status_code))
-
-    def wait(self, timeout: float = 300) -> None:
-        """Wait for a `limit`ed load to finish sending."""
-        for thread in self.threads:
-            thread.join(timeout)
 
     def __enter__(self) -> Load:
         for thread in self.threads:

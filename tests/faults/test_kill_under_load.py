@@ -1,8 +1,8 @@
 """kill -9 at random intervals under sustained load, and SIGHUP under load.
 
-Short form (default): 50k signals, 3 kills at random 0.3-1 s intervals (the short load
-lasts a few seconds here). Full form
-(`tests/faults/run --full`): 1M signals, 20 kills at random 1-30 s intervals.
+Short form (default): 3 kills at random 0.3-1 s intervals, and at least 50k signals.
+Full form (`tests/faults/run --full`): 20 kills at random 1-30 s intervals, and at least
+1M signals. Either way the load runs until the last kill has landed.
 """
 
 from __future__ import annotations
@@ -38,16 +38,16 @@ def test_random_kill_9_under_sustained_load(make_daemon) -> None:
     daemon = make_daemon(FIREHOSE).start()
     rng = random.Random(20261123)
     restarts = []
-    with Load(daemon, threads=threads, per_request=per_request, limit=signals) as load:
+    # The load runs until every kill has landed and at least `signals` were sent, so
+    # that a fast machine cannot finish the load before the last kill.
+    with Load(daemon, threads=threads, per_request=per_request) as load:
         for _ in range(kills):
             time.sleep(rng.uniform(*interval))
-            if load.next_id >= signals:
-                break  # every kill must land under load: stop when the load is done
             daemon.kill()
             started = time.monotonic()
             daemon.start()
             restarts.append(time.monotonic() - started)
-        load.wait()
+        wait_until(lambda: load.next_id >= signals, timeout=600)
     acked = set(load.acked)
     assert daemon.stop(timeout=120) == 0
     got = delivered(daemon)
@@ -64,7 +64,6 @@ def test_random_kill_9_under_sustained_load(make_daemon) -> None:
     )
     assert not lost, f"{len(lost)} acknowledged signals lost"
     assert len(acked) > signals * 0.5  # the load really ran through the kills
-    assert len(restarts) >= min(kills, 3)
 
 
 def test_sighup_under_load_fails_no_request(make_daemon) -> None:
