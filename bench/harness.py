@@ -11,6 +11,7 @@ one is reported in the file and on stderr, and the others still run.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import hashlib
 import importlib.metadata
 import os
@@ -38,6 +39,7 @@ from bench.procs import LOAD_CPU, REPO, SERVER_CPU, NoopServer
 from bench.report import Figure, Series, details, summary_table
 from bench.settings import Settings, full, quick
 
+LOCK = Path(tempfile.gettempdir()) / "firehosed-bench.lock"
 SECTIONS = ("http", "latency", "upload", "memory", "recovery", "idle")
 LIBRARIES = (
     "aiohttp",
@@ -292,6 +294,21 @@ def write_report(
     out.write_text("\n".join(lines))
 
 
+def _one_run_at_a_time() -> int:
+    """Hold a machine-wide lock (a file descriptor): two runs at once would measure each
+    other. The lock dies with the process."""
+    fd = os.open(LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
+        say(f"another benchmark run holds {LOCK} ({holder}): waiting for it to end")
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()} since {datetime.now().strftime('%H:%M:%S')}\n".encode(), 0)
+    return fd
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="short smoke run (CI)")
@@ -307,6 +324,7 @@ def main() -> int:
         parser.error(f"unknown sections {sorted(unknown)}; known: {','.join(SECTIONS)}")
     if shutil.which("wrk") is None:
         parser.error("wrk is not installed (apt-get install wrk; bench/run does it as root)")
+    lock = _one_run_at_a_time()
     work = Path(tempfile.mkdtemp(prefix="firehosed-bench-"))
     profile = (args.profile or not args.quick) and not args.no_profile
     settings = quick(work, profile) if args.quick else full(work, profile)
@@ -336,6 +354,7 @@ def main() -> int:
         sources=(sources_start, source_fingerprint()),
     )
     say(f"wrote {out} in {(time.monotonic() - started) / 60:.1f} min")
+    os.close(lock)
     if sources_start != source_fingerprint():
         say("firehosed/ changed during the run: the figures mix daemon versions")
     if run.crashed:

@@ -34,6 +34,7 @@ from bench.fixtures import Template, new_prefix, record_ids, template_text
 from bench.procs import TOKEN
 
 DRAIN_TIMEOUT = 15.0
+REQUEST_TIMEOUT = 30.0  # a POST unanswered this long counts as failed (status 0)
 
 
 class _Oid(msgspec.Struct):
@@ -129,7 +130,7 @@ async def _post(
         async with session.post(url, data=body, headers=headers) as response:
             await response.read()
             out.append((response.status, time.monotonic() - sent))
-    except aiohttp.ClientError:
+    except (aiohttp.ClientError, TimeoutError):
         out.append((0, time.monotonic() - sent))
 
 
@@ -193,7 +194,8 @@ async def main_async(args: argparse.Namespace) -> list[dict[str, Any]]:
     results = []
     try:
         connector = aiohttp.TCPConnector(limit=0)
-        async with aiohttp.ClientSession(connector=connector) as session:
+        timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT)
+        async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
             for load in args.load:
                 result = await run_load(session, receiver, args.target, load, args)
                 result["webhook_requests"] = receiver.requests

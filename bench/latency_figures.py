@@ -18,7 +18,7 @@ import subprocess
 from dataclasses import dataclass, field
 from typing import Any
 
-from bench.latency import percentile
+from bench.latency import DRAIN_TIMEOUT, REQUEST_TIMEOUT, percentile
 from bench.procs import (
     LOAD_CPU,
     PYTHON,
@@ -47,10 +47,19 @@ def _load(target: str, port: int, settings: Settings) -> tuple[list[dict[str, An
         f"{settings.latency_warmup:g}",
     ]
     argv = pinned(LOAD_CPU, argv)
-    timeout = 2 * len(LOADS) * (settings.latency_seconds + settings.latency_warmup) + 120
-    done = subprocess.run(
-        argv, cwd=REPO, capture_output=True, text=True, timeout=timeout, check=False
-    )
+    # Per load: the offered load, then at worst one request timeout and the drain wait.
+    per_load = settings.latency_seconds + settings.latency_warmup + REQUEST_TIMEOUT + DRAIN_TIMEOUT
+    try:
+        done = subprocess.run(
+            argv,
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=len(LOADS) * per_load + 60,
+            check=False,
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise RuntimeError(f"latency load hung: {shlex.join(argv)}\n{exc.stderr!r:.3000}") from exc
     if done.returncode != 0:
         raise RuntimeError(f"latency load failed: {shlex.join(argv)}\n{done.stderr[-3000:]}")
     results: list[dict[str, Any]] = json.loads(done.stdout.strip().splitlines()[-1])

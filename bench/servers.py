@@ -58,11 +58,10 @@ class Sshd:
             "Subsystem sftp internal-sftp\nLogLevel INFO\n"
         )
         Path("/run/sshd").mkdir(mode=0o755, parents=True, exist_ok=True)
-        log = open(home / "sshd.log", "wb")  # noqa: SIM115 - handed to the child
-        proc = subprocess.Popen(
-            pinned(LOAD_CPU, [SSHD, "-D", "-e", "-f", str(config)]), stdout=log, stderr=log
-        )
-        log.close()
+        with open(home / "sshd.log", "wb") as log:
+            proc = subprocess.Popen(
+                pinned(LOAD_CPU, [SSHD, "-D", "-e", "-f", str(config)]), stdout=log, stderr=log
+            )
         server = cls(home, port, proc, key_file, known, getpass.getuser())
         wait_until(
             lambda: (
