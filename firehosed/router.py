@@ -23,17 +23,39 @@ from firehosed.firehose import Firehose
 from firehosed.mapping import set_path
 from firehosed.queue.commit import Committer
 from firehosed.queue.frames import frame
+from firehosed.queue.store import FirehoseQueue
 from firehosed.record import Record, decoder, encode
 
 
 class AccountRoutes:
     """One account's firehoses and field paths, as routing needs them."""
 
+    MAX_CACHED_TYPES = 10_000
+
     def __init__(self, fields: FieldsConfig, firehoses: Iterable[Firehose]) -> None:
         self.fields = fields
         self.firehoses = list(firehoses)
         self.wants_catch_up = any(f.config.catch_up for f in self.firehoses)
         self.wants_pi = any(f.config.send_person_identified for f in self.firehoses)
+        # (type, anonymous) -> the queues such a signal goes to; rebuilt on every reload
+        self._targets: dict[tuple[str, bool], tuple[FirehoseQueue, ...]] = {}
+        self._interned: dict[tuple[FirehoseQueue, ...], tuple[FirehoseQueue, ...]] = {}
+
+    def targets(self, signal_type: str, anonymous: bool) -> tuple[FirehoseQueue, ...]:
+        """The queues of the firehoses that get a signal of this type (the same tuple
+        for the same answer, so a run of records can be recognised by identity)."""
+        key = (signal_type, anonymous)
+        queues = self._targets.get(key)
+        if queues is None:
+            queues = tuple(
+                f.queue
+                for f in self.firehoses
+                if f.admits(signal_type) and (not anonymous or f.config.include_anonymous)
+            )
+            queues = self._interned.setdefault(queues, queues)  # one tuple per answer
+            if len(self._targets) < self.MAX_CACHED_TYPES:
+                self._targets[key] = queues
+        return queues
 
 
 class Router:
@@ -44,42 +66,69 @@ class Router:
         self.committer = committer
         self.accounts: dict[str, AccountRoutes] = {}
 
+    def begin(self, account: str) -> Routing:
+        """Routing for one request's records; `flush()` it before awaiting the commit."""
+        return Routing(self, self.accounts.get(account), account)
+
     def route(self, account: str, env: Envelope, raw: bytes, received: float) -> None:
         """Stage one signal (and any catch-up it triggers) on its firehoses' queues."""
-        routes = self.accounts.get(account)
+        routing = self.begin(account)
+        routing.route(env, raw, received)
+        routing.flush()
+
+
+class Routing:
+    """Stages one request's records: consecutive records bound for the same queues are
+    joined and appended once per queue (`flush`), not once per record and queue."""
+
+    def __init__(self, router: Router, routes: AccountRoutes | None, account: str) -> None:
+        self.router = router
+        self.routes = routes
+        self.account = account
+        self._queues: tuple[FirehoseQueue, ...] = ()
+        self._frames: list[bytes] = []
+
+    def route(self, env: Envelope, raw: bytes, received: float) -> None:
+        """Stage one signal (and any catch-up it triggers)."""
+        routes = self.routes
         if routes is None or not routes.firehoses:
             return
+        catch_up, account = self.router.catch_up, self.account
         person, session = env.person, env.session
         if person is None and session is not None:
-            person = self.catch_up.person_of(account, session, received)
+            person = catch_up.person_of(account, session, received)
             if person is not None:
                 raw = _with_person(raw, routes.fields.person, person, catch_up=False)
         record = Record(env.type, env.id, session, person, env.time, received, raw)
         encoded = encode(record)
-        framed = frame(encoded)  # once, whatever the number of firehoses
         if person is None:
             if session is not None and routes.wants_catch_up:
-                self.catch_up.buffer(account, session, encoded, received)
-            self._append(routes.firehoses, framed, env.type, anonymous=True)
-            return
-        if session is not None and env.person is not None:
-            ring = self.catch_up.identify(account, session, person, received)
+                catch_up.buffer(account, session, encoded, received)
+        elif session is not None and env.person is not None:
+            ring = catch_up.identify(account, session, person, received)
             if ring or (ring is not None and routes.wants_pi):
+                self.flush()  # the replayed ring goes before the identifying signal
                 self._replay(routes, ring, record)
-        self._append(routes.firehoses, framed, env.type, anonymous=False)
+        queues = routes.targets(env.type, person is None)
+        if queues is not self._queues:
+            self.flush()
+            self._queues = queues
+        self._frames.append(frame(encoded))  # once, whatever the number of firehoses
 
-    def _append(
-        self, firehoses: list[Firehose], framed: bytes, signal_type: str, *, anonymous: bool
-    ) -> None:
-        for firehose in firehoses:
-            if firehose.admits(signal_type) and (
-                not anonymous or firehose.config.include_anonymous
-            ):
-                self._stage(firehose, framed)
+    def flush(self) -> None:
+        """Append the staged run to its queues (durable after the next group commit)."""
+        frames = self._frames
+        if not frames:
+            return
+        chunk = frames[0] if len(frames) == 1 else b"".join(frames)
+        for queue in self._queues:
+            if queue.append(chunk, len(frames)):
+                self.router.committer.mark(queue)
+        frames.clear()
 
-    def _stage(self, firehose: Firehose, framed: bytes) -> None:
-        if firehose.queue.append(framed):
-            self.committer.mark(firehose.queue)
+    def _stage(self, queue: FirehoseQueue, framed: bytes) -> None:
+        if queue.append(framed, 1):
+            self.router.committer.mark(queue)
 
     def _replay(self, routes: AccountRoutes, ring: list[bytes], identifying: Record) -> None:
         """Re-send a session's buffered signals with the person, then the `pi` record."""
@@ -92,14 +141,14 @@ class Router:
             framed = frame(encode(copy))
             for firehose in routes.firehoses:
                 if firehose.config.catch_up and firehose.admits(old.type):
-                    self._stage(firehose, framed)
+                    self._stage(firehose.queue, framed)
                     metrics.catchup_replayed.labels(firehose.name).inc()
         if not routes.wants_pi:
             return
         pi = frame(_person_identified(identifying))
         for firehose in routes.firehoses:
             if firehose.config.send_person_identified:
-                self._stage(firehose, pi)
+                self._stage(firehose.queue, pi)
 
 
 def _with_person(raw: bytes, path: str, person: str, *, catch_up: bool) -> bytes:

@@ -32,7 +32,7 @@ async def append(queue: FirehoseQueue, numbers: range) -> None:
     committer = Committer("fsync")
     task = asyncio.create_task(committer.run())
     for n in numbers:
-        queue.append(record(n))
+        queue.append(record(n), 1)
         committer.mark(queue)
     await committer.commit()
     task.cancel()
@@ -130,7 +130,7 @@ async def test_failed_write_answers_with_storage_error_and_rolls_back(tmp_path: 
     queue = open_queue(tmp_path)
     committer = Committer("fsync")
     task = asyncio.create_task(committer.run())
-    queue.append(record(1))
+    queue.append(record(1), 1)
     committer.mark(queue)
     assert queue._fd is not None
     os.close(queue._fd)  # the next write fails with EBADF, like a dying disk

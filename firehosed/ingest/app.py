@@ -122,21 +122,28 @@ async def _accept(daemon: Daemon, account: Any, raws: list[bytes]) -> web.Respon
     fresh: list[str] = []
     duplicates = 0
     account.dedupe.expire(received)
-    for index, raw in enumerate(raws):
-        if index % YIELD_EVERY == YIELD_EVERY - 1:
-            await asyncio.sleep(YIELD_PAUSE)
-        try:
-            env = account.reader.read(raw, received)
-        except RecordError as exc:
-            rejected_total += 1
-            if len(rejected) < MAX_REJECTED_LISTED:  # keep the answer, and memory, bounded
-                rejected.append({"index": index, "error": str(exc)})
-            continue
-        if not env.id_assigned and account.dedupe.seen(env.id, received):
-            duplicates += 1
-            continue
-        daemon.router.route(account.name, env, raw, received)
-        fresh.append(env.id)
+    routing = daemon.router.begin(account.name)
+    try:
+        for index, raw in enumerate(raws):
+            if index % YIELD_EVERY == YIELD_EVERY - 1:
+                routing.flush()
+                await asyncio.sleep(YIELD_PAUSE)
+            try:
+                env = account.reader.read(raw, received)
+            except RecordError as exc:
+                rejected_total += 1
+                if len(rejected) < MAX_REJECTED_LISTED:  # keep the answer, and memory, bounded
+                    rejected.append({"index": index, "error": str(exc)})
+                continue
+            if not env.id_assigned and account.dedupe.seen(env.id, received):
+                duplicates += 1
+                continue
+            routing.route(env, raw, received)
+            fresh.append(env.id)
+    finally:
+        # Even when the request is cancelled part-way: dedupe has seen these ids, so a
+        # retry would be answered "duplicate"; they must reach the queue.
+        routing.flush()
     if rejected_total:
         account.rejected.inc(rejected_total)
     if duplicates:

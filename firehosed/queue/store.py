@@ -17,6 +17,7 @@ re-batches one that a manifest already holds.
 from __future__ import annotations
 
 import os
+import threading
 import time
 import uuid
 from collections import deque
@@ -81,8 +82,8 @@ def _write_all(fd: int, data: bytes | bytearray) -> None:
         view = view[os.write(fd, view) :]
 
 
-def fsync_dir(path: Path) -> None:
-    """Make a rename or create in `path` durable."""
+def fsync_path(path: Path) -> None:
+    """fsync a file, or a directory (to make a rename or create in it durable)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -100,7 +101,7 @@ def write_durably(path: Path, data: bytes, sync: bool) -> None:
             os.fsync(f.fileno())
     os.replace(tmp, path)
     if sync:
-        fsync_dir(path.parent)
+        fsync_path(path.parent)
 
 
 class FirehoseQueue:
@@ -115,6 +116,7 @@ class FirehoseQueue:
         self.batches_dir = root / "batches"
         self.state = State()
         self._saved = self.state  # what state.json holds
+        self._state_lock = threading.Lock()
         self.segments: list[int] = []
         self.pending = Pending()
         self.committed: Position = (0, 0)
@@ -213,8 +215,8 @@ class FirehoseQueue:
 
     # -- appending (event loop) and group commit (committer thread) ---------------
 
-    def append(self, framed: bytes) -> bool:
-        """Stage one framed Record (durable after the next group commit).
+    def append(self, framed: bytes, records: int) -> bool:
+        """Stage `records` framed Records (durable after the next group commit).
 
         True when this made the queue dirty, i.e. the committer must be told.
         """
@@ -222,10 +224,11 @@ class FirehoseQueue:
         pending.data += framed
         if self.staged_records == 0:
             self.staged_since = time.time()
-        pending.records += 1
-        self.staged_records += 1
+        dirty = pending.records == 0
+        pending.records += records
+        self.staged_records += records
         self.staged_bytes += len(framed)
-        return pending.records == 1
+        return dirty
 
     def take_pending(self) -> Pending:
         """Hand the pending bytes to the committer (event loop side)."""
@@ -286,7 +289,7 @@ class FirehoseQueue:
         self._fd = fd
         if created:
             if self.sync:
-                fsync_dir(self.segments_dir)
+                fsync_path(self.segments_dir)
             self.segments.append(number)
 
     # -- cutting batches (worker) -------------------------------------------------
@@ -331,10 +334,20 @@ class FirehoseQueue:
         return self._delete_consumed_segments()
 
     def _save_state(self) -> None:
-        """Persist state.json if it lags the in-memory state (before a manifest goes)."""
-        if self.state != self._saved:
-            write_durably(self.root / "state.json", msgspec.json.encode(self.state), self.sync)
-            self._saved = self.state
+        """Persist state.json if it lags the in-memory state (before a manifest goes).
+
+        May run while a cut (another thread) moves the state on: read it once, so what
+        is written is what is recorded as saved; and one writer of state.json at a time
+        (a removal runs beside a dead-lettering or a replay).
+        """
+        with self._state_lock:
+            state = self.state
+            if state != self._saved:
+                self._write_state(state)
+
+    def _write_state(self, state: State) -> None:
+        write_durably(self.root / "state.json", msgspec.json.encode(state), self.sync)
+        self._saved = state
 
     def add_batch(self, manifest: Manifest, freed: int, frame_bytes: int) -> None:
         """Account for a persisted batch (event loop side)."""
@@ -382,7 +395,7 @@ class FirehoseQueue:
         self._save_state()
         (self.batches_dir / f"{manifest.no}.json").unlink(missing_ok=True)
         if self.sync:
-            fsync_dir(self.batches_dir)
+            fsync_path(self.batches_dir)
         self.batch_path(manifest).unlink(missing_ok=True)
 
     def move_batch(self, manifest: Manifest, target: Path) -> None:
@@ -392,8 +405,8 @@ class FirehoseQueue:
         os.replace(self.batch_path(manifest), target / f"{manifest.no}.data")
         os.replace(self.batches_dir / f"{manifest.no}.json", target / f"{manifest.no}.json")
         if self.sync:
-            fsync_dir(target)
-            fsync_dir(self.batches_dir)
+            fsync_path(target)
+            fsync_path(self.batches_dir)
 
     def adopt(self, source: Path) -> Manifest:
         """Take a dead-lettered batch (manifest at `source`) back as the newest batch (thread).
@@ -415,9 +428,9 @@ class FirehoseQueue:
         data.unlink(missing_ok=True)
         os.link(source.with_suffix(".data"), data)
         write_durably(self.batches_dir / f"{new.no}.json", msgspec.json.encode(new), self.sync)
-        self.state = msgspec.structs.replace(self.state, next_batch=new.no + 1)
-        write_durably(self.root / "state.json", msgspec.json.encode(self.state), self.sync)
-        self._saved = self.state
+        with self._state_lock:
+            self.state = msgspec.structs.replace(self.state, next_batch=new.no + 1)
+            self._write_state(self.state)
         source.with_suffix(".data").unlink()
         source.unlink()
         return new
