@@ -79,6 +79,8 @@ class Worker:
         self._alerted = False
         # Cutting and replaying both number new batches: one at a time.
         self._numbering = asyncio.Lock()
+        # Deleting the files of the batch delivered last (runs beside the next cut).
+        self._removal: asyncio.Future[None] | None = None
 
     @property
     def name(self) -> str:
@@ -92,6 +94,12 @@ class Worker:
         This loop is the only place that cuts and delivers, so one batch is never in
         flight twice.
         """
+        try:
+            await self._loop()
+        finally:
+            await self._settle_removal()
+
+    async def _loop(self) -> None:
         queue = self.firehose.queue
         while not self.stopping:
             if self._cut_due():
@@ -277,7 +285,11 @@ class Worker:
     async def _delivered(self, manifest: Manifest) -> None:
         crash_point("batch.after_put")
         queue = self.firehose.queue
-        await asyncio.to_thread(queue.remove_batch, manifest)
+        # Removing the files takes three syncs: they overlap the next cut and put instead
+        # of delaying them (one removal in flight; a crash before it ends re-sends the
+        # batch, as a crash just after the put always could).
+        await self._settle_removal()
+        self._removal = asyncio.create_task(asyncio.to_thread(queue.remove_batch, manifest))
         queue.drop_batch(manifest)
         labels = (self.name, self.channel.name)
         metrics.batches_delivered.labels(*labels).inc()
@@ -299,6 +311,16 @@ class Worker:
                     self._incident(self.last_error.what if self.last_error else ""),
                 )
             self._failing_since, self._alerted = None, False
+
+    async def _settle_removal(self) -> None:
+        """Wait for the files of the last delivered batch to be gone."""
+        removal, self._removal = self._removal, None
+        if removal is None:
+            return
+        try:
+            await removal
+        except OSError as exc:  # the batch was delivered: at worst it is sent again
+            log.error("batch.remove_failed", firehose=self.name, error=str(exc))
 
     async def _failed(self, manifest: Manifest, exc: DeliveryError) -> bool:
         """Record a failed attempt; True when the batch left the queue (dead-lettered)."""
