@@ -82,6 +82,63 @@ async def test_segments_rotate_and_cut_batches_free_them(tmp_path: Path) -> None
     assert again.batch_path(again.batches[0]).read_bytes() == b"abc"
 
 
+def cut(queue: FirehoseQueue, name: str, data: bytes = b"abc") -> None:
+    """Cut every committed record into one batch named `name`."""
+    records, end, framed = queue.read(1 << 30, 1 << 30)
+    manifest = queue.new_manifest(
+        name=name,
+        records=len(records),
+        size=len(data),
+        opened=0.0,
+        cut=0.0,
+        end=end,
+        content_type="x",
+        base=name,
+        suffix=0,
+    )
+    queue.add_batch(manifest, queue.persist_batch(manifest, data), framed)
+
+
+async def test_delivered_batches_leave_one_tombstone_that_carries_the_state(
+    tmp_path: Path,
+) -> None:
+    queue = open_queue(tmp_path)
+    for n in range(3):
+        await append(queue, range(n * 10, n * 10 + 10))
+        cut(queue, f"b{n}")
+        manifest = queue.batches[0]
+        queue.remove_batch(manifest)
+        queue.drop_batch(manifest)
+    files = sorted(p.name for p in queue.batches_dir.iterdir())
+    assert files == ["3.done"]  # no manifest, no data, one tombstone
+    assert not (queue.root / "state.json").exists()  # never needed on the way
+    queue.close()
+    again = open_queue(tmp_path)
+    assert again.staged_records == 0 and not again.batches  # nothing cut or sent again
+    assert again.state.next_batch == 4 and again.state.last_name == "b2"
+    await append(again, range(30, 35))
+    records, _, _ = again.read(1 << 30, 1 << 30)
+    assert [r.id for r in records] == [f"id{n}" for n in range(30, 35)]
+
+
+async def test_recovery_clears_what_a_crash_left_of_a_delivered_batch(tmp_path: Path) -> None:
+    queue = open_queue(tmp_path)
+    for n in range(2):
+        await append(queue, range(n * 10, n * 10 + 10))
+        cut(queue, f"b{n}")
+    first = queue.batches[0]
+    queue.remove_batch(first)
+    queue.drop_batch(first)
+    # A crash after the second tombstone's sync, before its data and the older
+    # tombstone were removed.
+    (queue.batches_dir / "2.json").rename(queue.batches_dir / "2.done")
+    queue.close()
+    again = open_queue(tmp_path)
+    assert sorted(p.name for p in again.batches_dir.iterdir()) == ["2.done"]
+    assert not again.batches and again.staged_records == 0
+    assert again.state.next_batch == 3
+
+
 async def test_torn_tail_is_truncated_at_every_offset(tmp_path: Path) -> None:
     queue = open_queue(tmp_path)
     await append(queue, range(3))

@@ -5,7 +5,12 @@ Layout under `storage.dir/queues/<firehose>/`:
     segments/<n>.seg      framed records (see frames.py); appended by group commit
     batches/<n>.data      a cut batch's file bytes, exactly as delivered
     batches/<n>.json      its manifest (name, id, records, source end); written last
+    batches/<n>.done      the manifest of the newest delivered batch (a tombstone)
     state.json            cursor (first record not yet in a batch) and naming state
+
+The cursor and naming state are the newest of state.json, the manifests and the
+tombstone: state.json is written only when a batch leaves without a tombstone
+(dead-lettered) or comes back (replay).
 
 Invariants: a record is acknowledged only after its segment bytes are synced (in
 `fsync` durability); a batch's .data is synced before its manifest is renamed into
@@ -117,6 +122,8 @@ class FirehoseQueue:
         self.state = State()
         self._saved = self.state  # what state.json holds
         self._state_lock = threading.Lock()
+        # The number of the newest delivered batch's tombstone (`N.done`), if any.
+        self._newest_tombstone: int | None = None
         self.segments: list[int] = []
         self.pending = Pending()
         self.committed: Position = (0, 0)
@@ -154,20 +161,30 @@ class FirehoseQueue:
         manifests = sorted(self.batches_dir.glob("*.json"), key=lambda p: int(p.stem))
         kept = {p.stem for p in manifests}
         for data in self.batches_dir.glob("*.data"):
-            if data.stem not in kept:  # cut interrupted before its manifest landed
+            if data.stem not in kept:  # cut interrupted before its manifest, or delivered
                 data.unlink()
+        tombstones = sorted(self.batches_dir.glob("*.done"), key=lambda p: int(p.stem))
+        for old in tombstones[:-1]:  # the newest carries the state of all of them
+            old.unlink()
+        if tombstones:
+            self._take_state(msgspec.json.decode(tombstones[-1].read_bytes(), type=Manifest))
+            self._newest_tombstone = int(tombstones[-1].stem)
         for path in manifests:
             manifest = msgspec.json.decode(path.read_bytes(), type=Manifest)
             self.batches.append(manifest)
             self.batch_bytes += manifest.size
             self.disk_bytes += manifest.size
-            if manifest.no >= self.state.next_batch:  # newer than state.json: take its state
-                self.state = State(
-                    cursor=max(self.state.cursor, (manifest.end[0], manifest.end[1])),
-                    next_batch=manifest.no + 1,
-                    last_name=manifest.base,
-                    name_suffix=manifest.suffix,
-                )
+            self._take_state(manifest)
+
+    def _take_state(self, manifest: Manifest) -> None:
+        """The cursor and naming state after `manifest`, if newer than what we have."""
+        if manifest.no >= self.state.next_batch:  # newer than state.json
+            self.state = State(
+                cursor=max(self.state.cursor, (manifest.end[0], manifest.end[1])),
+                next_batch=manifest.no + 1,
+                last_name=manifest.base,
+                name_suffix=manifest.suffix,
+            )
 
     def _recover_segments(self) -> None:
         """Verify every frame past the cursor; truncate a torn tail, quarantine corruption."""
@@ -317,9 +334,9 @@ class FirehoseQueue:
     def persist_batch(self, manifest: Manifest, data: bytes) -> int:
         """Write a cut batch durably and move the cursor past it; return bytes freed (thread).
 
-        Three syncs (data, manifest, directory). state.json is not written here: while
-        the manifest exists, recovery takes the cursor and naming state from it; the
-        state is saved before the manifest goes (`_save_state`).
+        Three syncs (data, manifest, directory). state.json is not written here: the
+        manifest, and the tombstone it becomes once delivered, carry the cursor and
+        naming state for recovery.
         """
         with open(self.batch_path(manifest), "wb") as f:
             f.write(data)
@@ -334,7 +351,8 @@ class FirehoseQueue:
         return self._delete_consumed_segments()
 
     def _save_state(self) -> None:
-        """Persist state.json if it lags the in-memory state (before a manifest goes).
+        """Persist state.json if it lags the in-memory state (before a manifest goes
+        without a tombstone).
 
         May run while a cut (another thread) moves the state on: read it once, so what
         is written is what is recorded as saved; and one writer of state.json at a time
@@ -391,12 +409,22 @@ class FirehoseQueue:
     # -- delivery (worker) --------------------------------------------------------
 
     def remove_batch(self, manifest: Manifest) -> None:
-        """Forget a delivered batch: manifest first, so a crash never re-sends half (thread)."""
-        self._save_state()
-        (self.batches_dir / f"{manifest.no}.json").unlink(missing_ok=True)
+        """Forget a delivered batch (thread): its manifest becomes the tombstone `N.done`.
+
+        One rename and one directory sync. The tombstone carries the cursor and naming
+        state as the manifest did, so state.json need not be written first; the data
+        and older tombstones go after the sync (recovery removes any left over).
+        """
+        os.replace(self.batches_dir / f"{manifest.no}.json", self._tombstone(manifest.no))
         if self.sync:
             fsync_path(self.batches_dir)
         self.batch_path(manifest).unlink(missing_ok=True)
+        if self._newest_tombstone is not None and self._newest_tombstone < manifest.no:
+            self._tombstone(self._newest_tombstone).unlink(missing_ok=True)
+        self._newest_tombstone = manifest.no
+
+    def _tombstone(self, number: int) -> Path:
+        return self.batches_dir / f"{number}.done"
 
     def move_batch(self, manifest: Manifest, target: Path) -> None:
         """Move a batch's files to `target` (the dead-letter store) durably (thread)."""
