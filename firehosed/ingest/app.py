@@ -90,8 +90,11 @@ async def post_signals(request: web.Request) -> web.Response:
     server = daemon.config.server
     try:
         kind = body.content_kind(request)
-        async with asyncio.timeout(server.body_timeout):
+        if request.content.is_eof():  # the whole body is already here: nothing to wait for
             data = await body.read(request, server.max_body)
+        else:
+            async with asyncio.timeout(server.body_timeout):
+                data = await body.read(request, server.max_body)
         if len(data) > BIG_BODY:  # millions of tiny records take a while to split
             raws = await asyncio.to_thread(body.split, data, kind)
         else:
