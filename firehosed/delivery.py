@@ -285,9 +285,9 @@ class Worker:
     async def _delivered(self, manifest: Manifest) -> None:
         crash_point("batch.after_put")
         queue = self.firehose.queue
-        # Removing the files takes three syncs: they overlap the next cut and put instead
-        # of delaying them (one removal in flight; a crash before it ends re-sends the
-        # batch, as a crash just after the put always could).
+        # Removing the files (a rename and a directory sync) overlaps the next cut and put
+        # instead of delaying them (one removal in flight; a crash before it ends re-sends
+        # the batch, as a crash just after the put always could).
         await self._settle_removal()
         self._removal = asyncio.create_task(asyncio.to_thread(queue.remove_batch, manifest))
         queue.drop_batch(manifest)

@@ -99,6 +99,13 @@ def cut(queue: FirehoseQueue, name: str, data: bytes = b"abc") -> None:
     queue.add_batch(manifest, queue.persist_batch(manifest, data), framed)
 
 
+def deliver_oldest(queue: FirehoseQueue) -> None:
+    """Forget the oldest batch as the worker does once it is delivered."""
+    manifest = queue.batches[0]
+    queue.remove_batch(manifest)
+    queue.drop_batch(manifest)
+
+
 async def test_delivered_batches_leave_one_tombstone_that_carries_the_state(
     tmp_path: Path,
 ) -> None:
@@ -106,9 +113,7 @@ async def test_delivered_batches_leave_one_tombstone_that_carries_the_state(
     for n in range(3):
         await append(queue, range(n * 10, n * 10 + 10))
         cut(queue, f"b{n}")
-        manifest = queue.batches[0]
-        queue.remove_batch(manifest)
-        queue.drop_batch(manifest)
+        deliver_oldest(queue)
     files = sorted(p.name for p in queue.batches_dir.iterdir())
     assert files == ["3.done"]  # no manifest, no data, one tombstone
     assert not (queue.root / "state.json").exists()  # never needed on the way
@@ -126,9 +131,7 @@ async def test_recovery_clears_what_a_crash_left_of_a_delivered_batch(tmp_path: 
     for n in range(2):
         await append(queue, range(n * 10, n * 10 + 10))
         cut(queue, f"b{n}")
-    first = queue.batches[0]
-    queue.remove_batch(first)
-    queue.drop_batch(first)
+    deliver_oldest(queue)
     # A crash after the second tombstone's sync, before its data and the older
     # tombstone were removed.
     (queue.batches_dir / "2.json").rename(queue.batches_dir / "2.done")

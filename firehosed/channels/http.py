@@ -8,6 +8,7 @@ secrets (`?token=...`).
 
 from __future__ import annotations
 
+import contextlib
 import email.utils
 import io
 import math
@@ -68,11 +69,8 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
     if value is None or not value.strip():
         return None
     text = value.strip()
-    try:
+    with contextlib.suppress(ValueError):  # not delay-seconds: try an HTTP-date
         seconds = float(text)
-    except ValueError:
-        pass
-    else:
         return seconds if math.isfinite(seconds) and seconds >= 0 else None
     try:
         when = email.utils.parsedate_to_datetime(text)

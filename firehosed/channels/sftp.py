@@ -337,11 +337,9 @@ class SftpChannel(Channel):
 
 async def _replace(sftp: asyncssh.SFTPClient, part: str, target: str) -> None:
     """Rename `part` over `target`: atomically where the server offers posix-rename."""
-    try:
+    with contextlib.suppress(asyncssh.SFTPOpUnsupported):
         await sftp.posix_rename(part, target)
         return
-    except asyncssh.SFTPOpUnsupported:
-        pass
     # Plain SFTP rename refuses an existing target: a retried batch must replace it.
     with contextlib.suppress(asyncssh.SFTPNoSuchFile):
         await sftp.remove(target)
