@@ -228,7 +228,7 @@ class Daemon:
         await asyncio.to_thread(queue.open)
         firehose = Firehose(name, config, queue, mapping)
         worker = Worker(firehose, channel, self.storage / "dead", self.alerts)
-        queue.on_commit = worker.wake.set
+        queue.on_commit = worker.committed
         self.firehoses[name], self.workers[name] = firehose, worker
         self._track(f"worker:{name}", self._run_worker(worker))
         log.info(

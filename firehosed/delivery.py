@@ -66,6 +66,8 @@ class Worker:
         # `wake`: new records committed (idle waits end). `_control`: stop, drain, reload
         # or replay (backoff waits end too: new data must not shorten a backoff).
         self.wake = asyncio.Event()
+        # Waiting with no deadline: only a commit or a nudge can give the loop work.
+        self._idle = False
         self._control = asyncio.Event()
         # Where dead-lettered batches are also copied (`dead_letter` key), if anywhere.
         self.dead_channel: Channel | None = None
@@ -140,8 +142,12 @@ class Worker:
         ) or queue.staged_bytes >= self.firehose.config.max_file
 
     def _next_cut_in(self) -> float | None:
+        """Seconds until the next file is due; None when no committed record waits (the
+        next commit wakes the loop, see `committed`)."""
         queue = self.firehose.queue
         if queue.staged_since is None or self.channel.stream:
+            return None
+        if queue.committed <= queue.state.cursor:  # staged, not yet durable
             return None
         interval = self.firehose.config.minutes_between_files * 60.0
         return queue.staged_since + interval - time.time()
@@ -151,8 +157,29 @@ class Worker:
         self.wake.clear()
         if seconds is not None and seconds <= 0:
             return
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.wake.wait(), seconds)
+        self._idle = seconds is None
+        try:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.wake.wait(), seconds)
+        finally:
+            self._idle = False
+
+    def committed(self) -> None:
+        """The queue's committer made new records durable (its `on_commit`).
+
+        Called once per group commit, hundreds of times a second under load, so the loop
+        is woken only when the news can change what it does: a stream cuts at once; a
+        file firehose waiting with a deadline already has the oldest record's cut time,
+        and needs waking only when the file grows to `max_file`.
+        """
+        if (
+            self._idle
+            or self.channel.stream
+            or self.draining
+            or self.retiring
+            or self.firehose.queue.staged_bytes >= self.firehose.config.max_file
+        ):
+            self.wake.set()
 
     async def _back_off(self, seconds: float) -> None:
         """Wait out a retry delay; only `nudge()` (stop, drain, reload, replay) cuts it short."""

@@ -334,6 +334,15 @@ def test_a_file_is_cut_early_at_max_file(make_daemon) -> None:
     assert [label(r) for r in records_of(daemon, "big")] == [str(n) for n in range(30)]
 
 
+def test_a_file_waiting_for_its_time_is_cut_when_it_reaches_max_file(make_daemon) -> None:
+    daemon = make_daemon(firehose("grow", max_file="1KiB", minutes_between_files=60)).start()
+    post_ok(daemon, signal_record(0))  # the worker now waits an hour to cut this file
+    for n in range(1, 10):  # each commit alone is no news to it, until the file is full
+        post_ok(daemon, signal_record(n, note="x" * 100))
+    wait_until(lambda: len(records_of(daemon, "grow")) >= 6)
+    assert [label(r) for r in records_of(daemon, "grow")][:6] == [str(n) for n in range(6)]
+
+
 def test_default_names_are_utc_times_with_microseconds(make_daemon) -> None:
     daemon = make_daemon(firehose("named")).start()
     before = datetime.now(UTC)
