@@ -252,6 +252,7 @@ class Worker:
             content_type=formats.CONTENT_TYPES[fmt],
             content_encoding="gzip" if compression == "gzip" else None,
             keys=[(r.id, r.session) for r in records] if stream else [],
+            data=data if stream else None,
         )
         return manifest, queue.persist_batch(manifest, data), frame_bytes
 
@@ -289,6 +290,10 @@ class Worker:
     async def _put(self, manifest: Manifest) -> None:
         """One attempt, bounded by `delivery_timeout` (a stalled server must not hang us)."""
         limit = self.firehose.config.delivery_timeout
+        queue = self.firehose.queue
+        # A stream batch, and a reload gave the firehose a channel that reads files.
+        if not self.channel.stream and manifest.data is not None:
+            await asyncio.to_thread(queue.write_data, manifest)
         try:
             async with asyncio.timeout(limit):
                 await self.channel.put(self._batch(manifest))
@@ -307,6 +312,7 @@ class Worker:
             content_type=manifest.content_type,
             content_encoding=manifest.content_encoding,
             keys=tuple((k[0], k[1]) for k in manifest.keys),
+            data=manifest.data,
         )
 
     async def _delivered(self, manifest: Manifest) -> None:

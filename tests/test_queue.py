@@ -6,6 +6,7 @@ import asyncio
 import os
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from firehosed import metrics
@@ -82,8 +83,9 @@ async def test_segments_rotate_and_cut_batches_free_them(tmp_path: Path) -> None
     assert again.batch_path(again.batches[0]).read_bytes() == b"abc"
 
 
-def cut(queue: FirehoseQueue, name: str, data: bytes = b"abc") -> None:
-    """Cut every committed record into one batch named `name`."""
+def cut(queue: FirehoseQueue, name: str, data: bytes = b"abc", *, stream: bool = False) -> None:
+    """Cut every committed record into one batch named `name` (its bytes held in its
+    manifest when `stream`, as the worker does for stream channels)."""
     records, end, framed = queue.read(1 << 30, 1 << 30)
     manifest = queue.new_manifest(
         name=name,
@@ -95,6 +97,7 @@ def cut(queue: FirehoseQueue, name: str, data: bytes = b"abc") -> None:
         content_type="x",
         base=name,
         suffix=0,
+        data=data if stream else None,
     )
     queue.add_batch(manifest, queue.persist_batch(manifest, data), framed)
 
@@ -140,6 +143,71 @@ async def test_recovery_clears_what_a_crash_left_of_a_delivered_batch(tmp_path: 
     assert sorted(p.name for p in again.batches_dir.iterdir()) == ["2.done"]
     assert not again.batches and again.staged_records == 0
     assert again.state.next_batch == 3
+
+
+async def test_a_stream_batch_is_one_manifest_file_holding_its_bytes(tmp_path: Path) -> None:
+    queue = open_queue(tmp_path)
+    await append(queue, range(10))
+    cut(queue, "s1", b"[1,2,3]", stream=True)
+    assert sorted(p.name for p in queue.batches_dir.iterdir()) == ["1.json"]
+    queue.close()
+    again = open_queue(tmp_path)
+    assert [(b.name, b.data) for b in again.batches] == [("s1", b"[1,2,3]")]
+    assert again.staged_records == 0 and again.state.next_batch == 2
+    deliver_oldest(again)
+    assert sorted(p.name for p in again.batches_dir.iterdir()) == ["1.done"]
+
+
+@pytest.mark.parametrize("keep", [0, 1, 40])
+async def test_a_torn_stream_manifest_is_discarded_and_its_records_cut_again(
+    tmp_path: Path, keep: int
+) -> None:
+    """A crash while the manifest was written in place, before its sync (`keep` bytes
+    of it reached the disk): the batch was never attempted; nothing is lost."""
+    queue = open_queue(tmp_path)
+    await append(queue, range(5))
+    cut(queue, "s1", b"[1]", stream=True)
+    await append(queue, range(5, 10))
+    cut(queue, "s2", b"[2]", stream=True)
+    torn = queue.batches_dir / "2.json"
+    torn.write_bytes(torn.read_bytes()[:keep])
+    queue.close()
+    again = open_queue(tmp_path)
+    assert not torn.exists()
+    assert [b.name for b in again.batches] == ["s1"]  # the older batch stands
+    records, _, _ = again.read(1 << 30, 1 << 30)
+    assert [r.id for r in records] == [f"id{n}" for n in range(5, 10)]
+    assert again.state.next_batch == 2  # the number is used again
+
+
+async def test_an_unreadable_older_manifest_is_an_error_not_a_silent_loss(
+    tmp_path: Path,
+) -> None:
+    queue = open_queue(tmp_path)
+    for n in range(2):
+        await append(queue, range(n * 5, n * 5 + 5))
+        cut(queue, f"s{n}", b"[]", stream=True)
+    (queue.batches_dir / "1.json").write_bytes(b'{"no": 1, "id"')
+    queue.close()
+    with pytest.raises(msgspec.DecodeError):
+        open_queue(tmp_path)
+
+
+async def test_a_dead_stream_batch_gets_a_data_file_and_comes_back_by_replay(
+    tmp_path: Path,
+) -> None:
+    queue = open_queue(tmp_path)
+    await append(queue, range(5))
+    cut(queue, "s1", b"[1,2]", stream=True)
+    dead = tmp_path / "dead" / "fh"
+    manifest = queue.batches[0]
+    queue.move_batch(manifest, dead)
+    queue.drop_batch(manifest)
+    assert sorted(p.name for p in dead.iterdir()) == ["1.data", "1.json"]
+    assert (dead / "1.data").read_bytes() == b"[1,2]"
+    assert not list(queue.batches_dir.glob("*.json"))
+    back = queue.adopt(dead / "1.json")
+    assert back.data is None and queue.batch_path(back).read_bytes() == b"[1,2]"
 
 
 async def test_torn_tail_is_truncated_at_every_offset(tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from tests.daemon import BASE_CONFIG, Daemon, signal_record, wait_until
+from tests.daemon import BASE_CONFIG, Daemon, free_port, signal_record, wait_until
 
 EVENT_TIME = datetime(2026, 11, 23, 10, 0, tzinfo=UTC)  # the time signal_record() carries
 
@@ -216,6 +216,21 @@ def test_paused_stages_and_a_reload_delivers_the_backlog(make_daemon) -> None:
     assert daemon.status()["firehoses"]["held"]["paused"] is False
     events = [e["event"] for e in daemon.events()]
     assert events.index("config.reloaded") < events.index("batch.delivered")
+
+
+def test_a_stream_batch_reaches_a_file_channel_after_a_reload(make_daemon) -> None:
+    """A webhook batch holds its bytes in its manifest; when a reload points the
+    firehose at a channel that reads files, they are written out and delivered."""
+    down = f'\n[channels.hook]\ntype = "webhook"\nurl = "http://127.0.0.1:{free_port()}/x"\n'
+    daemon = make_daemon(down + firehose("moved").replace('channel = "moved"', 'channel = "hook"'))
+    daemon.start()
+    post_ok(daemon, [signal_record(n) for n in range(3)])
+    wait_until(lambda: daemon.events("batch.failed"))  # cut, and refused
+    daemon.write_config(firehose("moved"))
+    daemon.signal(signal.SIGHUP)
+    assert [label(r) for r in wait_records(daemon, "moved", 3)] == ["0", "1", "2"]
+    (path,) = files_of(daemon, "moved")
+    assert path.name.endswith(".json")  # the batch as it was cut for the webhook
 
 
 def test_an_account_without_a_firehose_gets_the_fallback(make_daemon) -> None:

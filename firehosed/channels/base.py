@@ -8,6 +8,7 @@ object named `batch.name` holding `batch.path`'s bytes (temp name + rename, or o
 from __future__ import annotations
 
 import abc
+import asyncio
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -19,7 +20,8 @@ class Batch:
 
     `name` is relative to the channel's root (it may contain `/`, e.g. the fallback
     firehose's `{account}/Firehose/` prefix). `path` is the local file holding exactly
-    the bytes to deliver. `id` is stable across retries and restarts.
+    the bytes to deliver, except for a stream batch, whose bytes are `data` (stream
+    channels call `read()`). `id` is stable across retries and restarts.
     """
 
     id: str
@@ -34,6 +36,13 @@ class Batch:
     # (record id, session) per record, in file order; filled for stream channels only,
     # for per-record keys (SQS MessageDeduplicationId/MessageGroupId, Pub/Sub orderingKey).
     keys: tuple[tuple[str, str | None], ...] = ()
+    data: bytes | None = None
+
+    async def read(self) -> bytes:
+        """The bytes to deliver: `data`, else the file at `path` (read in a thread)."""
+        if self.data is not None:
+            return self.data
+        return await asyncio.to_thread(self.path.read_bytes)
 
 
 class Channel(abc.ABC):

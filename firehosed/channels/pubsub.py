@@ -29,7 +29,6 @@ import zlib
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import ClassVar
 from urllib.parse import urlencode
 
@@ -377,8 +376,7 @@ def _requests(
         yield Publish(next(numbers), key, messages)
 
 
-def _read_records(path: Path, encoding: str | None) -> list[bytes]:
-    data = path.read_bytes()
+def _records(data: bytes, encoding: str | None) -> list[bytes]:
     if encoding == "gzip":
         data = gzip.decompress(data)
     lines = data.split(b"\n")
@@ -424,7 +422,7 @@ class PubSubChannel(Channel):
 
     async def put(self, batch: Batch) -> None:
         try:
-            records = await asyncio.to_thread(_read_records, batch.path, batch.content_encoding)
+            records = _records(await batch.read(), batch.content_encoding)
         except (OSError, EOFError, zlib.error) as exc:
             raise DeliveryError(f"cannot read batch file {batch.path}: {exc}") from exc
         if len(records) != len(batch.keys):

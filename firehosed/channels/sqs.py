@@ -109,7 +109,7 @@ class SqsChannel(Channel):
 
     async def put(self, batch: Batch) -> None:
         try:
-            data = await asyncio.to_thread(batch.path.read_bytes)
+            data = await batch.read()
             entries = self._entries(batch, data)
             client = await self._client.get()
             # One request at a time, in file order: FIFO groups keep the records' order.

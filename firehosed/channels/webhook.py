@@ -13,7 +13,6 @@ or a network error is retried by the worker, no sooner than the answer's Retry-A
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import hashlib
@@ -179,7 +178,7 @@ class WebhookChannel(Channel):
 
     async def put(self, batch: Batch) -> None:
         try:
-            body = await asyncio.to_thread(batch.path.read_bytes)
+            body = await batch.read()
         except OSError as exc:
             raise DeliveryError(
                 f"cannot read batch file {batch.path}: {exc.strerror or exc}"

@@ -4,7 +4,10 @@ Layout under `storage.dir/queues/<firehose>/`:
 
     segments/<n>.seg      framed records (see frames.py); appended by group commit
     batches/<n>.data      a cut batch's file bytes, exactly as delivered
-    batches/<n>.json      its manifest (name, id, records, source end); written last
+    batches/<n>.json      its manifest (name, id, records, source end); written last.
+                          A stream batch (webhook, queues) has no .data: its few bytes
+                          are inside its manifest, so fixing it costs one file and one
+                          journal commit instead of three, on its latency path
     batches/<n>.done      the manifest of the newest delivered batch (a tombstone)
     state.json            cursor (first record not yet in a batch) and naming state
 
@@ -14,9 +17,11 @@ tombstone: state.json is written only when a batch leaves without a tombstone
 
 Invariants: a record is acknowledged only after its segment bytes are synced (in
 `fsync` durability); a batch's .data is synced before its manifest is renamed into
-place, and the cursor moves past its records only after that; a segment is deleted only
-when the cursor is past its end. Recovery therefore never loses a record and never
-re-batches one that a manifest already holds.
+place (a stream batch's manifest is written in place and synced: only the newest
+manifest can be torn, and recovery discards it, its records not yet delivered), and the
+cursor moves past its records only after that; a segment is deleted only when the
+cursor is past its end. Recovery therefore never loses a record and never re-batches
+one that a manifest already holds.
 """
 
 from __future__ import annotations
@@ -61,6 +66,8 @@ class Manifest(msgspec.Struct, kw_only=True):
     # The naming state after this batch (state.json may lag behind the newest manifest).
     base: str = ""
     suffix: int = 0
+    # A stream batch's bytes, held in its manifest (there is no .data file).
+    data: bytes | None = None
 
 
 class State(msgspec.Struct, kw_only=True):
@@ -170,7 +177,16 @@ class FirehoseQueue:
             self._take_state(msgspec.json.decode(tombstones[-1].read_bytes(), type=Manifest))
             self._newest_tombstone = int(tombstones[-1].stem)
         for path in manifests:
-            manifest = msgspec.json.decode(path.read_bytes(), type=Manifest)
+            try:
+                manifest = msgspec.json.decode(path.read_bytes(), type=Manifest)
+            except msgspec.DecodeError:
+                if path != manifests[-1]:
+                    raise
+                # A stream batch's manifest is written in place: cut short by a crash
+                # before its sync, it was never attempted; its records are cut again.
+                log.warning("queue.torn_batch", firehose=self.firehose, batch=path.name)
+                path.unlink()
+                continue
             self.batches.append(manifest)
             self.batch_bytes += manifest.size
             self.disk_bytes += manifest.size
@@ -334,17 +350,28 @@ class FirehoseQueue:
     def persist_batch(self, manifest: Manifest, data: bytes) -> int:
         """Write a cut batch durably and move the cursor past it; return bytes freed (thread).
 
-        Three syncs (data, manifest, directory). state.json is not written here: the
-        manifest, and the tombstone it becomes once delivered, carry the cursor and
-        naming state for recovery.
+        A file batch: three syncs (data, manifest, directory). A stream batch (its bytes
+        in `manifest.data`): its manifest alone, written in place, one file sync and a
+        directory sync, which the file system mostly commits as one. state.json is not
+        written here: the manifest, and the tombstone it becomes once delivered, carry
+        the cursor and naming state for recovery.
         """
-        with open(self.batch_path(manifest), "wb") as f:
-            f.write(data)
-            if self.sync:
-                f.flush()
-                os.fsync(f.fileno())
         manifest_path = self.batches_dir / f"{manifest.no}.json"
-        write_durably(manifest_path, msgspec.json.encode(manifest), self.sync)
+        if manifest.data is not None:
+            with open(manifest_path, "wb") as f:
+                f.write(msgspec.json.encode(manifest))
+                if self.sync:
+                    f.flush()
+                    os.fsync(f.fileno())
+            if self.sync:
+                fsync_path(self.batches_dir)
+        else:
+            with open(self.batch_path(manifest), "wb") as f:
+                f.write(data)
+                if self.sync:
+                    f.flush()
+                    os.fsync(f.fileno())
+            write_durably(manifest_path, msgspec.json.encode(manifest), self.sync)
         self.state = msgspec.structs.replace(
             self.state, cursor=manifest.end, next_batch=manifest.no + 1
         )
@@ -391,8 +418,19 @@ class FirehoseQueue:
         return freed
 
     def batch_path(self, manifest: Manifest) -> Path:
-        """The local file holding a batch's bytes."""
+        """The local file holding a batch's bytes (for a stream batch, once `write_data`
+        has put them there)."""
         return self.batches_dir / f"{manifest.no}.data"
+
+    def write_data(self, manifest: Manifest, path: Path | None = None) -> None:
+        """Write a stream batch's bytes out to a file, synced (thread): for a channel
+        that reads files (the firehose's channel changed) or the dead-letter store."""
+        assert manifest.data is not None
+        with open(path or self.batch_path(manifest), "wb") as f:
+            f.write(manifest.data)
+            if self.sync:
+                f.flush()
+                os.fsync(f.fileno())
 
     def unique_name(self, base: str) -> str:
         """`base`, or `base-1`, `base-2`… when the last batch had the same base name."""
@@ -427,11 +465,22 @@ class FirehoseQueue:
         return self.batches_dir / f"{number}.done"
 
     def move_batch(self, manifest: Manifest, target: Path) -> None:
-        """Move a batch's files to `target` (the dead-letter store) durably (thread)."""
+        """Move a batch's files to `target` (the dead-letter store) durably (thread).
+
+        There a batch is always a .data file and its manifest: a stream batch's bytes
+        are written out first (a crash in between leaves it in both places: sent twice
+        at most, never lost).
+        """
         self._save_state()
         target.mkdir(parents=True, exist_ok=True)
-        os.replace(self.batch_path(manifest), target / f"{manifest.no}.data")
-        os.replace(self.batches_dir / f"{manifest.no}.json", target / f"{manifest.no}.json")
+        if manifest.data is not None:
+            self.write_data(manifest, target / f"{manifest.no}.data")
+            bare = msgspec.structs.replace(manifest, data=None)
+            write_durably(target / f"{manifest.no}.json", msgspec.json.encode(bare), self.sync)
+            (self.batches_dir / f"{manifest.no}.json").unlink()
+        else:
+            os.replace(self.batch_path(manifest), target / f"{manifest.no}.data")
+            os.replace(self.batches_dir / f"{manifest.no}.json", target / f"{manifest.no}.json")
         if self.sync:
             fsync_path(target)
             fsync_path(self.batches_dir)
