@@ -130,7 +130,7 @@ class Routing:
         if queue.append(framed, 1):
             self.router.committer.mark(queue)
 
-    def _replay(self, routes: AccountRoutes, ring: list[bytes], identifying: Record) -> None:
+    def _replay(self, routes: AccountRoutes, ring: tuple[bytes, ...], identifying: Record) -> None:
         """Re-send a session's buffered signals with the person, then the `pi` record."""
         person = identifying.person
         assert person is not None
