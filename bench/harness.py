@@ -28,6 +28,7 @@ from pathlib import Path
 
 from bench import (
     ceilings,
+    decompose,
     hotspots,
     latency_figures,
     memory,
@@ -111,11 +112,17 @@ class Run:
             result=self.write,
             commands=[write_command.replace(str(settings.work), "$WORK")],
         )
+        if single.passed is False:  # a measurement, not a profiler: also in --quick
+            say("decomposing: single-signal POST")
+            single.profile += decompose.table(settings)
         if settings.profile:
             for figure, scenario in ((single, throughput.SINGLE), (batch, throughput.BATCH_1000)):
                 if figure.passed is False:
                     say(f"profiling: {figure.title}")
-                    figure.profile = throughput.profile_scenario(scenario, settings, figure.title)
+                    figure.profile += [
+                        *([""] if figure.profile else []),
+                        *throughput.profile_scenario(scenario, settings, figure.title),
+                    ]
             for scenario in fallen:
                 say(f"profiling: cost curve, {scenario.label()}")
                 curve.profile += [
