@@ -21,11 +21,10 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from bench import fixtures, wrk
 from bench.procs import Daemon, NoopServer, cpu_times, firehose_toml
 from bench.report import Series
 from bench.settings import Settings, full
-from bench.throughput import SINGLE, template_for
+from bench.throughput import SINGLE, load, template_for
 
 FIREHOSE = firehose_toml("f1", format="ndjson")
 STEPS = ("no-op", "no firehose", "firehose, no match", "firehose, memory", "firehose, fsync")
@@ -86,20 +85,9 @@ def _step(step: str, settings: Settings, template: Path) -> tuple[float, float]:
 
 def _run(url: str, settings: Settings, template: Path, pid: int) -> tuple[float, float]:
     """(signals/s, CPU µs per signal) of one measured wrk run after a warm-up."""
-
-    def load(seconds: float) -> wrk.WrkResult:
-        return wrk.run(
-            url,
-            template,
-            seconds=seconds,
-            connections=SINGLE.connections,
-            content_type=SINGLE.content_type,
-            prefix=fixtures.new_prefix(),
-        )
-
-    load(settings.warmup)
+    load(url, SINGLE, template, settings.warmup)
     before = sum(cpu_times(pid))
-    result = load(settings.measure)
+    result = load(url, SINGLE, template, settings.measure)
     return result.rate, 1e6 * (sum(cpu_times(pid)) - before) / result.requests
 
 

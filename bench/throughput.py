@@ -107,7 +107,8 @@ def measure(scenario: Scenario, settings: Settings, reps: int, noop: NoopServer)
     return measured
 
 
-def _wrk(url: str, scenario: Scenario, template: Path, seconds: float) -> wrk.WrkResult:
+def load(url: str, scenario: Scenario, template: Path, seconds: float) -> wrk.WrkResult:
+    """One wrk run of `scenario`'s requests against `url`, fresh ids."""
     return wrk.run(
         url,
         template,
@@ -127,8 +128,8 @@ def _noop_step(
     out: Measured,
     rep: int,
 ) -> None:
-    _wrk(noop.signals_url, scenario, template, settings.warmup)
-    result = _wrk(noop.signals_url, scenario, template, settings.measure)
+    load(noop.signals_url, scenario, template, settings.warmup)
+    result = load(noop.signals_url, scenario, template, settings.measure)
     out.noop.add(result.rate * scenario.batch)
     out.commands.append(result.command.replace(str(noop.port), "NOOP_PORT"))
 
@@ -145,9 +146,9 @@ def _daemon_step(
     root = settings.work / f"{scenario.key}-{rep}"
     daemon = Daemon(root, scenario.tables(), account_keys=scenario.account_keys(settings)).start()
     try:
-        _wrk(daemon.signals_url, scenario, template, settings.warmup)
+        load(daemon.signals_url, scenario, template, settings.warmup)
         before, written, cpu = daemon.metrics(), write_bytes(daemon.pid), cpu_times(daemon.pid)
-        result = _wrk(daemon.signals_url, scenario, template, settings.measure)
+        result = load(daemon.signals_url, scenario, template, settings.measure)
         after, written = daemon.metrics(), write_bytes(daemon.pid) - written
         user, system = (b - a for a, b in zip(cpu, cpu_times(daemon.pid), strict=True))
         out.disk.add(written / result.seconds / 1e6)
@@ -182,10 +183,10 @@ def profile_scenario(scenario: Scenario, settings: Settings, heading: str) -> li
     daemon = Daemon(root, scenario.tables(), account_keys=scenario.account_keys(settings)).start()
     raw = settings.work / f"profile-{scenario.key}.txt"
     try:
-        _wrk(daemon.signals_url, scenario, template, settings.warmup)
+        load(daemon.signals_url, scenario, template, settings.warmup)
         spy = profile.record(daemon.pid, settings.profile_seconds, raw)
         time.sleep(0.3)  # let py-spy attach before the load starts
-        _wrk(daemon.signals_url, scenario, template, settings.profile_seconds + 1.0)
+        load(daemon.signals_url, scenario, template, settings.profile_seconds + 1.0)
         _, errors = spy.communicate(timeout=60)
         if spy.returncode != 0 or not raw.exists():
             return [f"{heading}: py-spy failed: {errors.decode(errors='replace')[-500:]}"]
