@@ -79,7 +79,8 @@ def test_crash_around_the_upload_resends_the_same_file(make_daemon, point: str) 
     assert len(fixed) == 1
     ((name, data),) = fixed.values()
     daemon.start()
-    wait_until(daemon.files)
+    # Done re-sending (after batch.after_put the file is already there before it starts).
+    wait_until(lambda: daemon.status()["firehoses"]["files"]["batches_pending"] == 0)
     assert [p.name for p in daemon.files()] == [name]
     assert daemon.files()[0].read_bytes() == data
     assert ids(daemon.delivered()) == ids(records)
@@ -109,5 +110,6 @@ def test_no_part_file_survives_a_mid_upload_crash(make_daemon) -> None:
     wait_until(lambda: crashed(daemon))
     assert list(daemon.export.glob("**/.*.part"))  # the crash left a half-written part
     daemon.start()
-    wait_until(daemon.files)
+    wait_until(lambda: daemon.status()["firehoses"]["files"]["batches_pending"] == 0)
+    assert daemon.files()
     assert not list(daemon.export.glob("**/.*.part"))
