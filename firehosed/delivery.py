@@ -291,8 +291,13 @@ class Worker:
         """One attempt, bounded by `delivery_timeout` (a stalled server must not hang us)."""
         limit = self.firehose.config.delivery_timeout
         queue = self.firehose.queue
-        # A stream batch, and a reload gave the firehose a channel that reads files.
-        if not self.channel.stream and manifest.data is not None:
+        # A stream batch, and a reload gave the firehose a channel that reads files:
+        # written out once (atomically), not on every retry.
+        if (
+            not self.channel.stream
+            and manifest.data is not None
+            and not queue.batch_path(manifest).exists()
+        ):
             await asyncio.to_thread(queue.write_data, manifest)
         try:
             async with asyncio.timeout(limit):

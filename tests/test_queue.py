@@ -102,6 +102,13 @@ def cut(queue: FirehoseQueue, name: str, data: bytes = b"abc", *, stream: bool =
     queue.add_batch(manifest, queue.persist_batch(manifest, data), framed)
 
 
+async def cut_batches(queue: FirehoseQueue, count: int, size: int, *, stream: bool) -> None:
+    """`count` batches of `size` fresh records each, appended and cut in turn (b0, b1…)."""
+    for n in range(count):
+        await append(queue, range(n * size, (n + 1) * size))
+        cut(queue, f"b{n}", b"[]" if stream else b"abc", stream=stream)
+
+
 def deliver_oldest(queue: FirehoseQueue) -> None:
     """Forget the oldest batch as the worker does once it is delivered."""
     manifest = queue.batches[0]
@@ -131,9 +138,7 @@ async def test_delivered_batches_leave_one_tombstone_that_carries_the_state(
 
 async def test_recovery_clears_what_a_crash_left_of_a_delivered_batch(tmp_path: Path) -> None:
     queue = open_queue(tmp_path)
-    for n in range(2):
-        await append(queue, range(n * 10, n * 10 + 10))
-        cut(queue, f"b{n}")
+    await cut_batches(queue, 2, 10, stream=False)
     deliver_oldest(queue)
     # A crash after the second tombstone's sync, before its data and the older
     # tombstone were removed.
@@ -184,9 +189,7 @@ async def test_an_unreadable_older_manifest_is_an_error_not_a_silent_loss(
     tmp_path: Path,
 ) -> None:
     queue = open_queue(tmp_path)
-    for n in range(2):
-        await append(queue, range(n * 5, n * 5 + 5))
-        cut(queue, f"s{n}", b"[]", stream=True)
+    await cut_batches(queue, 2, 5, stream=True)
     (queue.batches_dir / "1.json").write_bytes(b'{"no": 1, "id"')
     queue.close()
     with pytest.raises(msgspec.DecodeError):

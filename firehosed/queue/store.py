@@ -103,14 +103,19 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def write_durably(path: Path, data: bytes, sync: bool) -> None:
-    """Write `path` atomically: temp file, fsync, rename, fsync directory."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+def write_synced(path: Path, data: bytes, sync: bool) -> None:
+    """Write `path` in place, and fsync it when `sync` (its directory entry is not)."""
+    with open(path, "wb") as f:
         f.write(data)
         if sync:
             f.flush()
             os.fsync(f.fileno())
+
+
+def write_durably(path: Path, data: bytes, sync: bool) -> None:
+    """Write `path` atomically: temp file, fsync, rename, fsync directory."""
+    tmp = path.with_name(path.name + ".tmp")
+    write_synced(tmp, data, sync)
     os.replace(tmp, path)
     if sync:
         fsync_path(path.parent)
@@ -358,19 +363,11 @@ class FirehoseQueue:
         """
         manifest_path = self.batches_dir / f"{manifest.no}.json"
         if manifest.data is not None:
-            with open(manifest_path, "wb") as f:
-                f.write(msgspec.json.encode(manifest))
-                if self.sync:
-                    f.flush()
-                    os.fsync(f.fileno())
+            write_synced(manifest_path, msgspec.json.encode(manifest), self.sync)
             if self.sync:
                 fsync_path(self.batches_dir)
         else:
-            with open(self.batch_path(manifest), "wb") as f:
-                f.write(data)
-                if self.sync:
-                    f.flush()
-                    os.fsync(f.fileno())
+            write_synced(self.batch_path(manifest), data, self.sync)
             write_durably(manifest_path, msgspec.json.encode(manifest), self.sync)
         self.state = msgspec.structs.replace(
             self.state, cursor=manifest.end, next_batch=manifest.no + 1
@@ -423,14 +420,11 @@ class FirehoseQueue:
         return self.batches_dir / f"{manifest.no}.data"
 
     def write_data(self, manifest: Manifest, path: Path | None = None) -> None:
-        """Write a stream batch's bytes out to a file, synced (thread): for a channel
-        that reads files (the firehose's channel changed) or the dead-letter store."""
+        """Write a stream batch's bytes out to a file, atomically (thread): for a channel
+        that reads files (the firehose's channel changed) or the dead-letter store. A
+        file that exists holds the whole batch."""
         assert manifest.data is not None
-        with open(path or self.batch_path(manifest), "wb") as f:
-            f.write(manifest.data)
-            if self.sync:
-                f.flush()
-                os.fsync(f.fileno())
+        write_durably(path or self.batch_path(manifest), manifest.data, self.sync)
 
     def unique_name(self, base: str) -> str:
         """`base`, or `base-1`, `base-2`… when the last batch had the same base name."""
