@@ -309,6 +309,19 @@ def test_json_is_one_array_of_the_records_byte_for_byte(make_daemon) -> None:
     assert path.read_bytes() == b"[" + b",".join(raws) + b"]"
 
 
+def test_ndjson_is_one_line_per_record_byte_for_byte_unless_it_spans_lines(
+    make_daemon,
+) -> None:
+    daemon = make_daemon(firehose("lines", format="ndjson")).start()
+    compact = b'{"type":"pd", "signal_id": {"$oid": "a1"},  "x": 1.50}'
+    pretty = b'{\n  "type": "c",\r\n  "signal_id": "a2",\n  "note": "two\\nlines"\n}'
+    post_ok(daemon, b"[" + compact + b",\n" + pretty + b"]")
+    (path,) = wait_until(lambda: files_of(daemon, "lines"))
+    assert path.read_bytes() == (
+        compact + b"\n" + b'{"type":"c","signal_id":"a2","note":"two\\nlines"}\n'
+    )
+
+
 def test_json_with_a_mapping_adds_mapped_fields(make_daemon) -> None:
     daemon = make_daemon(MAPPING + firehose("mapped", format="json", mapping="cols")).start()
     record = signal_record(1, kind="c", person="p1", cart={"p": [{"prid": "cam"}], "cv": 9.5})

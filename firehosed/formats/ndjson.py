@@ -19,8 +19,11 @@ from firehosed.record import Record
 def encode(records: Sequence[Record], mapping: Mapping | None) -> bytes:
     """Each record's raw bytes (or mapped form) on its own line."""
     if mapping is None:
-        return b"".join(one_line(r.raw) + b"\n" for r in records)
-    return b"".join(with_mapped_fields(r.raw, mapping) + b"\n" for r in records)
+        lines = [one_line(r.raw) for r in records]
+    else:
+        lines = [with_mapped_fields(r.raw, mapping) for r in records]
+    lines.append(b"")  # the last line ends with a newline too
+    return b"\n".join(lines)  # one copy of the batch, not one per line and one more
 
 
 def one_line(raw: bytes) -> bytes:

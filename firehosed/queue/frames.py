@@ -11,7 +11,7 @@ from __future__ import annotations
 import struct
 import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from typing import NamedTuple
 
 MAGIC = b"\xfb\x1e"
 HEADER = struct.Struct("<2sII")
@@ -23,13 +23,16 @@ def frame(payload: bytes) -> bytes:
     return HEADER.pack(MAGIC, len(payload), zlib.crc32(payload)) + payload
 
 
-@dataclass(frozen=True, slots=True)
-class Span:
-    """A run of a segment: an intact frame (`payload` set) or corrupt bytes (`payload` None)."""
+class Span(NamedTuple):
+    """A run of a segment: an intact frame (`payload` set) or corrupt bytes (`payload` None).
+
+    `payload` is a view into the scanned data, not a copy: decode it or copy it before
+    the data goes (a NamedTuple, not a dataclass: a batch cut makes one per record).
+    """
 
     start: int
     end: int
-    payload: bytes | None
+    payload: memoryview | None
 
 
 def scan(data: bytes | memoryview, start: int = 0) -> Iterator[Span]:
@@ -52,14 +55,14 @@ def scan(data: bytes | memoryview, start: int = 0) -> Iterator[Span]:
         pos = resume
 
 
-def _frame_at(view: memoryview, pos: int) -> bytes | None:
+def _frame_at(view: memoryview, pos: int) -> memoryview | None:
     if pos + HEADER.size > len(view):
         return None
     magic, length, crc = HEADER.unpack_from(view, pos)
     end = pos + HEADER.size + length
     if magic != MAGIC or length > MAX_PAYLOAD or end > len(view):
         return None
-    payload = bytes(view[pos + HEADER.size : end])
+    payload = view[pos + HEADER.size : end]
     return payload if zlib.crc32(payload) == crc else None
 
 

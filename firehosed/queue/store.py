@@ -236,7 +236,7 @@ class FirehoseQueue:
             self.disk_bytes += len(good)
             self.committed = (number, len(good))
 
-    def _count_staged(self, payload: bytes) -> None:
+    def _count_staged(self, payload: memoryview) -> None:
         if self.staged_records == 0:
             self.staged_since = decoder.decode(payload).received
         self.staged_records += 1
@@ -575,17 +575,18 @@ class _Reading:
     def _frames(self, data: bytes) -> int:
         """Decode whole frames from `data` until full; the bytes used."""
         used = 0
-        for span in scan(data):
-            if span.payload is None:
-                if span.end == len(data):
+        records, decode = self.records, decoder.decode  # per record: keep lookups out
+        for start, end, payload in scan(data):
+            if payload is None:
+                if end == len(data):
                     break  # an incomplete frame at the chunk's end: read on from it
-                used = span.end  # corrupt bytes (quarantined at recovery): skip
+                used = end  # corrupt bytes (quarantined at recovery): skip
                 continue
-            record = decoder.decode(span.payload)
-            self.records.append(record)
+            record = decode(payload)
+            records.append(record)
             self.size += len(record.raw)
-            self.framed += span.end - span.start
-            used = span.end
-            if self.full():
+            self.framed += end - start
+            used = end
+            if self.size >= self.limit_bytes or len(records) >= self.limit_records:
                 break
         return used
