@@ -5,6 +5,9 @@ harness also measures the steps in between, each a real `firehosed run` under th
 wrk load and pinning (daemon CPU 0, wrk CPU 1), alternating within every repetition:
 
 - no-op: bench/noop_server.py, the ceiling;
+- no-op, durable: the same handler, but it answers only after appending the body to a
+  file with a group-committed fdatasync (`--journal`): what durability alone costs an
+  aiohttp handler on this machine, whatever else it does;
 - no firehose: auth, body, envelope, dedupe and the 202; nothing is queued;
 - firehose, no match: also routing (record encoding, framing, catch-up bookkeeping),
   but the firehose's `types` admits nothing, so nothing is appended or synced;
@@ -12,7 +15,8 @@ wrk load and pinning (daemon CPU 0, wrk CPU 1), alternating within every repetit
 - firehose, fsync: the real thing (`durability = fsync`).
 
 Each step's signals/s and CPU per signal (all threads, /proc) show what each layer
-costs. Alone: `python -m bench.decompose` prints the table (the full run's settings).
+costs; bench/cutcost.py then splits out a file batch cut, the batch worker's share.
+Alone: `python -m bench.decompose` prints the table (the full run's settings).
 """
 
 from __future__ import annotations
@@ -21,13 +25,21 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from bench import cutcost
 from bench.procs import Daemon, NoopServer, cpu_times, firehose_toml
 from bench.report import Series
 from bench.settings import Settings, full
 from bench.throughput import SINGLE, load, template_for
 
 FIREHOSE = firehose_toml("f1", format="ndjson")
-STEPS = ("no-op", "no firehose", "firehose, no match", "firehose, memory", "firehose, fsync")
+STEPS = (
+    "no-op",
+    "no-op, durable",
+    "no firehose",
+    "firehose, no match",
+    "firehose, memory",
+    "firehose, fsync",
+)
 
 
 def table(settings: Settings) -> list[str]:
@@ -41,9 +53,15 @@ def table(settings: Settings) -> list[str]:
             rates[step].add(rate)
             costs[step].add(cost)
     noop = rates["no-op"].median
+    durable = rates["no-op, durable"].median
     lines = [
         "Single-signal POST, decomposed (bench/decompose.py): the same load against the"
         " daemon with parts of its work taken away; each step adds one layer.",
+        "",
+        f"The durable no-op (the no-op handler plus a group-committed fdatasync before the"
+        f" 202) reaches {durable / noop:.2f} x the no-op: what durability alone costs an"
+        f" aiohttp handler here. The daemon reaches"
+        f" {rates['firehose, fsync'].median / durable:.2f} x the durable no-op.",
         "",
         "| step | signals/s | ratio to no-op | CPU per signal, all threads |",
         "| --- | --- | --- | --- |",
@@ -51,7 +69,8 @@ def table(settings: Settings) -> list[str]:
     for step in STEPS:
         ratio = rates[step].median / noop
         lines.append(f"| {step} | {rates[step].text()} | {ratio:.2f} x | {costs[step].text()} |")
-    return lines
+    records = 10_000 if settings.quick else 75_000  # 75k: about one 64 MiB batch
+    return [*lines, "", cutcost.line(settings.work, records)]
 
 
 def _config(text: str, step: str) -> str:
@@ -66,12 +85,15 @@ def _config(text: str, step: str) -> str:
 
 
 def _step(step: str, settings: Settings, template: Path) -> tuple[float, float]:
-    if step == "no-op":
-        noop = NoopServer.start()
+    if step.startswith("no-op"):
+        journal = settings.work / "journal" if step == "no-op, durable" else None
+        noop = NoopServer.start(journal=journal)
         try:
             return _run(noop.signals_url, settings, template, noop.proc.pid)
         finally:
             noop.stop()
+            if journal:
+                journal.unlink(missing_ok=True)
     root = settings.work / "decompose"
     daemon = Daemon(root, FIREHOSE)
     daemon.write_config(_config(daemon.config_path.read_text(), step))

@@ -9,13 +9,19 @@ With `--relay URL` it is the latency ceiling instead: after the 202 it POSTs the
 request's records as one JSON array to URL (a webhook), as the daemon does after its
 fsync and batch cut: the two HTTP hops any POST → webhook path must pay.
 
-Run: python -m bench.noop_server --port N [--relay URL]
+With `--journal FILE` it is the durable floor (bench/decompose.py): before the 202 it
+appends the body to FILE and waits for an fdatasync shared by every request waiting at
+the time (group commit, in a thread): the least any handler that answers only once a
+signal is on disk must do on top of the no-op.
+
+Run: python -m bench.noop_server --port N [--relay URL] [--journal FILE]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 
 import aiohttp
 import msgspec
@@ -33,6 +39,40 @@ CLIENT: web.AppKey[aiohttp.ClientSession] = web.AppKey("client")
 _pending: set[asyncio.Task[None]] = set()
 
 
+class Journal:
+    """Append-only file with group commit: one write and fdatasync per round."""
+
+    def __init__(self, path: str) -> None:
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        self.bodies: list[bytes] = []
+        self.waiters: list[asyncio.Future[None]] = []
+        self.task: asyncio.Task[None] | None = None
+
+    async def append(self, body: bytes) -> None:
+        """Return once `body` is written and synced."""
+        waiter = asyncio.get_running_loop().create_future()
+        self.bodies.append(body)
+        self.waiters.append(waiter)
+        if self.task is None or self.task.done():
+            self.task = asyncio.create_task(self._commit())
+        await waiter
+
+    async def _commit(self) -> None:
+        while self.bodies:
+            data, self.bodies = b"".join(self.bodies), []
+            waiters, self.waiters = self.waiters, []
+            await asyncio.to_thread(self._write, data)
+            for waiter in waiters:
+                waiter.set_result(None)
+
+    def _write(self, data: bytes) -> None:
+        os.write(self.fd, data)
+        os.fdatasync(self.fd)
+
+
+JOURNAL: web.AppKey[Journal] = web.AppKey("journal")
+
+
 async def post_signals(request: web.Request) -> web.Response:
     """Decode the body into Signals; 202 with the count (and relay the records)."""
     body = await request.read()
@@ -43,6 +83,8 @@ async def post_signals(request: web.Request) -> web.Response:
         decoded = _one_or_many.decode(body)
         count = len(decoded) if isinstance(decoded, list) else 1
         array = body if isinstance(decoded, list) else b"[" + body + b"]"
+    if JOURNAL in request.app:
+        await request.app[JOURNAL].append(body)
     if RELAY in request.app:
         task = asyncio.create_task(_relay(request.app, array))
         _pending.add(task)
@@ -65,11 +107,13 @@ async def healthz(request: web.Request) -> web.Response:
     return web.Response(text="ok")
 
 
-async def serve(port: int, relay: str | None) -> None:
+async def serve(port: int, relay: str | None, journal: str | None) -> None:
     """Serve until killed."""
     app = web.Application(client_max_size=64 << 20)
     app.router.add_post("/v1/accounts/{account}/signals", post_signals)
     app.router.add_get("/healthz", healthz)
+    if journal:
+        app[JOURNAL] = Journal(journal)
     if relay:
         app[RELAY] = relay
         app[CLIENT] = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
@@ -87,9 +131,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--relay", help="POST each request's records to this URL after 202")
+    parser.add_argument("--journal", help="append and fdatasync each body here before 202")
     args = parser.parse_args()
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(serve(args.port, args.relay))
+        runner.run(serve(args.port, args.relay, args.journal))
 
 
 if __name__ == "__main__":

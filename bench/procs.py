@@ -281,11 +281,13 @@ class NoopServer:
         return f"http://127.0.0.1:{self.port}/v1/accounts/{ACCOUNT}/signals"
 
     @classmethod
-    def start(cls, relay: str | None = None) -> NoopServer:
+    def start(cls, relay: str | None = None, journal: Path | None = None) -> NoopServer:
         port = free_port()
         argv = pinned(SERVER_CPU, [PYTHON, "-m", "bench.noop_server", "--port", str(port)])
         if relay:
             argv += ["--relay", relay]
+        if journal:
+            argv += ["--journal", str(journal)]
         proc = subprocess.Popen(argv, cwd=REPO, stdin=subprocess.DEVNULL)
         server = cls(port, proc, argv)
         wait_until(server._up, 30, "no-op server")

@@ -245,6 +245,7 @@ def batch_1000(settings: Settings, noop: NoopServer) -> tuple[Figure, Measured]:
         result, command = ceilings.run_pinned("decode", str(template), str(settings.measure))
         decode.add(result["records_per_s"])
         commands.append(command.replace(str(settings.work), "$WORK"))
+    durable = durable_noop(BATCH_1000, settings, settings.reps)
     figure = Figure(
         title="NDJSON batch of 1000, durable 202",
         target="≥ 0.9 x full-Struct decode",
@@ -261,9 +262,30 @@ def batch_1000(settings: Settings, noop: NoopServer) -> tuple[Figure, Measured]:
         f"The no-op HTTP server (reads, decodes all 1000 into Structs, 202) does "
         f"{measured.noop.text()} on the same load: the HTTP ceiling is "
         f"{measured.noop.median / decode.median:.2f} x the decode ceiling.",
+        f"The same no-op server, durable (`--journal`: each body appended to a file and "
+        f"group-committed with fdatasync before the 202) does {durable.text()}: "
+        f"{durable.median / decode.median:.2f} x the decode ceiling: what an aiohttp "
+        f"handler reaches here once it writes each body to disk before answering.",
         _cpu_note(measured),
     ]
     return figure, measured
+
+
+def durable_noop(scenario: Scenario, settings: Settings, reps: int) -> Series:
+    """signals/s of the no-op server that fdatasyncs each body before its 202."""
+    rates = Series("signals/s")
+    template = template_for(scenario, settings.work)
+    journal = settings.work / "journal"
+    for _ in range(reps):
+        noop = NoopServer.start(journal=journal)
+        try:
+            load(noop.signals_url, scenario, template, settings.warmup)
+            result = load(noop.signals_url, scenario, template, settings.measure)
+            rates.add(result.rate * scenario.batch)
+        finally:
+            noop.stop()
+            journal.unlink(missing_ok=True)
+    return rates
 
 
 def cost_curve(
