@@ -15,7 +15,7 @@ wrk load and pinning (daemon CPU 0, wrk CPU 1), alternating within every repetit
 - firehose, fsync: the real thing (`durability = fsync`).
 
 Each step's signals/s and CPU per signal (all threads, /proc) show what each layer
-costs; bench/cutcost.py then splits out a file batch cut, the batch worker's share.
+costs; bench/perrecord.py then times the daemon's own steps per record, without HTTP.
 Alone: `python -m bench.decompose` prints the table (the full run's settings).
 """
 
@@ -25,7 +25,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from bench import cutcost
+from bench import perrecord
 from bench.procs import Daemon, NoopServer, cpu_times, firehose_toml
 from bench.report import Series
 from bench.settings import Settings, full
@@ -70,7 +70,7 @@ def table(settings: Settings) -> list[str]:
         ratio = rates[step].median / noop
         lines.append(f"| {step} | {rates[step].text()} | {ratio:.2f} x | {costs[step].text()} |")
     records = 10_000 if settings.quick else 75_000  # 75k: about one 64 MiB batch
-    return [*lines, "", cutcost.line(settings.work, records)]
+    return [*lines, "", perrecord.line(settings.work, records)]
 
 
 def _config(text: str, step: str) -> str:
