@@ -4,7 +4,9 @@ The single-signal figure compares the daemon with a no-op handler. When it misse
 harness also measures the steps in between, each a real `firehosed run` under the same
 wrk load and pinning (daemon CPU 0, wrk CPU 1), alternating within every repetition:
 
-- no-op: bench/noop_server.py, the ceiling;
+- no-op: bench/noop_server.py, the ceiling (aiohttp's low-level server, as the daemon);
+- no-op, Application: the same handler behind an aiohttp Application and its router (the
+  usual way, and the ceiling until the daemon moved to the low-level server);
 - no-op, durable: the same handler, but it answers only after appending the body to a
   file with a group-committed fdatasync (`--journal`): what durability alone costs an
   aiohttp handler on this machine, whatever else it does;
@@ -34,6 +36,7 @@ from bench.throughput import SINGLE, load, template_for
 FIREHOSE = firehose_toml("f1", format="ndjson")
 STEPS = (
     "no-op",
+    "no-op, Application",
     "no-op, durable",
     "no firehose",
     "firehose, no match",
@@ -87,7 +90,7 @@ def _config(text: str, step: str) -> str:
 def _step(step: str, settings: Settings, template: Path) -> tuple[float, float]:
     if step.startswith("no-op"):
         journal = settings.work / "journal" if step == "no-op, durable" else None
-        noop = NoopServer.start(journal=journal)
+        noop = NoopServer.start(journal=journal, app=step == "no-op, Application")
         try:
             return _run(noop.signals_url, settings, template, noop.proc.pid)
         finally:

@@ -281,13 +281,17 @@ class NoopServer:
         return f"http://127.0.0.1:{self.port}/v1/accounts/{ACCOUNT}/signals"
 
     @classmethod
-    def start(cls, relay: str | None = None, journal: Path | None = None) -> NoopServer:
+    def start(
+        cls, relay: str | None = None, journal: Path | None = None, app: bool = False
+    ) -> NoopServer:
         port = free_port()
         argv = pinned(SERVER_CPU, [PYTHON, "-m", "bench.noop_server", "--port", str(port)])
         if relay:
             argv += ["--relay", relay]
         if journal:
             argv += ["--journal", str(journal)]
+        if app:
+            argv.append("--app")
         proc = subprocess.Popen(argv, cwd=REPO, stdin=subprocess.DEVNULL)
         server = cls(port, proc, argv)
         wait_until(server._up, 30, "no-op server")

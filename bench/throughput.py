@@ -201,12 +201,13 @@ def profile_scenario(scenario: Scenario, settings: Settings, heading: str) -> li
 
 def single_post(settings: Settings, noop: NoopServer, fsync: Series) -> tuple[Figure, Measured]:
     measured = measure(SINGLE, settings, settings.reps, noop)
+    routed = noop_variant(SINGLE, settings, settings.reps, app=True)
     figure = Figure(
         title="single-signal POST, durable 202 (fsync), 1 firehose",
         target="≥ 0.8 x no-op handler",
         result=measured.daemon,
         ceiling=measured.noop,
-        ceiling_label="no-op aiohttp+uvloop handler",
+        ceiling_label="no-op aiohttp+uvloop handler (low-level web.Server, as the daemon)",
         ratio=ratios(measured.daemon, measured.noop),
         commands=measured.commands,
     )
@@ -218,6 +219,9 @@ def single_post(settings: Settings, noop: NoopServer, fsync: Series) -> tuple[Fi
         f"the storage dir's raw fdatasync ceiling of {fsync.text()}; "
         f"≈ {_per_round(measured):.1f} requests per fsync round.",
         _cpu_note(measured),
+        f"The same no-op handler behind an aiohttp Application and its router (the usual "
+        f"way, and this figure's ceiling until the daemon moved to the low-level server): "
+        f"{routed.text()}; the daemon is {measured.daemon.median / routed.median:.2f} x that.",
     ]
     return figure, measured
 
@@ -273,18 +277,32 @@ def batch_1000(settings: Settings, noop: NoopServer) -> tuple[Figure, Measured]:
 
 def durable_noop(scenario: Scenario, settings: Settings, reps: int) -> Series:
     """signals/s of the no-op server that fdatasyncs each body before its 202."""
+    journal = settings.work / "journal"
+    try:
+        return noop_variant(scenario, settings, reps, journal=journal)
+    finally:
+        journal.unlink(missing_ok=True)
+
+
+def noop_variant(
+    scenario: Scenario,
+    settings: Settings,
+    reps: int,
+    *,
+    journal: Path | None = None,
+    app: bool = False,
+) -> Series:
+    """signals/s of a variant of the no-op server (`NoopServer.start`'s options)."""
     rates = Series("signals/s")
     template = template_for(scenario, settings.work)
-    journal = settings.work / "journal"
     for _ in range(reps):
-        noop = NoopServer.start(journal=journal)
+        noop = NoopServer.start(journal=journal, app=app)
         try:
             load(noop.signals_url, scenario, template, settings.warmup)
             result = load(noop.signals_url, scenario, template, settings.measure)
             rates.add(result.rate * scenario.batch)
         finally:
             noop.stop()
-            journal.unlink(missing_ok=True)
     return rates
 
 

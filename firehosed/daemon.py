@@ -32,7 +32,7 @@ from firehosed.delivery import Worker
 from firehosed.envelope import EnvelopeReader
 from firehosed.errors import ConfigError, FirehosedError
 from firehosed.firehose import Firehose
-from firehosed.ingest.app import build_app
+from firehosed.ingest.app import build_server
 from firehosed.mapping import Mapping
 from firehosed.queue.commit import Committer
 from firehosed.queue.store import FirehoseQueue
@@ -75,7 +75,7 @@ class Daemon:
         self._stop = asyncio.Event()
         self._reload = asyncio.Event()
         self._tasks: dict[str, asyncio.Task[None]] = {}
-        self._runner: web.AppRunner | None = None
+        self._runner: web.ServerRunner | None = None
         self._lock_fd: int | None = None
         self._interrupts = 0
 
@@ -116,15 +116,15 @@ class Daemon:
 
     async def _listen(self) -> None:
         # auto_decompress off: the receiver inflates gzip itself, capped at max_body.
-        self._runner = web.AppRunner(
-            build_app(self),
+        server = build_server(
+            self,
             access_log=None,
-            handle_signals=False,
             auto_decompress=False,
             # aiohttp arms this timer at connection open and after each answer, and closes
             # the connection if no complete request head arrived: it bounds slow headers too.
             keepalive_timeout=self.config.server.idle_timeout,
         )
+        self._runner = web.ServerRunner(server, handle_signals=False)
         await self._runner.setup()
         listen = self.config.server.listen
         site: web.BaseSite

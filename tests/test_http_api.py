@@ -366,6 +366,23 @@ def test_wrong_method_is_a_json_405_naming_the_allowed_one(make_daemon) -> None:
     assert "POST" in response.headers.get("Allow", "")
 
 
+def test_routes_by_method_and_path_as_the_contract_lists_them(make_daemon) -> None:
+    """The receiver routes requests itself: HEAD answers like GET without a body, a GET
+    route names GET and HEAD in Allow, near-miss paths are 404, and an account segment is
+    percent-decoded (an encoded slash stays inside it: an unknown account, 401)."""
+    daemon = make_daemon(firehose()).start()
+    url = daemon.url
+    head = daemon.session.head(f"{url}/healthz", timeout=10)
+    assert head.status_code == 200 and head.content == b""
+    response = daemon.session.post(f"{url}/readyz", timeout=10)
+    assert_json_error(response, 405)
+    assert response.headers["Allow"] == "GET,HEAD"
+    for path in ("/healthz/", "/v1/accounts//signals", "/v1/accounts/acme/signals/x", "/"):
+        assert_json_error(daemon.session.post(f"{url}{path}", timeout=10), 404)
+    assert daemon.post(signal_record(1), account="%61cme").status_code == 202
+    assert_json_error(daemon.post(signal_record(2), account="ac%2Fme"), 401)
+
+
 def test_a_gzip_body_of_several_members_keeps_every_record(make_daemon) -> None:
     """RFC 1952: a gzip stream is a series of members (what `cat a.gz b.gz` or pigz gives)."""
     daemon = make_daemon(firehose()).start()

@@ -28,7 +28,7 @@ class BodyError(Exception):
         self.message = message
 
 
-def content_kind(request: web.Request) -> str:
+def content_kind(request: web.BaseRequest) -> str:
     """ "json" or "ndjson" from Content-Type; 415 for anything else."""
     mime = request.content_type if "Content-Type" in request.headers else ""
     charset = request.charset
@@ -43,7 +43,7 @@ def content_kind(request: web.Request) -> str:
     )
 
 
-async def read(request: web.Request, max_body: int) -> bytes:
+async def read(request: web.BaseRequest, max_body: int) -> bytes:
     """The body, gunzipped if needed, never more than `max_body` bytes (413)."""
     encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
     if encoding not in ("identity", "gzip", "x-gzip"):

@@ -25,11 +25,11 @@ import asyncssh
 import pytest
 import requests
 from aiohttp import web
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import RawTestServer, TestClient
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, Session
 
 from firehosed.ingest import auth
-from firehosed.ingest.app import build_app
+from firehosed.ingest.app import Api
 from tests.daemon import TOKEN, Daemon, free_port, signal_record, wait_until
 from tests.faults.report import report
 from tests.servers.sftp import USERNAME, asyncssh_sftp_server
@@ -201,7 +201,7 @@ async def test_every_configured_token_is_compared_whatever_the_request(
         return real(a, b)
 
     monkeypatch.setattr(auth.hmac, "compare_digest", counting)
-    app = build_app(FakeDaemon(accounts=accounts))
+    api = Api(FakeDaemon(accounts=accounts))  # type: ignore[arg-type]
     cases = {
         "first token": ("acme", "first-token-aaaa", 503, 3),
         "last token": ("acme", "third", 503, 3),
@@ -212,7 +212,7 @@ async def test_every_configured_token_is_compared_whatever_the_request(
         "unknown account": ("nobody", "first-token-aaaa", 401, 1),
         "unknown account, no token": ("nobody", None, 401, 1),
     }
-    async with TestClient(TestServer(app)) as client:
+    async with TestClient(RawTestServer(api)) as client:
         for name, (account, token, status, compares) in cases.items():
             calls.clear()
             headers = bearer(token) if token is not None else {}
