@@ -1,9 +1,9 @@
 """The HTTP API (DESIGN.md §5): signal ingest, health, readiness, metrics, status.
 
 Served by aiohttp's low-level server through one handler, `Api`, that dispatches on the
-path itself. aiohttp's Application layer (router, match info, middleware chain) cost a
-quarter of a no-op handler's throughput here, and a middleware another seventh
-(bench/RESULTS.md); the API is six fixed routes, so a dict and two prefixes do the job.
+path itself. aiohttp's Application layer (router, match info) cost a no-op handler a
+quarter of its throughput here, and a middleware another seventh
+(bench/RESULTS-decompose.md); the API is six fixed routes, so a dict and two prefixes do.
 """
 
 from __future__ import annotations
