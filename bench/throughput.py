@@ -277,11 +277,7 @@ def batch_1000(settings: Settings, noop: NoopServer) -> tuple[Figure, Measured]:
 
 def durable_noop(scenario: Scenario, settings: Settings, reps: int) -> Series:
     """signals/s of the no-op server that fdatasyncs each body before its 202."""
-    journal = settings.work / "journal"
-    try:
-        return noop_variant(scenario, settings, reps, journal=journal)
-    finally:
-        journal.unlink(missing_ok=True)
+    return noop_variant(scenario, settings, reps, journal=settings.work / "journal")
 
 
 def noop_variant(
@@ -292,7 +288,8 @@ def noop_variant(
     journal: Path | None = None,
     app: bool = False,
 ) -> Series:
-    """signals/s of a variant of the no-op server (`NoopServer.start`'s options)."""
+    """signals/s of a variant of the no-op server (`NoopServer.start`'s options); the
+    journal, if any, is removed after each repetition (NDJSON bodies fill gigabytes)."""
     rates = Series("signals/s")
     template = template_for(scenario, settings.work)
     for _ in range(reps):
@@ -303,6 +300,8 @@ def noop_variant(
             rates.add(result.rate * scenario.batch)
         finally:
             noop.stop()
+            if journal is not None:
+                journal.unlink(missing_ok=True)
     return rates
 
 
