@@ -175,21 +175,29 @@ class Alerts:
         """Connect (STARTTLS, login as configured), send, quit.
 
         Not `aiosmtplib.send`: on cancellation its context manager still waits for QUIT's
-        answer, which a stuck server never gives; here the socket is simply closed.
+        answer, which a stuck server never gives; here the socket is simply closed. A
+        session that failed or was cancelled is aborted, not closed: closing a TLS
+        connection waits for the server's close_notify, so the socket could outlive a
+        stopping daemon's loop. That is also why the login is a step of its own:
+        `connect()` would close (gracefully) on a refused login before we could abort.
         """
         client = aiosmtplib.SMTP(
             hostname=host,
             port=port,
             start_tls=config.starttls,
-            username=config.username,
-            password=config.password,
             timeout=config.timeout,
             local_hostname=self._host,
         )
         try:
             await client.connect()
+            if config.username is not None:  # as aiosmtplib's login on connect does
+                await client.login(config.username, config.password or "")
             await client.send_message(message)
             await client.quit()
+        except BaseException:
+            if isinstance(client.transport, asyncio.Transport):
+                client.transport.abort()
+            raise
         finally:
             client.close()
 

@@ -4,7 +4,9 @@ dead letters, SMTP failures that never reach the caller, and a bounded close."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
+import os
 import time
 from collections.abc import Iterator, MutableMapping
 from typing import Any
@@ -274,6 +276,36 @@ async def test_wrong_password_is_logged_without_the_secret(
     [failure] = [e for e in logs if e["event"] == "alert.failed"]
     assert failure["error"] == "SMTPAuthenticationError"
     assert wrong not in repr(logs)
+
+
+async def test_a_failed_tls_session_leaves_no_socket_open(
+    tls_smtp_server: SmtpServer,
+) -> None:
+    """After a refused login over STARTTLS the connection is gone at once: a graceful TLS
+    close would wait for the server's close_notify and could outlive the daemon's loop."""
+    alerts = Alerts(
+        config(tls_smtp_server.address, starttls=True, username=USERNAME, password="wrong")
+    )
+    alerts.failing(TO, incident("tls_leak_fh"))
+    await alerts.close()
+    await asyncio.sleep(0)  # one loop iteration: what a closing loop still gives
+    assert sockets_to(int(tls_smtp_server.address.rpartition(":")[2])) == 0
+
+
+def sockets_to(port: int) -> int:
+    """This process's open TCP sockets connected to 127.0.0.1:`port` (Linux /proc)."""
+    ours = set()
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(FileNotFoundError):  # the listing's own fd, gone by now
+            ours.add(os.readlink(f"/proc/self/fd/{fd}"))
+    count = 0
+    with open("/proc/net/tcp") as table:
+        for row in list(table)[1:]:
+            fields = row.split()
+            remote_port = int(fields[2].rpartition(":")[2], 16)
+            if remote_port == port and f"socket:[{fields[9]}]" in ours:
+                count += 1
+    return count
 
 
 async def test_close_waits_for_mail_in_flight() -> None:
