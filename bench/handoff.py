@@ -19,6 +19,8 @@ import time
 
 import uvloop
 
+from bench.latency import percentile
+
 CALLS = 3000
 SYNC = 0.0003  # seconds the thread holds no GIL, as a sync would
 
@@ -52,17 +54,14 @@ async def measure(busy: float) -> tuple[list[float], list[float]]:
     return hops_in, hops_out
 
 
-def _pct(values: list[float], q: float) -> float:
-    return sorted(values)[int(len(values) * q)] * 1e6
-
-
 def main(argv: list[str]) -> None:
     for busy_us in [float(a) for a in argv] or [0.0, 50.0, 200.0]:
         hops_in, hops_out = uvloop.run(measure(busy_us / 1e6))
+        p50_in, p90_in = (1e6 * percentile(hops_in, q) for q in (50, 90))
+        p50_out, p90_out = (1e6 * percentile(hops_out, q) for q in (50, 90))
         print(
-            f"loop busy {busy_us:4.0f} µs a turn: in p50 {_pct(hops_in, 0.5):4.0f} "
-            f"p90 {_pct(hops_in, 0.9):4.0f} | out p50 {_pct(hops_out, 0.5):4.0f} "
-            f"p90 {_pct(hops_out, 0.9):4.0f} µs"
+            f"loop busy {busy_us:4.0f} µs a turn: in p50 {p50_in:4.0f} p90 {p90_in:4.0f}"
+            f" | out p50 {p50_out:4.0f} p90 {p90_out:4.0f} µs"
         )
 
 
