@@ -234,6 +234,8 @@ class Daemon:
         firehose = Firehose(name, config, queue, mapping)
         worker = Worker(firehose, channel, self.storage / "dead", self.alerts)
         queue.on_commit = worker.committed
+        queue.on_dirty = self.committer.wake_later
+        queue.cutter = worker
         self.firehoses[name], self.workers[name] = firehose, worker
         self._track(f"worker:{name}", self._run_worker(worker))
         log.info(

@@ -7,6 +7,9 @@ One worker per firehose, one batch in flight at a time, oldest first:
                                                ├─ DeliveryError: back off (full jitter), alert
                                                │   after alert_after, dead-letter after retry_for
                                                └─ DestinationGone: stop delivering, alert
+
+A stream that keeps up does not cut: the group commit that makes its records durable
+cuts them into the batch in the same write and sync (`take_round`).
 """
 
 from __future__ import annotations
@@ -30,7 +33,8 @@ from firehosed.channels.base import Batch, Channel
 from firehosed.errors import DeliveryError, DestinationGone
 from firehosed.faults import crash_point
 from firehosed.firehose import Firehose
-from firehosed.queue.store import Manifest
+from firehosed.queue.store import Manifest, Pending, Position
+from firehosed.record import Record
 
 log = structlog.get_logger(__name__)
 
@@ -83,6 +87,9 @@ class Worker:
         self._numbering = asyncio.Lock()
         # Deleting the files of the batch delivered last (runs beside the next cut).
         self._removal: asyncio.Future[None] | None = None
+        # A group commit cutting this stream's next batch (see `take_round`).
+        self._round_cut: asyncio.Future[None] | None = None
+        self._round_batch: tuple[Manifest, int] | None = None
 
     @property
     def name(self) -> str:
@@ -121,7 +128,7 @@ class Worker:
     def _finished(self) -> bool:
         """Draining: nothing left that can be delivered now. Retiring: nothing left at all."""
         queue = self.firehose.queue
-        if queue.committed > queue.state.cursor:
+        if queue.uncut:
             return False
         if self.draining:
             return not queue.batches or not self._may_deliver()
@@ -132,8 +139,10 @@ class Worker:
 
     def _cut_due(self) -> bool:
         queue = self.firehose.queue
-        if queue.committed <= queue.state.cursor:
+        if not queue.uncut:
             return False
+        if (queue.pending.records or queue.committing) and self._rounds_cut(queue.pending.records):
+            return False  # the group commit under way or next cuts them, without a sync
         if self.channel.stream or self.draining or self.retiring:
             return not queue.batches or not self._may_deliver()
         due_in = self._next_cut_in()
@@ -147,7 +156,7 @@ class Worker:
         queue = self.firehose.queue
         if queue.staged_since is None or self.channel.stream:
             return None
-        if queue.committed <= queue.state.cursor:  # staged, not yet durable
+        if not queue.uncut:  # staged, not yet durable
             return None
         interval = self.firehose.config.minutes_between_files * 60.0
         return queue.staged_since + interval - time.time()
@@ -165,7 +174,7 @@ class Worker:
             self._idle = False
 
     def committed(self) -> None:
-        """The queue's committer made new records durable (its `on_commit`).
+        """The queue's committer ended a group commit that wrote to it (its `on_commit`).
 
         Called once per group commit, hundreds of times a second under load, so the loop
         is woken only when the news can change what it does: a stream cuts at once; a
@@ -202,10 +211,28 @@ class Worker:
     async def cut(self) -> Manifest | None:
         """Turn the next committed records into a batch fixed on disk; None if none."""
         async with self._numbering:
+            await self._round_settled()
+            queue = self.firehose.queue
+            if queue.held is not None:
+                # This cut's manifest moves the cursor on disk past the batches held in
+                # segments: recovery would not read their marks, so they get files.
+                for manifest in await asyncio.to_thread(queue.fix_held):
+                    manifest.start = None
+                    queue.disk_bytes += manifest.size
+                queue.hold()
             return await self._cut()
 
+    async def _round_settled(self) -> None:
+        """Wait for a group commit that is cutting this stream's next batch, if any.
+
+        Holding `_numbering` keeps another from starting; state.json, a cut's manifest
+        and a replayed batch must not be numbered or written while one is in flight.
+        """
+        if self._round_cut is not None:
+            await asyncio.shield(self._round_cut)
+
     async def _cut(self) -> Manifest | None:
-        queue, config = self.firehose.queue, self.firehose.config
+        config = self.firehose.config
         stream = self.channel.stream
         limit_records = (self.channel.max_records or 500) if stream else 1 << 62
         limit_bytes = STREAM_MAX_BYTES if stream else config.max_file
@@ -215,7 +242,11 @@ class Worker:
             return None
         manifest, freed, frame_bytes = cut
         crash_point("batch.after_cut")
-        queue.add_batch(manifest, freed, frame_bytes)
+        self._add_batch(manifest, freed, frame_bytes)
+        return manifest
+
+    def _add_batch(self, manifest: Manifest, freed: int, frame_bytes: int) -> None:
+        self.firehose.queue.add_batch(manifest, freed, frame_bytes)
         log.info(
             "batch.cut",
             firehose=self.name,
@@ -223,16 +254,21 @@ class Worker:
             records=manifest.records,
             bytes=manifest.size,
         )
-        return manifest
 
     def _cut_blocking(
         self, limit_bytes: int, limit_records: int
     ) -> tuple[Manifest, int, int] | None:
         """Read the next records, encode them, fix the batch on disk (worker thread)."""
-        queue, config = self.firehose.queue, self.firehose.config
+        queue = self.firehose.queue
         records, end, frame_bytes = queue.read(limit_bytes, limit_records)
         if not records:
             return None
+        manifest, data = self._manifest(records, end)
+        return manifest, queue.persist_batch(manifest, data), frame_bytes
+
+    def _manifest(self, records: list[Record], end: Position) -> tuple[Manifest, bytes]:
+        """The manifest of a batch of `records`, and its bytes (a thread: it encodes)."""
+        queue, config = self.firehose.queue, self.firehose.config
         stream = self.channel.stream
         fmt = self.channel.format or config.format
         compression = "none" if stream else config.compression
@@ -254,7 +290,53 @@ class Worker:
             keys=[(r.id, r.session) for r in records] if stream else [],
             data=data if stream else None,
         )
-        return manifest, queue.persist_batch(manifest, data), frame_bytes
+        return manifest, data
+
+    # -- cutting a stream batch with its group commit (the queue's RoundCutter) -------
+
+    def take_round(self, pending: Pending) -> bool:
+        """Whether a group commit's records (and any committed before them not yet in a
+        batch) become a stream batch in that commit: the batch's manifest is written
+        and synced with the records, and its delivery starts as the requests are told.
+        """
+        if not (pending.records and self._round_cut is None and self._rounds_cut(pending.records)):
+            return False
+        self._round_cut = asyncio.get_running_loop().create_future()
+        return True
+
+    def _rounds_cut(self, records: int) -> bool:
+        """Whether group commits cut this stream's batches now, `records` more with the
+        next: when it keeps up (no batch waits or is in flight), within the channel's
+        limits, and while no cut, replay or dead-lettering is numbering batches.
+
+        The alternative is a cut of its own, a manifest file and a sync on the latency
+        path of every record waiting for it.
+        """
+        queue = self.firehose.queue
+        return (
+            self.channel.stream
+            and not queue.batches
+            and queue.uncut + records <= (self.channel.max_records or 500)
+            and queue.staged_bytes <= STREAM_MAX_BYTES
+            and self._may_deliver()
+            and not (self.stopping or self.draining or self.retiring)
+            and not self._numbering.locked()
+        )
+
+    def cut_round(self, records: list[Record], end: Position, frame_bytes: int) -> Manifest:
+        manifest, _ = self._manifest(records, end)
+        self._round_batch = (manifest, frame_bytes)
+        return manifest
+
+    def round_done(self, ok: bool) -> None:
+        done, self._round_cut = self._round_cut, None
+        batch, self._round_batch = self._round_batch, None
+        if done is not None:
+            done.set_result(None)
+        if not ok or batch is None:
+            return
+        manifest, frame_bytes = batch
+        self._add_batch(manifest, 0, frame_bytes)
 
     # -- delivering -------------------------------------------------------------------
 
@@ -325,10 +407,19 @@ class Worker:
         queue = self.firehose.queue
         # Removing the files (a rename and a directory sync) overlaps the next cut and put
         # instead of delaying them (one removal in flight; a crash before it ends re-sends
-        # the batch, as a crash just after the put always could).
-        await self._settle_removal()
-        self._removal = asyncio.create_task(asyncio.to_thread(queue.remove_batch, manifest))
+        # the batch, as a crash just after the put always could). A batch held in a
+        # segment has no files: a mark says it went, with the next group commit.
+        if manifest.start is not None:
+            queue.mark_done(manifest)
+            if not self.channel.stream:  # `_put` wrote its bytes out for this channel
+                queue.batch_path(manifest).unlink(missing_ok=True)
+        else:
+            await self._settle_removal()
+            self._removal = asyncio.create_task(asyncio.to_thread(queue.remove_batch, manifest))
         queue.drop_batch(manifest)
+        if manifest.start is not None and queue.consumed_segments():
+            await self._settle_removal()
+            self._removal = asyncio.create_task(self._free_segments())
         labels = (self.name, self.channel.name)
         metrics.batches_delivered.labels(*labels).inc()
         metrics.records_delivered.labels(*labels).inc(manifest.records)
@@ -349,6 +440,12 @@ class Worker:
                     self._incident(self.last_error.what if self.last_error else ""),
                 )
             self._failing_since, self._alerted = None, False
+
+    async def _free_segments(self) -> None:
+        """Delete the segments whose records are all delivered (no cut does it for a
+        stream whose group commits cut its batches)."""
+        queue = self.firehose.queue
+        queue.disk_bytes -= await asyncio.to_thread(queue.delete_consumed_segments)
 
     async def _settle_removal(self) -> None:
         """Wait for the files of the last delivered batch to be gone."""
@@ -385,7 +482,11 @@ class Worker:
 
     async def _dead_letter(self, manifest: Manifest, error: str) -> None:
         queue = self.firehose.queue
-        await asyncio.to_thread(queue.move_batch, manifest, self.dead_dir / self.name)
+        async with self._numbering:
+            await self._round_settled()
+            await asyncio.to_thread(queue.move_batch, manifest, self.dead_dir / self.name)
+        if manifest.start is not None:
+            queue.mark_done(manifest)
         queue.drop_batch(manifest)
         metrics.batches_dead_lettered.labels(self.name).inc()
         log.error(
@@ -432,6 +533,7 @@ class Worker:
         queue = self.firehose.queue
         for source in dead_manifests(self.dead_dir / self.name):
             async with self._numbering:
+                await self._round_settled()
                 manifest = await asyncio.to_thread(queue.adopt, source)
             queue.add_adopted(manifest)
             log.info(

@@ -116,3 +116,60 @@ async def test_410_stops_the_firehose_and_alerts(make_daemon, webhook_receiver) 
 def _queued(daemon: Daemon, count: int) -> dict[str, Any] | None:
     stream: dict[str, Any] = daemon.status()["firehoses"]["stream"]
     return stream if stream["queued_records"] == count else None
+
+
+async def test_a_crash_after_the_put_sends_the_batch_again_with_its_id(
+    make_daemon, webhook_receiver
+) -> None:
+    """A stream batch that keeps up is cut with its records' group commit: its manifest is
+    a mark in the segment, no file. Killed after the receiver got it and before that was
+    noted, the daemon sends the same batch again on restart: same webhook-id, same body."""
+    with running_smtp() as smtp:
+        config = WEBHOOK.format(
+            url=webhook_receiver.url, secrets=" ".join(webhook_receiver.secrets), smtp=smtp.address
+        )
+        daemon: Daemon = make_daemon(config)
+        await asyncio.to_thread(daemon.start, env={"FIREHOSED_CRASH_AT": "batch.after_put"})
+        await post(daemon, [signal_record(n) for n in range(3)])
+        assert daemon.proc is not None
+        await until(lambda: daemon.proc is not None and daemon.proc.poll() == 137)
+        batches = daemon.root / "var" / "queues" / "stream" / "batches"
+        assert not list(batches.glob("*.json"))  # the batch was held in its segment
+        first = webhook_receiver.deliveries[0]
+        await asyncio.to_thread(daemon.start)
+        await post(daemon, [signal_record(n) for n in range(3, 5)])
+        await until(lambda: len(delivered_ids(webhook_receiver)) == 8)
+    again = webhook_receiver.deliveries[1]
+    assert again.headers["webhook-id"] == first.headers["webhook-id"]
+    assert again.body == first.body
+    assert delivered_ids(webhook_receiver) == [f"{n:024x}" for n in [0, 1, 2, 0, 1, 2, 3, 4]]
+
+
+async def test_a_stream_that_keeps_up_frees_its_segments_and_counts_its_bytes(
+    make_daemon, webhook_receiver
+) -> None:
+    """No cut runs for such a stream, so delivering is what frees its segments; and
+    `storage_bytes` (which `max_disk` is checked against) stays the bytes on disk."""
+    with running_smtp() as smtp:
+        config = WEBHOOK.format(
+            url=webhook_receiver.url, secrets=" ".join(webhook_receiver.secrets), smtp=smtp.address
+        )
+        daemon: Daemon = make_daemon(config)
+        text = daemon.config_path.read_text()
+        daemon.config_path.write_text(
+            text.replace("[storage]\n", '[storage]\nsegment_size = "1MiB"\n')
+        )
+        await asyncio.to_thread(daemon.start)
+        padding = "x" * 700
+        for first in range(0, 4000, 200):  # each delivered before the next: no cut at all
+            await post(daemon, [signal_record(n, note=padding) for n in range(first, first + 200)])
+            await until(lambda: len(delivered_ids(webhook_receiver)) == first + 200)  # noqa: B023
+        queue = daemon.root / "var" / "queues" / "stream"
+        status = await asyncio.to_thread(daemon.status)  # the last batch is forgotten
+        while status["firehoses"]["stream"]["batches_pending"]:  # just after its receipt
+            status = await asyncio.to_thread(daemon.status)
+    segments = sorted((queue / "segments").glob("*.seg"))
+    assert len(segments) <= 2, [p.name for p in segments]  # of 4+ MB written
+    assert not list((queue / "batches").iterdir())  # every batch was cut by its commit
+    on_disk = sum(p.stat().st_size for p in segments)
+    assert status["storage_bytes"] == on_disk

@@ -13,7 +13,7 @@ from firehosed import metrics
 from firehosed.errors import StorageError
 from firehosed.queue.commit import Committer
 from firehosed.queue.frames import HEADER, frame, scan
-from firehosed.queue.store import FirehoseQueue
+from firehosed.queue.store import FirehoseQueue, Manifest, Pending, Position
 from firehosed.record import Record, encoder
 
 
@@ -310,3 +310,186 @@ async def test_reading_in_chunks_smaller_than_a_record(
     queue.state.cursor = end
     rest, _, _ = queue.read(1 << 30, 1 << 30)
     assert [r.id for r in rest] == [f"id{n}" for n in range(20, 50)]
+
+
+class EveryRound:
+    """A RoundCutter that makes every group commit's records one stream batch, as the
+    worker of a stream that keeps up does (its manifests numbered and named in turn)."""
+
+    def __init__(self, queue: FirehoseQueue) -> None:
+        self.queue = queue
+        self.cut: tuple[Manifest, int] | None = None
+
+    def take_round(self, pending: Pending) -> bool:
+        return pending.records > 0
+
+    def cut_round(self, records: list[Record], end: Position, frame_bytes: int) -> Manifest:
+        data = b"[" + b",".join(r.raw for r in records) + b"]"
+        manifest = self.queue.new_manifest(
+            name=f"r{self.queue.state.next_batch}",
+            records=len(records),
+            size=len(data),
+            opened=0.0,
+            cut=0.0,
+            end=end,
+            content_type="application/json",
+            data=data,
+        )
+        self.cut = (manifest, frame_bytes)
+        return manifest
+
+    def round_done(self, ok: bool) -> None:
+        if ok and self.cut is not None:
+            self.queue.add_batch(self.cut[0], 0, self.cut[1])
+        self.cut = None
+
+
+def cutting(queue: FirehoseQueue) -> FirehoseQueue:
+    queue.cutter = EveryRound(queue)
+    return queue
+
+
+def ns(records_or_batch: list[Record] | Manifest) -> list[int]:
+    """The record numbers in records read back, or in a batch's JSON array."""
+    if isinstance(records_or_batch, Manifest):
+        assert records_or_batch.data is not None
+        return [r["n"] for r in msgspec.json.decode(records_or_batch.data)]
+    return [int(r.id[2:]) for r in records_or_batch]
+
+
+async def test_a_batch_cut_with_its_commit_is_a_mark_in_the_segment(tmp_path: Path) -> None:
+    """No batch file and no sync of its own; after a crash it is back, same id and bytes."""
+    queue = cutting(open_queue(tmp_path))
+    await append(queue, range(5))
+    await append(queue, range(5, 8))
+    first, second = queue.batches
+    assert (ns(first), ns(second)) == ([0, 1, 2, 3, 4], [5, 6, 7])
+    assert first.start == (0, 0) and second.start is not None and second.start > first.end
+    assert queue.staged_records == 0 and queue.uncut == 0
+    assert not list(queue.batches_dir.iterdir())
+    queue.close()
+    again = open_queue(tmp_path)
+    assert [(b.no, b.id, b.data) for b in again.batches] == [
+        (first.no, first.id, first.data),
+        (second.no, second.id, second.data),
+    ]
+    assert again.staged_records == 0 and again.uncut == 0
+    assert again.state.next_batch == 3 and again.held == first.start
+    await append(again, range(8, 10))  # no cutter now: these wait for a cut
+    records, _, _ = again.read(1 << 30, 1 << 30)
+    assert ns(records) == [8, 9]
+
+
+async def test_a_done_mark_lets_a_delivered_batch_go_for_good(tmp_path: Path) -> None:
+    queue = cutting(open_queue(tmp_path))
+    for start in (0, 3, 6):
+        await append(queue, range(start, start + 3))
+    delivered = queue.batches[0]
+    queue.mark_done(delivered)
+    queue.drop_batch(delivered)
+    assert queue.held == queue.batches[0].start
+    queue.cutter = None
+    await append(queue, range(9, 10))  # the next group commit writes the mark
+    queue.close()
+    again = open_queue(tmp_path)
+    assert [ns(b) for b in again.batches] == [[3, 4, 5], [6, 7, 8]]
+    assert again.staged_records == 1 and again.uncut == 1
+    assert again.state.next_batch == 4
+
+
+async def test_a_delivered_batch_whose_mark_was_not_written_is_sent_again(
+    tmp_path: Path,
+) -> None:
+    """A crash before the next group commit: the batch comes back with the same id."""
+    queue = cutting(open_queue(tmp_path))
+    await append(queue, range(3))
+    delivered = queue.batches[0]
+    queue.mark_done(delivered)  # pending, never committed
+    queue.close()
+    again = open_queue(tmp_path)
+    assert [b.id for b in again.batches] == [delivered.id]
+
+
+@pytest.mark.parametrize("keep", [1, 30, -1])
+async def test_a_torn_cut_mark_leaves_its_records_staged(tmp_path: Path, keep: int) -> None:
+    """A crash in the middle of a round's write: the batch was never attempted, nor its
+    records acknowledged; those that reached the disk whole are cut again."""
+    queue = cutting(open_queue(tmp_path))
+    await append(queue, range(4))
+    queue.close()
+    (segment,) = segment_bytes(queue)
+    data = segment.read_bytes()
+    mark = sum(len(record(n)) for n in range(4))  # the cut mark follows the records
+    segment.write_bytes(data[: mark + keep] if keep >= 0 else data[:-1])
+    again = open_queue(tmp_path)
+    assert not again.batches and again.staged_records == 4 and again.uncut == 4
+    records, _, _ = again.read(1 << 30, 1 << 30)
+    assert ns(records) == [0, 1, 2, 3]
+    assert again.state.next_batch == 1  # the number is used again
+
+
+async def test_segments_holding_a_batch_stay_until_it_goes(tmp_path: Path) -> None:
+    queue = cutting(open_queue(tmp_path, segment_size=4096))
+    await append(queue, range(3))
+    held = queue.batches[0]
+    queue.cutter = None
+    for start in range(3, 200, 50):
+        await append(queue, range(start, start + 50))
+    cut(queue, "later")  # moves the cursor past the whole of segment 1
+    assert segment_bytes(queue)[0].name == "1.seg"
+    queue.mark_done(held)
+    queue.drop_batch(held)
+    assert queue.held is None
+    assert queue._delete_consumed_segments() > 0  # now it goes
+    assert segment_bytes(queue)[0].name != "1.seg"
+
+
+async def test_held_batches_get_files_before_a_cut_moves_the_cursor_past_them(
+    tmp_path: Path,
+) -> None:
+    """`fix_held`, as the worker calls it before a cut: the cut's manifest puts the
+    cursor on disk past the marks, and the batches are read back from their files."""
+    queue = cutting(open_queue(tmp_path))
+    await append(queue, range(3))
+    await append(queue, range(3, 5))
+    queue.cutter = None
+    await append(queue, range(5, 9))
+    for manifest in queue.fix_held():
+        manifest.start = None
+    queue.hold()
+    cut(queue, "later")
+    assert sorted(p.name for p in queue.batches_dir.iterdir()) == [
+        "1.json",
+        "2.json",
+        "3.data",
+        "3.json",
+    ]
+    queue.close()
+    again = open_queue(tmp_path)
+    assert [(b.name, b.start) for b in again.batches] == [
+        ("r1", None),
+        ("r2", None),
+        ("later", None),
+    ]
+    assert [ns(b) for b in list(again.batches)[:2]] == [[0, 1, 2], [3, 4]]
+    assert again.staged_records == 0
+
+
+async def test_state_json_never_passes_a_held_batch(tmp_path: Path) -> None:
+    """Dead-lettering the oldest held batch saves state.json: the next held batch must
+    still be found after a crash (the dead one may come back too: twice, never lost)."""
+    queue = cutting(open_queue(tmp_path))
+    await append(queue, range(3))
+    await append(queue, range(3, 6))
+    dead, kept = queue.batches
+    queue.move_batch(dead, tmp_path / "dead" / "fh")
+    queue.drop_batch(dead)
+    assert (queue.root / "state.json").exists()
+    queue.close()
+    again = open_queue(tmp_path)
+    assert kept.id in [b.id for b in again.batches]
+    assert msgspec.json.decode((tmp_path / "dead" / "fh" / "1.data").read_bytes()) == [
+        {"type": "pd", "n": n} for n in range(3)
+    ]
+    replayed = again.adopt(tmp_path / "dead" / "fh" / "1.json")
+    assert replayed.start is None and replayed.no == 3

@@ -2,7 +2,8 @@
 
 Layout under `storage.dir/queues/<firehose>/`:
 
-    segments/<n>.seg      framed records (see frames.py); appended by group commit
+    segments/<n>.seg      framed records (see frames.py), and marks; appended by group
+                          commit
     batches/<n>.data      a cut batch's file bytes, exactly as delivered
     batches/<n>.json      its manifest (name, id, records, source end); written last.
                           A stream batch (webhook, queues) has no .data: its few bytes
@@ -11,17 +12,27 @@ Layout under `storage.dir/queues/<firehose>/`:
     batches/<n>.done      the manifest of the newest delivered batch (a tombstone)
     state.json            cursor (first record not yet in a batch) and naming state
 
+A stream that keeps up has no batch files at all: the group commit that makes a
+request's records durable also cuts them into a batch, and writes its manifest (bytes
+included) as a *cut mark* in the segment right after them, under the same sync. Such a
+batch is *held* in its segment; once delivered, a *done mark* goes with the next group
+commit. A held batch gets a .json file only when a cut's manifest would move the cursor
+on disk past it (`fix_held`).
+
 The cursor and naming state are the newest of state.json, the manifests and the
 tombstone: state.json is written only when a batch leaves without a tombstone
-(dead-lettered) or comes back (replay).
+(dead-lettered) or comes back (replay), and its cursor never passes a held batch.
+Recovery reads the segments from that cursor on: a cut mark closes the records before
+it into its batch, a done mark ends the batches up to its number.
 
 Invariants: a record is acknowledged only after its segment bytes are synced (in
 `fsync` durability); a batch's .data is synced before its manifest is renamed into
 place (a stream batch's manifest is written in place and synced: only the newest
-manifest can be torn, and recovery discards it, its records not yet delivered), and the
-cursor moves past its records only after that; a segment is deleted only when the
-cursor is past its end. Recovery therefore never loses a record and never re-batches
-one that a manifest already holds.
+manifest can be torn, and recovery discards it, its records not yet delivered; a cut
+mark is synced with its records, and a torn one leaves them staged), and the cursor
+moves past its records only after that; a segment is deleted only when the cursor is
+past its end and it holds no held batch. Recovery therefore never loses a record and
+never re-batches one that a manifest already holds.
 """
 
 from __future__ import annotations
@@ -34,19 +45,25 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
 import msgspec
 import structlog
 
 from firehosed import metrics
 from firehosed.faults import crash_point, fail_point
-from firehosed.queue.frames import HEADER, scan
+from firehosed.queue.frames import HEADER, frame, scan
 from firehosed.record import Record, decoder
 
 log = structlog.get_logger(__name__)
 
 Position = tuple[int, int]  # (segment number, byte offset)
+
+# A segment frame whose payload starts with one of these is a mark, not a record (a
+# record's msgpack array never starts with a bare small integer): a stream batch cut
+# with the group commit that made its records durable, or such a batch delivered.
+CUT_MARK = 0x43  # b"C" + the batch's msgpack Manifest
+DONE_MARK = 0x44  # b"D" + the batch's msgpack number
 
 
 class Manifest(msgspec.Struct, kw_only=True):
@@ -68,6 +85,26 @@ class Manifest(msgspec.Struct, kw_only=True):
     suffix: int = 0
     # A stream batch's bytes, held in its manifest (there is no .data file).
     data: bytes | None = None
+    # Set for a stream batch cut with its records' group commit: its records lie between
+    # `start` and `end` in the segments, its manifest is a mark right after them (at
+    # `end`), and it has no .json file unless one is written for it later (`fix_held`).
+    start: Position | None = None
+
+
+class RoundCutter(Protocol):
+    """Cuts a stream batch of exactly one group commit's records, in that commit."""
+
+    def take_round(self, pending: Pending) -> bool:
+        """Whether this round's records become a batch (event loop, before the round)."""
+        ...
+
+    def cut_round(self, records: list[Record], end: Position, frame_bytes: int) -> Manifest:
+        """The batch of `records`, which end at `end` (commit thread)."""
+        ...
+
+    def round_done(self, ok: bool) -> None:
+        """The round was written and synced, or failed (event loop)."""
+        ...
 
 
 class State(msgspec.Struct, kw_only=True):
@@ -85,6 +122,7 @@ class Pending:
 
     data: bytearray = field(default_factory=bytearray)
     records: int = 0
+    framed: int = 0  # the records' bytes in `data` (the rest is marks)
 
 
 def _write_all(fd: int, data: bytes | bytearray) -> None:
@@ -134,6 +172,7 @@ class FirehoseQueue:
         self.state = State()
         self._saved = self.state  # what state.json holds
         self._state_lock = threading.Lock()
+        self._segments_lock = threading.Lock()  # a cut and a delivery may both free some
         # The number of the newest delivered batch's tombstone (`N.done`), if any.
         self._newest_tombstone: int | None = None
         self.segments: list[int] = []
@@ -141,6 +180,8 @@ class FirehoseQueue:
         self.committed: Position = (0, 0)
         self.staged_records = 0
         self.staged_bytes = 0
+        # Committed records not yet in a batch: what a cut can take now.
+        self.uncut = 0
         self.staged_since: float | None = None
         self.batches: deque[Manifest] = deque()
         self.batch_bytes = 0  # sum of the sizes of `batches` (read per request)
@@ -149,6 +190,13 @@ class FirehoseQueue:
         self.sealed: dict[int, int] = {}
         # Called on the event loop after each group commit that wrote to this queue.
         self.on_commit: Callable[[], None] | None = None
+        # Asks the committer for a round (for a mark appended with no record).
+        self.on_dirty: Callable[[FirehoseQueue], None] | None = None
+        self.cutter: RoundCutter | None = None
+        self.committing = False  # a group commit is writing this queue
+        # Where the oldest batch held in a segment starts: segments from there on are
+        # kept, and state.json's cursor never passes it (recovery reads its mark).
+        self.held: Position | None = None
         self._fd: int | None = None
 
     # -- recovery -------------------------------------------------------------------
@@ -166,6 +214,7 @@ class FirehoseQueue:
         self._recover_segments()
         self._open_segment(self.segments[-1] if self.segments else 1)
         self.disk_bytes -= self._delete_consumed_segments()
+        self.uncut = self.staged_records
 
     def _recover_batches(self) -> None:
         for tmp in self.batches_dir.glob("*.tmp"):
@@ -208,7 +257,13 @@ class FirehoseQueue:
             )
 
     def _recover_segments(self) -> None:
-        """Verify every frame past the cursor; truncate a torn tail, quarantine corruption."""
+        """Verify every frame past the cursor; truncate a torn tail, quarantine corruption.
+
+        Marks past the cursor give back the batches held in segments: a cut mark closes
+        the records since the last one into its batch, a done mark says the batches up to
+        its number have left.
+        """
+        found = _Found({b.no for b in self.batches}, self._newest_tombstone or 0, self.state.cursor)
         for number in self.segments:
             path = self.segments_dir / f"{number}.seg"
             if number < self.state.cursor[0]:
@@ -219,9 +274,16 @@ class FirehoseQueue:
             good = bytearray(data[:start])
             bad = 0
             for span in scan(data, start):
-                if span.payload is not None:
+                if span.payload is not None and span.payload[0] in _MARKS:
+                    if span.payload[0] == CUT_MARK:
+                        self._recover_cut(found, span.payload, (number, len(good)))
+                    good += data[span.start : span.end]
+                    found.passed(span.payload, (number, len(good)))
+                elif span.payload is not None:
                     good += data[span.start : span.end]
                     self._count_staged(span.payload)
+                    found.records += 1
+                    found.bytes += span.end - span.start
                 elif span.end == len(data) and number == self.segments[-1]:
                     log.warning(
                         "queue.torn_tail", firehose=self.firehose, bytes=span.end - span.start
@@ -235,6 +297,28 @@ class FirehoseQueue:
                 metrics.records_quarantined.labels(self.firehose).inc(bad)
             self.disk_bytes += len(good)
             self.committed = (number, len(good))
+        for manifest in found.held:  # (their bytes on disk are the segments')
+            self.batches.append(manifest)
+            self.batch_bytes += manifest.size
+        self.hold()
+
+    def _recover_cut(self, found: _Found, payload: memoryview, at: Position) -> None:
+        """A cut mark at `at`: the records since the last boundary are its batch's."""
+        manifest = msgspec.msgpack.decode(payload[1:], type=Manifest)
+        self.staged_records -= found.records
+        self.staged_bytes -= found.bytes
+        if self.staged_records == 0:
+            self.staged_since = None
+        state = self.state
+        if manifest.no >= state.next_batch:
+            state = State(
+                next_batch=manifest.no + 1, last_name=manifest.base, name_suffix=manifest.suffix
+            )
+        # past the mark (`at` is where it starts): the records before it are its batch's
+        self.state = msgspec.structs.replace(
+            state, cursor=(at[0], at[1] + HEADER.size + len(payload))
+        )
+        found.cut(manifest, at)
 
     def _count_staged(self, payload: memoryview) -> None:
         if self.staged_records == 0:
@@ -260,6 +344,7 @@ class FirehoseQueue:
         """
         pending = self.pending
         pending.data += framed
+        pending.framed += len(framed)
         if self.staged_records == 0:
             self.staged_since = time.time()
         dirty = pending.records == 0
@@ -273,14 +358,21 @@ class FirehoseQueue:
         pending, self.pending = self.pending, Pending()
         return pending
 
-    def write(self, pending: Pending, sync: bool) -> Position:
+    def write(self, pending: Pending, sync: bool, cutter: RoundCutter | None = None) -> Position:
         """Append `pending` to the current segment and sync it; return its end (thread).
 
+        With `cutter`, the records also become a stream batch, whose manifest is written
+        as a mark right after them and synced with them: the cut costs no sync of its own.
         Only the committer calls this, one call at a time.
         """
         assert self._fd is not None
         number = self.segments[-1]
         before = os.lseek(self._fd, 0, os.SEEK_END)
+        manifest = None
+        if cutter is not None:
+            manifest = self._cut_round(cutter, pending, (number, before + len(pending.data)))
+        if manifest is not None:
+            pending.data += frame(bytes([CUT_MARK]) + msgspec.msgpack.encode(manifest))
         try:
             _write_all(self._fd, pending.data)
             if sync:
@@ -290,14 +382,39 @@ class FirehoseQueue:
             self._abandon_segment(number, before)
             raise
         end = before + len(pending.data)
+        if manifest is not None:
+            self.state = msgspec.structs.replace(
+                self.state, cursor=(number, end), next_batch=manifest.no + 1
+            )
         if end >= self.segment_size:
             self._open_segment(number + 1)
         return (number, end)
 
+    def _cut_round(self, cutter: RoundCutter, pending: Pending, end: Position) -> Manifest | None:
+        """The batch of the committed records not yet cut, if any, and `pending`'s."""
+        records, frame_bytes = _records(memoryview(pending.data))
+        if self.uncut:  # a stream catching up after a cut or a pause
+            earlier, _, framed = self.read(1 << 62, 1 << 62)
+            records, frame_bytes = earlier + records, framed + frame_bytes
+        try:
+            manifest = cutter.cut_round(records, end, frame_bytes)
+        except Exception:  # a bug must not stop the group commit: the records wait for a cut
+            log.exception("queue.round_cut_failed", firehose=self.firehose)
+            return None
+        manifest.start = self.state.cursor
+        return manifest
+
+    def mark_done(self, manifest: Manifest) -> None:
+        """Record that a batch held in a segment left the queue, with the next group
+        commit (event loop). Until then a crash sends it again, under the same id."""
+        self.pending.data += frame(bytes([DONE_MARK]) + msgspec.msgpack.encode(manifest.no))
+        if self.on_dirty is not None:
+            self.on_dirty(self)
+
     def rollback(self, pending: Pending) -> None:
         """Forget records whose commit failed (their requests were answered 503)."""
         self.staged_records -= pending.records
-        self.staged_bytes -= len(pending.data)
+        self.staged_bytes -= pending.framed
 
     def _abandon_segment(self, number: int, size: int) -> None:
         """After a failed write or sync, cut the segment back and move to a new one.
@@ -372,7 +489,7 @@ class FirehoseQueue:
         self.state = msgspec.structs.replace(
             self.state, cursor=manifest.end, next_batch=manifest.no + 1
         )
-        return self._delete_consumed_segments()
+        return self.delete_consumed_segments()
 
     def _save_state(self) -> None:
         """Persist state.json if it lags the in-memory state (before a manifest goes
@@ -388,22 +505,59 @@ class FirehoseQueue:
                 self._write_state(state)
 
     def _write_state(self, state: State) -> None:
-        write_durably(self.root / "state.json", msgspec.json.encode(state), self.sync)
+        written = state
+        if self.held is not None and self.held < state.cursor:
+            # Recovery finds a batch held in a segment by reading on from the cursor.
+            written = msgspec.structs.replace(state, cursor=self.held)
+        write_durably(self.root / "state.json", msgspec.json.encode(written), self.sync)
         self._saved = state
+
+    def fix_held(self) -> list[Manifest]:
+        """Give every batch held in a segment a manifest file of its own (thread), before
+        a cut's manifest moves the cursor on disk past it; the batches to update (`held`).
+        """
+        held = [b for b in list(self.batches) if b.start is not None]
+        for manifest in held:
+            fixed = msgspec.structs.replace(manifest, start=None)
+            write_synced(
+                self.batches_dir / f"{manifest.no}.json", msgspec.json.encode(fixed), self.sync
+            )
+        if held and self.sync:
+            fsync_path(self.batches_dir)
+        return held
 
     def add_batch(self, manifest: Manifest, freed: int, frame_bytes: int) -> None:
         """Account for a persisted batch (event loop side)."""
         self.batches.append(manifest)
         self.batch_bytes += manifest.size
-        self.disk_bytes += manifest.size - freed
+        # (a batch held in a segment: its bytes on disk are the segment's, counted there)
+        self.disk_bytes += (manifest.size if manifest.start is None else 0) - freed
         self.staged_records -= manifest.records
+        self.uncut -= manifest.records
         self.staged_bytes -= frame_bytes
         self.staged_since = time.time() if self.staged_records > 0 else None
+        if self.held is None:
+            self.held = manifest.start
+
+    def consumed_segments(self) -> bool:
+        """Whether a segment can go (event loop side): one wholly behind the cursor,
+        holding no held batch. A cut frees them; a stream whose group commits cut its
+        batches frees them as it delivers."""
+        first, limit = self.segments[0], self.state.cursor[0]
+        if self.held is not None:
+            limit = min(limit, self.held[0])
+        return len(self.segments) > 1 and first < limit
+
+    def delete_consumed_segments(self) -> int:
+        """Delete segments wholly behind the cursor and before any held batch (thread);
+        the bytes freed."""
+        with self._segments_lock:
+            return self._delete_consumed_segments()
 
     def _delete_consumed_segments(self) -> int:
         """Delete segments wholly behind the cursor (never the one being written)."""
         freed = 0
-        while len(self.segments) > 1:
+        while len(self.segments) > 1 and (self.held is None or self.segments[0] < self.held[0]):
             path = self.segments_dir / f"{self.segments[0]}.seg"
             size = path.stat().st_size
             if (self.segments[0], size) > self.state.cursor:
@@ -469,9 +623,10 @@ class FirehoseQueue:
         target.mkdir(parents=True, exist_ok=True)
         if manifest.data is not None:
             self.write_data(manifest, target / f"{manifest.no}.data")
-            bare = msgspec.structs.replace(manifest, data=None)
+            bare = msgspec.structs.replace(manifest, data=None, start=None)
             write_durably(target / f"{manifest.no}.json", msgspec.json.encode(bare), self.sync)
-            (self.batches_dir / f"{manifest.no}.json").unlink()
+            # (a batch held in a segment has no manifest file: the worker marks it done)
+            (self.batches_dir / f"{manifest.no}.json").unlink(missing_ok=True)
         else:
             os.replace(self.batch_path(manifest), target / f"{manifest.no}.data")
             os.replace(self.batches_dir / f"{manifest.no}.json", target / f"{manifest.no}.json")
@@ -516,7 +671,14 @@ class FirehoseQueue:
         """Account for a batch delivered or dead-lettered (event loop side)."""
         self.batches.remove(manifest)
         self.batch_bytes -= manifest.size
-        self.disk_bytes -= manifest.size
+        if manifest.start is None:
+            self.disk_bytes -= manifest.size
+        else:
+            self.hold()
+
+    def hold(self) -> None:
+        """Recompute `held` from the batches (event loop side)."""
+        self.held = next((b.start for b in self.batches if b.start is not None), None)
 
     def close(self) -> None:
         """Close the open segment file."""
@@ -539,6 +701,43 @@ class FirehoseQueue:
         if self.batches:
             return max(0.0, now - self.batches[0].opened)
         return max(0.0, now - self.staged_since) if self.staged_since else 0.0
+
+
+_MARKS = (CUT_MARK, DONE_MARK)
+
+
+class _Found:
+    """What recovery has read of the batches held in segments so far."""
+
+    def __init__(self, files: set[int], gone: int, start: Position) -> None:
+        self.files = files  # numbers of batches with a manifest file (these stand)
+        self.gone = gone  # every batch numbered up to this has left the queue
+        self.boundary = start  # where the records of the next held batch begin
+        self.records = self.bytes = 0  # records (and their frames) since the boundary
+        self.held: list[Manifest] = []
+
+    def cut(self, manifest: Manifest, at: Position) -> None:
+        if manifest.no not in self.files and manifest.no > self.gone:
+            manifest.start, manifest.end = self.boundary, at
+            self.held.append(manifest)
+        self.records = self.bytes = 0
+
+    def passed(self, payload: memoryview, after: Position) -> None:
+        """After any mark: the boundary moves past it; a done mark ends batches."""
+        self.boundary = after
+        if payload[0] == DONE_MARK:
+            self.gone = max(self.gone, msgspec.msgpack.decode(payload[1:], type=int))
+            self.held = [b for b in self.held if b.no > self.gone]
+
+
+def _records(data: memoryview) -> tuple[list[Record], int]:
+    """The records framed in `data` (marks skipped), and their framed size."""
+    records, framed = [], 0
+    for start, end, payload in scan(data):
+        if payload is not None and payload[0] not in _MARKS:
+            records.append(decoder.decode(payload))
+            framed += end - start
+    return records, framed
 
 
 class _Reading:
@@ -581,6 +780,9 @@ class _Reading:
                 if end == len(data):
                     break  # an incomplete frame at the chunk's end: read on from it
                 used = end  # corrupt bytes (quarantined at recovery): skip
+                continue
+            if payload[0] in _MARKS:
+                used = end
                 continue
             record = decode(payload)
             records.append(record)
