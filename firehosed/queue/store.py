@@ -271,44 +271,45 @@ class FirehoseQueue:
                 continue
             data = path.read_bytes()
             start = self.state.cursor[1] if number == self.state.cursor[0] else 0
-            good = bytearray(data[:start])
+            dropped: list[tuple[int, int]] = []  # torn or corrupt spans, cut out below
+            removed = 0  # their bytes so far: a position in the file as rewritten
             bad = 0
             for span in scan(data, start):
-                if span.payload is not None and span.payload[0] in _MARKS:
-                    if span.payload[0] == CUT_MARK:
-                        self._recover_cut(found, span.payload, (number, len(good)))
-                    good += data[span.start : span.end]
-                    found.passed(span.payload, (number, len(good)))
-                elif span.payload is not None:
-                    good += data[span.start : span.end]
-                    self._count_staged(span.payload)
-                    found.records += 1
-                    found.bytes += span.end - span.start
-                elif span.end == len(data) and number == self.segments[-1]:
-                    log.warning(
-                        "queue.torn_tail", firehose=self.firehose, bytes=span.end - span.start
-                    )
+                payload = span.payload
+                if payload is None:
+                    dropped.append((span.start, span.end))
+                    removed += span.end - span.start
+                    if span.end == len(data) and number == self.segments[-1]:
+                        log.warning(
+                            "queue.torn_tail", firehose=self.firehose, bytes=span.end - span.start
+                        )
+                    else:
+                        bad += 1
+                        self._quarantine(number, data[span.start : span.end])
+                elif payload[0] in _MARKS:
+                    if payload[0] == CUT_MARK:
+                        self._recover_cut(found, payload, (number, span.start - removed))
+                    found.passed(payload, (number, span.end - removed))
                 else:
-                    bad += 1
-                    self._quarantine(number, data[span.start : span.end])
-            if len(good) != len(data):
-                write_durably(path, bytes(good), self.sync)
+                    self._count_staged(payload)
+            size = len(data) - removed
+            if dropped:
+                write_durably(path, _without(data, dropped), self.sync)
             if bad:
                 metrics.records_quarantined.labels(self.firehose).inc(bad)
-            self.disk_bytes += len(good)
-            self.committed = (number, len(good))
+            self.disk_bytes += size
+            self.committed = (number, size)
         for manifest in found.held:  # (their bytes on disk are the segments')
             self.batches.append(manifest)
             self.batch_bytes += manifest.size
         self.hold()
 
     def _recover_cut(self, found: _Found, payload: memoryview, at: Position) -> None:
-        """A cut mark at `at`: the records since the last boundary are its batch's."""
+        """A cut mark at `at`: every record before it is in a batch (a group commit's
+        cut takes all the committed records not yet cut, see `_cut_round`)."""
         manifest = msgspec.msgpack.decode(payload[1:], type=Manifest)
-        self.staged_records -= found.records
-        self.staged_bytes -= found.bytes
-        if self.staged_records == 0:
-            self.staged_since = None
+        self.staged_records = self.staged_bytes = 0
+        self.staged_since = None
         state = self.state
         if manifest.no >= state.next_batch:
             state = State(
@@ -713,14 +714,12 @@ class _Found:
         self.files = files  # numbers of batches with a manifest file (these stand)
         self.gone = gone  # every batch numbered up to this has left the queue
         self.boundary = start  # where the records of the next held batch begin
-        self.records = self.bytes = 0  # records (and their frames) since the boundary
         self.held: list[Manifest] = []
 
     def cut(self, manifest: Manifest, at: Position) -> None:
         if manifest.no not in self.files and manifest.no > self.gone:
             manifest.start, manifest.end = self.boundary, at
             self.held.append(manifest)
-        self.records = self.bytes = 0
 
     def passed(self, payload: memoryview, after: Position) -> None:
         """After any mark: the boundary moves past it; a done mark ends batches."""
@@ -728,6 +727,16 @@ class _Found:
         if payload[0] == DONE_MARK:
             self.gone = max(self.gone, msgspec.msgpack.decode(payload[1:], type=int))
             self.held = [b for b in self.held if b.no > self.gone]
+
+
+def _without(data: bytes, spans: list[tuple[int, int]]) -> bytes:
+    """`data` with the (ordered, disjoint) `spans` cut out."""
+    kept, at = [], 0
+    for start, end in spans:
+        kept.append(data[at:start])
+        at = end
+    kept.append(data[at:])
+    return b"".join(kept)
 
 
 def _records(data: memoryview) -> tuple[list[Record], int]:
