@@ -216,10 +216,7 @@ class Worker:
             if queue.held is not None:
                 # This cut's manifest moves the cursor on disk past the batches held in
                 # segments: recovery would not read their marks, so they get files.
-                for manifest in await asyncio.to_thread(queue.fix_held):
-                    manifest.start = None
-                    queue.disk_bytes += manifest.size
-                queue.hold()
+                queue.fixed(await asyncio.to_thread(queue.fix_held))
             return await self._cut()
 
     async def _round_settled(self) -> None:

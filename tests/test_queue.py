@@ -87,19 +87,33 @@ def cut(queue: FirehoseQueue, name: str, data: bytes = b"abc", *, stream: bool =
     """Cut every committed record into one batch named `name` (its bytes held in its
     manifest when `stream`, as the worker does for stream channels)."""
     records, end, framed = queue.read(1 << 30, 1 << 30)
-    manifest = queue.new_manifest(
+    manifest = batch_of(queue, name, len(records), end, data, stream=stream, base=name)
+    queue.add_batch(manifest, queue.persist_batch(manifest, data), framed)
+
+
+def batch_of(
+    queue: FirehoseQueue,
+    name: str,
+    records: int,
+    end: Position,
+    data: bytes,
+    *,
+    stream: bool,
+    base: str = "",
+) -> Manifest:
+    """A manifest numbered after the queue's last batch (stream: its bytes inside)."""
+    return queue.new_manifest(
         name=name,
-        records=len(records),
+        records=records,
         size=len(data),
         opened=0.0,
         cut=0.0,
         end=end,
         content_type="x",
-        base=name,
+        base=base,
         suffix=0,
         data=data if stream else None,
     )
-    queue.add_batch(manifest, queue.persist_batch(manifest, data), framed)
 
 
 async def cut_batches(queue: FirehoseQueue, count: int, size: int, *, stream: bool) -> None:
@@ -325,16 +339,8 @@ class EveryRound:
 
     def cut_round(self, records: list[Record], end: Position, frame_bytes: int) -> Manifest:
         data = b"[" + b",".join(r.raw for r in records) + b"]"
-        manifest = self.queue.new_manifest(
-            name=f"r{self.queue.state.next_batch}",
-            records=len(records),
-            size=len(data),
-            opened=0.0,
-            cut=0.0,
-            end=end,
-            content_type="application/json",
-            data=data,
-        )
+        name = f"r{self.queue.state.next_batch}"
+        manifest = batch_of(self.queue, name, len(records), end, data, stream=True)
         self.cut = (manifest, frame_bytes)
         return manifest
 
@@ -440,7 +446,7 @@ async def test_segments_holding_a_batch_stay_until_it_goes(tmp_path: Path) -> No
     queue.mark_done(held)
     queue.drop_batch(held)
     assert queue.held is None
-    assert queue._delete_consumed_segments() > 0  # now it goes
+    assert queue.delete_consumed_segments() > 0  # now it goes
     assert segment_bytes(queue)[0].name != "1.seg"
 
 
@@ -454,9 +460,7 @@ async def test_held_batches_get_files_before_a_cut_moves_the_cursor_past_them(
     await append(queue, range(3, 5))
     queue.cutter = None
     await append(queue, range(5, 9))
-    for manifest in queue.fix_held():
-        manifest.start = None
-    queue.hold()
+    queue.fixed(queue.fix_held())
     cut(queue, "later")
     assert sorted(p.name for p in queue.batches_dir.iterdir()) == [
         "1.json",

@@ -92,19 +92,17 @@ class Manifest(msgspec.Struct, kw_only=True):
 
 
 class RoundCutter(Protocol):
-    """Cuts a stream batch of exactly one group commit's records, in that commit."""
+    """Cuts a stream batch in a group commit: that commit's records, and any committed
+    before them not yet in a batch."""
 
     def take_round(self, pending: Pending) -> bool:
         """Whether this round's records become a batch (event loop, before the round)."""
-        ...
 
     def cut_round(self, records: list[Record], end: Position, frame_bytes: int) -> Manifest:
         """The batch of `records`, which end at `end` (commit thread)."""
-        ...
 
     def round_done(self, ok: bool) -> None:
         """The round was written and synced, or failed (event loop)."""
-        ...
 
 
 class State(msgspec.Struct, kw_only=True):
@@ -515,7 +513,7 @@ class FirehoseQueue:
 
     def fix_held(self) -> list[Manifest]:
         """Give every batch held in a segment a manifest file of its own (thread), before
-        a cut's manifest moves the cursor on disk past it; the batches to update (`held`).
+        a cut's manifest moves the cursor on disk past it; the batches, for `fixed`.
         """
         held = [b for b in list(self.batches) if b.start is not None]
         for manifest in held:
@@ -676,6 +674,13 @@ class FirehoseQueue:
             self.disk_bytes -= manifest.size
         else:
             self.hold()
+
+    def fixed(self, manifests: list[Manifest]) -> None:
+        """Account for batches that `fix_held` gave files (event loop side)."""
+        for manifest in manifests:
+            manifest.start = None
+            self.disk_bytes += manifest.size
+        self.hold()
 
     def hold(self) -> None:
         """Recompute `held` from the batches (event loop side)."""
