@@ -143,8 +143,15 @@ class Worker:
             return False
         if (queue.pending.records or queue.committing) and self._rounds_cut(queue.pending.records):
             return False  # the group commit under way or next cuts them, without a sync
-        if self.channel.stream or self.draining or self.retiring:
-            return not queue.batches or not self._may_deliver()
+        if self.draining or self.retiring:  # cut everything: open batches get their files
+            return not self.channel.stream or not queue.batches or not self._may_deliver()
+        if queue.batches and self._may_deliver():
+            # The oldest batch goes first. A backlog (a restart with a large queue, the
+            # end of an outage) is cut one file at a time between puts, so delivery
+            # resumes with the first file, not after the last one is cut.
+            return False
+        if self.channel.stream:
+            return True
         due_in = self._next_cut_in()
         return (
             due_in is not None and due_in <= 0

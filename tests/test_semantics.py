@@ -492,6 +492,23 @@ def test_a_failing_batch_is_retried_until_the_destination_recovers(make_daemon) 
     assert len(daemon.events("batch.failed")) >= 1
 
 
+def test_a_backlog_is_delivered_file_by_file_as_it_is_cut(make_daemon) -> None:
+    """After an outage the backlog is many files' worth; each file is put as soon as it
+    is cut, so delivery resumes at once instead of after the last file is cut."""
+    daemon = make_daemon()
+    daemon.write_config(blocked_channel(daemon, "backlog") + 'max_file = "1KiB"\n')
+    daemon.start()
+    post_ok(daemon, [signal_record(n, note="x" * 100) for n in range(10)])
+    wait_until(lambda: daemon.events("batch.failed"))
+    post_ok(daemon, [signal_record(n, note="x" * 100) for n in range(10, 40)])
+    (daemon.root / "blocker").unlink()  # the destination comes back
+    wait_until(lambda: len(daemon.events("batch.delivered")) >= 1, timeout=30)
+    wait_until(lambda: daemon.status()["firehoses"]["backlog"]["queued_records"] == 0)
+    steps = [e["event"] for e in daemon.events() if e["event"] in ("batch.cut", "batch.delivered")]
+    assert len(steps) >= 12  # 40 records of ~180 bytes: at least 6 files
+    assert steps == ["batch.cut", "batch.delivered"] * (len(steps) // 2)
+
+
 def test_a_batch_failing_past_retry_for_goes_to_the_dead_letter_store(make_daemon) -> None:
     daemon = make_daemon()
     daemon.write_config(blocked_channel(daemon, "doomed") + 'retry_for = "1s"\n')
