@@ -188,8 +188,10 @@ def figures(settings: Settings) -> list[Figure]:
         f"attempts retried by the daemon: {retries}.",
         "Ratio = daemon / relay (how many times the two-hop floor).",
         "Breakdown below: the 202 (client-side, includes the group-commit fsync) and the "
-        "daemon's own `batch.cut` → `batch.delivered` log events per webhook batch (the "
-        "batch is cut, i.e. read back, encoded and persisted with its fsyncs, before "
-        "`batch.cut` is logged; that part is the rest of the latency).",
+        "daemon's own `batch.cut` → `batch.delivered` log events per webhook batch. "
+        "`batch.cut` is logged once the batch is on disk: for a stream that keeps up, "
+        "when the group commit that wrote and synced its records (and its manifest, as a "
+        "mark) ends, as the 202s go out; for a batch cut on its own, after its read-back, "
+        "encoding and sync. What lies between the 202 and `batch.cut` is the rest.",
     ]
     return out
