@@ -152,8 +152,10 @@ class Daemon:
         *,
         catch_up_memory: str = "512MiB",
         account_keys: dict[str, Any] | None = None,
+        cpu: str | None = SERVER_CPU,
     ) -> None:
         self.root = root
+        self.cpu = cpu  # None: not pinned
         root.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -181,7 +183,8 @@ class Daemon:
 
     @property
     def argv(self) -> list[str]:
-        return pinned(SERVER_CPU, [PYTHON, "-m", "firehosed", "run", "-c", str(self.config_path)])
+        argv = [PYTHON, "-m", "firehosed", "run", "-c", str(self.config_path)]
+        return argv if self.cpu is None else pinned(self.cpu, argv)
 
     def start(self, *, wait: bool = True, timeout: float = 60.0) -> Daemon:
         """Spawn the daemon (logging JSON lines to `log_path`); wait for /readyz 200."""

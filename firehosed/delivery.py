@@ -8,8 +8,10 @@ One worker per firehose, one batch in flight at a time, oldest first:
                                                │   after alert_after, dead-letter after retry_for
                                                └─ DestinationGone: stop delivering, alert
 
-A stream that keeps up does not cut: the group commit that makes its records durable
-cuts them into the batch in the same write and sync (`take_round`).
+A file firehose cuts its next file, when it is due, while the one before it is put: a
+backlog drains at the pace of the slower of the two, not of both in turn. A stream that
+keeps up does not cut: the group commit that makes its records durable cuts them into
+the batch in the same write and sync (`take_round`).
 """
 
 from __future__ import annotations
@@ -87,6 +89,8 @@ class Worker:
         self._numbering = asyncio.Lock()
         # Deleting the files of the batch delivered last (runs beside the next cut).
         self._removal: asyncio.Future[None] | None = None
+        # A file firehose cuts its next file while the one before is put (`_loop`).
+        self._ahead: asyncio.Task[bool] | None = None
         # A group commit cutting this stream's next batch (see `take_round`).
         self._round_cut: asyncio.Future[None] | None = None
         self._round_batch: tuple[Manifest, int] | None = None
@@ -106,24 +110,43 @@ class Worker:
         try:
             await self._loop()
         finally:
+            await self._settle_ahead()
             await self._settle_removal()
 
     async def _loop(self) -> None:
         queue = self.firehose.queue
         while not self.stopping:
-            if self._cut_due():
-                try:
-                    await self.cut()
-                except OSError as exc:  # disk full or failing: the records stay queued
-                    log.error("batch.cut_failed", firehose=self.name, error=str(exc))
+            if self._ahead is not None:
+                if self._cut_due() or not (queue.batches and self._may_deliver()):
+                    await self._settle_ahead()
+                    continue
+            elif self._cut_due():
+                if not await self._cut_logged():
                     await self._sleep(1.0)
                 continue
             if queue.batches and self._may_deliver():
+                if self._ahead is None and len(queue.batches) == 1 and self._file_due():
+                    self._ahead = asyncio.create_task(self._cut_logged())
                 await self._deliver(queue.batches[0])
                 continue
             if self._finished():
                 return
             await self._sleep(self._next_cut_in())
+
+    async def _cut_logged(self) -> bool:
+        """`cut()`; False (logged) when the disk failed it: the records stay queued."""
+        try:
+            await self.cut()
+        except OSError as exc:
+            log.error("batch.cut_failed", firehose=self.name, error=str(exc))
+            return False
+        return True
+
+    async def _settle_ahead(self) -> None:
+        """Wait for the file being cut while the batch before it was put, if any."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None:
+            await ahead
 
     def _finished(self) -> bool:
         """Draining: nothing left that can be delivered now. Retiring: nothing left at all."""
@@ -147,11 +170,16 @@ class Worker:
             return not self.channel.stream or not queue.batches or not self._may_deliver()
         if queue.batches and self._may_deliver():
             # The oldest batch goes first. A backlog (a restart with a large queue, the
-            # end of an outage) is cut one file at a time between puts, so delivery
+            # end of an outage) is cut one file ahead of the put (`_loop`), so delivery
             # resumes with the first file, not after the last one is cut.
             return False
-        if self.channel.stream:
-            return True
+        return self.channel.stream or self._file_due()
+
+    def _file_due(self) -> bool:
+        """A file firehose's next file is due: its time has come, or it is `max_file`."""
+        queue = self.firehose.queue
+        if self.channel.stream or not queue.uncut:
+            return False
         due_in = self._next_cut_in()
         return (
             due_in is not None and due_in <= 0
