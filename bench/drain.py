@@ -17,7 +17,6 @@ daemon is pinned to CPU 0 and the server to CPU 1, as in `bench/run`, unless
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import shutil
 import tempfile
@@ -28,8 +27,8 @@ from pathlib import Path
 from bench import recovery, settings
 from bench.procs import SERVER_CPU, Daemon, event_time, firehose_toml, wait_until
 from bench.servers import Moto, Sshd
-from bench.upload_figures import BUCKET, _create_bucket
 
+BUCKET = "drain"
 FILES = 15  # 1.08 GB of frames: fifteen 64 MiB NDJSON files, the last one partial
 
 
@@ -41,21 +40,14 @@ def channel(kind: str, home: Path) -> Iterator[str]:
         out = home / "sftp-out"
         out.mkdir()
         try:
-            yield (
-                f'\n[channels.out]\ntype = "sftp"\nhost = "127.0.0.1"\nport = {sshd.port}\n'
-                f'username = "{sshd.username}"\nprivate_key_file = "{sshd.key_file}"\n'
-                f'known_hosts_file = "{sshd.known_hosts_file}"\npath = "{out}"\n'
-            )
+            yield sshd.channel_toml("out", out)
         finally:
             sshd.stop()
         return
     moto = Moto.start()
     try:
-        asyncio.run(_create_bucket(moto.url))
-        yield (
-            f'\n[channels.out]\ntype = "s3"\nbucket = "{BUCKET}"\nendpoint_url = "{moto.url}"\n'
-            'access_key_id = "testing"\nsecret_access_key = "testing"\n'
-        )
+        moto.create_bucket(BUCKET)
+        yield moto.channel_toml("out", BUCKET)
     finally:
         moto.stop()
 
@@ -94,7 +86,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="firehosed-drain-") as tmp:
         work = Path(tmp)
-        snapshot, _, _ = recovery._snapshot(settings.full(work, profile=False))
+        snapshot, _, _ = recovery.build_snapshot(settings.full(work, profile=False))
         with channel(args.kind, work) as table:
             for rep in range(args.reps):
                 result = restart(snapshot, work / f"restart-{rep}", table, args.unpinned)

@@ -14,7 +14,7 @@ from pathlib import Path
 from bench import profile
 from bench.latency_figures import _webhook_tables
 from bench.procs import LOAD_CPU, PYTHON, REPO, SERVER_CPU, Daemon, free_port, pinned
-from bench.recovery import FIREHOSE, _snapshot, _tables, evict
+from bench.recovery import FIREHOSE, _tables, build_snapshot, evict
 from bench.settings import Settings
 
 PY_SPY_ARGS = ["record", "--rate", "250", "--threads", "--format", "raw", "--nonblocking"]
@@ -76,7 +76,7 @@ def memory(settings: Settings, sessions: int) -> list[str]:
 
 def recovery(settings: Settings) -> list[str]:
     """A cold restart on the crashed snapshot, launched under py-spy until first delivery."""
-    snapshot, _, _ = _snapshot(settings)
+    snapshot, _, _ = build_snapshot(settings)
     root = settings.work / "profile-recovery"
     shutil.copytree(snapshot / "var", root / "var")
     evict(root / "var")

@@ -139,7 +139,7 @@ def _tables(paused: bool) -> str:
     return firehose_toml(FIREHOSE, format="ndjson", paused=paused, minutes_between_files=0.01)
 
 
-def _snapshot(settings: Settings) -> tuple[Path, dict[str, float], float]:
+def build_snapshot(settings: Settings) -> tuple[Path, dict[str, float], float]:
     """Build the queue, crash a daemon on it; (the snapshot root, build facts, queue bytes)."""
     root = settings.work / "recovery-snapshot"
     built = _run("build", str(root / "var"), FIREHOSE, str(settings.recovery_bytes))
@@ -195,7 +195,7 @@ def _ceiling(snapshot: Path) -> tuple[float, str]:
 
 
 def recovery_figure(settings: Settings) -> list[Figure]:
-    snapshot, built, queued = _snapshot(settings)
+    snapshot, built, queued = build_snapshot(settings)
     ready, first, own, floor = Series("s"), Series("s"), Series("s"), Series("s")
     commands = [
         " ".join(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import getpass
 import os
 import subprocess
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import asyncssh
+from aiobotocore.session import AioSession
 
 from bench.procs import LOAD_CPU, PYTHON, free_port, pinned, terminate, wait_until
 
@@ -74,6 +76,14 @@ class Sshd:
             raise RuntimeError(f"sshd exited: {(home / 'sshd.log').read_text()}")
         return server
 
+    def channel_toml(self, name: str, path: Path) -> str:
+        """A `[channels.NAME]` table uploading into `path` on this server."""
+        return (
+            f'\n[channels.{name}]\ntype = "sftp"\nhost = "127.0.0.1"\nport = {self.port}\n'
+            f'username = "{self.username}"\nprivate_key_file = "{self.key_file}"\n'
+            f'known_hosts_file = "{self.known_hosts_file}"\npath = "{path}"\n'
+        )
+
     def stop(self) -> None:
         terminate(self.proc)
 
@@ -108,6 +118,26 @@ class Moto:
             return True
         except OSError:
             return False
+
+    def create_bucket(self, bucket: str) -> None:
+        asyncio.run(self._create_bucket(bucket))
+
+    async def _create_bucket(self, bucket: str) -> None:
+        async with AioSession().create_client(
+            "s3",
+            endpoint_url=self.url,
+            region_name="us-east-1",
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+        ) as client:
+            await client.create_bucket(Bucket=bucket)
+
+    def channel_toml(self, name: str, bucket: str) -> str:
+        """A `[channels.NAME]` table putting objects into `bucket` on this server."""
+        return (
+            f'\n[channels.{name}]\ntype = "s3"\nbucket = "{bucket}"\nendpoint_url = "{self.url}"\n'
+            'access_key_id = "testing"\nsecret_access_key = "testing"\n'
+        )
 
     def stop(self) -> None:
         terminate(self.proc)

@@ -16,7 +16,6 @@ firehosed's `S3Channel.put` in-process on the same file instead (and says so).
 
 from __future__ import annotations
 
-import asyncio
 import http.client
 import json
 import math
@@ -26,8 +25,6 @@ import subprocess
 import time
 from pathlib import Path
 from typing import Any
-
-from aiobotocore.session import AioSession
 
 from bench import fixtures
 from bench.inprocess import Ingest
@@ -153,11 +150,8 @@ def sftp_figure(settings: Settings, load: Load) -> Figure:
     sshd = Sshd.start(home)
     out = home / "sftp-out"
     out.mkdir()
-    tables = (
-        f'\n[channels.sftp]\ntype = "sftp"\nhost = "127.0.0.1"\nport = {sshd.port}\n'
-        f'username = "{sshd.username}"\nprivate_key_file = "{sshd.key_file}"\n'
-        f'known_hosts_file = "{sshd.known_hosts_file}"\npath = "{out}"\n'
-        + firehose_toml(
+    tables = sshd.channel_toml("sftp", out) + (
+        firehose_toml(
             "up", channel="sftp", format="ndjson", minutes_between_files=60, max_file=load.max_file
         )
     )
@@ -215,7 +209,7 @@ def sftp_figure(settings: Settings, load: Load) -> Figure:
 def s3_figure(settings: Settings, load: Load) -> Figure:
     moto = Moto.start()
     try:
-        asyncio.run(_create_bucket(moto.url))
+        moto.create_bucket(BUCKET)
         if "s3" in REGISTRY:
             return _s3_daemon(settings, load, moto)
         return _s3_channel(settings, load, moto)
@@ -223,22 +217,9 @@ def s3_figure(settings: Settings, load: Load) -> Figure:
         moto.stop()
 
 
-async def _create_bucket(endpoint: str) -> None:
-    async with AioSession().create_client(
-        "s3",
-        endpoint_url=endpoint,
-        region_name="us-east-1",
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-    ) as client:
-        await client.create_bucket(Bucket=BUCKET)
-
-
 def _s3_tables(moto: Moto, load: Load) -> str:
-    return (
-        f'\n[channels.s3]\ntype = "s3"\nbucket = "{BUCKET}"\nendpoint_url = "{moto.url}"\n'
-        'access_key_id = "testing"\nsecret_access_key = "testing"\n'
-        + firehose_toml(
+    return moto.channel_toml("s3", BUCKET) + (
+        firehose_toml(
             "up", channel="s3", format="ndjson", minutes_between_files=60, max_file=load.max_file
         )
     )

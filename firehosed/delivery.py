@@ -116,15 +116,14 @@ class Worker:
     async def _loop(self) -> None:
         queue = self.firehose.queue
         while not self.stopping:
-            if self._ahead is not None:
-                if self._cut_due() or not (queue.batches and self._may_deliver()):
-                    await self._settle_ahead()
-                    continue
-            elif self._cut_due():
-                if not await self._cut_logged():
+            deliverable = bool(queue.batches) and self._may_deliver()
+            if self._cut_due() or (self._ahead is not None and not deliverable):
+                # A cut under way beside the last put is the one that was due.
+                cut = self._settle_ahead() if self._ahead is not None else self._cut_logged()
+                if not await cut:
                     await self._sleep(1.0)
                 continue
-            if queue.batches and self._may_deliver():
+            if deliverable:
                 if self._ahead is None and len(queue.batches) == 1 and self._file_due():
                     self._ahead = asyncio.create_task(self._cut_logged())
                 await self._deliver(queue.batches[0])
@@ -142,11 +141,11 @@ class Worker:
             return False
         return True
 
-    async def _settle_ahead(self) -> None:
-        """Wait for the file being cut while the batch before it was put, if any."""
+    async def _settle_ahead(self) -> bool:
+        """Wait for the file being cut while the batch before it was put, if any; False
+        when the disk failed that cut (as `_cut_logged`)."""
         ahead, self._ahead = self._ahead, None
-        if ahead is not None:
-            await ahead
+        return await ahead if ahead is not None else True
 
     def _finished(self) -> bool:
         """Draining: nothing left that can be delivered now. Retiring: nothing left at all."""

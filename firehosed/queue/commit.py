@@ -93,7 +93,7 @@ class Committer:
         for (queue, pending), cutter, result in zip(work, cutters, results, strict=True):
             ok = not isinstance(result, OSError)
             queue.committing = False
-            if isinstance(result, OSError):
+            if isinstance(result, OSError):  # (not `ok`, spelt so the type narrows)
                 queue.rollback(pending)
                 log.error("storage.write_failed", firehose=queue.firehose, error=str(result))
                 error = StorageError(f"storage write failed: {result.strerror or result}")
