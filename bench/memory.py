@@ -3,7 +3,7 @@
     python -m bench.memory SESSIONS [SIGNALS_PER_SESSION]
 
 Feeds `firehosed.catchup.CatchUp` (max_memory lifted) through firehosed's own ingest
-path minus HTTP: the account's `EnvelopeReader.read(raw)`, then `Router.route(...)`,
+path minus HTTP: the account's `EnvelopeReader.read(raw)`, then `Routing.route(...)`,
 which builds and encodes the Record and buffers it in the session's ring exactly as the
 daemon does. The account has one firehose with `catch_up = true` and
 `include_anonymous = false`, so nothing is staged in a queue and the rings are the only
@@ -31,7 +31,7 @@ from bench.procs import PYTHON, REPO, SERVER_CPU, pinned
 from bench.report import Figure, Series
 from bench.settings import Settings
 from firehosed.config import CatchUpConfig
-from firehosed.queue.store import FirehoseQueue
+from firehosed.queue.store import SegmentStore
 from firehosed.units import Duration, Size
 
 
@@ -49,7 +49,7 @@ def feed(sessions: int, per_session: int) -> dict[str, float]:
         signals_per_session=30, session_ttl=Duration(86400.0), max_memory=Size(1 << 50)
     )
     # Never opened: with include_anonymous off, the router stages nothing in it.
-    queue = FirehoseQueue(Path("/nonexistent"), "rings", 64 << 20, sync=True)
+    queue = SegmentStore(Path("/nonexistent"), "rings", 64 << 20, sync=True)
     ingest = Ingest([("rings", queue, {"catch_up": True, "include_anonymous": False})], config)
     catch_up = ingest.catch_up
     gc.collect()
@@ -118,7 +118,7 @@ def figure(settings: Settings) -> Figure:
         f"{per:,.0f} B per session above the raw bytes.",
         f"firehosed's own estimate (`CatchUp.memory`, what max_memory is compared to): "
         f"{estimate.text()}.",
-        f"Time per buffered signal (render + `EnvelopeReader.read` + `Router.route`): "
+        f"Time per buffered signal (render + `EnvelopeReader.read` + `Routing.route`): "
         f"{per_signal.text()}.",
         "Measured in-process (`python -m bench.memory`): RSS after gc minus RSS before "
         "feeding; ratio = RSS growth ÷ budget.",

@@ -4,7 +4,7 @@ Records (cart-abandon, distinct ids) go through the daemon's own code, one at a 
 single-signal POSTs bring them: envelope decode and routing into a firehose queue
 (`bench.inprocess.Ingest`), a group commit of every 32 (write and fdatasync, as under
 load), then one file batch cut the way a file firehose's worker makes it:
-`FirehoseQueue.read`, NDJSON `formats.encode`, `FirehoseQueue.persist_batch`. Each step's
+`SegmentStore.read`, NDJSON `formats.encode`, `SegmentStore.persist_batch`. Each step's
 CPU per record is this thread's CPU clock (user and kernel, to the nanosecond), so the
 kernel's share (syncs, reading the segments back, writing the batch) is counted. No
 HTTP, no event loop, one thread.
@@ -27,7 +27,7 @@ import msgspec
 from bench import fixtures
 from bench.inprocess import Ingest
 from firehosed import formats
-from firehosed.queue.store import FirehoseQueue
+from firehosed.queue.store import SegmentStore
 
 T = TypeVar("T")
 GROUP = 32  # requests per fsync round in the single-signal figure
@@ -48,7 +48,7 @@ class Steps:
 
 def steps(work: Path, count: int) -> list[tuple[str, float]]:
     """(step, CPU µs per record), for `count` records."""
-    queue = FirehoseQueue(work / "perrecord", "perrecord", 1 << 30, sync=True)
+    queue = SegmentStore(work / "perrecord", "perrecord", 1 << 30, sync=True)
     queue.open()
     ingest = Ingest([("perrecord", queue, {"format": "ndjson"})])
     template = msgspec.json.encode(fixtures.cart_abandon(anonymous=False))

@@ -1,7 +1,7 @@
 """Restart recovery with a large queue, and idle memory after start.
 
 Restart recovery: a queue of `recovery_bytes` is written with firehosed's own
-`FirehoseQueue` (the records a router would stage: identified cart-abandon signals,
+`SegmentStore` (the records a router would stage: identified cart-abandon signals,
 msgpack Records in CRC frames, 64 MiB segments), then a real daemon starts on it with
 the firehose paused, takes one more POST, and is killed with SIGKILL: that crashed
 storage dir is the snapshot. Each repetition copies the snapshot, evicts the copy from
@@ -49,7 +49,7 @@ from bench.procs import (
 )
 from bench.report import Figure, Series, ratios
 from bench.settings import Settings
-from firehosed.queue.store import FirehoseQueue
+from firehosed.queue.store import SegmentStore
 
 FIREHOSE = "f1"
 SEGMENT_SIZE = 64 << 20
@@ -66,7 +66,7 @@ def build(storage: Path, firehose: str, size: int) -> dict[str, float]:
     signals), then the queue's own `write`, as the group committer would (unsynced while
     writing, every segment fdatasynced at the end).
     """
-    queue = FirehoseQueue(storage / "queues" / firehose, firehose, SEGMENT_SIZE, sync=True)
+    queue = SegmentStore(storage / "queues" / firehose, firehose, SEGMENT_SIZE, sync=True)
     queue.open()
     ingest = Ingest([(firehose, queue, {})])
     template = fixtures.Template(fixtures.template_text(1000))
@@ -236,7 +236,7 @@ def recovery_figure(settings: Settings) -> list[Figure]:
         commands=commands,
     )
     ready_fig.notes += [
-        f"Queue built by firehosed's FirehoseQueue: {built['records']:,.0f} records, "
+        f"Queue built by firehosed's SegmentStore: {built['records']:,.0f} records, "
         f"{built['bytes'] / 1e6:,.0f} MB of frames; then a daemon (firehose paused) started "
         "on it, took one more POST of 1000 signals and was killed with SIGKILL.",
         "Each repetition restarts a copy of that crashed storage dir with the page cache "

@@ -44,7 +44,7 @@ from bench.report import Figure, Series, ratios
 from bench.servers import Missing, Moto, Sshd
 from bench.settings import Settings
 from firehosed.channels import REGISTRY
-from firehosed.queue.store import FirehoseQueue
+from firehosed.queue.store import SegmentStore
 
 BUCKET = "bench"
 SFTP_CIPHERS = ("", "aes128-gcm@openssh.com")
@@ -82,7 +82,7 @@ class Load:
 
 def _framed_size(raw: bytes) -> int:
     """Bytes one record takes in a firehose queue: route it in-process and look."""
-    queue = FirehoseQueue(Path("/nonexistent"), "probe", 64 << 20, sync=True)  # never opened
+    queue = SegmentStore(Path("/nonexistent"), "probe", 64 << 20, sync=True)  # never opened
     Ingest([("probe", queue, {})]).accept(raw, time.time())
     return queue.staged_bytes
 

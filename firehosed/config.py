@@ -99,6 +99,7 @@ class AccountConfig(_Section):
     firehose_enabled: bool = True
     dedupe_window: Duration = Duration(600.0)
     dedupe_max: int = 1_000_000
+    dedupe_max_memory: Size = Size(256 * MiB)
     fields: FieldsConfig = msgspec.field(default_factory=FieldsConfig)
 
 
@@ -125,6 +126,9 @@ class FirehoseConfig(_Section):
     dead_letter: str | None = None
     # A path under the channel's root for this firehose's files ("acme/Firehose/").
     prefix: str = ""
+    # Bytes this firehose may hold queued before its account's requests get 503; None:
+    # half of storage.max_disk when the config has several firehoses, else all of it.
+    max_queued: Size | None = None
 
 
 class ChannelConfig:

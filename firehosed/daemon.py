@@ -14,7 +14,7 @@ import gc
 import os
 import signal
 import time
-from collections.abc import Coroutine
+from collections.abc import AsyncIterator, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -26,34 +26,19 @@ from firehosed import metrics
 from firehosed.alerts import Alerts
 from firehosed.catchup import CatchUp
 from firehosed.channels import Channel, open_channel
-from firehosed.config import AccountConfig, Config
-from firehosed.dedupe import Dedupe
+from firehosed.config import Config
 from firehosed.delivery import Worker
-from firehosed.envelope import EnvelopeReader
 from firehosed.errors import ConfigError, FirehosedError
 from firehosed.firehose import Firehose
 from firehosed.ingest.app import build_server
+from firehosed.ingest.receiver import Receiver
 from firehosed.mapping import Mapping
-from firehosed.queue.commit import Committer
-from firehosed.queue.store import FirehoseQueue
+from firehosed.queue.base import Manifest, QueueFigures
+from firehosed.queue.local import LocalBackend
 from firehosed.router import AccountRoutes, Router
 from firehosed.systemd import Notifier
 
 log = structlog.get_logger(__name__)
-
-
-class IngestAccount:
-    """What the receiver needs of an account: tokens, envelope reader, dedupe memory."""
-
-    def __init__(self, name: str, config: AccountConfig, dedupe: Dedupe | None) -> None:
-        self.name = name
-        self.tokens = [t.encode() for t in config.tokens]
-        self.reader = EnvelopeReader(config.fields)
-        self.dedupe = dedupe or Dedupe(config.dedupe_window, config.dedupe_max)
-        self.dedupe.window, self.dedupe.limit = config.dedupe_window, config.dedupe_max
-        self.accepted = metrics.signals_accepted.labels(name)
-        self.rejected = metrics.signals_rejected.labels(name)
-        self.duplicates = metrics.signals_duplicate.labels(name)
 
 
 class Daemon:
@@ -62,16 +47,21 @@ class Daemon:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.storage = Path(config.storage.dir)
-        self.committer = Committer(config.storage.durability)
+        self.backend = LocalBackend(
+            self.storage, config.storage.segment_size, config.storage.durability
+        )
         self.catch_up = CatchUp(config.catch_up)
-        self.router = Router(self.catch_up, self.committer)
+        self.router = Router(self.catch_up)
+        self.receiver = Receiver(self.router, config.server, self.refusal)
         self.alerts = Alerts(config.alerts)
         self.notifier = Notifier.from_environ()
-        self.accounts: dict[str, IngestAccount] = {}
         self.firehoses: dict[str, Firehose] = {}
         self.workers: dict[str, Worker] = {}
         self.channels: dict[str, Channel] = {}
         self.accepting = False
+        # Why this process can no longer keep what it accepts (its committer ended), if so.
+        self.broken: str | None = None
+        self._shares: dict[str, list[tuple[str, int]]] = {}  # account: (firehose, max_queued)
         self._stop = asyncio.Event()
         self._reload = asyncio.Event()
         self._tasks: dict[str, asyncio.Task[None]] = {}
@@ -86,7 +76,7 @@ class Daemon:
         started = time.monotonic()
         self.storage.mkdir(parents=True, exist_ok=True)
         self._lock_storage()
-        self._track("committer", self.committer.run())
+        self._track("committer", self.backend.run())
         await self._apply(self.config)
         self._warn_orphans()
         await self._listen()
@@ -102,7 +92,7 @@ class Daemon:
             "daemon.ready",
             listen=self.config.server.listen,
             firehoses=len(self.firehoses),
-            queued=sum(f.queue.queued_records() for f in self.firehoses.values()),
+            queued=sum(f.records for f in self._figures()),
             seconds=round(time.monotonic() - started, 3),
         )
 
@@ -117,6 +107,7 @@ class Daemon:
     async def _listen(self) -> None:
         # auto_decompress off: the receiver inflates gzip itself, capped at max_body.
         server = build_server(
+            self.receiver,
             self,
             access_log=None,
             auto_decompress=False,
@@ -172,6 +163,8 @@ class Daemon:
         try:
             new = await asyncio.to_thread(config_module.load, self.config.path)
             await self._apply(new)
+            for firehose in self.firehoses.values():  # dead letters removed by hand
+                await firehose.queue.recount()
         except ConfigError as exc:
             for problem in exc.problems:
                 log.error("config.invalid", problem=problem)
@@ -194,14 +187,9 @@ class Daemon:
             dead = channels[fh_config.dead_letter] if fh_config.dead_letter else None
             if name in self.firehoses:
                 self.firehoses[name].configure(fh_config, mapping)
-                self.workers[name].channel = channel
-                self.workers[name].retiring = False
-                self.workers[name].gone = None  # a reload resumes a firehose stopped by 410
-                self.workers[name].dead_channel = dead
-                self.workers[name].nudge()
+                self.workers[name].configure(channel, dead)
             else:
-                await self._add_firehose(name, fh_config, mapping, channel)
-                self.workers[name].dead_channel = dead
+                await self._add_firehose(name, fh_config, mapping, channel, dead)
         for name in self.firehoses.keys() - wanted.keys():
             self._retire(name)
         self._set_accounts(config, wanted)
@@ -221,26 +209,21 @@ class Daemon:
         return channels
 
     async def _add_firehose(
-        self, name: str, config: Any, mapping: Mapping | None, channel: Channel
+        self,
+        name: str,
+        config: Any,
+        mapping: Mapping | None,
+        channel: Channel,
+        dead: Channel | None,
     ) -> None:
-        storage = self.config.storage
-        queue = FirehoseQueue(
-            self.storage / "queues" / name,
-            name,
-            storage.segment_size,
-            storage.durability == "fsync",
-        )
-        await asyncio.to_thread(queue.open)
+        queue = await self.backend.open_queue(name)
         firehose = Firehose(name, config, queue, mapping)
-        worker = Worker(firehose, channel, self.storage / "dead", self.alerts)
-        queue.on_commit = worker.committed
-        queue.on_dirty = self.committer.wake_later
-        queue.cutter = worker
+        worker = Worker(firehose, channel, self.alerts)
+        worker.configure(channel, dead)
         self.firehoses[name], self.workers[name] = firehose, worker
         self._track(f"worker:{name}", self._run_worker(worker))
-        log.info(
-            "firehose.started", firehose=name, channel=channel.name, queued=queue.queued_records()
-        )
+        queued = queue.figures(time.time()).records
+        log.info("firehose.started", firehose=name, channel=channel.name, queued=queued)
 
     async def _run_worker(self, worker: Worker) -> None:
         """Run a worker; a crash (a bug) is logged and the worker restarted, never silent."""
@@ -251,7 +234,7 @@ class Daemon:
             except Exception:
                 log.exception("worker.crashed", firehose=worker.name)
                 await asyncio.sleep(1.0)
-        if worker.retiring and not worker.draining and not worker.stopping:
+        if worker.retired:
             log.info("firehose.retired", firehose=worker.name)
             self.workers.pop(worker.name, None)
             firehose = self.firehoses.pop(worker.name, None)
@@ -261,23 +244,30 @@ class Daemon:
     def _retire(self, name: str) -> None:
         """A firehose left the config: stop routing to it, deliver its backlog, then end."""
         worker = self.workers[name]
-        worker.retiring = True
-        worker.nudge()
-        log.info("firehose.retiring", firehose=name, queued=worker.firehose.queue.queued_records())
+        worker.retire()
+        queued = worker.queue.figures(time.time()).records
+        log.info("firehose.retiring", firehose=name, queued=queued)
 
     def _set_accounts(self, config: Config, firehoses: dict[str, Any]) -> None:
-        self.accounts = {
-            name: IngestAccount(
-                name, account, self.accounts[name].dedupe if name in self.accounts else None
-            )
-            for name, account in config.accounts.items()
-        }
+        self.receiver.configure(config.server, config.accounts)
         self.router.accounts = {
             name: AccountRoutes(
                 account.fields,
                 [self.firehoses[f] for f, c in firehoses.items() if c.account == name],
             )
             for name, account in config.accounts.items()
+        }
+        # Each firehose's share of max_disk, by account: one stuck firehose must not
+        # take the whole budget and refuse every account.
+        whole = config.storage.max_disk
+        default = whole // 2 if len(firehoses) > 1 else whole
+        self._shares = {
+            name: [
+                (f, c.max_queued if c.max_queued is not None else default)
+                for f, c in firehoses.items()
+                if c.account == name
+            ]
+            for name in config.accounts
         }
 
     async def _close_unused_channels(self, channels: dict[str, Channel]) -> None:
@@ -300,7 +290,7 @@ class Daemon:
         self.accepting = False
         self.notifier.stopping()
         log.info("daemon.draining", timeout=self.config.server.drain_timeout)
-        await self.committer.flush()
+        await self.backend.flush()
         for worker in self.workers.values():
             worker.drain()
         running = [t for n, t in self._tasks.items() if n.startswith("worker:")]
@@ -313,7 +303,8 @@ class Daemon:
             worker.stop()
         if self._runner is not None:
             await self._runner.cleanup()
-        await self.committer.flush()
+        if "committer" in self._tasks:
+            await self.backend.flush()
         for task in self._tasks.values():
             task.cancel()
         await asyncio.gather(*self._tasks.values(), return_exceptions=True)
@@ -324,25 +315,50 @@ class Daemon:
             firehose.queue.close()
         log.info(
             "daemon.stopped",
-            queued=sum(f.queue.queued_records() for f in self.firehoses.values()),
-            batches_pending=sum(len(f.queue.batches) for f in self.firehoses.values()),
+            queued=sum(f.records for f in self._figures()),
+            batches_pending=sum(f.batches for f in self._figures()),
         )
 
     # -- what the HTTP side asks ----------------------------------------------------
 
-    def refusal(self) -> str | None:
-        """Why ingest must answer 503 right now, or None."""
+    def refusal(self, account: str | None = None) -> str | None:
+        """Why ingest (for `account`, or for any account) must answer 503 now, or None.
+
+        Queued records, dead letters and quarantined records all count against
+        `max_disk`; each firehose's queued bytes against its `max_queued` share too.
+        """
+        if self.broken is not None:
+            return self.broken
         if not self.accepting:
             return "not accepting signals: starting or shutting down"
-        queued = sum(f.queue.queued_bytes() for f in self.firehoses.values())
+        now = time.time()
+        figures = {name: f.queue.figures(now) for name, f in self.firehoses.items()}
+        queued = sum(f.bytes for f in figures.values())
+        dead = sum(f.dead_bytes for f in figures.values())
         limit = self.config.storage.max_disk
-        if queued > limit:
-            return f"storage is full: {queued} bytes queued, max_disk is {limit}"
+        if queued + dead > limit:
+            return (
+                f"storage is full: {queued} bytes queued and {dead} dead-lettered or "
+                f"quarantined, max_disk is {limit}"
+            )
+        for name, share in self._shares.get(account, ()) if account is not None else ():
+            held = figures[name].bytes if name in figures else 0
+            if held > share:
+                return f"firehose {name} is full: {held} bytes queued, its max_queued is {share}"
         return None
 
     def disk_used(self) -> int:
         """Bytes the queues hold on disk."""
-        return sum(f.queue.disk_bytes for f in self.firehoses.values())
+        return sum(f.disk_bytes for f in self._figures())
+
+    def _figures(self) -> list[QueueFigures]:
+        now = time.time()
+        return [f.queue.figures(now) for f in self.firehoses.values()]
+
+    def replay(self, firehose: str) -> AsyncIterator[Manifest] | None:
+        """Dead batches of `firehose` back into delivery; None if no such firehose runs."""
+        worker = self.workers.get(firehose)
+        return worker.replay() if worker is not None else None
 
     def status(self) -> dict[str, Any]:
         """The `/v1/status` document."""
@@ -361,11 +377,10 @@ class Daemon:
     def queue_figures(self) -> list[metrics.QueueFigures]:
         """Per-firehose queue figures for the Prometheus collector."""
         now = time.time()
+        figures = [(name, f.queue.figures(now)) for name, f in self.firehoses.items()]
         return [
-            metrics.QueueFigures(
-                name, f.queue.queued_records(), f.queue.queued_bytes(), f.queue.oldest_age(now)
-            )
-            for name, f in self.firehoses.items()
+            metrics.QueueFigures(n, f.records, f.bytes, f.oldest_age, f.dead_bytes)
+            for n, f in figures
         ]
 
     # -- tasks ----------------------------------------------------------------------
@@ -376,10 +391,24 @@ class Daemon:
         task.add_done_callback(self._task_done)
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
-        if self._tasks.get(task.get_name()) is task:
-            del self._tasks[task.get_name()]
+        name = task.get_name()
+        if self._tasks.get(name) is task:
+            del self._tasks[name]
         if not task.cancelled() and (error := task.exception()) is not None:
-            log.error("task.failed", task=task.get_name(), error=repr(error), exc_info=error)
+            log.error("task.failed", task=name, error=repr(error), exc_info=error)
+        if name == "committer" and not task.cancelled():
+            self._committer_ended(task)
+
+    def _committer_ended(self, task: asyncio.Task[None]) -> None:
+        """Nothing can be made durable any more: refuse ingest, fail readiness, and stop
+        the watchdog pings, so that systemd restarts the process."""
+        error = task.exception()
+        self.broken = f"storage committer stopped: {error!r}" if error else "committer stopped"
+        log.critical("daemon.broken", reason=self.broken)
+        self.notifier.status(self.broken)
+        watchdog = self._tasks.get("watchdog")
+        if watchdog is not None:
+            watchdog.cancel()
 
 
 def _restart_needed(old: Config, new: Config) -> bool:

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from firehosed.config import FirehoseConfig
 from firehosed.mapping import Mapping
-from firehosed.queue.store import FirehoseQueue
+from firehosed.queue.base import Queue
 
 
 class Firehose:
     """One route: which signals of an account, in what format, to which channel."""
 
     def __init__(
-        self, name: str, config: FirehoseConfig, queue: FirehoseQueue, mapping: Mapping | None
+        self, name: str, config: FirehoseConfig, queue: Queue, mapping: Mapping | None
     ) -> None:
         self.name = name
         self.queue = queue

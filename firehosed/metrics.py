@@ -98,10 +98,11 @@ class QueueFigures:
     records: int
     bytes: int
     oldest_age: float
+    dead_bytes: int
 
 
 class QueueCollector(Collector):
-    """Reports queued records, bytes and oldest age per firehose at scrape time."""
+    """Reports queued records, bytes, oldest age and dead bytes per firehose at scrape time."""
 
     def __init__(self, source: Callable[[], Iterable[QueueFigures]]) -> None:
         self.source = source
@@ -118,11 +119,17 @@ class QueueCollector(Collector):
             "Age of the oldest undelivered record",
             labels=["firehose"],
         )
+        dead = GaugeMetricFamily(
+            "firehosed_dead_letter_bytes",
+            "Bytes kept out of delivery: dead-lettered batches and quarantined records",
+            labels=["firehose"],
+        )
         for q in self.source():
             records.add_metric([q.firehose], q.records)
             size.add_metric([q.firehose], q.bytes)
             age.add_metric([q.firehose], q.oldest_age)
-        yield from (records, size, age)
+            dead.add_metric([q.firehose], q.dead_bytes)
+        yield from (records, size, age, dead)
 
 
 @functools.cache

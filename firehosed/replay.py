@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from firehosed.config import Config
-from firehosed.delivery import dead_manifests
-from firehosed.queue.store import FirehoseQueue, Manifest
+from firehosed.queue.base import Manifest
+from firehosed.queue.local import dead_manifests
+from firehosed.queue.store import SegmentStore
 
 
 @contextmanager
@@ -46,7 +47,7 @@ def dead_firehoses(config: Config, only: list[str] | None) -> list[str]:
 def replay_offline(config: Config, firehose: str) -> Iterator[Manifest]:
     """Move one firehose's dead batches into its queue on disk (daemon stopped)."""
     storage = Path(config.storage.dir)
-    queue = FirehoseQueue(
+    queue = SegmentStore(
         storage / "queues" / firehose,
         firehose,
         config.storage.segment_size,

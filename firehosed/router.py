@@ -21,9 +21,8 @@ from firehosed.config import FieldsConfig
 from firehosed.envelope import Envelope
 from firehosed.firehose import Firehose
 from firehosed.mapping import set_path
-from firehosed.queue.commit import Committer
+from firehosed.queue.base import Queue, Ticket
 from firehosed.queue.frames import frame
-from firehosed.queue.store import FirehoseQueue
 from firehosed.record import Record, decoder, encode
 
 
@@ -38,10 +37,10 @@ class AccountRoutes:
         self.wants_catch_up = any(f.config.catch_up for f in self.firehoses)
         self.wants_pi = any(f.config.send_person_identified for f in self.firehoses)
         # (type, anonymous) -> the queues such a signal goes to; rebuilt on every reload
-        self._targets: dict[tuple[str, bool], tuple[FirehoseQueue, ...]] = {}
-        self._interned: dict[tuple[FirehoseQueue, ...], tuple[FirehoseQueue, ...]] = {}
+        self._targets: dict[tuple[str, bool], tuple[Queue, ...]] = {}
+        self._interned: dict[tuple[Queue, ...], tuple[Queue, ...]] = {}
 
-    def targets(self, signal_type: str, anonymous: bool) -> tuple[FirehoseQueue, ...]:
+    def targets(self, signal_type: str, anonymous: bool) -> tuple[Queue, ...]:
         """The queues of the firehoses that get a signal of this type (the same tuple
         for the same answer, so a run of records can be recognised by identity)."""
         key = (signal_type, anonymous)
@@ -61,32 +60,35 @@ class AccountRoutes:
 class Router:
     """Appends each accepted signal to the queues of the firehoses that get it."""
 
-    def __init__(self, catch_up: CatchUp, committer: Committer) -> None:
+    def __init__(self, catch_up: CatchUp) -> None:
         self.catch_up = catch_up
-        self.committer = committer
         self.accounts: dict[str, AccountRoutes] = {}
 
-    def begin(self, account: str) -> Routing:
-        """Routing for one request's records; `flush()` it before awaiting the commit."""
-        return Routing(self, self.accounts.get(account), account)
-
-    def route(self, account: str, env: Envelope, raw: bytes, received: float) -> None:
-        """Stage one signal (and any catch-up it triggers) on its firehoses' queues."""
-        routing = self.begin(account)
-        routing.route(env, raw, received)
-        routing.flush()
+    def begin(self, account: str, ticket: Ticket) -> Routing:
+        """Routing for one request's records, whose commits go on `ticket`; `flush()` it
+        before awaiting the ticket."""
+        return Routing(self, self.accounts.get(account), account, ticket)
 
 
 class Routing:
     """Stages one request's records: consecutive records bound for the same queues are
-    joined and appended once per queue (`flush`), not once per record and queue."""
+    joined and appended once per queue (`flush`), not once per record and queue.
 
-    def __init__(self, router: Router, routes: AccountRoutes | None, account: str) -> None:
+    Catch-up state changed for the request is noted, so that `rollback` can undo it
+    when the request is not acknowledged: its client will send the records again.
+    """
+
+    def __init__(
+        self, router: Router, routes: AccountRoutes | None, account: str, ticket: Ticket
+    ) -> None:
         self.router = router
         self.routes = routes
         self.account = account
-        self._queues: tuple[FirehoseQueue, ...] = ()
+        self.ticket = ticket
+        self._queues: tuple[Queue, ...] = ()
         self._frames: list[bytes] = []
+        self._buffered: list[tuple[str, bytes]] = []  # (session, ring entry)
+        self._identified: list[tuple[str, tuple[bytes, ...]]] = []  # (session, its ring)
 
     def route(self, env: Envelope, raw: bytes, received: float) -> None:
         """Stage one signal (and any catch-up it triggers)."""
@@ -104,8 +106,11 @@ class Routing:
         if person is None:
             if session is not None and routes.wants_catch_up:
                 catch_up.buffer(account, session, encoded, received)
+                self._buffered.append((session, encoded))
         elif session is not None and env.person is not None:
             ring = catch_up.identify(account, session, person, received)
+            if ring is not None:
+                self._identified.append((session, ring))
             if ring or (ring is not None and routes.wants_pi):
                 self.flush()  # the replayed ring goes before the identifying signal
                 self._replay(routes, ring, record)
@@ -121,14 +126,21 @@ class Routing:
         if not frames:
             return
         chunk = frames[0] if len(frames) == 1 else b"".join(frames)
+        add = self.ticket.add
         for queue in self._queues:
-            if queue.append(chunk, len(frames)):
-                self.router.committer.mark(queue)
+            add(queue.append(chunk, len(frames)))
         frames.clear()
 
-    def _stage(self, queue: FirehoseQueue, framed: bytes) -> None:
-        if queue.append(framed, 1):
-            self.router.committer.mark(queue)
+    def rollback(self) -> None:
+        """Undo the request's catch-up changes, newest first (it was answered 503)."""
+        catch_up, account = self.router.catch_up, self.account
+        for session, ring in reversed(self._identified):
+            catch_up.restore(account, session, ring)
+        for session, entry in reversed(self._buffered):
+            catch_up.unbuffer(account, session, entry)
+
+    def _stage(self, queue: Queue, framed: bytes) -> None:
+        self.ticket.add(queue.append(framed, 1))
 
     def _replay(self, routes: AccountRoutes, ring: tuple[bytes, ...], identifying: Record) -> None:
         """Re-send a session's buffered signals with the person, then the `pi` record."""

@@ -1,27 +1,50 @@
-"""Dedupe memory: window, count limit, forget, and expiry at a steady churn."""
+"""Dedupe memory: window, count and byte limits, settling, and expiry at a steady churn."""
 
 from __future__ import annotations
 
-from firehosed.dedupe import Dedupe
+from firehosed.dedupe import ID_OVERHEAD, Dedupe
+from firehosed.queue.base import Ticket
+
+BIG = 1 << 40
 
 
-def test_window_limit_and_forget() -> None:
-    dedupe = Dedupe(window=10.0, limit=3)
-    assert not dedupe.seen("a", 0.0)
-    assert dedupe.seen("a", 1.0)
-    dedupe.forget("a")
-    assert not dedupe.seen("a", 2.0)  # a request that failed may be retried
+def test_window_limit_and_settled_not_kept() -> None:
+    dedupe, ticket = Dedupe(window=10.0, limit=3, max_memory=BIG), Ticket()
+    assert not dedupe.seen("a", 0.0, ticket)
+    assert dedupe.seen("a", 1.0, ticket)
+    dedupe.settled(["a"], kept=False)
+    assert not dedupe.seen("a", 2.0, ticket)  # a request that failed may be retried
     for record_id in "bcd":
-        dedupe.seen(record_id, 3.0)
-    assert len(dedupe) == 3 and not dedupe.seen("a", 4.0)  # "a" was the oldest: dropped
+        dedupe.seen(record_id, 3.0, ticket)
+    assert len(dedupe) == 3 and not dedupe.seen("a", 4.0, ticket)  # "a" was the oldest: dropped
     dedupe.expire(13.5)  # c, d (at 3.0) are past the window; "a" (at 4.0) is not
-    assert len(dedupe) == 1 and dedupe.seen("a", 13.6)
+    assert len(dedupe) == 1 and dedupe.seen("a", 13.6, ticket)
+
+
+def test_an_id_is_in_flight_until_its_request_is_settled() -> None:
+    dedupe, first, second = Dedupe(10.0, 100, BIG), Ticket(), Ticket()
+    dedupe.seen("a", 0.0, first)
+    assert dedupe.seen("a", 0.1, second) and dedupe.original("a") is first
+    dedupe.settled(["a"], kept=True)
+    assert dedupe.original("a") is None and dedupe.seen("a", 0.2, second)
+
+
+def test_memory_is_counted_in_bytes_and_bounded() -> None:
+    long_id = "x" * 100_000
+    dedupe = Dedupe(window=600.0, limit=1_000_000, max_memory=1 << 20)  # 1 MiB
+    for n in range(50):
+        dedupe.seen(f"{n:03}{long_id}", float(n), Ticket())
+    # Ten 100 KB ids fit in 1 MiB: the count limit alone would have kept all fifty.
+    assert dedupe.memory <= 1 << 20
+    assert len(dedupe) == (1 << 20) // (len(long_id) + 3 + ID_OVERHEAD)
+    assert dedupe.seen(f"049{long_id}", 60.0, Ticket())  # the newest stays
+    assert not dedupe.seen(f"000{long_id}", 61.0, Ticket())  # the oldest went
 
 
 def test_steady_churn_keeps_exactly_the_window() -> None:
-    dedupe = Dedupe(window=100.0, limit=1_000_000)
+    dedupe, ticket = Dedupe(window=100.0, limit=1_000_000, max_memory=BIG), Ticket()
     for n in range(200_000):  # one id per 1 ms; each expire drops the id of 100 s before
         now = n / 1000
         dedupe.expire(now)
-        assert not dedupe.seen(f"id{n}", now)
+        assert not dedupe.seen(f"id{n}", now, ticket)
     assert len(dedupe) == 100_001

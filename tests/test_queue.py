@@ -1,4 +1,8 @@
-"""The durable queue on real files: framing, group commit, cut, recovery."""
+"""The local backend's segment store on real files: framing, commit, cut, recovery.
+
+(What every backend must do is in test_queue_contract.py; this is how the local one
+keeps it on disk.)
+"""
 
 from __future__ import annotations
 
@@ -11,9 +15,11 @@ import pytest
 
 from firehosed import metrics
 from firehosed.errors import StorageError
+from firehosed.queue.base import Manifest, Position
 from firehosed.queue.commit import Committer
 from firehosed.queue.frames import HEADER, frame, scan
-from firehosed.queue.store import FirehoseQueue, Manifest, Pending, Position
+from firehosed.queue.local import LocalQueue
+from firehosed.queue.store import SegmentStore
 from firehosed.record import Record, encoder
 
 
@@ -23,23 +29,26 @@ def record(n: int) -> bytes:
     return frame(encoder.encode(Record("pd", f"id{n}", "s", None, 0.0, 1000.0 + n, raw)))
 
 
-def open_queue(root: Path, segment_size: int = 1 << 20) -> FirehoseQueue:
-    queue = FirehoseQueue(root / "queues" / "fh", "fh", segment_size, sync=True)
+def open_queue(root: Path, segment_size: int = 1 << 20) -> SegmentStore:
+    queue = SegmentStore(root / "queues" / "fh", "fh", segment_size, sync=True)
     queue.open()
     return queue
 
 
-async def append(queue: FirehoseQueue, numbers: range) -> None:
-    committer = Committer("fsync")
-    task = asyncio.create_task(committer.run())
+async def append(queue: SegmentStore, numbers: range) -> None:
+    """Append and commit records as one group commit does (cut by the queue's test
+    cutter, if `cutting` gave it one)."""
     for n in numbers:
         queue.append(record(n), 1)
-        committer.mark(queue)
-    await committer.commit()
-    task.cancel()
+    pending = queue.take_pending()
+    cutter: EveryRound | None = getattr(queue, "cutter", None)
+    end = await asyncio.to_thread(queue.write, pending, True, cutter)
+    queue.settle(pending, end)
+    if cutter is not None:
+        cutter.round_done()
 
 
-def segment_bytes(queue: FirehoseQueue) -> list[Path]:
+def segment_bytes(queue: SegmentStore) -> list[Path]:
     return sorted((queue.root / "segments").glob("*.seg"), key=lambda p: int(p.stem))
 
 
@@ -83,7 +92,7 @@ async def test_segments_rotate_and_cut_batches_free_them(tmp_path: Path) -> None
     assert again.batch_path(again.batches[0]).read_bytes() == b"abc"
 
 
-def cut(queue: FirehoseQueue, name: str, data: bytes = b"abc", *, stream: bool = False) -> None:
+def cut(queue: SegmentStore, name: str, data: bytes = b"abc", *, stream: bool = False) -> None:
     """Cut every committed record into one batch named `name` (its bytes held in its
     manifest when `stream`, as the worker does for stream channels)."""
     records, end, framed = queue.read(1 << 30, 1 << 30)
@@ -92,7 +101,7 @@ def cut(queue: FirehoseQueue, name: str, data: bytes = b"abc", *, stream: bool =
 
 
 def batch_of(
-    queue: FirehoseQueue,
+    queue: SegmentStore,
     name: str,
     records: int,
     end: Position,
@@ -116,14 +125,14 @@ def batch_of(
     )
 
 
-async def cut_batches(queue: FirehoseQueue, count: int, size: int, *, stream: bool) -> None:
+async def cut_batches(queue: SegmentStore, count: int, size: int, *, stream: bool) -> None:
     """`count` batches of `size` fresh records each, appended and cut in turn (b0, b1…)."""
     for n in range(count):
         await append(queue, range(n * size, (n + 1) * size))
         cut(queue, f"b{n}", b"[]" if stream else b"abc", stream=stream)
 
 
-def deliver_oldest(queue: FirehoseQueue) -> None:
+def deliver_oldest(queue: SegmentStore) -> None:
     """Forget the oldest batch as the worker does once it is delivered."""
     manifest = queue.batches[0]
     queue.remove_batch(manifest)
@@ -275,13 +284,12 @@ async def test_failed_write_answers_with_storage_error_and_rolls_back(tmp_path: 
     queue = open_queue(tmp_path)
     committer = Committer("fsync")
     task = asyncio.create_task(committer.run())
-    queue.append(record(1), 1)
-    committer.mark(queue)
+    commit = LocalQueue(queue, committer, tmp_path / "dead").append(record(1), 1)
     assert queue._fd is not None
     os.close(queue._fd)  # the next write fails with EBADF, like a dying disk
     queue._fd = os.open(os.devnull, os.O_RDONLY)
     with pytest.raises(StorageError):
-        await committer.commit()
+        await commit.wait()
     assert queue.staged_records == 0
     task.cancel()
 
@@ -328,14 +336,11 @@ async def test_reading_in_chunks_smaller_than_a_record(
 
 class EveryRound:
     """A RoundCutter that makes every group commit's records one stream batch, as the
-    worker of a stream that keeps up does (its manifests numbered and named in turn)."""
+    queue of a stream that keeps up does (its manifests numbered and named in turn)."""
 
-    def __init__(self, queue: FirehoseQueue) -> None:
+    def __init__(self, queue: SegmentStore) -> None:
         self.queue = queue
         self.cut: tuple[Manifest, int] | None = None
-
-    def take_round(self, pending: Pending) -> bool:
-        return pending.records > 0
 
     def cut_round(self, records: list[Record], end: Position, frame_bytes: int) -> Manifest:
         data = b"[" + b",".join(r.raw for r in records) + b"]"
@@ -344,13 +349,13 @@ class EveryRound:
         self.cut = (manifest, frame_bytes)
         return manifest
 
-    def round_done(self, ok: bool) -> None:
-        if ok and self.cut is not None:
+    def round_done(self) -> None:
+        if self.cut is not None:
             self.queue.add_batch(self.cut[0], 0, self.cut[1])
         self.cut = None
 
 
-def cutting(queue: FirehoseQueue) -> FirehoseQueue:
+def cutting(queue: SegmentStore) -> SegmentStore:
     queue.cutter = EveryRound(queue)
     return queue
 

@@ -20,7 +20,7 @@ import msgspec
 from firehosed.channels.base import Batch, Channel
 from firehosed.errors import DeliveryError
 from firehosed.faults import crash_point
-from firehosed.queue.store import fsync_path
+from firehosed.fileio import fsync_dir, fsync_path, make_dirs
 
 # os.link errors that mean "no hard link here", not "cannot deliver"
 _NO_LINK = {errno.EXDEV, errno.EPERM, errno.EMLINK, errno.EOPNOTSUPP, errno.ENOTSUP}
@@ -52,7 +52,7 @@ class DirectoryChannel(Channel):
 
     def _write(self, batch: Batch) -> None:
         target = self.root / batch.name
-        target.parent.mkdir(parents=True, exist_ok=True)
+        make_dirs(target.parent, self.fsync)
         part = target.with_name(f".{target.name}.part")
         # A part left by an earlier attempt may be a link to the batch: never write through it.
         with contextlib.suppress(FileNotFoundError):
@@ -69,7 +69,7 @@ class DirectoryChannel(Channel):
         with contextlib.suppress(FileNotFoundError):
             part.unlink()
         if self.fsync:
-            fsync_path(target.parent)
+            fsync_dir(target.parent)
 
     def _link(self, source: Path, part: Path) -> bool:
         """Hard-link `source` as `part`; False where links cannot be made (then copy)."""

@@ -4,15 +4,17 @@ Served by aiohttp's low-level server through one handler, `Api`, that dispatches
 path itself. aiohttp's Application layer (router, match info) cost a no-op handler a
 quarter of its throughput here, and a middleware another seventh
 (bench/RESULTS-decompose.md); the API is six fixed routes, so a dict and two prefixes do.
+
+Records go to the `Receiver` (receiver.py); what operators ask (status, metrics, replay)
+goes to the `Operations` the daemon provides.
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from ipaddress import ip_address
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 from urllib.parse import unquote
 
 import msgspec
@@ -20,36 +22,41 @@ import structlog
 from aiohttp import web
 
 from firehosed import metrics, replay
-from firehosed.envelope import RecordError
-from firehosed.errors import StorageError
-from firehosed.faults import crash_point
+from firehosed.config import ServerConfig
 from firehosed.ingest import auth, body
-
-if TYPE_CHECKING:
-    from firehosed.daemon import Daemon
+from firehosed.ingest.receiver import Answer, Receiver
+from firehosed.queue.base import Manifest
 
 log = structlog.get_logger(__name__)
-MAX_REJECTED_LISTED = 1000
 BIG_BODY = 1 << 16  # bytes: above this, splitting into records runs in a thread
-# A body of a million tiny records must not stall the event loop: every YIELD_EVERY
-# records (a few ms of work) the handler pauses briefly. A real pause, not sleep(0): the
-# loop must block in its poll for a moment so that worker threads (the committer's
-# fsync) can take the GIL; a loop that never blocks starves them (GIL convoy).
-YIELD_EVERY = 2000
-YIELD_PAUSE = 0.001
 RETRY_AFTER = "5"
 
-# Every handler gets the daemon, the request and the path's variable part ("" if none).
-Handler = Callable[["Daemon", web.BaseRequest, str], Awaitable[web.StreamResponse]]
+
+class Operations(Protocol):
+    """What the operators' endpoints ask of the running daemon."""
+
+    def status(self) -> dict[str, Any]:
+        """The `/v1/status` document."""
+
+    def update_metrics(self) -> None:
+        """Refresh the gauges read at scrape time."""
+
+    def replay(self, firehose: str) -> AsyncIterator[Manifest] | None:
+        """Dead batches of `firehose` back into delivery; None if no such firehose runs."""
+
+
+# Every handler gets the API, the request and the path's variable part ("" if none).
+Handler = Callable[["Api", web.BaseRequest, str], Awaitable[web.StreamResponse]]
 Methods = dict[str, Handler]
 
 
 class Api:
-    """The aiohttp low-level handler serving `daemon`: every answer is JSON (404 and 405
-    included), and an unexpected error is a logged 500, never a traceback to the client."""
+    """The aiohttp low-level handler: every answer is JSON (404 and 405 included), and an
+    unexpected error is a logged 500, never a traceback to the client."""
 
-    def __init__(self, daemon: Daemon) -> None:
-        self.daemon = daemon
+    def __init__(self, receiver: Receiver, operations: Operations) -> None:
+        self.receiver = receiver
+        self.operations = operations
         self._exact: dict[str, Methods] = {
             "/healthz": _get(healthz),
             "/readyz": _get(readyz),
@@ -70,7 +77,7 @@ class Api:
             handler = methods.get(request.method)
             if handler is None:
                 return answer(405, {"error": "Method Not Allowed"}, Allow=",".join(sorted(methods)))
-            return await handler(self.daemon, request, name)
+            return await handler(self, request, name)
         except web.HTTPException as exc:
             return answer(exc.status, {"error": exc.reason})
         except Exception:
@@ -96,9 +103,9 @@ def _get(handler: Handler) -> Methods:
     return {"GET": handler, "HEAD": handler}
 
 
-def build_server(daemon: Daemon, **kwargs: Any) -> web.Server:
-    """aiohttp's low-level server for `daemon` (`kwargs`: its connection settings)."""
-    return web.Server(Api(daemon), **kwargs)
+def build_server(receiver: Receiver, operations: Operations, **kwargs: Any) -> web.Server:
+    """aiohttp's low-level server for the API (`kwargs`: its connection settings)."""
+    return web.Server(Api(receiver, operations), **kwargs)
 
 
 def answer(status: int, payload: dict[str, Any], **headers: str) -> web.Response:
@@ -112,9 +119,10 @@ def answer(status: int, payload: dict[str, Any], **headers: str) -> web.Response
     )
 
 
-async def post_signals(daemon: Daemon, request: web.BaseRequest, name: str) -> web.Response:
+async def post_signals(api: Api, request: web.BaseRequest, name: str) -> web.Response:
     """POST /v1/accounts/{account}/signals: accept records, durable before 202."""
-    account = daemon.accounts.get(name)
+    receiver = api.receiver
+    account = receiver.accounts.get(name)
     if not auth.authorized(
         account.tokens if account else None, auth.bearer(request.headers.get("Authorization"))
     ):
@@ -124,26 +132,35 @@ async def post_signals(daemon: Daemon, request: web.BaseRequest, name: str) -> w
             **{"WWW-Authenticate": 'Bearer realm="firehosed"'},
         )
     assert account is not None
-    if refusal := daemon.refusal():
+    if refusal := receiver.refusal(name):
         return answer(503, {"error": refusal}, **{"Retry-After": RETRY_AFTER})
-    server = daemon.config.server
     try:
-        kind = body.content_kind(request)
-        if request.content.is_eof():  # the whole body is already here: nothing to wait for
-            data = await body.read(request, server.max_body)
-        else:
-            async with asyncio.timeout(server.body_timeout):
-                data = await body.read(request, server.max_body)
-        if len(data) > BIG_BODY:  # millions of tiny records take a while to split
-            raws = await asyncio.to_thread(body.split, data, kind)
-        else:
-            raws = body.split(data, kind)
+        raws = await _records(request, receiver.server)
     except body.BodyError as exc:
         return answer(exc.status, {"error": exc.message})
     except TimeoutError:
-        late = f"body not received within body_timeout ({server.body_timeout:g}s)"
+        late = f"body not received within body_timeout ({receiver.server.body_timeout:g}s)"
         return await _answer_and_close(request, answer(408, {"error": late}))
-    return await _accept(daemon, account, raws)
+    return _answered(await receiver.accept(account, raws))
+
+
+async def _records(request: web.BaseRequest, limits: ServerConfig) -> list[bytes]:
+    """The body's records, read within `body_timeout` and `max_body`."""
+    kind = body.content_kind(request)
+    if request.content.is_eof():  # the whole body is already here: nothing to wait for
+        data = await body.read(request, limits.max_body)
+    else:
+        async with asyncio.timeout(limits.body_timeout):
+            data = await body.read(request, limits.max_body)
+    if len(data) > BIG_BODY:  # millions of tiny records take a while to split
+        return await asyncio.to_thread(body.split, data, kind)
+    return body.split(data, kind)
+
+
+def _answered(result: Answer) -> web.Response:
+    if result.status == 503:
+        return answer(503, result.body, **{"Retry-After": RETRY_AFTER})
+    return answer(result.status, result.body)
 
 
 async def _answer_and_close(request: web.BaseRequest, response: web.Response) -> web.Response:
@@ -157,104 +174,46 @@ async def _answer_and_close(request: web.BaseRequest, response: web.Response) ->
     return response
 
 
-async def _accept(daemon: Daemon, account: Any, raws: list[bytes]) -> web.Response:
-    received = time.time()
-    rejected: list[dict[str, Any]] = []
-    rejected_total = 0
-    fresh: list[str] = []
-    duplicates = 0
-    account.dedupe.expire(received)
-    routing = daemon.router.begin(account.name)
-    try:
-        for index, raw in enumerate(raws):
-            if index % YIELD_EVERY == YIELD_EVERY - 1:
-                routing.flush()
-                await asyncio.sleep(YIELD_PAUSE)
-            try:
-                env = account.reader.read(raw, received)
-            except RecordError as exc:
-                rejected_total += 1
-                if len(rejected) < MAX_REJECTED_LISTED:  # keep the answer, and memory, bounded
-                    rejected.append({"index": index, "error": str(exc)})
-                continue
-            if not env.id_assigned and account.dedupe.seen(env.id, received):
-                duplicates += 1
-                continue
-            routing.route(env, raw, received)
-            fresh.append(env.id)
-    finally:
-        # Even when the request is cancelled part-way: dedupe has seen these ids, so a
-        # retry would be answered "duplicate"; they must reach the queue.
-        routing.flush()
-    if rejected_total:
-        account.rejected.inc(rejected_total)
-    if duplicates:
-        account.duplicates.inc(duplicates)
-    if not fresh and not duplicates:
-        return answer(
-            400, {"error": "every record was rejected", **_rejections(rejected, rejected_total)}
-        )
-    if fresh:
-        crash_point("ingest.after_append")
-        try:
-            await daemon.committer.commit()
-        except StorageError as exc:
-            for record_id in fresh:
-                account.dedupe.forget(record_id)
-            return answer(503, {"error": str(exc)}, **{"Retry-After": RETRY_AFTER})
-        crash_point("ingest.after_fsync")
-        account.accepted.inc(len(fresh))
-    listed = _rejections(rejected, rejected_total)
-    return answer(202, {"accepted": len(fresh), "duplicates": duplicates, **listed})
-
-
-def _rejections(rejected: list[dict[str, Any]], total: int) -> dict[str, Any]:
-    """The `rejected` list (at most MAX_REJECTED_LISTED), with the full count when cut."""
-    if total <= len(rejected):
-        return {"rejected": rejected}
-    return {"rejected": rejected, "rejected_total": total}
-
-
-async def healthz(daemon: Daemon, request: web.BaseRequest, name: str) -> web.Response:
+async def healthz(api: Api, request: web.BaseRequest, name: str) -> web.Response:
     """Alive: the event loop answers."""
     return answer(200, {"status": "ok"})
 
 
-async def readyz(daemon: Daemon, request: web.BaseRequest, name: str) -> web.Response:
+async def readyz(api: Api, request: web.BaseRequest, name: str) -> web.Response:
     """Ready to accept signals: started, not draining, storage under max_disk."""
-    if refusal := daemon.refusal():
+    if refusal := api.receiver.refusal():
         return answer(
             503, {"status": "not ready", "error": refusal}, **{"Retry-After": RETRY_AFTER}
         )
     return answer(200, {"status": "ready"})
 
 
-async def get_metrics(daemon: Daemon, request: web.BaseRequest, name: str) -> web.Response:
+async def get_metrics(api: Api, request: web.BaseRequest, name: str) -> web.Response:
     """Prometheus text exposition."""
-    daemon.update_metrics()
+    api.operations.update_metrics()
     return web.Response(
         body=metrics.render(), headers={"Content-Type": "text/plain; version=0.0.4"}
     )
 
 
-async def get_status(daemon: Daemon, request: web.BaseRequest, name: str) -> web.Response:
+async def get_status(api: Api, request: web.BaseRequest, name: str) -> web.Response:
     """Per firehose: queued records and bytes, oldest age, last delivery and error, paused."""
-    return answer(200, daemon.status())
+    return answer(200, api.operations.status())
 
 
-async def post_replay(daemon: Daemon, request: web.BaseRequest, name: str) -> web.StreamResponse:
+async def post_replay(api: Api, request: web.BaseRequest, name: str) -> web.StreamResponse:
     """POST /v1/firehoses/{firehose}/replay: dead batches back to delivery, NDJSON progress.
 
     Answered only to loopback or unix-socket peers: it changes what gets delivered.
     """
     if not _local_peer(request):
         return answer(403, {"error": "replay is only answered to local clients"})
-    worker = daemon.workers.get(name)
-    if worker is None:
+    batches = api.operations.replay(name)
+    if batches is None:
         return answer(404, {"error": "no running firehose of that name"})
     response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
     await response.prepare(request)
-    async for manifest in worker.replay():
+    async for manifest in batches:
         await response.write(msgspec.json.encode(replay.progress(manifest)) + b"\n")
     await response.write_eof()
     return response

@@ -1,47 +1,103 @@
 """Group commit: every request waiting in the same round shares one write+sync per queue.
 
-Requests append to queues on the event loop and await `commit()`. One committer task
-takes everything pending, writes and syncs it in a worker thread, and wakes all those
-requests together; requests arriving meanwhile form the next group. So under load the
-sync cost is paid once per group, not once per request.
+Requests append to queues on the event loop; each append belongs to the committer's
+open `Round`. One committer task takes everything pending, closes the round, writes and
+syncs it in a worker thread, and settles the round: every request that appended to it
+learns the outcome together. Requests arriving meanwhile append to the next round. So
+under load the sync cost is paid once per round, not once per request, and a request
+whose records span rounds (a large body yields part-way) waits for each of them.
 
-A stream firehose that keeps up has its group's records cut into a batch in the same
-write and sync (the queue's `cutter`, see `Worker.take_round`), so its delivery starts
-as the requests are answered, with no cut and no sync of its own in between.
+A stream firehose that keeps up has its round's records cut into a batch in the same
+write and sync (`LocalQueue.take_round`), so its delivery starts as the requests are
+answered, with no cut and no sync of its own in between.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
 import structlog
 
 from firehosed import metrics
 from firehosed.errors import StorageError
-from firehosed.queue.store import FirehoseQueue, Pending, RoundCutter
+from firehosed.queue.base import Position
+from firehosed.queue.store import Pending
+
+if TYPE_CHECKING:
+    from firehosed.queue.local import LocalQueue
 
 log = structlog.get_logger(__name__)
 
 LATER = 1.0  # seconds: the longest `wake_later` waits for a round
 
 
+class Round:
+    """The appends that one group commit makes durable, or fails, together."""
+
+    __slots__ = ("_committer", "_error", "_outcome", "_settled")
+
+    def __init__(self, committer: Committer) -> None:
+        self._committer = committer
+        self._settled = False
+        self._error: StorageError | None = None
+        # Made when somebody waits before the round is settled (a loop is running then).
+        self._outcome: asyncio.Future[None] | None = None
+
+    async def wait(self) -> None:
+        """Return once this round is durable (per `durability`); StorageError if it failed."""
+        committer = self._committer
+        committer.start_round()
+        if committer.durability != "memory":
+            await self.written()
+
+    async def written(self) -> None:
+        """Return once the committer wrote this round, whatever `durability` says."""
+        if not self._settled:
+            if self._outcome is None:
+                self._outcome = asyncio.get_running_loop().create_future()
+            # Shielded: one waiter cancelled (a client gone) must not cancel it for all.
+            await asyncio.shield(self._outcome)
+        if self._error is not None:
+            raise StorageError(str(self._error))
+
+    def settle(self, error: StorageError | None) -> None:
+        """The round was written (and synced), or failed with `error`: tell its waiters."""
+        self._settled, self._error = True, error
+        if self._outcome is not None and not self._outcome.done():
+            self._outcome.set_result(None)
+
+
 class Committer:
-    """Writes pending queue bytes in groups; `durability` decides when requests are told."""
+    """Writes pending queue bytes in rounds; `durability` decides when requests are told."""
 
     def __init__(self, durability: str) -> None:
         self.durability = durability
-        self._dirty: dict[FirehoseQueue, None] = {}
-        self._waiters: list[asyncio.Future[None]] = []
+        self._dirty: dict[LocalQueue, None] = {}
         self._wake = asyncio.Event()
         self._timer: asyncio.TimerHandle | None = None
+        self._round: Round | None = None
 
-    def mark(self, queue: FirehoseQueue) -> None:
-        """Note that `queue` has pending bytes (call after `queue.append`)."""
+    def current(self) -> Round:
+        """The open round: what is appended now is made durable by it."""
+        if self._round is None:
+            self._round = Round(self)
+        return self._round
+
+    def mark(self, queue: LocalQueue) -> Round:
+        """Note that `queue` has pending bytes (call after appending); their round."""
         self._dirty[queue] = None
+        return self.current()
 
-    def wake_later(self, queue: FirehoseQueue) -> None:
+    def start_round(self) -> None:
+        """Somebody waits: commit the open round as soon as the one in flight is done."""
+        self._wake.set()
+
+    def wake_later(self, queue: LocalQueue) -> None:
         """Commit `queue`'s pending bytes with the next round, or within a second if no
         request starts one: for bookkeeping that no request waits for."""
         self._dirty[queue] = None
@@ -52,72 +108,51 @@ class Committer:
         self._timer = None
         self._wake.set()
 
-    async def commit(self) -> None:
-        """Wait until everything appended so far is durable (per `durability`)."""
-        if self.durability == "memory":
-            self._wake.set()
-            return
-        await self.flush()
-
     async def flush(self) -> None:
         """Wait until everything appended so far is written (and synced, per durability)."""
-        waiter = asyncio.get_running_loop().create_future()
-        self._waiters.append(waiter)
+        this = self.current()
         self._wake.set()
-        await waiter
+        with contextlib.suppress(StorageError):
+            await this.written()
 
     async def run(self) -> None:
-        """The committer loop; runs until cancelled."""
+        """The committer loop; runs until cancelled. A round that fails for any reason
+        (a bug included) fails its requests and the loop goes on: it never dies silently.
+        """
         while True:
             await self._wake.wait()
             self._wake.clear()
-            if not self._dirty:
-                self._release(self._waiters, None)
-                self._waiters = []
-                continue
-            await self._round()
+            this, self._round = self._round, None
+            work = self._take()
+            try:
+                error = await self._commit(work) if work else None
+            except Exception as exc:  # a bug: refuse the round's requests, keep committing
+                log.exception("storage.commit_failed")
+                for queue, pending in work:
+                    queue.end_round(pending, exc)
+                error = StorageError(f"storage commit failed: {exc.__class__.__name__}")
+            if this is not None:
+                this.settle(error)
 
-    async def _round(self) -> None:
-        work = [(q, q.take_pending()) for q in self._dirty]
-        cutters = [
-            q.cutter if q.cutter is not None and q.cutter.take_round(p) else None for q, p in work
-        ]
-        waiters, self._waiters = self._waiters, []
+    def _take(self) -> list[tuple[LocalQueue, Pending]]:
+        work = [(queue, queue.begin_round()) for queue in self._dirty]
         self._dirty = {}
-        for queue, _ in work:
-            queue.committing = True
+        return work
+
+    async def _commit(self, work: list[tuple[LocalQueue, Pending]]) -> StorageError | None:
         started = time.perf_counter()
-        results = await asyncio.to_thread(_write_all, work, cutters, self.durability == "fsync")
+        results = await asyncio.to_thread(_write_all, work, self.durability == "fsync")
         metrics.fsync_seconds.observe(time.perf_counter() - started)
         error: StorageError | None = None
-        for (queue, pending), cutter, result in zip(work, cutters, results, strict=True):
-            ok = not isinstance(result, OSError)
-            queue.committing = False
-            if isinstance(result, OSError):  # (not `ok`, spelt so the type narrows)
-                queue.rollback(pending)
-                log.error("storage.write_failed", firehose=queue.firehose, error=str(result))
-                error = StorageError(f"storage write failed: {result.strerror or result}")
-            else:
-                queue.committed = result
-                queue.uncut += pending.records
-                queue.disk_bytes += len(pending.data)
-            if cutter is not None:
-                cutter.round_done(ok)
-            if queue.on_commit is not None:  # a failure too: a worker may wait for it
-                queue.on_commit()
-        # A group is all or nothing for its requests: if any queue failed, every request
-        # of the group is refused and retried by its client (ids already written to other
+        for (queue, pending), result in zip(work, results, strict=True):
+            queue.end_round(pending, result)
+            if isinstance(result, Exception):
+                detail = result.strerror if isinstance(result, OSError) else None
+                error = StorageError(f"storage write failed: {detail or result}")
+        # A round is all or nothing for its requests: if any queue failed, every request
+        # of the round is refused and retried by its client (ids already written to other
         # queues are then delivered twice at most, never lost).
-        self._release(waiters, error)
-
-    @staticmethod
-    def _release(waiters: list[asyncio.Future[None]], error: Exception | None) -> None:
-        for waiter in waiters:
-            if not waiter.done():
-                if error is None:
-                    waiter.set_result(None)
-                else:
-                    waiter.set_exception(error)
+        return error
 
 
 # Several queues' syncs run at once: the file system commits them together, so a
@@ -126,19 +161,19 @@ _syncers = ThreadPoolExecutor(max_workers=8, thread_name_prefix="firehosed-sync"
 
 
 def _write_all(
-    work: list[tuple[FirehoseQueue, Pending]], cutters: list[RoundCutter | None], sync: bool
-) -> list[tuple[int, int] | OSError]:
+    work: Sequence[tuple[LocalQueue, Pending]], sync: bool
+) -> list[Position | Exception]:
     """Write each queue's pending bytes; a failure is returned in that queue's place (thread)."""
     if len(work) == 1:
-        return [_write_one(work[0], cutters[0], sync)]
-    return list(_syncers.map(lambda item, cutter: _write_one(item, cutter, sync), work, cutters))
+        return [_write_one(work[0], sync)]
+    return list(_syncers.map(lambda item: _write_one(item, sync), work))
 
 
-def _write_one(
-    item: tuple[FirehoseQueue, Pending], cutter: RoundCutter | None, sync: bool
-) -> tuple[int, int] | OSError:
+def _write_one(item: tuple[LocalQueue, Pending], sync: bool) -> Position | Exception:
     queue, pending = item
     try:
-        return queue.write(pending, sync, cutter) if pending.data else queue.committed
-    except OSError as exc:
+        return queue.write_round(pending, sync)
+    except Exception as exc:  # OSError from the disk; anything else is a bug, logged
+        if not isinstance(exc, OSError):
+            log.exception("storage.write_bug", firehose=queue.name)
         return exc

@@ -42,7 +42,6 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Protocol
@@ -52,12 +51,12 @@ import structlog
 
 from firehosed import metrics
 from firehosed.faults import crash_point, fail_point
+from firehosed.fileio import fsync_dir, make_dirs, write_all, write_durably, write_synced
+from firehosed.queue.base import Manifest, Position
 from firehosed.queue.frames import HEADER, frame, scan
 from firehosed.record import Record, decoder
 
 log = structlog.get_logger(__name__)
-
-Position = tuple[int, int]  # (segment number, byte offset)
 
 # A segment frame whose payload starts with one of these is a mark, not a record (a
 # record's msgpack array never starts with a bare small integer): a stream batch cut
@@ -66,43 +65,12 @@ CUT_MARK = 0x43  # b"C" + the batch's msgpack Manifest
 DONE_MARK = 0x44  # b"D" + the batch's msgpack number
 
 
-class Manifest(msgspec.Struct, kw_only=True):
-    """A cut batch, fixed on disk before its first delivery attempt."""
-
-    no: int
-    id: str
-    name: str
-    records: int
-    size: int
-    opened: float
-    cut: float
-    end: Position
-    content_type: str
-    content_encoding: str | None = None
-    keys: list[tuple[str, str | None]] = msgspec.field(default_factory=list)
-    # The naming state after this batch (state.json may lag behind the newest manifest).
-    base: str = ""
-    suffix: int = 0
-    # A stream batch's bytes, held in its manifest (there is no .data file).
-    data: bytes | None = None
-    # Set for a stream batch cut with its records' group commit: its records lie between
-    # `start` and `end` in the segments, its manifest is a mark right after them (at
-    # `end`), and it has no .json file unless one is written for it later (`fix_held`).
-    start: Position | None = None
-
-
 class RoundCutter(Protocol):
     """Cuts a stream batch in a group commit: that commit's records, and any committed
     before them not yet in a batch."""
 
-    def take_round(self, pending: Pending) -> bool:
-        """Whether this round's records become a batch (event loop, before the round)."""
-
     def cut_round(self, records: list[Record], end: Position, frame_bytes: int) -> Manifest:
         """The batch of `records`, which end at `end` (commit thread)."""
-
-    def round_done(self, ok: bool) -> None:
-        """The round was written and synced, or failed (event loop)."""
 
 
 class State(msgspec.Struct, kw_only=True):
@@ -123,42 +91,9 @@ class Pending:
     framed: int = 0  # the records' bytes in `data` (the rest is marks)
 
 
-def _write_all(fd: int, data: bytes | bytearray) -> None:
-    """os.write until everything is written: a nearly full disk may take part of it."""
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
-
-
-def fsync_path(path: Path) -> None:
-    """fsync a file, or a directory (to make a rename or create in it durable)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_synced(path: Path, data: bytes, sync: bool) -> None:
-    """Write `path` in place, and fsync it when `sync` (its directory entry is not)."""
-    with open(path, "wb") as f:
-        f.write(data)
-        if sync:
-            f.flush()
-            os.fsync(f.fileno())
-
-
-def write_durably(path: Path, data: bytes, sync: bool) -> None:
-    """Write `path` atomically: temp file, fsync, rename, fsync directory."""
-    tmp = path.with_name(path.name + ".tmp")
-    write_synced(tmp, data, sync)
-    os.replace(tmp, path)
-    if sync:
-        fsync_path(path.parent)
-
-
-class FirehoseQueue:
-    """Durable FIFO of one firehose's records, and its batches awaiting delivery."""
+class SegmentStore:
+    """One firehose's records and batches on disk, and their accounting (the local
+    backend's `LocalQueue` is its only user)."""
 
     def __init__(self, root: Path, firehose: str, segment_size: int, sync: bool) -> None:
         self.firehose = firehose
@@ -186,12 +121,6 @@ class FirehoseQueue:
         self.disk_bytes = 0
         # Good ends of segments abandoned after a failed write or sync (bytes past are junk).
         self.sealed: dict[int, int] = {}
-        # Called on the event loop after each group commit that wrote to this queue.
-        self.on_commit: Callable[[], None] | None = None
-        # Asks the committer for a round (for a mark appended with no record).
-        self.on_dirty: Callable[[FirehoseQueue], None] | None = None
-        self.cutter: RoundCutter | None = None
-        self.committing = False  # a group commit is writing this queue
         # Where the oldest batch held in a segment starts: segments from there on are
         # kept, and state.json's cursor never passes it (recovery reads its mark).
         self.held: Position | None = None
@@ -202,7 +131,7 @@ class FirehoseQueue:
     def open(self) -> None:
         """Create or recover the queue from disk (blocking: run in a thread)."""
         for d in (self.segments_dir, self.batches_dir):
-            d.mkdir(parents=True, exist_ok=True)
+            make_dirs(d, self.sync)
         state_path = self.root / "state.json"
         if state_path.exists():
             self.state = msgspec.json.decode(state_path.read_bytes(), type=State)
@@ -327,9 +256,9 @@ class FirehoseQueue:
 
     def _quarantine(self, segment: int, data: bytes) -> None:
         target = self.root.parent.parent / "quarantine" / self.firehose
-        target.mkdir(parents=True, exist_ok=True)
+        make_dirs(target, self.sync)
         path = target / f"{segment}-{time.time_ns()}.bin"
-        path.write_bytes(data)
+        write_durably(path, data, self.sync)
         log.error(
             "queue.corrupt_record", firehose=self.firehose, segment=segment, saved_to=str(path)
         )
@@ -373,11 +302,12 @@ class FirehoseQueue:
         if manifest is not None:
             pending.data += frame(bytes([CUT_MARK]) + msgspec.msgpack.encode(manifest))
         try:
-            _write_all(self._fd, pending.data)
+            fail_point("queue.commit_bug")
+            write_all(self._fd, pending.data)
             if sync:
                 fail_point("queue.fsync")
                 os.fdatasync(self._fd)
-        except OSError:
+        except Exception:  # the disk (OSError) or a bug: nothing more goes to this file
             self._abandon_segment(number, before)
             raise
         end = before + len(pending.data)
@@ -386,7 +316,10 @@ class FirehoseQueue:
                 self.state, cursor=(number, end), next_batch=manifest.no + 1
             )
         if end >= self.segment_size:
-            self._open_segment(number + 1)
+            try:
+                self._open_segment(number + 1)
+            except OSError as exc:  # the records are durable: go on in this segment
+                log.error("queue.rotate_failed", firehose=self.firehose, error=str(exc))
         return (number, end)
 
     def _cut_round(self, cutter: RoundCutter, pending: Pending, end: Position) -> Manifest | None:
@@ -407,13 +340,17 @@ class FirehoseQueue:
         """Record that a batch held in a segment left the queue, with the next group
         commit (event loop). Until then a crash sends it again, under the same id."""
         self.pending.data += frame(bytes([DONE_MARK]) + msgspec.msgpack.encode(manifest.no))
-        if self.on_dirty is not None:
-            self.on_dirty(self)
 
-    def rollback(self, pending: Pending) -> None:
-        """Forget records whose commit failed (their requests were answered 503)."""
-        self.staged_records -= pending.records
-        self.staged_bytes -= pending.framed
+    def settle(self, pending: Pending, end: Position | None) -> None:
+        """Account for a group commit's `pending` bytes (event loop side): written and
+        synced up to `end`, or failed (None: forgotten, their requests answered 503)."""
+        if end is None:
+            self.staged_records -= pending.records
+            self.staged_bytes -= pending.framed
+            return
+        self.committed = end
+        self.uncut += pending.records
+        self.disk_bytes += len(pending.data)
 
     def _abandon_segment(self, number: int, size: int) -> None:
         """After a failed write or sync, cut the segment back and move to a new one.
@@ -434,16 +371,24 @@ class FirehoseQueue:
             self.sealed.pop(number)
 
     def _open_segment(self, number: int) -> None:
-        """Make segment `number` the one appended to (the old fd closes only on success)."""
+        """Make segment `number` the one appended to, once its name is durable (the old
+        fd closes only on success: a record is never appended to a file that a power cut
+        could take back)."""
         path = self.segments_dir / f"{number}.seg"
         created = not path.exists()
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        if created and self.sync:
+            try:
+                fail_point("queue.rotate")
+                fsync_dir(self.segments_dir)
+            except OSError:
+                os.close(fd)
+                path.unlink(missing_ok=True)
+                raise
         if self._fd is not None:
             os.close(self._fd)
         self._fd = fd
         if created:
-            if self.sync:
-                fsync_path(self.segments_dir)
             self.segments.append(number)
 
     # -- cutting batches (worker) -------------------------------------------------
@@ -481,7 +426,7 @@ class FirehoseQueue:
         if manifest.data is not None:
             write_synced(manifest_path, msgspec.json.encode(manifest), self.sync)
             if self.sync:
-                fsync_path(self.batches_dir)
+                fsync_dir(self.batches_dir)
         else:
             write_synced(self.batch_path(manifest), data, self.sync)
             write_durably(manifest_path, msgspec.json.encode(manifest), self.sync)
@@ -522,7 +467,7 @@ class FirehoseQueue:
                 self.batches_dir / f"{manifest.no}.json", msgspec.json.encode(fixed), self.sync
             )
         if held and self.sync:
-            fsync_path(self.batches_dir)
+            fsync_dir(self.batches_dir)
         return held
 
     def add_batch(self, manifest: Manifest, freed: int, frame_bytes: int) -> None:
@@ -602,7 +547,7 @@ class FirehoseQueue:
         """
         os.replace(self.batches_dir / f"{manifest.no}.json", self._tombstone(manifest.no))
         if self.sync:
-            fsync_path(self.batches_dir)
+            fsync_dir(self.batches_dir)
         self.batch_path(manifest).unlink(missing_ok=True)
         if self._newest_tombstone is not None and self._newest_tombstone < manifest.no:
             self._tombstone(self._newest_tombstone).unlink(missing_ok=True)
@@ -619,7 +564,7 @@ class FirehoseQueue:
         at most, never lost).
         """
         self._save_state()
-        target.mkdir(parents=True, exist_ok=True)
+        make_dirs(target, self.sync)
         if manifest.data is not None:
             self.write_data(manifest, target / f"{manifest.no}.data")
             bare = msgspec.structs.replace(manifest, data=None, start=None)
@@ -630,8 +575,8 @@ class FirehoseQueue:
             os.replace(self.batch_path(manifest), target / f"{manifest.no}.data")
             os.replace(self.batches_dir / f"{manifest.no}.json", target / f"{manifest.no}.json")
         if self.sync:
-            fsync_path(target)
-            fsync_path(self.batches_dir)
+            fsync_dir(target)
+            fsync_dir(self.batches_dir)
 
     def adopt(self, source: Path) -> Manifest:
         """Take a dead-lettered batch (manifest at `source`) back as the newest batch (thread).

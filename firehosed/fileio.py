@@ -1,0 +1,73 @@
+"""Durable file operations shared by the queue, the channels and the dead-letter store.
+
+A write is durable once its file is fsynced; a new name (a file created or renamed into
+a directory, or a new directory) is durable only once the directory holding it is
+fsynced. Every helper here keeps that order, so a caller never uses a name that a power
+cut could take back.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from firehosed.faults import fail_point
+
+
+def write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
+    """os.write until everything is written: a nearly full disk may take part of it."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def fsync_path(path: Path) -> None:
+    """fsync a file, or a directory (to make a rename or create in it durable)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: Path) -> None:
+    """fsync a directory: the names created, renamed or removed in it become durable."""
+    fail_point("fileio.dir_fsync")
+    fsync_path(path)
+
+
+def make_dirs(path: Path, sync: bool) -> None:
+    """`mkdir -p path`, each new directory made durable (its parent fsynced) before the
+    next is made inside it: `mkdir(parents=True)` alone makes several names no fsync
+    covers."""
+    missing: list[Path] = []
+    at = path
+    while not at.is_dir():
+        missing.append(at)
+        at = at.parent
+    for directory in reversed(missing):
+        try:
+            directory.mkdir()
+        except FileExistsError:
+            if not directory.is_dir():
+                raise
+        if sync:
+            fsync_dir(directory.parent)
+
+
+def write_synced(path: Path, data: bytes, sync: bool) -> None:
+    """Write `path` in place, and fsync it when `sync` (its directory entry is not)."""
+    with open(path, "wb") as f:
+        f.write(data)
+        if sync:
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def write_durably(path: Path, data: bytes, sync: bool) -> None:
+    """Write `path` atomically: temp file, fsync, rename, fsync directory."""
+    tmp = path.with_name(path.name + ".tmp")
+    write_synced(tmp, data, sync)
+    os.replace(tmp, path)
+    if sync:
+        fsync_dir(path.parent)

@@ -1,0 +1,207 @@
+"""The receiver: every source of signals (the HTTP API today) hands records to it.
+
+It reads each record's envelope, drops duplicates, routes the rest to the queues of the
+account's firehoses and answers only once they are durable:
+
+- a request is kept only if every commit its records went into is (`Ticket`): a large
+  body that yields part-way spans several;
+- a duplicate of a record still being committed by another request waits for that
+  request's commits and shares their outcome;
+- a request that is not kept is answered 503, and what it changed is undone (its ids
+  leave dedupe, its catch-up changes are rolled back), so its client's retry is taken.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from firehosed import metrics
+from firehosed.config import AccountConfig, ServerConfig
+from firehosed.dedupe import Dedupe
+from firehosed.envelope import EnvelopeReader, RecordError
+from firehosed.errors import StorageError
+from firehosed.faults import crash_point
+from firehosed.queue.base import Ticket
+from firehosed.router import Router, Routing
+
+log = structlog.get_logger(__name__)
+
+MAX_REJECTED_LISTED = 1000
+# A body of a million tiny records must not stall the event loop: every YIELD_EVERY
+# records (a few ms of work) the receiver pauses briefly. A real pause, not sleep(0):
+# the loop must block in its poll for a moment so that worker threads (the committer's
+# fsync) can take the GIL; a loop that never blocks starves them (GIL convoy).
+YIELD_EVERY = 2000
+YIELD_PAUSE = 0.001
+
+
+class IngestAccount:
+    """What the receiver needs of an account: tokens, envelope reader, dedupe memory."""
+
+    def __init__(self, name: str, config: AccountConfig, dedupe: Dedupe | None) -> None:
+        self.name = name
+        self.tokens = [t.encode() for t in config.tokens]
+        self.reader = EnvelopeReader(config.fields)
+        self.dedupe = dedupe or Dedupe(
+            config.dedupe_window, config.dedupe_max, config.dedupe_max_memory
+        )
+        self.dedupe.window, self.dedupe.limit = config.dedupe_window, config.dedupe_max
+        self.dedupe.max_memory = config.dedupe_max_memory
+        self.accepted = metrics.signals_accepted.labels(name)
+        self.rejected = metrics.signals_rejected.labels(name)
+        self.duplicates = metrics.signals_duplicate.labels(name)
+
+
+@dataclass(slots=True)
+class Answer:
+    """What a source tells its client: an HTTP status and a JSON document."""
+
+    status: int
+    body: dict[str, Any]
+
+
+@dataclass(slots=True)
+class _Request:
+    """One request's records as the receiver sorts them."""
+
+    ticket: Ticket = field(default_factory=Ticket)
+    fresh: list[str] = field(default_factory=list)
+    duplicates: int = 0
+    originals: list[Ticket] = field(default_factory=list)  # of duplicates still in flight
+    rejected: list[dict[str, Any]] = field(default_factory=list)
+    rejected_total: int = 0
+
+    def rejections(self) -> dict[str, Any]:
+        """The `rejected` list (at most MAX_REJECTED_LISTED), with the full count when cut."""
+        if self.rejected_total <= len(self.rejected):
+            return {"rejected": self.rejected}
+        return {"rejected": self.rejected, "rejected_total": self.rejected_total}
+
+
+class Receiver:
+    """Accepts records for the accounts of the running config."""
+
+    def __init__(
+        self, router: Router, server: ServerConfig, refusal: Callable[[str | None], str | None]
+    ) -> None:
+        self.router = router
+        self.server = server  # body limits, read per request
+        self.accounts: dict[str, IngestAccount] = {}
+        self._refusal = refusal
+        self._settling: set[asyncio.Future[None]] = set()  # cancelled requests' outcomes
+
+    def configure(self, server: ServerConfig, accounts: dict[str, AccountConfig]) -> None:
+        """Apply a (re)loaded config's limits and accounts; dedupe memory carries over."""
+        self.server = server
+        self.accounts = {
+            name: IngestAccount(
+                name, account, self.accounts[name].dedupe if name in self.accounts else None
+            )
+            for name, account in accounts.items()
+        }
+
+    def refusal(self, account: str | None = None) -> str | None:
+        """Why records (for `account`, or for any) must be refused (503) now, or None."""
+        return self._refusal(account)
+
+    async def accept(self, account: IngestAccount, raws: list[bytes]) -> Answer:
+        """Take one request's records: 202 once durable, 400 if all were rejected, 503
+        if they could not be kept."""
+        received = time.time()
+        request = _Request()
+        account.dedupe.expire(received)
+        routing = self.router.begin(account.name, request.ticket)
+        try:
+            await self._sort(account, raws, received, request, routing)
+        finally:
+            # Even when cancelled part-way: what was routed must reach the queues, and
+            # be settled below, or dedupe would hold its ids in flight for ever.
+            routing.flush()
+        if request.rejected_total:
+            account.rejected.inc(request.rejected_total)
+        if request.duplicates:
+            account.duplicates.inc(request.duplicates)
+        if not request.fresh and not request.duplicates:
+            body = {"error": "every record was rejected", **request.rejections()}
+            return Answer(400, body)
+        try:
+            await self._kept(request)
+        except StorageError as exc:
+            self._settle(account, routing, request, kept=False)
+            return Answer(503, {"error": str(exc)})
+        except asyncio.CancelledError:
+            settling = asyncio.ensure_future(self._settle_later(account, routing, request))
+            self._settling.add(settling)
+            settling.add_done_callback(self._settling.discard)
+            raise
+        self._settle(account, routing, request, kept=True)
+        if request.fresh:
+            crash_point("ingest.after_fsync")
+            account.accepted.inc(len(request.fresh))
+        body = {"accepted": len(request.fresh), "duplicates": request.duplicates}
+        return Answer(202, {**body, **request.rejections()})
+
+    async def _sort(
+        self,
+        account: IngestAccount,
+        raws: list[bytes],
+        received: float,
+        request: _Request,
+        routing: Routing,
+    ) -> None:
+        """Read, dedupe and route each record (the hot path: no per-record allocation
+        beyond the record's own)."""
+        dedupe, reader, ticket = account.dedupe, account.reader, request.ticket
+        fresh, originals = request.fresh, request.originals
+        for index, raw in enumerate(raws):
+            if index % YIELD_EVERY == YIELD_EVERY - 1:
+                routing.flush()
+                await asyncio.sleep(YIELD_PAUSE)
+            try:
+                env = reader.read(raw, received)
+            except RecordError as exc:
+                request.rejected_total += 1
+                if len(request.rejected) < MAX_REJECTED_LISTED:  # answer and memory bounded
+                    request.rejected.append({"index": index, "error": str(exc)})
+                continue
+            if not env.id_assigned and dedupe.seen(env.id, received, ticket):
+                request.duplicates += 1
+                original = dedupe.original(env.id)
+                if original is not None and original is not ticket and original not in originals:
+                    originals.append(original)
+                continue
+            routing.route(env, raw, received)
+            fresh.append(env.id)
+
+    @staticmethod
+    async def _kept(request: _Request) -> None:
+        """Wait for the request's commits, then for those of the originals of its
+        duplicates; StorageError if any failed."""
+        if request.fresh:
+            crash_point("ingest.after_append")
+            await request.ticket.wait()
+        for original in request.originals:
+            await original.wait()
+
+    @staticmethod
+    def _settle(account: IngestAccount, routing: Routing, request: _Request, kept: bool) -> None:
+        account.dedupe.settled(request.fresh, kept)
+        if not kept:
+            routing.rollback()
+
+    async def _settle_later(
+        self, account: IngestAccount, routing: Routing, request: _Request
+    ) -> None:
+        """A cancelled request (shutdown): settle it once its commits are done."""
+        try:
+            await request.ticket.wait()
+        except StorageError:
+            self._settle(account, routing, request, kept=False)
+        else:
+            self._settle(account, routing, request, kept=True)

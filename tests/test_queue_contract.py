@@ -1,0 +1,201 @@
+"""The queue contract (firehosed/queue/base.py): what every backend must do.
+
+Parametrised over the backends; a new one (NATS JetStream) joins `BACKENDS` with a
+fixture that starts its real servers, and must pass every test here unchanged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable, Sequence
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from firehosed import faults
+from firehosed.errors import StorageError
+from firehosed.queue.base import Backend, CutRules, Encoded, Queue, Ticket
+from firehosed.queue.frames import frame
+from firehosed.queue.local import LocalBackend
+from firehosed.record import Record, encode
+
+FILES = CutRules(stream=False, max_records=1 << 62, max_bytes=1 << 30, interval=3600.0)
+STREAM = CutRules(stream=True, max_records=50, max_bytes=1 << 20, interval=0.0)
+
+
+def encoder(records: Sequence[Record]) -> Encoded:
+    """NDJSON of the raw records, named after the first record's id (deterministic)."""
+    data = b"".join(r.raw + b"\n" for r in records)
+    return Encoded(data, f"b-{records[0].id}", "p/", ".ndjson", "application/x-ndjson", None)
+
+
+def framed(numbers: range) -> bytes:
+    return b"".join(
+        frame(encode(Record("pd", f"id{n}", "s", None, 0.0, 1000.0 + n, b'{"n":%d}' % n)))
+        for n in numbers
+    )
+
+
+def numbers(data: bytes) -> list[int]:
+    return [msgspec.json.decode(line)["n"] for line in data.splitlines()]
+
+
+class Harness:
+    """One backend on `root`: open it, crash it (drop everything in memory), open again."""
+
+    def __init__(self, make: Callable[[], Backend]) -> None:
+        self.make = make
+        self.backend: Backend | None = None
+        self.task: asyncio.Task[None] | None = None
+        self.queues: list[Queue] = []
+
+    async def open(self, name: str = "fh", rules: CutRules = FILES) -> Queue:
+        if self.backend is None:
+            self.backend = self.make()
+            self.task = asyncio.create_task(self.backend.run())
+        queue = await self.backend.open_queue(name)
+        queue.configure(rules, encoder)
+        self.queues.append(queue)
+        return queue
+
+    async def crash(self) -> None:
+        """Like kill -9 after every commit returned: nothing more is written or synced."""
+        if self.task is not None:
+            self.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.task
+        for queue in self.queues:
+            queue.close()
+        self.backend, self.task, self.queues = None, None, []
+
+
+async def local(root: Path) -> AsyncIterator[Harness]:
+    yield Harness(lambda: LocalBackend(root, 1 << 16, "fsync"))
+
+
+BACKENDS = {"local": local}
+
+
+@pytest.fixture(params=sorted(BACKENDS))
+async def harness(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Harness]:
+    async for made in BACKENDS[request.param](tmp_path):
+        yield made
+        await made.crash()
+
+
+async def commit(queue: Queue, numbers_: range) -> None:
+    await queue.append(framed(numbers_), len(numbers_)).wait()
+
+
+async def test_a_commit_that_returned_survives_a_crash(harness: Harness) -> None:
+    queue = await harness.open()
+    await commit(queue, range(10))
+    await harness.crash()
+    queue = await harness.open()
+    batch = await queue.next_batch(flush=True)
+    assert batch is not None and batch.records == 10
+    assert numbers(await read(queue, batch)) == list(range(10))
+
+
+async def read(queue: Queue, batch: object) -> bytes:
+    path = await queue.local_file(batch, write=True)  # type: ignore[arg-type]
+    return path.read_bytes()
+
+
+async def test_a_cut_batch_comes_back_after_a_crash_with_its_name_and_bytes(
+    harness: Harness,
+) -> None:
+    queue = await harness.open()
+    await commit(queue, range(5))
+    first = await queue.next_batch(flush=True)
+    assert first is not None
+    data = await read(queue, first)
+    await harness.crash()  # cut, maybe put, never confirmed
+    queue = await harness.open()
+    again = await queue.next_batch(flush=True)
+    assert again is not None
+    assert (again.id, again.name, await read(queue, again)) == (first.id, first.name, data)
+    assert first.name == "p/b-id0.ndjson"
+
+
+async def test_records_keep_their_order_in_a_batch_across_commits(harness: Harness) -> None:
+    queue = await harness.open()
+    for start in range(0, 300, 30):
+        await commit(queue, range(start, start + 30))
+    batch = await queue.next_batch(flush=True)
+    assert batch is not None
+    assert numbers(await read(queue, batch)) == list(range(300))
+
+
+async def test_a_done_batch_never_comes_back(harness: Harness) -> None:
+    queue = await harness.open()
+    await commit(queue, range(3))
+    batch = await queue.next_batch(flush=True)
+    assert batch is not None
+    await queue.done(batch)
+    await commit(queue, range(3, 5))
+    await harness.crash()
+    queue = await harness.open()
+    batch = await queue.next_batch(flush=True)
+    assert batch is not None and numbers(await read(queue, batch)) == [3, 4]
+    await queue.done(batch)
+    assert await queue.next_batch(flush=True) is None
+    assert queue.figures(0.0).records == 0
+
+
+async def test_a_stream_batch_is_cut_as_its_commit_returns(harness: Harness) -> None:
+    queue = await harness.open(rules=STREAM)
+    waiting = asyncio.create_task(queue.next_batch())
+    await asyncio.sleep(0)  # the consumer waits before the records come
+    await commit(queue, range(7))
+    batch = await asyncio.wait_for(waiting, 5)
+    assert batch is not None and batch.data is not None and numbers(batch.data) == list(range(7))
+    await harness.crash()
+    queue = await harness.open(rules=STREAM)
+    again = await queue.next_batch(flush=True)
+    assert again is not None and (again.id, again.data) == (batch.id, batch.data)
+
+
+async def test_a_dead_letter_leaves_delivery_and_replay_brings_the_same_bytes(
+    harness: Harness,
+) -> None:
+    queue = await harness.open()
+    await commit(queue, range(4))
+    batch = await queue.next_batch(flush=True)
+    assert batch is not None
+    data = await read(queue, batch)
+    dead = await queue.dead_letter(batch)
+    assert dead.read_bytes() == data
+    assert await queue.next_batch(flush=True) is None
+    await harness.crash()
+    queue = await harness.open()
+    assert await queue.next_batch(flush=True) is None  # still dead after a restart
+    replayed = [b async for b in queue.replay()]
+    assert [b.name for b in replayed] == [batch.name]
+    again = await queue.next_batch(flush=True)
+    assert again is not None and await read(queue, again) == data
+
+
+async def test_a_failed_commit_raises_for_every_request_in_it_and_keeps_nothing(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A request whose records span two commits is kept only if both are."""
+    queue = await harness.open()
+    ticket = Ticket()
+    ticket.add(queue.append(framed(range(3)), 3))
+    await ticket.wait()  # the first part is durable
+    monkeypatch.setattr(faults, "_FAIL_NAME", "queue.fsync")
+    monkeypatch.setattr(faults, "_FAIL_FROM", "1")
+    monkeypatch.setattr(faults, "_FAIL_COUNT", "1")
+    monkeypatch.setattr(faults, "_calls", iter(range(1, 100)))
+    ticket.add(queue.append(framed(range(3, 6)), 3))
+    other = queue.append(framed(range(6, 8)), 2)  # another request in the same commit
+    with pytest.raises(StorageError):
+        await ticket.wait()
+    with pytest.raises(StorageError):
+        await other.wait()
+    await commit(queue, range(8, 9))  # the disk is back
+    batch = await queue.next_batch(flush=True)
+    assert batch is not None and numbers(await read(queue, batch)) == [0, 1, 2, 8]
