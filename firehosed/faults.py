@@ -1,4 +1,5 @@
-"""Crash points for the fault suite: die like `kill -9` at a named step of a batch's life.
+"""Crash and fail points for the fault suite: die like `kill -9`, or fail like a dying
+disk (or a bug), at a named step of a batch's life.
 
 Set `FIREHOSED_CRASH_AT=<point>` in the daemon's environment (tests only). Read once at
 import; an unset variable costs one string comparison per point reached.
@@ -7,7 +8,16 @@ Points: `ingest.after_append` (records staged, not yet synced), `ingest.after_fs
 (synced, 202 not yet sent), `batch.after_cut` (batch fixed on disk, not yet put),
 `channel.mid_upload` (directory channel: part file half written), `batch.after_put`
 (delivered, not yet marked done), `queue.mid_segment_delete` (between segment unlinks).
-Fail points (`FIREHOSED_FAIL_AT`): `queue.fsync`.
+
+Fail points (`FIREHOSED_FAIL_AT`, tests only): `queue.fsync` (a group commit's sync),
+`queue.rotate` (the directory sync that makes a new segment file durable),
+`queue.commit_bug` (inside the commit thread's write). The variable is one or more
+comma-separated `POINT:N:K[:DELAY]`: the Nth to (N+K-1)th time POINT is reached (N and K
+default to 1; each point counts its own calls), sleep DELAY seconds if given (a slow
+disk), then raise OSError(EIO), as a dying disk does (no real disk fails on cue); a
+point whose name ends in `_bug` raises RuntimeError instead, as a bug would. Examples:
+`queue.fsync:4:3` (calls 4, 5, 6 fail), `queue.fsync:1:1:2.5` (the first sync takes
+2.5 s, then fails), `queue.fsync:5:1,queue.fsync:9:1` (calls 5 and 9 fail).
 """
 
 from __future__ import annotations
@@ -15,6 +25,9 @@ from __future__ import annotations
 import errno
 import itertools
 import os
+import time
+from collections.abc import Iterator
+from typing import NamedTuple
 
 POINTS = frozenset(
     {
@@ -27,11 +40,29 @@ POINTS = frozenset(
     }
 )
 _ARMED = os.environ.get("FIREHOSED_CRASH_AT")
-# FIREHOSED_FAIL_AT="queue.fsync:N:K": the Nth to (N+K-1)th time the point is reached,
-# raise EIO, as a dying disk does (no real disk fails an fsync on cue).
-_FAIL_NAME, _, _FAIL_RANGE = os.environ.get("FIREHOSED_FAIL_AT", "").partition(":")
-_FAIL_FROM, _, _FAIL_COUNT = _FAIL_RANGE.partition(":")
-_calls = itertools.count(1)
+
+
+class _Failure(NamedTuple):
+    """One armed range of a fail point: calls `first` to `first + times - 1` fail."""
+
+    first: int
+    times: int
+    delay: float
+
+
+def _parse(value: str) -> dict[str, list[_Failure]]:
+    armed: dict[str, list[_Failure]] = {}
+    for spec in filter(None, (s.strip() for s in value.split(","))):
+        name, *numbers = spec.split(":")
+        first, count, delay = (*numbers, "", "", "")[:3]
+        failure = _Failure(int(first or 1), int(count or 1), float(delay or 0))
+        armed.setdefault(name, []).append(failure)
+    return armed
+
+
+_FAILS = _parse(os.environ.get("FIREHOSED_FAIL_AT", ""))
+# One call counter per armed point (next() on a count is atomic: commit threads share it).
+_calls: dict[str, Iterator[int]] = {name: itertools.count(1) for name in _FAILS}
 
 
 def crash_point(name: str) -> None:
@@ -41,9 +72,16 @@ def crash_point(name: str) -> None:
 
 
 def fail_point(name: str) -> None:
-    """Raise OSError(EIO) if the fault suite armed this point for this call."""
-    if name != _FAIL_NAME:
+    """Fail this call of `name` if the fault suite armed it: OSError(EIO), or
+    RuntimeError for a `_bug` point; after the armed delay, if any (blocks: threads only)."""
+    failures = _FAILS.get(name)
+    if failures is None:
         return
-    call, start = next(_calls), int(_FAIL_FROM or 1)
-    if start <= call < start + int(_FAIL_COUNT or 1):
-        raise OSError(errno.EIO, f"injected failure at {name}")
+    call = next(_calls[name])
+    for failure in failures:
+        if failure.first <= call < failure.first + failure.times:
+            if failure.delay:
+                time.sleep(failure.delay)
+            if name.endswith("_bug"):
+                raise RuntimeError(f"injected bug at {name}")
+            raise OSError(errno.EIO, f"injected failure at {name}")
