@@ -29,6 +29,7 @@ from firehosed.channels import Channel, open_channel
 from firehosed.config import Config
 from firehosed.delivery import Worker
 from firehosed.errors import ConfigError, FirehosedError
+from firehosed.fileio import make_dirs
 from firehosed.firehose import Firehose
 from firehosed.ingest.app import build_server
 from firehosed.ingest.receiver import Receiver
@@ -74,7 +75,7 @@ class Daemon:
     async def start(self) -> None:
         """Recover storage, start workers, bind the listener, tell systemd we are ready."""
         started = time.monotonic()
-        self.storage.mkdir(parents=True, exist_ok=True)
+        make_dirs(self.storage, self.config.storage.durability == "fsync")
         self._lock_storage()
         self._track("committer", self.backend.run())
         await self._apply(self.config)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 
@@ -186,10 +187,8 @@ async def test_a_failed_commit_raises_for_every_request_in_it_and_keeps_nothing(
     ticket = Ticket()
     ticket.add(queue.append(framed(range(3)), 3))
     await ticket.wait()  # the first part is durable
-    monkeypatch.setattr(faults, "_FAIL_NAME", "queue.fsync")
-    monkeypatch.setattr(faults, "_FAIL_FROM", "1")
-    monkeypatch.setattr(faults, "_FAIL_COUNT", "1")
-    monkeypatch.setattr(faults, "_calls", iter(range(1, 100)))
+    monkeypatch.setattr(faults, "_FAILS", faults._parse("queue.fsync:1:1"))  # the next sync
+    monkeypatch.setattr(faults, "_calls", {"queue.fsync": itertools.count(1)})
     ticket.add(queue.append(framed(range(3, 6)), 3))
     other = queue.append(framed(range(6, 8)), 2)  # another request in the same commit
     with pytest.raises(StorageError):

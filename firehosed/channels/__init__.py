@@ -8,34 +8,50 @@ writes to a directory never loads the AWS, SSH or FTP libraries (idle memory).
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import Any, NamedTuple
 
 from firehosed.channels.base import Batch, Channel
 
-# type: (module, config Struct, channel class)
-REGISTRY: dict[str, tuple[str, str, str]] = {
-    "directory": ("firehosed.channels.directory", "DirectoryConfig", "DirectoryChannel"),
-    "ftp": ("firehosed.channels.ftp", "FtpConfig", "FtpChannel"),
-    "ftpes": ("firehosed.channels.ftp", "FtpesConfig", "FtpChannel"),
-    "sftp": ("firehosed.channels.sftp", "SftpConfig", "SftpChannel"),
-    "webhook": ("firehosed.channels.webhook", "WebhookConfig", "WebhookChannel"),
-    "pubsub": ("firehosed.channels.pubsub", "PubSubConfig", "PubSubChannel"),
-    "s3": ("firehosed.channels.s3", "S3Config", "S3Channel"),
-    "sqs": ("firehosed.channels.sqs", "SqsConfig", "SqsChannel"),
+
+class Entry(NamedTuple):
+    """Where a channel type lives: its module, and the names of its config Struct (tagged
+    with the type) and of its Channel class in that module."""
+
+    module: str
+    config: str
+    channel: str
+
+    def config_type(self) -> type[Any]:
+        """The config Struct class (imports the module)."""
+        struct: type[Any] = getattr(importlib.import_module(self.module), self.config)
+        return struct
+
+    def channel_type(self) -> type[Channel]:
+        """The Channel class (imports the module)."""
+        cls: type[Channel] = getattr(importlib.import_module(self.module), self.channel)
+        return cls
+
+
+REGISTRY: dict[str, Entry] = {
+    "directory": Entry("firehosed.channels.directory", "DirectoryConfig", "DirectoryChannel"),
+    "ftp": Entry("firehosed.channels.ftp", "FtpConfig", "FtpChannel"),
+    "ftpes": Entry("firehosed.channels.ftp", "FtpesConfig", "FtpChannel"),
+    "sftp": Entry("firehosed.channels.sftp", "SftpConfig", "SftpChannel"),
+    "webhook": Entry("firehosed.channels.webhook", "WebhookConfig", "WebhookChannel"),
+    "pubsub": Entry("firehosed.channels.pubsub", "PubSubConfig", "PubSubChannel"),
+    "s3": Entry("firehosed.channels.s3", "S3Config", "S3Channel"),
+    "sqs": Entry("firehosed.channels.sqs", "SqsConfig", "SqsChannel"),
 }
 
 
-def config_type(channel_type: str) -> Any:
+def config_type(channel_type: str) -> type[Any]:
     """The config Struct class for a channel type; KeyError when there is none."""
-    module, config_class, _ = REGISTRY[channel_type]
-    return getattr(importlib.import_module(module), config_class)
+    return REGISTRY[channel_type].config_type()
 
 
 def open_channel(name: str, config: Any) -> Channel:
     """Build the channel for a decoded channel config Struct."""
-    module, _, channel_class = REGISTRY[type(config).__struct_config__.tag]
-    channel: Channel = getattr(importlib.import_module(module), channel_class)(name, config)
-    return channel
+    return REGISTRY[type(config).__struct_config__.tag].channel_type()(name, config)
 
 
-__all__ = ["REGISTRY", "Batch", "Channel", "config_type", "open_channel"]
+__all__ = ["REGISTRY", "Batch", "Channel", "Entry", "config_type", "open_channel"]
