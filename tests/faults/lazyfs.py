@@ -286,8 +286,9 @@ class LazyFS(fuse.Operations):  # type: ignore[misc]
 
     def _forget_maybe(self, f: File) -> None:
         """Delete a file nothing reaches any more: no live name, handle or durable entry."""
-        if f.names == 0 and f.opens == 0 and f.refs == 0:
+        if f.names == 0 and f.opens == 0 and f.refs == 0 and f.fd >= 0:
             os.close(f.fd)
+            f.fd = -1  # forgotten once: the number may soon be another file's
             f.store.unlink()
 
     def sync_all(self) -> None:
