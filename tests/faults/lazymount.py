@@ -109,8 +109,7 @@ class LazyMount:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self._reap(self.proc.wait(10))
-        if os.path.ismount(self.mount):
-            self._detach()
+        self._detach()  # (a mount whose process died is no `ismount`: detach regardless)
 
     def log_text(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
