@@ -117,11 +117,10 @@ def delivered_files(export: Path) -> tuple[Counter[str], list[str]]:
 
 
 def settle(daemon: Daemon, fs: LazyMount, hook: WebhookReceiver) -> None:
-    """The daemon has run once and the machine has flushed since (`sync`): its directories
-    are on disk. (Without this, see test_power_loss_right_after_the_first_start.)"""
+    """The daemon has delivered once: both channels work. (No `sync`: whatever the daemon
+    made durable itself is all that a power cut leaves, from its very first start.)"""
     assert daemon.post([signal_record(0)]).status_code == 202
     wait_until(lambda: delivered_files(daemon.export)[0] and received(hook), timeout=30)
-    fs.sync()
 
 
 async def run_scenario(
@@ -219,22 +218,15 @@ def drained(daemon: Daemon) -> bool:
     return all(f["queued_records"] == 0 and f["batches_pending"] == 0 for f in firehoses)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,  # (not a missing FUSE: under CI=true that must fail)
-    reason="daemon bug: the directories it creates (storage.dir, queues/, queues/<firehose>/, "
-    "segments/, batches/) are never made durable by an fsync of their parent",
-)
 async def test_power_loss_right_after_the_first_start(
     lazy_disk: LazyMount, webhook_receiver: WebhookReceiver, tmp_path: Path
 ) -> None:
     """A fresh storage dir: the first 202s must survive a power cut too.
 
-    Fails today: `Daemon.start` (storage.mkdir) and `FirehoseQueue.open` (mkdir of
-    segments/ and batches/ with their parents) create directories and sync none of their
-    parents; `_open_segment` syncs segments/ for 1.seg, but segments/ itself is not
-    durable. After the cut nothing of var/ is left. (ext4 and XFS mask it in practice:
-    any later fsync commits the journal that holds the mkdirs; POSIX does not promise it.)
+    Every directory the daemon makes (storage.dir, queues/<firehose>/segments, dead/…)
+    is durable only once its parent is fsynced (`fileio.make_dirs`); before that fix,
+    nothing of var/ was left after this cut. (ext4 and XFS mask it in practice: any later
+    fsync commits the journal that holds the mkdirs; POSIX does not promise it.)
     """
     daemon = daemon_on(lazy_disk, tmp_path / "d", webhook_receiver.url)
     records = [signal_record(n) for n in range(20)]
