@@ -64,9 +64,7 @@ def daemon_with(tmp_path: Path, max_disk: str, firehoses: str) -> Daemon:
 def test_a_paused_firehose_refuses_its_account_only(tmp_path: Path) -> None:
     daemon = daemon_with(tmp_path, "1MiB", PAUSED_AND_FLOWING)
     try:
-        answers = [
-            daemon.post([signal_record(n, note=PADDING)], account="acme") for n in range(40)
-        ]
+        answers = [daemon.post([signal_record(n, note=PADDING)], account="acme") for n in range(40)]
         refused = [a for a in answers if a.status_code == 503]
         assert refused, "the paused firehose was never full"
         assert "firehose held is full" in refused[0].json()["error"]
