@@ -8,6 +8,7 @@ writes to a directory never loads the AWS, SSH or FTP libraries (idle memory).
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from firehosed.channels.base import Batch, Channel
@@ -31,6 +32,11 @@ class Entry(NamedTuple):
         cls: type[Channel] = getattr(importlib.import_module(self.module), self.channel)
         return cls
 
+    def open(self, name: str, config: Any) -> Channel:
+        """A channel of this type for a decoded config Struct."""
+        make: Callable[[str, Any], Channel] = self.channel_type()
+        return make(name, config)
+
 
 REGISTRY: dict[str, Entry] = {
     "directory": Entry("firehosed.channels.directory", "DirectoryConfig", "DirectoryChannel"),
@@ -51,7 +57,7 @@ def config_type(channel_type: str) -> type[Any]:
 
 def open_channel(name: str, config: Any) -> Channel:
     """Build the channel for a decoded channel config Struct."""
-    return REGISTRY[type(config).__struct_config__.tag].channel_type()(name, config)
+    return REGISTRY[type(config).__struct_config__.tag].open(name, config)
 
 
 __all__ = ["REGISTRY", "Batch", "Channel", "Entry", "config_type", "open_channel"]
