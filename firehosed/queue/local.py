@@ -97,7 +97,7 @@ class LocalQueue:
         store = self._store
         pending = store.take_pending()
         self._committing = True
-        if self._rounds_cut(pending.records) and self._round_cut is None:
+        if pending.records and self._round_cut is None and self._rounds_cut(pending.records):
             self._round_cut = asyncio.get_running_loop().create_future()
         return pending
 
@@ -147,7 +147,6 @@ class LocalQueue:
         store, rules = self._store, self._rules
         return (
             rules.stream
-            and records > 0
             and self._consuming
             and not store.batches
             and store.uncut + records <= rules.max_records

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from tests.daemon import Daemon, signal_record, wait_until
+from tests.faults.report import report
 
 BASE = """
 [server]
@@ -75,6 +76,7 @@ def test_a_paused_firehose_refuses_its_account_only(tmp_path: Path) -> None:
         for n in range(100, 110):  # another account is not refused
             assert daemon.post([signal_record(n)], account="beta").status_code == 202
         wait_until(lambda: len(daemon.delivered("beta/*.ndjson")) == 10)
+        report("budget paused firehose", acme_kept=kept, acme_refused=len(refused), beta_kept=10)
     finally:
         daemon.close()
 
@@ -97,5 +99,7 @@ def test_dead_letters_count_against_max_disk(tmp_path: Path) -> None:
         daemon.signal(1)  # SIGHUP
         wait_until(lambda: daemon.get("/readyz").status_code == 200)
         assert daemon.post([signal_record(200)]).status_code == 202
+        dead = status()["dead_letter_bytes"]
+        report("budget dead letters", refused=len(refused), dead_bytes_after_clear=dead)
     finally:
         daemon.close()
