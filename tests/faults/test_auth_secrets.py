@@ -28,8 +28,12 @@ from aiohttp import web
 from aiohttp.test_utils import RawTestServer, TestClient
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, Session
 
+from firehosed.catchup import CatchUp
+from firehosed.config import AccountConfig, CatchUpConfig, ServerConfig
 from firehosed.ingest import auth
 from firehosed.ingest.app import Api
+from firehosed.ingest.receiver import Receiver
+from firehosed.router import Router
 from tests.daemon import TOKEN, Daemon, free_port, signal_record, wait_until
 from tests.faults.report import report
 from tests.servers.sftp import USERNAME, asyncssh_sftp_server
@@ -179,11 +183,15 @@ def test_the_bearer_scheme_is_case_insensitive(make_daemon, header: str) -> None
 # -- constant time, structurally -------------------------------------------------------
 
 
-class FakeDaemon(SimpleNamespace):
-    """What the ingest handler asks of a daemon before it reads a body."""
-
-    def refusal(self) -> str:
-        return "not accepting signals: a test stand-in"
+def refusing_receiver(tokens: dict[str, list[str]]) -> Receiver:
+    """A real receiver for these accounts that refuses every request once authorised."""
+    receiver = Receiver(
+        Router(CatchUp(CatchUpConfig())),
+        ServerConfig(),
+        lambda account: "not accepting signals: a test stand-in",
+    )
+    receiver.configure(ServerConfig(), {n: AccountConfig(tokens=t) for n, t in tokens.items()})
+    return receiver
 
 
 async def test_every_configured_token_is_compared_whatever_the_request(
@@ -192,7 +200,7 @@ async def test_every_configured_token_is_compared_whatever_the_request(
     """The handler calls hmac.compare_digest once per token of the account (no early exit,
     even on a match), once for an unknown account, always with the whole token given."""
     tokens = [b"first-token-aaaa", b"second-token-bbbbbbbb", b"third"]
-    accounts = {"acme": SimpleNamespace(tokens=tokens), "other": SimpleNamespace(tokens=[b"o"])}
+    receiver = refusing_receiver({"acme": [t.decode() for t in tokens], "other": ["o"]})
     calls: list[tuple[bytes, bytes]] = []
     real = hmac.compare_digest
 
@@ -201,7 +209,7 @@ async def test_every_configured_token_is_compared_whatever_the_request(
         return real(a, b)
 
     monkeypatch.setattr(auth.hmac, "compare_digest", counting)
-    api = Api(FakeDaemon(accounts=accounts))  # type: ignore[arg-type]
+    api = Api(receiver, SimpleNamespace())  # (no operators' endpoint is asked)
     cases = {
         "first token": ("acme", "first-token-aaaa", 503, 3),
         "last token": ("acme", "third", 503, 3),
