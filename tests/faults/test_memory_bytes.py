@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from tests.daemon import Daemon, signal_record, wait_until
+from tests.daemon import BASE_CONFIG, Daemon, signal_record, wait_until
 from tests.faults.report import report
 from tests.faults.test_hostile_input import FIREHOSE, proc_status
 
@@ -111,3 +111,57 @@ def test_each_envelope_field_is_limited_in_utf8_bytes(make_daemon) -> None:
         if "bytes" in reason:
             assert rejected[index].endswith(f"at most {FIELD_LIMIT if index != 10 else 64}")
     assert payload["accepted"] == len(cases) - len(expected)
+
+
+CATCH_UP_MEMORY = 1 << 20
+IDENTIFIED = 5000
+
+
+def catchup_figures(daemon: Daemon) -> dict[str, float]:
+    figures = {}
+    for entry in daemon.get("/metrics").text.splitlines():
+        if entry.startswith("firehosed_catchup_"):
+            name, _, value = entry.rpartition(" ")
+            figures[name] = float(value)
+    return figures
+
+
+def test_identified_sessions_are_charged_their_strings_and_evicted_under_max_memory(
+    make_daemon,
+) -> None:
+    """5000 sessions identified with 200-byte session and person strings (within the
+    limits) hold about 3 MB: with `max_memory = "1MiB"` the oldest are evicted, the
+    newest keep their person."""
+    base = BASE_CONFIG + f'\n[catch_up]\nmax_memory = "{CATCH_UP_MEMORY}"\n'
+    daemon = make_daemon(FIREHOSE, base=base).start()
+
+    def session(n: int) -> str:
+        return padded(f"s{n}-", 200)
+
+    for first in range(0, IDENTIFIED, 500):
+        body = [
+            signal_record(n, session=session(n), person=padded(f"p{n}-", 200))
+            for n in range(first, first + 500)
+        ]
+        response = daemon.post(body)
+        assert response.status_code == 202 and response.json()["accepted"] == 500
+    figures = catchup_figures(daemon)
+    report("identified 200 B sessions x5000", **figures)
+    assert figures["firehosed_catchup_evictions_total"] > 0, figures
+    assert figures["firehosed_catchup_bytes"] <= CATCH_UP_MEMORY, figures
+    assert figures["firehosed_catchup_sessions"] < IDENTIFIED, figures
+    # Later anonymous signals: the newest session is still known, the oldest forgotten.
+    last, oldest = IDENTIFIED - 1, 0
+    answer = daemon.post(
+        [signal_record(90_000, session=session(last)), signal_record(90_001, session=session(0))]
+    )
+    assert answer.status_code == 202 and answer.json()["accepted"] == 2
+    wanted = {f"{90_000:024x}", f"{90_001:024x}"}
+    wait_until(lambda: wanted <= set(delivered_ids(daemon)), timeout=30)
+    persons = {
+        r["signal_id"]["$oid"]: r.get("pid")
+        for r in daemon.delivered("*.ndjson")
+        if r["signal_id"]["$oid"] in wanted
+    }
+    assert persons[f"{90_000:024x}"] == padded(f"p{last}-", 200)
+    assert persons[f"{90_001:024x}"] is None, f"session {oldest} was not evicted"
