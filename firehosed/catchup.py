@@ -2,24 +2,35 @@
 
 When a session is identified, its ring is handed back (oldest first) so firehoses with
 `catch_up` get those signals again with the person attached. A session then stays
-identified for `session_ttl`. Memory is bounded by `max_memory`: the least recently
-seen sessions are evicted first, and counted.
+identified for `session_ttl`. Memory is bounded by `max_memory` in bytes: each session
+is charged its key and person strings and its ring's records, not a fixed size, so long
+sessions and persons count for what they hold. The least recently seen sessions are
+evicted first, and counted.
 
-Invariant: `_sessions` is ordered by last activity (a touched session is moved to the
-end), so expiry and eviction only ever look at its front.
+Invariants: `_sessions` is ordered by last activity (a touched session is moved to the
+end), so expiry and eviction only ever look at its front; and `memory` is the sum of
+`session.size(key)` over `_sessions`: every change to a key, person or ring adjusts it
+by the same amount that `size` would, so removing a session subtracts exactly its charge.
 """
 
 from __future__ import annotations
+
+from sys import getsizeof
 
 import msgspec
 
 from firehosed import metrics
 from firehosed.config import CatchUpConfig
 
-# Bookkeeping cost of one session (key, dict slot, Session) and of one buffered record
-# (bytes header, tuple slot), measured with tracemalloc (138 and 41 bytes, plus room for
-# the dict's growth): max_memory is real memory.
-SESSION_OVERHEAD = 150
+# Bookkeeping cost of one session beyond its strings (Session 48 bytes, its `seen`
+# float 32 unless shared by a request's sessions, its dict slot with the table's spare
+# room under eviction churn), of a ring (the tuple's header, while it holds records) and
+# of one buffered record beyond its bytes (bytes header, tuple slot), measured with
+# tracemalloc at 4 MiB to 32 MiB of sessions (98 to 131, 40 and 41 bytes). The key
+# (account, NUL, session) and the person are charged `sys.getsizeof`, their exact
+# allocation: max_memory is real memory, whatever the strings' lengths.
+SESSION_OVERHEAD = 120
+RING_OVERHEAD = 40
 ENTRY_OVERHEAD = 41
 # Sessions are re-ordered (moved to the end) at most every session_ttl / REFRESH.
 REFRESH = 64
@@ -37,9 +48,14 @@ class Session(msgspec.Struct, gc=False):
     person: str | None = None
     ring: tuple[bytes, ...] = ()
 
-    def size(self) -> int:
-        """What this session costs in `max_memory` terms."""
-        return SESSION_OVERHEAD + sum(len(r) + ENTRY_OVERHEAD for r in self.ring)
+    def size(self, key: str) -> int:
+        """What this session, held under `key`, costs in `max_memory` terms."""
+        cost = SESSION_OVERHEAD + getsizeof(key) + _ring_cost(self.ring)
+        return cost if self.person is None else cost + getsizeof(self.person)
+
+
+def _ring_cost(ring: tuple[bytes, ...]) -> int:
+    return RING_OVERHEAD + sum(len(r) + ENTRY_OVERHEAD for r in ring) if ring else 0
 
 
 class CatchUp:
@@ -72,7 +88,7 @@ class CatchUp:
         session = self._sessions.pop(key, None)
         if session is None:
             session = Session(seen=now)
-            self.memory += SESSION_OVERHEAD
+            self.memory += SESSION_OVERHEAD + getsizeof(key)
         session.seen = now
         self._sessions[key] = session
         return session
@@ -93,6 +109,8 @@ class CatchUp:
         if len(ring) > self.config.signals_per_session:
             added -= len(ring[0]) + ENTRY_OVERHEAD
             ring = ring[1:]
+        elif len(ring) == 1:
+            added += RING_OVERHEAD  # the session's first record: a ring tuple now exists
         state.ring = ring
         self.memory += added
         if self.memory > self.config.max_memory:
@@ -103,12 +121,16 @@ class CatchUp:
     ) -> tuple[bytes, ...] | None:
         """Mark the session identified; its ring if this is its first identification."""
         state = self._touch(f"{account}\0{session}", now)
-        first = state.person is None
+        known = state.person
         ring, state.ring = state.ring, ()
-        state.person = person
         if ring:
-            self.memory -= sum(len(r) + ENTRY_OVERHEAD for r in ring)
-        return ring if first else None
+            self.memory -= _ring_cost(ring)
+        if person != known:  # first identified, or as someone else: charge the new string
+            state.person = person
+            self.memory += getsizeof(person) - (0 if known is None else getsizeof(known))
+            if self.memory > self.config.max_memory:
+                self._evict()
+        return ring if known is None else None
 
     def restore(self, account: str, session: str, ring: tuple[bytes, ...]) -> None:
         """Undo a first `identify` whose request was not acknowledged: the session is
@@ -139,7 +161,7 @@ class CatchUp:
                 break
             expired.append(key)
         for key in expired:
-            self.memory -= self._sessions.pop(key).size()
+            self.memory -= self._sessions.pop(key).size(key)
 
     def _evict(self) -> None:
         """Evict least recently seen sessions down to 98% of max_memory, in one pass."""
@@ -150,7 +172,7 @@ class CatchUp:
             if self.memory - freed <= target or len(evicted) == len(self._sessions) - 1:
                 break
             evicted.append(key)
-            freed += session.size()
+            freed += session.size(key)
         for key in evicted:
             del self._sessions[key]
         self.memory -= freed

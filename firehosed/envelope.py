@@ -4,6 +4,11 @@ Per account we build, once, a msgspec Struct type holding only the configured pa
 decoding a record skips every other field in C and creates no per-record dict. A path
 ending in `$oid` or `$date` also accepts the plain value at its parent
 (`"signal_id": "abc"` as well as `"signal_id": {"$oid": "abc"}`).
+
+The strings an envelope keeps are bounded in UTF-8 bytes (README, HTTP API): dedupe
+remembers every id and catch-up every session key and person, so their memory is only
+bounded in bytes if each string is. A record over a limit is rejected, never truncated:
+a cut id would collide, a cut session would merge visitors.
 """
 
 from __future__ import annotations
@@ -28,6 +33,14 @@ _LEAF_TYPES: dict[str, Any] = {
     "time": Union[str, int, float],  # noqa: UP007
 }
 _WRAPPERS = ("$oid", "$date")
+
+# Longest id, session and person, and longest time string, in UTF-8 bytes. A person may
+# be an e-mail address (254 at most); ISO 8601 with nanoseconds and an offset is 35.
+MAX_FIELD_BYTES = 256
+MAX_TIME_BYTES = 64
+# A str of at most this many characters is within MAX_FIELD_BYTES whatever it holds (4
+# UTF-8 bytes per character at most): the one `len()` the hot path pays for most values.
+_SURELY_SHORT = MAX_FIELD_BYTES // 4
 
 
 class Envelope(msgspec.Struct, gc=False):
@@ -81,14 +94,29 @@ class EnvelopeReader:
         session = self._session(root)
         person = self._person(root)
         moment = self._time(root)
+        # As text (str() returns a str itself; a JSON integer may have thousands of
+        # digits), each checked by one len() unless it may be over its limit.
+        if ident is not None and len(ident := str(ident)) > _SURELY_SHORT:
+            _check_length("id", ident)
+        if session is not None and len(session := str(session)) > _SURELY_SHORT:
+            _check_length("session", session)
+        if person is not None and len(person := str(person)) > _SURELY_SHORT:
+            _check_length("person", person)
         return Envelope(
             type=kind,
-            id=str(ident) if ident is not None else self._ids(),
-            session=str(session) if session is not None else None,
-            person=str(person) if person is not None and person != "" else None,
+            id=ident if ident is not None else self._ids(),
+            session=session,
+            person=person if person != "" else None,
             time=parse_time(moment) if moment is not None else received,
             id_assigned=ident is None,
         )
+
+
+def _check_length(field: str, value: str, limit: int = MAX_FIELD_BYTES) -> None:
+    """RecordError if `value` is over `limit` UTF-8 bytes (`isascii()` is O(1))."""
+    size = len(value) if value.isascii() else len(value.encode())
+    if size > limit:
+        raise RecordError(f"{field} is {size} bytes, at most {limit}")
 
 
 def _check_type(kind: str) -> None:
@@ -103,6 +131,8 @@ def _check_type(kind: str) -> None:
 def parse_time(value: str | int | float) -> float:
     """ISO 8601 (naive = UTC) or epoch milliseconds, as unix seconds; RecordError if not."""
     if isinstance(value, str):
+        if len(value) > MAX_TIME_BYTES:  # checked in characters: not kept, only parsed
+            _check_length("time", value, MAX_TIME_BYTES)
         try:
             moment = datetime.fromisoformat(value)
         except ValueError:

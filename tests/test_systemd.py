@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
+from firehosed.config import AccountConfig, CatchUpConfig, FirehoseConfig, ServerConfig
 from firehosed.systemd import Notifier
 
 UNIT = Path(__file__).resolve().parent.parent / "systemd" / "firehosed.service"
@@ -283,6 +284,46 @@ def test_unit_file_exposure_is_at_most_3(tmp_path: Path) -> None:
     match = re.search(r"Overall exposure level for firehosed\.service: (\d+\.\d)", result.stdout)
     assert match, result.stdout
     assert float(match.group(1)) <= 3.0, result.stdout
+
+
+def unit_settings() -> dict[str, str]:
+    """The unit's `Key=value` lines (the last one of a key wins, as in systemd)."""
+    settings = {}
+    for line in UNIT.read_text().splitlines():
+        key, sep, value = line.partition("=")
+        if sep and not line.startswith(("#", ";", "[")):
+            settings[key.strip()] = value.strip()
+    return settings
+
+
+def test_unit_memory_max_fits_the_default_budget() -> None:
+    """MemoryMax= (a hard ceiling: past it the kernel kills the daemon) holds what the
+    defaults let the daemon hold, as the unit's comment derives it: the interpreter,
+    catch-up's max_memory (charged in real bytes, +10% for the allocator), one account's
+    dedupe_max ids at the 256-byte id limit, one file cut (max_file of records and their
+    encoded bytes), and one max_body body split into tiny records (66 times its size:
+    265 MiB for 4 MiB of `[1,1,…]`, tests/faults/RESULTS.md). Raising a default without
+    raising MemoryMax fails here."""
+    settings = unit_settings()
+    assert "MemoryMax" in settings, "no MemoryMax= in the unit"
+    value = settings["MemoryMax"]
+    shift = {"K": 10, "M": 20, "G": 30, "T": 40}.get(value[-1])
+    memory_max = int(value[:-1]) << shift if shift else int(value)
+    budget = (
+        (64 << 20)
+        + CatchUpConfig().max_memory * 1.1
+        + AccountConfig().dedupe_max * 384
+        + 2 * FirehoseConfig(account="a", channel="c").max_file
+        + 66 * ServerConfig().max_body
+    )
+    assert budget <= memory_max <= 2 * budget, (budget, memory_max)
+
+
+def test_unit_tasks_max_leaves_room_for_every_thread_and_bounds_a_leak() -> None:
+    """Threads: the event loop, asyncio's default executor (at most 32), libuv's pool
+    (4), a reload's `kill`; TasksMax= must allow them all, and still be a limit."""
+    tasks_max = int(unit_settings().get("TasksMax", "0"))
+    assert 1 + 32 + 4 + 8 <= tasks_max <= 1024, tasks_max
 
 
 # Run inside a process the kernel forbids writable+executable memory, as systemd's
