@@ -135,23 +135,25 @@ class CatchUp:
     def restore(self, account: str, session: str, ring: tuple[bytes, ...]) -> None:
         """Undo a first `identify` whose request was not acknowledged: the session is
         anonymous again, with its ring, so the client's retry replays it."""
-        state = self._sessions.get(f"{account}\0{session}")
+        key = f"{account}\0{session}"
+        state = self._sessions.get(key)
         if state is None:  # expired or evicted since: nothing left to give back to
             return
-        self.memory -= state.size()
+        self.memory -= state.size(key)
         state.person = None
         state.ring = (*ring, *state.ring)[-self.config.signals_per_session :]
-        self.memory += state.size()
+        self.memory += state.size(key)
 
     def unbuffer(self, account: str, session: str, record: bytes) -> None:
         """Undo `buffer` of a signal whose request was not acknowledged (its client sends
         it again)."""
-        state = self._sessions.get(f"{account}\0{session}")
+        key = f"{account}\0{session}"
+        state = self._sessions.get(key)
         if state is None or not any(entry is record for entry in state.ring):
             return
-        self.memory -= state.size()
+        self.memory -= state.size(key)
         state.ring = tuple(entry for entry in state.ring if entry is not record)
-        self.memory += state.size()
+        self.memory += state.size(key)
 
     def _expire(self, now: float) -> None:
         ttl = self.config.session_ttl
