@@ -219,8 +219,7 @@ class Daemon:
     ) -> None:
         queue = await self.backend.open_queue(name)
         firehose = Firehose(name, config, queue, mapping)
-        worker = Worker(firehose, channel, self.alerts)
-        worker.configure(channel, dead)
+        worker = Worker(firehose, channel, dead, self.alerts)
         self.firehoses[name], self.workers[name] = firehose, worker
         self._track(f"worker:{name}", self._run_worker(worker))
         queued = queue.figures(time.time()).records

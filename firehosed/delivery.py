@@ -109,7 +109,9 @@ class Failing:
 class Worker:
     """Delivers one firehose's queue to its channel until stopped."""
 
-    def __init__(self, firehose: Firehose, channel: Channel, alerts: Alerts) -> None:
+    def __init__(
+        self, firehose: Firehose, channel: Channel, dead_channel: Channel | None, alerts: Alerts
+    ) -> None:
         self.firehose = firehose
         self.queue = firehose.queue
         self.alerts = alerts
@@ -126,7 +128,7 @@ class Worker:
         self.failing: Failing | None = None
         self.last_delivery: Outcome | None = None
         self.last_error: Outcome | None = None
-        self.configure(channel, None)
+        self.configure(channel, dead_channel)
 
     @property
     def name(self) -> str:
