@@ -49,6 +49,7 @@ from bench.procs import (
 )
 from bench.report import Figure, Series, ratios
 from bench.settings import Settings
+from firehosed.fileio import fsync_path
 from firehosed.queue.store import SegmentStore
 
 FIREHOSE = "f1"
@@ -85,16 +86,8 @@ def build(storage: Path, firehose: str, size: int) -> dict[str, float]:
     queue.write(queue.take_pending(), sync=False)
     queue.close()
     for path in (storage / "queues" / firehose / "segments").iterdir():
-        _sync_file(path)
+        fsync_path(path)
     return {"bytes": written, "records": records, "seconds": time.perf_counter() - started}
-
-
-def _sync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fdatasync(fd)
-    finally:
-        os.close(fd)
 
 
 def evict(root: Path) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from firehosed.fileio import fsync_path
 from tests.faults.lazymount import LazyMount, require_fuse
 
 
@@ -50,25 +51,17 @@ def write(path: Path, data: bytes, sync: str | None = "fsync") -> None:
         os.close(fd)
 
 
-def sync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 @pytest.mark.parametrize("sync", ["fsync", "fdatasync"])
 def test_a_synced_write_survives(lazy: LazyMount, sync: str) -> None:
     write(lazy.mount / "f", b"durable", sync)
-    sync_dir(lazy.mount)
+    fsync_path(lazy.mount)
     mount = power_cycle(lazy)
     assert (mount / "f").read_bytes() == b"durable"
 
 
 def test_a_write_without_fsync_is_lost(lazy: LazyMount) -> None:
     write(lazy.mount / "f", b"first")
-    sync_dir(lazy.mount)
+    fsync_path(lazy.mount)
     with open(lazy.mount / "f", "ab") as f:
         f.write(b" and more")
     assert (lazy.mount / "f").read_bytes() == b"first and more"  # read your writes
@@ -85,7 +78,7 @@ def test_a_new_file_whose_directory_was_not_synced_disappears(lazy: LazyMount) -
 def test_a_rename_not_followed_by_a_directory_fsync_reverts(lazy: LazyMount) -> None:
     write(lazy.mount / "state", b"old")
     write(lazy.mount / "state.tmp", b"new")
-    sync_dir(lazy.mount)
+    fsync_path(lazy.mount)
     os.replace(lazy.mount / "state.tmp", lazy.mount / "state")
     assert (lazy.mount / "state").read_bytes() == b"new"
     mount = power_cycle(lazy)
@@ -98,7 +91,7 @@ def test_a_rename_does_not_sync_the_content(lazy: LazyMount) -> None:
     write(lazy.mount / "state", b"old")
     write(lazy.mount / "state.tmp", b"new", sync=None)
     os.replace(lazy.mount / "state.tmp", lazy.mount / "state")
-    sync_dir(lazy.mount)
+    fsync_path(lazy.mount)
     mount = power_cycle(lazy)
     assert (mount / "state").read_bytes() == b""
     assert not (mount / "state.tmp").exists()
@@ -107,13 +100,13 @@ def test_a_rename_does_not_sync_the_content(lazy: LazyMount) -> None:
 def test_a_new_directory_needs_its_parent_synced(lazy: LazyMount) -> None:
     (lazy.mount / "d").mkdir()
     write(lazy.mount / "d" / "f", b"x")
-    sync_dir(lazy.mount / "d")
+    fsync_path(lazy.mount / "d")
     mount = power_cycle(lazy)
     assert not (mount / "d").exists()
     (mount / "d").mkdir()
     write(mount / "d" / "f", b"x")
-    sync_dir(mount / "d")
-    sync_dir(mount)
+    fsync_path(mount / "d")
+    fsync_path(mount)
     mount = power_cycle(lazy)
     assert (mount / "d" / "f").read_bytes() == b"x"
 
@@ -123,7 +116,7 @@ def test_an_unlink_not_synced_comes_back_and_a_hard_link_shares_content(
 ) -> None:
     write(lazy.mount / "a", b"one")
     os.link(lazy.mount / "a", lazy.mount / "b")
-    sync_dir(lazy.mount)
+    fsync_path(lazy.mount)
     (lazy.mount / "a").unlink()
     with open(lazy.mount / "b", "r+b") as f:
         f.write(b"two")
@@ -155,7 +148,7 @@ def test_random_writes_and_truncates_read_back_as_on_a_real_disk(
     real, fake = tmp_path / "real", lazy.mount / "fake"
     real.write_bytes(b"")
     write(fake, b"")
-    sync_dir(lazy.mount)
+    fsync_path(lazy.mount)
     synced = b""
     with open(real, "r+b") as r, open(fake, "r+b") as f:
         for step in range(400):
