@@ -12,17 +12,24 @@ import os
 import re
 import tomllib
 from collections.abc import Iterable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
 import msgspec
 
 from firehosed import channels
+from firehosed.channels.base import control_character, path_problem
 from firehosed.errors import ConfigError
 from firehosed.units import Duration, Size, dec_hook
 
 MiB = 1 << 20
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+# The strftime directives a `filename_pattern` may use: each gives (UTC, C locale) only
+# digits, ASCII letters, "-" or "+". Refused: %D %x %c (slashes, spaces), %n %t (control
+# characters), %e %k %l (space padding), %s (local time), %T %R %r (colons), %E/%O forms.
+FILENAME_DIRECTIVES = "%YyCGgmdjHIMSfFpaAbBhuwUWVzZ"
+_SAMPLE_TIME = datetime(2026, 12, 31, 23, 59, 59, 999999, UTC)
 
 
 class _Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -366,6 +373,11 @@ def _validate(config: Config, report: _Report, names: dict[str, set[str]]) -> No
             report.add(("channels", name, key), message)
     if config.fallback.channel is not None and config.fallback.channel not in names["channels"]:
         report.add(("fallback", "channel"), f"no channel named {config.fallback.channel!r}")
+    prefix = config.fallback.prefix
+    if "{" in prefix.replace("{account}", ""):
+        report.add(("fallback", "prefix"), "the only placeholder is {account}")
+    elif (problem := path_problem(prefix.replace("{account}", "account"))) is not None:
+        report.add(("fallback", "prefix"), problem)
     for name, firehose in config.firehoses.items():
         _validate_firehose(names, ("firehoses", name), firehose, report)
 
@@ -418,10 +430,30 @@ def _validate_firehose(
         report.add((*key, "minutes_between_files"), "must be greater than 0")
     if firehose.max_file < 1024:
         report.add((*key, "max_file"), "must be at least 1KiB")
-    if firehose.prefix.startswith("/") or ".." in firehose.prefix.split("/"):
-        report.add((*key, "prefix"), "must be a relative path without '..'")
-    if "/" in firehose.filename_pattern or not firehose.filename_pattern.strip():
-        report.add((*key, "filename_pattern"), "must be a file name without '/'")
+    if (problem := path_problem(firehose.prefix)) is not None:
+        report.add((*key, "prefix"), problem)
+    if (problem := filename_pattern_problem(firehose.filename_pattern)) is not None:
+        report.add((*key, "filename_pattern"), problem)
+
+
+def filename_pattern_problem(pattern: str) -> str | None:
+    """Why `pattern` cannot make file names, or None: only FILENAME_DIRECTIVES, no '/',
+    no '\\', no control character, before or after expansion."""
+    if not pattern.strip():
+        return "must not be empty"
+    text = pattern.replace("%%", "")
+    for directive in re.findall(r"%(.?)", text, re.DOTALL):
+        if not directive:
+            return "ends in a lone '%' (write '%%' for a percent sign)"
+        if directive not in FILENAME_DIRECTIVES:
+            allowed = " ".join(f"%{d}" for d in FILENAME_DIRECTIVES)
+            return f"%{directive} is not allowed in a file name; use {allowed}"
+    name = _SAMPLE_TIME.strftime(pattern)
+    if (bad := control_character(name)) is not None:
+        return f"contains a control character ({bad!r})"
+    if "/" in name or "\\" in name:
+        return "must be a file name without '/' or '\\' (use prefix for directories)"
+    return None
 
 
 _HEADER = re.compile(r"^\s*\[\[?\s*([^\]]+?)\s*\]\]?\s*(#.*)?$")

@@ -336,6 +336,79 @@ CASES: dict[str, tuple[str, str, str, str]] = {
         "accounts.acme.tokens_file",
         "cannot read /nonexistent/firehosed-tokens",
     ),
+    # Paths: a prefix or a file name must never lead out of the channel's root.
+    "fallback prefix climbing out of the channel": (
+        '[catch_up]|[fallback]\nchannel = "local"\nprefix = "../{account}/"\n\n[catch_up]',
+        'prefix = "../',
+        "fallback.prefix",
+        "a relative path without '..'",
+    ),
+    "fallback prefix with an unknown placeholder": (
+        '[catch_up]|[fallback]\nchannel = "local"\nprefix = "{firehose}/"\n\n[catch_up]',
+        'prefix = "{firehose}/"',
+        "fallback.prefix",
+        "the only placeholder is {account}",
+    ),
+    "absolute firehose prefix": (
+        'format = "json"|format = "json"\nprefix = "/etc/cron.d/"',
+        "prefix",
+        "firehoses.f.prefix",
+        "a relative path",
+    ),
+    "firehose prefix with CR LF": (
+        'format = "json"|format = "json"\nprefix = "acme\\r\\nX-Injected: 1/"',
+        "prefix",
+        "firehoses.f.prefix",
+        "control character",
+    ),
+    "firehose prefix with a NUL": (
+        'format = "json"|format = "json"\nprefix = "acme\\u0000/"',
+        "prefix",
+        "firehoses.f.prefix",
+        "control character",
+    ),
+    "firehose prefix with a backslash": (
+        'format = "json"|format = "json"\nprefix = "..\\\\..\\\\"',
+        "prefix",
+        "firehoses.f.prefix",
+        "'\\'",
+    ),
+    "filename_pattern with %D (slashes)": (
+        'format = "json"|format = "json"\nfilename_pattern = "fh-%D"',
+        "filename_pattern",
+        "firehoses.f.filename_pattern",
+        "%D",
+    ),
+    "filename_pattern with %n (a newline)": (
+        'format = "json"|format = "json"\nfilename_pattern = "fh-%n%Y"',
+        "filename_pattern",
+        "firehoses.f.filename_pattern",
+        "%n",
+    ),
+    "filename_pattern with %c (spaces, colons and slashes by locale)": (
+        'format = "json"|format = "json"\nfilename_pattern = "fh-%c"',
+        "filename_pattern",
+        "firehoses.f.filename_pattern",
+        "%c",
+    ),
+    "filename_pattern with a tab": (
+        'format = "json"|format = "json"\nfilename_pattern = "fh\\t%Y"',
+        "filename_pattern",
+        "firehoses.f.filename_pattern",
+        "control character",
+    ),
+    "filename_pattern ending in a lone %": (
+        'format = "json"|format = "json"\nfilename_pattern = "fh-%Y%"',
+        "filename_pattern",
+        "firehoses.f.filename_pattern",
+        "lone '%'",
+    ),
+    "s3 prefix with a newline": (
+        'type = "directory"\npath = "./export"|type = "s3"\nbucket = "b"\nprefix = "a\\nb/"',
+        'prefix = "a',
+        "channels.local.prefix",
+        "control character",
+    ),
 }
 
 
@@ -353,6 +426,16 @@ def test_each_problem_is_reported_with_file_line_and_key(
     text = edited(edit)
     path = write(tmp_path, text)
     assert_problems(check(path), path, expected_line(path, text, needle, key, message))
+
+
+@pytest.mark.parametrize(
+    "pattern",
+    ["firehose-%Y-%m-%d-%H-%M-%S-%f", "events_%F_%H%M%S_%f", "%G-W%V-%u_%j", "x-%%-%y%m%d-%a%b"],
+)
+def test_filename_patterns_of_safe_directives_pass(tmp_path: Path, pattern: str) -> None:
+    text = VALID.replace('format = "json"', f'format = "json"\nfilename_pattern = "{pattern}"')
+    result = check(write(tmp_path, text))
+    assert result.returncode == 0, result.stderr
 
 
 def test_a_toml_syntax_error_names_its_line(tmp_path: Path) -> None:
