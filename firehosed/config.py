@@ -30,6 +30,10 @@ NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 # characters), %e %k %l (space padding), %s (local time), %T %R %r (colons), %E/%O forms.
 FILENAME_DIRECTIVES = "%YyCGgmdjHIMSfFpaAbBhuwUWVzZ"
 _SAMPLE_TIME = datetime(2026, 12, 31, 23, 59, 59, 999999, UTC)
+_SMTP_ADDRESS = re.compile(
+    r"(?:\[(?P<ipv6>[0-9A-Fa-f:.]+)\]|(?P<host>[^:\[\]\s]+))(?::(?P<port>\d{1,5}))?"
+)
+SMTPS_PORT = 465
 
 
 class _Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -67,11 +71,18 @@ class CatchUpConfig(_Section):
 
 
 class AlertsConfig(_Section, rename={"from_": "from"}):
-    """`[alerts]`: the SMTP server for error-alert e-mails."""
+    """`[alerts]`: the SMTP server for error-alert e-mails.
+
+    `starttls = true` requires STARTTLS. With a login (`username`), STARTTLS is used
+    whenever the server offers it, and the password is never sent without TLS unless
+    `allow_plaintext_login` is set. Without a login and with `starttls = false`, mail
+    goes in plain text (a local relay).
+    """
 
     smtp: str = "localhost:25"
     from_: str = "firehosed@localhost"
     starttls: bool = False
+    allow_plaintext_login: bool = False
     username: str | None = None
     password: str | None = None
     password_env: str | None = None
@@ -151,6 +162,8 @@ class Config(msgspec.Struct, kw_only=True):
     channels: dict[str, Any]
     mappings: dict[str, dict[str, str]]
     firehoses: dict[str, FirehoseConfig]
+    # `FILE:LINE: key: warning: message` each: allowed, but likely not what was meant.
+    warnings: list[str] = msgspec.field(default_factory=list)
 
     def all_firehoses(self) -> dict[str, FirehoseConfig]:
         """Configured firehoses plus a fallback firehose per account that needs one."""
@@ -223,6 +236,7 @@ def parse(text: str, path: str = "config.toml") -> Config:
     _validate(config, report, names)
     if report.problems:
         raise ConfigError(report.problems)
+    config.warnings = report.warnings
     return config
 
 
@@ -233,14 +247,21 @@ class _Report:
         self.path = path
         self.lines = _key_lines(text)
         self.problems: list[str] = []
+        self.warnings: list[str] = []
 
     def add(self, key: tuple[str, ...], message: str) -> None:
+        self.problems.append(self._located(key, message))
+
+    def warn(self, key: tuple[str, ...], message: str) -> None:
+        self.warnings.append(self._located(key, f"warning: {message}"))
+
+    def _located(self, key: tuple[str, ...], message: str) -> str:
         line = 1
         for n in range(len(key), 0, -1):
             if key[:n] in self.lines:
                 line = self.lines[key[:n]]
                 break
-        self.problems.append(f"{self.path}:{line}: {'.'.join(key)}: {message}")
+        return f"{self.path}:{line}: {'.'.join(key)}: {message}"
 
 
 def _decode(raw: dict[str, Any], report: _Report) -> dict[str, Any]:
@@ -367,10 +388,14 @@ def _validate(config: Config, report: _Report, names: dict[str, set[str]]) -> No
         for column, path in mapping.items():
             if not path or "" in path.split("."):
                 report.add(("mappings", name, column), f"invalid path {path!r}")
+    _validate_alerts(config.alerts, report)
     for name, channel in config.channels.items():
-        # A channel config may check its own cross-key rules: `problems()` yields (key, message).
+        # A channel config may check its own cross-key rules: `problems()` yields (key,
+        # message); `warnings()` likewise, for what is allowed but likely not meant.
         for key, message in getattr(channel, "problems", tuple)():
             report.add(("channels", name, key), message)
+        for key, message in getattr(channel, "warnings", tuple)():
+            report.warn(("channels", name, key), message)
     if config.fallback.channel is not None and config.fallback.channel not in names["channels"]:
         report.add(("fallback", "channel"), f"no channel named {config.fallback.channel!r}")
     prefix = config.fallback.prefix
@@ -395,6 +420,59 @@ def _validate_accounts(config: Config, report: _Report) -> None:
                 report.add(key, f"invalid path {path!r}")
             elif clash := [o for o in paths.values() if o.startswith(path + ".")]:
                 report.add(key, f"{path!r} cannot be both a value and the parent of {clash[0]!r}")
+
+
+def smtp_address(value: str) -> tuple[str, int]:
+    """Split `alerts.smtp`: "host:port", "[::1]:25", or a bare host for port 25.
+
+    Raises ValueError when the value is none of these.
+    """
+    m = _SMTP_ADDRESS.fullmatch(value.strip())
+    port = int(m.group("port") or 25) if m else 0
+    if m is None or not 0 < port < 65536:
+        raise ValueError(f'expected "host:port", got {value!r}')
+    return m.group("ipv6") or m.group("host"), port
+
+
+def _validate_alerts(alerts: AlertsConfig, report: _Report) -> None:
+    """`[alerts]` is checked here, at load, rather than when the first alert is mailed."""
+    try:
+        _, port = smtp_address(alerts.smtp)
+    except ValueError as exc:
+        report.add(("alerts", "smtp"), str(exc))
+    else:
+        if port == SMTPS_PORT:
+            report.add(
+                ("alerts", "smtp"),
+                "port 465 is SMTPS (TLS from the first byte), which firehosed does not speak: "
+                "use the submission port 587 with starttls = true",
+            )
+    if alerts.password is not None and alerts.username is None:
+        report.add(("alerts", _set_key(alerts, "password")), "a password needs username")
+    if alerts.username is not None and alerts.password is None:
+        report.add(
+            ("alerts", "username"), "a login needs password (password, password_env or _file)"
+        )
+    if alerts.allow_plaintext_login:
+        _validate_plaintext_login(alerts, report)
+
+
+def _validate_plaintext_login(alerts: AlertsConfig, report: _Report) -> None:
+    key = ("alerts", "allow_plaintext_login")
+    if alerts.starttls:
+        report.add(key, "cannot be used with starttls = true, which requires TLS")
+    elif alerts.username is None:
+        report.add(key, "there is no username: no login to allow")
+    else:
+        report.warn(key, "the SMTP password is sent in clear when the server offers no STARTTLS")
+
+
+def _set_key(table: msgspec.Struct, name: str) -> str:
+    """`name`, or `name_env` / `name_file` when that is the key the file sets."""
+    for key in (f"{name}_env", f"{name}_file"):
+        if getattr(table, key, None) is not None:
+            return key
+    return name
 
 
 def _validate_server(config: Config, report: _Report) -> None:

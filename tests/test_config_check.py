@@ -3,6 +3,7 @@ per problem; `firehosed run` refuses the same files, and SIGHUP keeps the old co
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -12,6 +13,8 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from tests.daemon import BASE_CONFIG, signal_record, wait_until
 
@@ -409,6 +412,50 @@ CASES: dict[str, tuple[str, str, str, str]] = {
         "channels.local.prefix",
         "control character",
     ),
+    # [alerts] is validated at load, not when the first alert is mailed.
+    "alerts smtp port out of range": (
+        '[catch_up]|[alerts]\nsmtp = "mail.example.com:99999"\n\n[catch_up]',
+        "smtp =",
+        "alerts.smtp",
+        'expected "host:port"',
+    ),
+    "alerts smtp not an address": (
+        '[catch_up]|[alerts]\nsmtp = "mail example com"\n\n[catch_up]',
+        "smtp =",
+        "alerts.smtp",
+        'expected "host:port"',
+    ),
+    "alerts smtp on the SMTPS port": (
+        '[catch_up]|[alerts]\nsmtp = "mail.example.com:465"\nstarttls = true\n\n[catch_up]',
+        "smtp =",
+        "alerts.smtp",
+        "port 465",
+    ),
+    "alerts password without username": (
+        '[catch_up]|[alerts]\npassword = "pw"\n\n[catch_up]',
+        "password =",
+        "alerts.password",
+        "needs username",
+    ),
+    "alerts username without password": (
+        '[catch_up]|[alerts]\nusername = "u"\n\n[catch_up]',
+        "username =",
+        "alerts.username",
+        "needs password",
+    ),
+    "alerts allow_plaintext_login with starttls": (
+        '[catch_up]|[alerts]\nstarttls = true\nusername = "u"\npassword = "pw"\n'
+        "allow_plaintext_login = true\n\n[catch_up]",
+        "allow_plaintext_login",
+        "alerts.allow_plaintext_login",
+        "starttls = true",
+    ),
+    "alerts allow_plaintext_login without a login": (
+        "[catch_up]|[alerts]\nallow_plaintext_login = true\n\n[catch_up]",
+        "allow_plaintext_login",
+        "alerts.allow_plaintext_login",
+        "no username",
+    ),
 }
 
 
@@ -436,6 +483,84 @@ def test_filename_patterns_of_safe_directives_pass(tmp_path: Path, pattern: str)
     text = VALID.replace('format = "json"', f'format = "json"\nfilename_pattern = "{pattern}"')
     result = check(write(tmp_path, text))
     assert result.returncode == 0, result.stderr
+
+
+def service_account() -> str:
+    """A service-account key file (JSON) with a fresh RSA key and Google's token URI."""
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    info = {
+        "type": "service_account",
+        "private_key_id": "k1",
+        "private_key": pem.decode(),
+        "client_email": "firehosed@p.iam.gserviceaccount.com",
+        "token_uri": "https://oauth2.googleapis.com/token",
+    }
+    return json.dumps(info)
+
+
+WARNED = (
+    VALID
+    + """
+[alerts]
+username = "alerts"
+password = "smtp-pw"
+allow_plaintext_login = true
+
+[channels.hook_userinfo]
+type = "webhook"
+url = "http://user:url-pw@hooks.example.com/in"
+
+[channels.hook_header]
+type = "webhook"
+url = "http://hooks.example.com/in"
+headers = { X-Api-Key = "hdr-secret" }
+
+[channels.hook_tls]
+type = "webhook"
+url = "https://hooks.example.com/in"
+headers = { Authorization = "Bearer x" }
+
+[channels.pubsub_plain]
+type = "pubsub"
+topic = "projects/p/topics/signals"
+endpoint = "http://pubsub.example.com"
+credentials_file = "{key}"
+"""
+)
+
+
+def test_credentials_bound_for_clear_text_are_warned_about_not_refused(
+    tmp_path: Path,
+) -> None:
+    """Exit 0 (a private network may be meant), one `FILE:LINE: key: warning: ...` line
+    each, never the secret itself; an https:// URL gets no warning."""
+    key = write(tmp_path, service_account(), "sa.json")
+    text = WARNED.replace("{key}", str(key))
+    path = write(tmp_path, text)
+    result = check(path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"{path}: ok")
+    lines = result.stderr.splitlines()
+    for needle, key_name, message in [
+        ("allow_plaintext_login", "alerts.allow_plaintext_login", "in clear"),
+        ("http://user:url-pw@", "channels.hook_userinfo.url", "http://"),
+        ("X-Api-Key", "channels.hook_header.headers", "X-Api-Key"),
+        ('endpoint = "http://', "channels.pubsub_plain.endpoint", "http://"),
+    ]:
+        wanted = re.compile(
+            re.escape(f"{path}:{line_of(text, needle)}: {key_name}: warning: ")
+            + r".*"
+            + re.escape(message)
+            + r".*"
+        )
+        assert any(wanted.fullmatch(line) for line in lines), (wanted.pattern, lines)
+    assert len(lines) == 4, lines
+    assert not any(secret in result.stderr for secret in ("url-pw", "hdr-secret", "smtp-pw"))
 
 
 def test_a_toml_syntax_error_names_its_line(tmp_path: Path) -> None:

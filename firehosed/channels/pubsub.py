@@ -115,6 +115,25 @@ class PubSubConfig(
             found.append(("timeout", "must be greater than 0"))
         return found
 
+    def warnings(self) -> list[tuple[str, str]]:
+        """OAuth tokens (or the grant that gets them) that would cross in clear."""
+        if not self.credentials:
+            return []
+        found = []
+        endpoint = _http_url(self.endpoint)
+        if endpoint is not None and endpoint.scheme == "http":
+            found.append(
+                ("endpoint", "an http:// endpoint gets the access token in clear: use https://")
+            )
+        try:
+            token_uri = _http_url(load_service_account(self.credentials).token_uri)
+        except ValueError:
+            return found  # reported by problems()
+        if token_uri is not None and token_uri.scheme == "http":
+            key = "credentials_file" if self.credentials_file else "credentials"
+            found.append((key, "the key's token_uri is http://: tokens are fetched in clear"))
+        return found
+
 
 def _http_url(text: str) -> yarl.URL | None:
     try:

@@ -99,6 +99,34 @@ class WebhookConfig(
                 found.append(("ca", "holds no valid PEM certificate"))
         return found
 
+    def warnings(self) -> list[tuple[str, str]]:
+        """Credentials that would cross the network in clear (an http:// url)."""
+        try:
+            url = yarl.URL(self.url)
+        except (TypeError, ValueError):
+            return []
+        if url.scheme != "http":
+            return []
+        found = []
+        if url.user is not None or url.password is not None:
+            found.append(("url", "credentials in an http:// url are sent in clear: use https://"))
+        for name in self.headers:
+            if _credential_header(name):
+                found.append(
+                    ("headers", f"header {name} is sent in clear to an http:// url: use https://")
+                )
+        return found
+
+
+# Header names that carry credentials, as far as a name tells.
+_CREDENTIAL_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie"})
+_CREDENTIAL_WORDS = ("token", "secret", "key", "auth", "password", "signature")
+
+
+def _credential_header(name: str) -> bool:
+    lower = name.lower()
+    return lower in _CREDENTIAL_HEADERS or any(word in lower for word in _CREDENTIAL_WORDS)
+
 
 def _url_problems(url: str) -> list[tuple[str, str]]:
     try:
