@@ -32,6 +32,7 @@ from firehosed.delivery import Worker
 from firehosed.envelope import EnvelopeReader
 from firehosed.errors import ConfigError, FirehosedError
 from firehosed.firehose import Firehose
+from firehosed.ingest import idle
 from firehosed.ingest.app import build_server
 from firehosed.mapping import Mapping
 from firehosed.queue.commit import Committer
@@ -124,6 +125,7 @@ class Daemon:
             # the connection if no complete request head arrived: it bounds slow headers too.
             keepalive_timeout=self.config.server.idle_timeout,
         )
+        self._track("idle", idle.reap(server, self.config.server.idle_timeout))
         self._runner = web.ServerRunner(server, handle_signals=False)
         await self._runner.setup()
         listen = self.config.server.listen
