@@ -34,6 +34,12 @@ _SMTP_ADDRESS = re.compile(
     r"(?:\[(?P<ipv6>[0-9A-Fa-f:.]+)\]|(?P<host>[^:\[\]\s]+))(?::(?P<port>\d{1,5}))?"
 )
 SMTPS_PORT = 465
+# DESIGN.md's example sets a stream channel's max_wait, so the key stays valid; delivery
+# does not read it (see the warning), which `check` says when a file sets it.
+MAX_WAIT_UNUSED = (
+    "has no effect: a stream batch is cut as soon as its records are durable, and records "
+    "that arrive while a request is in flight go in the next request"
+)
 
 
 class _Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -390,21 +396,32 @@ def _validate(config: Config, report: _Report, names: dict[str, set[str]]) -> No
                 report.add(("mappings", name, column), f"invalid path {path!r}")
     _validate_alerts(config.alerts, report)
     for name, channel in config.channels.items():
-        # A channel config may check its own cross-key rules: `problems()` yields (key,
-        # message); `warnings()` likewise, for what is allowed but likely not meant.
-        for key, message in getattr(channel, "problems", tuple)():
-            report.add(("channels", name, key), message)
-        for key, message in getattr(channel, "warnings", tuple)():
-            report.warn(("channels", name, key), message)
-    if config.fallback.channel is not None and config.fallback.channel not in names["channels"]:
-        report.add(("fallback", "channel"), f"no channel named {config.fallback.channel!r}")
-    prefix = config.fallback.prefix
-    if "{" in prefix.replace("{account}", ""):
-        report.add(("fallback", "prefix"), "the only placeholder is {account}")
-    elif (problem := path_problem(prefix.replace("{account}", "account"))) is not None:
-        report.add(("fallback", "prefix"), problem)
+        _validate_channel(("channels", name), channel, report)
+    _validate_fallback(config.fallback, names, report)
     for name, firehose in config.firehoses.items():
         _validate_firehose(names, ("firehoses", name), firehose, report)
+
+
+def _validate_channel(key: tuple[str, ...], channel: Any, report: _Report) -> None:
+    # A channel config may check its own cross-key rules: `problems()` yields (key,
+    # message); `warnings()` likewise, for what is allowed but likely not meant.
+    for name, message in getattr(channel, "problems", tuple)():
+        report.add((*key, name), message)
+    for name, message in getattr(channel, "warnings", tuple)():
+        report.warn((*key, name), message)
+    if hasattr(channel, "max_wait") and (*key, "max_wait") in report.lines:
+        report.warn((*key, "max_wait"), MAX_WAIT_UNUSED)
+
+
+def _validate_fallback(
+    fallback: FallbackConfig, names: dict[str, set[str]], report: _Report
+) -> None:
+    if fallback.channel is not None and fallback.channel not in names["channels"]:
+        report.add(("fallback", "channel"), f"no channel named {fallback.channel!r}")
+    if "{" in fallback.prefix.replace("{account}", ""):
+        report.add(("fallback", "prefix"), "the only placeholder is {account}")
+    elif (problem := path_problem(fallback.prefix.replace("{account}", "account"))) is not None:
+        report.add(("fallback", "prefix"), problem)
 
 
 def _validate_accounts(config: Config, report: _Report) -> None:

@@ -1,6 +1,6 @@
 """`pubsub`: publish each record of a batch as one Google Cloud Pub/Sub message (REST API).
 
-A batch file is NDJSON; `batch.keys` gives each line's (record id, session). Message i has
+A batch is NDJSON; `batch.keys` gives each line's (record id, session). Message i has
 `data` = line i, attributes `id`, `firehose`, `account`, and, with `ordering`, the session
 as `orderingKey`. Requests follow the `projects.topics.publish` reference: at most 1000
 messages and 10 MB (serialized PublishRequest) each, and one ordering key per request. So a
@@ -74,8 +74,8 @@ class PubSubConfig(
     `credentials` is a service-account key (JSON text; usually `credentials_file`).
     `endpoint` points at an emulator when set; with no credentials, requests are sent
     without authentication, as the emulator wants. `ordering` sends each record's session
-    as its ordering key. A batch is cut at `max_records` or after `max_wait`; a request
-    not answered within `timeout` fails.
+    as its ordering key. A batch holds at most `max_records` records (`max_wait` is
+    accepted, not used: see Channel); a request not answered within `timeout` fails.
     """
 
     topic: str

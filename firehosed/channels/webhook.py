@@ -58,8 +58,9 @@ class WebhookConfig(
 
     `secret` holds one or more space-separated signing secrets (several during rotation).
     `headers` are sent with every request (e.g. Authorization) and never logged. `ca` is
-    PEM text trusted instead of the system's CAs; TLS is always verified. A batch is cut
-    at `max_records` or after `max_wait`; a request not answered within `timeout` fails.
+    PEM text trusted instead of the system's CAs; TLS is always verified. A batch holds at
+    most `max_records` records (`max_wait` is accepted, not used: see Channel); a request
+    not answered within `timeout` fails.
     """
 
     url: str
@@ -186,7 +187,7 @@ def sign(keys: list[bytes], msg_id: str, timestamp: int, body: bytes) -> str:
 
 
 class WebhookChannel(Channel):
-    """POSTs each batch file's bytes unchanged; one aiohttp session, reused."""
+    """POSTs each batch's bytes unchanged; one aiohttp session, reused."""
 
     stream: ClassVar[bool] = True
     format: ClassVar[str | None] = "json"
