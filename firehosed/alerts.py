@@ -21,7 +21,6 @@ With no recipient (`to=None`) the events are still logged, nothing is mailed.
 from __future__ import annotations
 
 import asyncio
-import re
 import socket
 import time
 from collections.abc import Coroutine
@@ -35,19 +34,29 @@ import aiosmtplib
 import structlog
 
 from firehosed import metrics
-from firehosed.config import AlertsConfig
+from firehosed.config import AlertsConfig, smtp_address
+from firehosed.errors import FirehosedError
 
 log = structlog.get_logger(__name__)
 
 Kind = Literal["failing", "recovered", "dead_letter"]
 
 _SUBJECT_ERROR_CHARS = 80
-_SMTP_ADDRESS = re.compile(
-    r"(?:\[(?P<ipv6>[0-9A-Fa-f:.]+)\]|(?P<host>[^:\[\]\s]+))(?::(?P<port>\d{1,5}))?"
-)
+
+
+class PlaintextLoginRefused(FirehosedError):
+    """The SMTP server offers no TLS, and the config does not allow a login without it."""
+
+
 # Errors a send may meet: the server refused, went away, timed out, rejected the login,
-# or the message could not be built (an invalid address).
-_SEND_ERRORS = (aiosmtplib.SMTPException, OSError, TimeoutError, ValueError)
+# offered no TLS for the login, or the message could not be built (an invalid address).
+_SEND_ERRORS = (
+    aiosmtplib.SMTPException,
+    OSError,
+    TimeoutError,
+    ValueError,
+    PlaintextLoginRefused,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,6 +183,10 @@ class Alerts:
     ) -> None:
         """Connect (STARTTLS, login as configured), send, quit.
 
+        STARTTLS: required with `starttls`; with a login, used whenever the server offers
+        it (aiosmtplib's `start_tls=None`), and a login without TLS is refused unless
+        `allow_plaintext_login`; without either, none (a plain local relay).
+
         Not `aiosmtplib.send`: on cancellation its context manager still waits for QUIT's
         answer, which a stuck server never gives; here the socket is simply closed. A
         session that failed or was cancelled is aborted, not closed: closing a TLS
@@ -181,16 +194,18 @@ class Alerts:
         stopping daemon's loop. That is also why the login is a step of its own:
         `connect()` would close (gracefully) on a refused login before we could abort.
         """
+        login = config.username is not None
         client = aiosmtplib.SMTP(
             hostname=host,
             port=port,
-            start_tls=config.starttls,
+            start_tls=True if config.starttls else (None if login else False),
             timeout=config.timeout,
             local_hostname=self._host,
         )
         try:
             await client.connect()
             if config.username is not None:  # as aiosmtplib's login on connect does
+                _check_login_transport(client, config)
                 await client.login(config.username, config.password or "")
             await client.send_message(message)
             await client.quit()
@@ -221,6 +236,15 @@ class Alerts:
         if (exc := task.exception()) is not None:
             metrics.alerts_failed.inc()
             log.error("alert.crashed", task=task.get_name(), error=type(exc).__name__, exc_info=exc)
+
+
+def _check_login_transport(client: aiosmtplib.SMTP, config: AlertsConfig) -> None:
+    """Raise PlaintextLoginRefused rather than send the password over plain text."""
+    if client.get_transport_info("sslcontext") is None and not config.allow_plaintext_login:
+        raise PlaintextLoginRefused(
+            f"{config.smtp} offers no STARTTLS: the login was not sent in clear "
+            "(alerts.allow_plaintext_login = true would send the password without TLS)"
+        )
 
 
 def compose(
@@ -292,18 +316,6 @@ def _facts(incident: Incident, host: str, *, recovered: bool) -> str:
     ]
     indent = "\n" + " " * 16
     return "\n".join(f"{name + ':':<16}{indent.join(value.splitlines())}" for name, value in rows)
-
-
-def smtp_address(value: str) -> tuple[str, int]:
-    """Split `alerts.smtp`: "host:port", "[::1]:25", or a bare host for port 25.
-
-    Raises ValueError when the value is none of these.
-    """
-    m = _SMTP_ADDRESS.fullmatch(value.strip())
-    port = int(m.group("port") or 25) if m else 0
-    if m is None or not 0 < port < 65536:
-        raise ValueError(f'expected "host:port", got {value!r}')
-    return m.group("ipv6") or m.group("host"), port
 
 
 def human_age(seconds: float) -> str:

@@ -11,6 +11,7 @@ from typing import Any
 
 import aiohttp
 import msgspec
+import structlog
 import uvloop
 
 from firehosed import __version__, config, daemon, log, replay
@@ -57,6 +58,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def _run(cfg: config.Config, log_level: str) -> int:
     log.configure(log_level)
+    for warning in cfg.warnings:
+        structlog.get_logger(__name__).warning("config.warning", problem=warning)
     try:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             return runner.run(daemon.run(cfg))
@@ -69,6 +72,8 @@ def _run(cfg: config.Config, log_level: str) -> int:
 
 
 def _check(cfg: config.Config, *, connect: bool) -> int:
+    for warning in cfg.warnings:
+        print(warning, file=sys.stderr)
     counts = (len(cfg.accounts), len(cfg.channels), len(cfg.all_firehoses()))
     print(f"{cfg.path}: ok ({counts[0]} accounts, {counts[1]} channels, {counts[2]} firehoses)")
     if not connect:

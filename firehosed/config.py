@@ -12,17 +12,34 @@ import os
 import re
 import tomllib
 from collections.abc import Iterable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
 import msgspec
 
 from firehosed import channels
+from firehosed.channels.base import control_character, path_problem
 from firehosed.errors import ConfigError
 from firehosed.units import Duration, Size, dec_hook
 
 MiB = 1 << 20
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+# The strftime directives a `filename_pattern` may use: each gives (UTC, C locale) only
+# digits, ASCII letters, "-" or "+". Refused: %D %x %c (slashes, spaces), %n %t (control
+# characters), %e %k %l (space padding), %s (local time), %T %R %r (colons), %E/%O forms.
+FILENAME_DIRECTIVES = "%YyCGgmdjHIMSfFpaAbBhuwUWVzZ"
+_SAMPLE_TIME = datetime(2026, 12, 31, 23, 59, 59, 999999, UTC)
+_SMTP_ADDRESS = re.compile(
+    r"(?:\[(?P<ipv6>[0-9A-Fa-f:.]+)\]|(?P<host>[^:\[\]\s]+))(?::(?P<port>\d{1,5}))?"
+)
+SMTPS_PORT = 465
+# DESIGN.md's example sets a stream channel's max_wait, so the key stays valid; delivery
+# does not read it (see the warning), which `check` says when a file sets it.
+MAX_WAIT_UNUSED = (
+    "has no effect: a stream batch is cut as soon as its records are durable, and records "
+    "that arrive while a request is in flight go in the next request"
+)
 
 
 class _Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -60,11 +77,18 @@ class CatchUpConfig(_Section):
 
 
 class AlertsConfig(_Section, rename={"from_": "from"}):
-    """`[alerts]`: the SMTP server for error-alert e-mails."""
+    """`[alerts]`: the SMTP server for error-alert e-mails.
+
+    `starttls = true` requires STARTTLS. With a login (`username`), STARTTLS is used
+    whenever the server offers it, and the password is never sent without TLS unless
+    `allow_plaintext_login` is set. Without a login and with `starttls = false`, mail
+    goes in plain text (a local relay).
+    """
 
     smtp: str = "localhost:25"
     from_: str = "firehosed@localhost"
     starttls: bool = False
+    allow_plaintext_login: bool = False
     username: str | None = None
     password: str | None = None
     password_env: str | None = None
@@ -148,6 +172,8 @@ class Config(msgspec.Struct, kw_only=True):
     channels: dict[str, Any]
     mappings: dict[str, dict[str, str]]
     firehoses: dict[str, FirehoseConfig]
+    # `FILE:LINE: key: warning: message` each: allowed, but likely not what was meant.
+    warnings: list[str] = msgspec.field(default_factory=list)
 
     def all_firehoses(self) -> dict[str, FirehoseConfig]:
         """Configured firehoses plus a fallback firehose per account that needs one."""
@@ -220,6 +246,7 @@ def parse(text: str, path: str = "config.toml") -> Config:
     _validate(config, report, names)
     if report.problems:
         raise ConfigError(report.problems)
+    config.warnings = report.warnings
     return config
 
 
@@ -230,14 +257,21 @@ class _Report:
         self.path = path
         self.lines = _key_lines(text)
         self.problems: list[str] = []
+        self.warnings: list[str] = []
 
     def add(self, key: tuple[str, ...], message: str) -> None:
+        self.problems.append(self._located(key, message))
+
+    def warn(self, key: tuple[str, ...], message: str) -> None:
+        self.warnings.append(self._located(key, f"warning: {message}"))
+
+    def _located(self, key: tuple[str, ...], message: str) -> str:
         line = 1
         for n in range(len(key), 0, -1):
             if key[:n] in self.lines:
                 line = self.lines[key[:n]]
                 break
-        self.problems.append(f"{self.path}:{line}: {'.'.join(key)}: {message}")
+        return f"{self.path}:{line}: {'.'.join(key)}: {message}"
 
 
 def _decode(raw: dict[str, Any], report: _Report) -> dict[str, Any]:
@@ -364,14 +398,34 @@ def _validate(config: Config, report: _Report, names: dict[str, set[str]]) -> No
         for column, path in mapping.items():
             if not path or "" in path.split("."):
                 report.add(("mappings", name, column), f"invalid path {path!r}")
+    _validate_alerts(config.alerts, report)
     for name, channel in config.channels.items():
-        # A channel config may check its own cross-key rules: `problems()` yields (key, message).
-        for key, message in getattr(channel, "problems", tuple)():
-            report.add(("channels", name, key), message)
-    if config.fallback.channel is not None and config.fallback.channel not in names["channels"]:
-        report.add(("fallback", "channel"), f"no channel named {config.fallback.channel!r}")
+        _validate_channel(("channels", name), channel, report)
+    _validate_fallback(config.fallback, names, report)
     for name, firehose in config.firehoses.items():
         _validate_firehose(names, ("firehoses", name), firehose, report)
+
+
+def _validate_channel(key: tuple[str, ...], channel: Any, report: _Report) -> None:
+    # A channel config may check its own cross-key rules: `problems()` yields (key,
+    # message); `warnings()` likewise, for what is allowed but likely not meant.
+    for name, message in getattr(channel, "problems", tuple)():
+        report.add((*key, name), message)
+    for name, message in getattr(channel, "warnings", tuple)():
+        report.warn((*key, name), message)
+    if hasattr(channel, "max_wait") and (*key, "max_wait") in report.lines:
+        report.warn((*key, "max_wait"), MAX_WAIT_UNUSED)
+
+
+def _validate_fallback(
+    fallback: FallbackConfig, names: dict[str, set[str]], report: _Report
+) -> None:
+    if fallback.channel is not None and fallback.channel not in names["channels"]:
+        report.add(("fallback", "channel"), f"no channel named {fallback.channel!r}")
+    if "{" in fallback.prefix.replace("{account}", ""):
+        report.add(("fallback", "prefix"), "the only placeholder is {account}")
+    elif (problem := path_problem(fallback.prefix.replace("{account}", "account"))) is not None:
+        report.add(("fallback", "prefix"), problem)
 
 
 def _validate_accounts(config: Config, report: _Report) -> None:
@@ -387,6 +441,59 @@ def _validate_accounts(config: Config, report: _Report) -> None:
                 report.add(key, f"invalid path {path!r}")
             elif clash := [o for o in paths.values() if o.startswith(path + ".")]:
                 report.add(key, f"{path!r} cannot be both a value and the parent of {clash[0]!r}")
+
+
+def smtp_address(value: str) -> tuple[str, int]:
+    """Split `alerts.smtp`: "host:port", "[::1]:25", or a bare host for port 25.
+
+    Raises ValueError when the value is none of these.
+    """
+    m = _SMTP_ADDRESS.fullmatch(value.strip())
+    port = int(m.group("port") or 25) if m else 0
+    if m is None or not 0 < port < 65536:
+        raise ValueError(f'expected "host:port", got {value!r}')
+    return m.group("ipv6") or m.group("host"), port
+
+
+def _validate_alerts(alerts: AlertsConfig, report: _Report) -> None:
+    """`[alerts]` is checked here, at load, rather than when the first alert is mailed."""
+    try:
+        _, port = smtp_address(alerts.smtp)
+    except ValueError as exc:
+        report.add(("alerts", "smtp"), str(exc))
+    else:
+        if port == SMTPS_PORT:
+            report.add(
+                ("alerts", "smtp"),
+                "port 465 is SMTPS (TLS from the first byte), which firehosed does not speak: "
+                "use the submission port 587 with starttls = true",
+            )
+    if alerts.password is not None and alerts.username is None:
+        report.add(("alerts", _set_key(alerts, "password")), "a password needs username")
+    if alerts.username is not None and alerts.password is None:
+        report.add(
+            ("alerts", "username"), "a login needs password (password, password_env or _file)"
+        )
+    if alerts.allow_plaintext_login:
+        _validate_plaintext_login(alerts, report)
+
+
+def _validate_plaintext_login(alerts: AlertsConfig, report: _Report) -> None:
+    key = ("alerts", "allow_plaintext_login")
+    if alerts.starttls:
+        report.add(key, "cannot be used with starttls = true, which requires TLS")
+    elif alerts.username is None:
+        report.add(key, "there is no username: no login to allow")
+    else:
+        report.warn(key, "the SMTP password is sent in clear when the server offers no STARTTLS")
+
+
+def _set_key(table: msgspec.Struct, name: str) -> str:
+    """`name`, or `name_env` / `name_file` when that is the key the file sets."""
+    for key in (f"{name}_env", f"{name}_file"):
+        if getattr(table, key, None) is not None:
+            return key
+    return name
 
 
 def _validate_server(config: Config, report: _Report) -> None:
@@ -422,10 +529,30 @@ def _validate_firehose(
         report.add((*key, "minutes_between_files"), "must be greater than 0")
     if firehose.max_file < 1024:
         report.add((*key, "max_file"), "must be at least 1KiB")
-    if firehose.prefix.startswith("/") or ".." in firehose.prefix.split("/"):
-        report.add((*key, "prefix"), "must be a relative path without '..'")
-    if "/" in firehose.filename_pattern or not firehose.filename_pattern.strip():
-        report.add((*key, "filename_pattern"), "must be a file name without '/'")
+    if (problem := path_problem(firehose.prefix)) is not None:
+        report.add((*key, "prefix"), problem)
+    if (problem := filename_pattern_problem(firehose.filename_pattern)) is not None:
+        report.add((*key, "filename_pattern"), problem)
+
+
+def filename_pattern_problem(pattern: str) -> str | None:
+    """Why `pattern` cannot make file names, or None: only FILENAME_DIRECTIVES, no '/',
+    no '\\', no control character, before or after expansion."""
+    if not pattern.strip():
+        return "must not be empty"
+    text = pattern.replace("%%", "")
+    for directive in re.findall(r"%(.?)", text, re.DOTALL):
+        if not directive:
+            return "ends in a lone '%' (write '%%' for a percent sign)"
+        if directive not in FILENAME_DIRECTIVES:
+            allowed = " ".join(f"%{d}" for d in FILENAME_DIRECTIVES)
+            return f"%{directive} is not allowed in a file name; use {allowed}"
+    name = _SAMPLE_TIME.strftime(pattern)
+    if (bad := control_character(name)) is not None:
+        return f"contains a control character ({bad!r})"
+    if "/" in name or "\\" in name:
+        return "must be a file name without '/' or '\\' (use prefix for directories)"
+    return None
 
 
 _HEADER = re.compile(r"^\s*\[\[?\s*([^\]]+?)\s*\]\]?\s*(#.*)?$")

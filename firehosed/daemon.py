@@ -31,6 +31,7 @@ from firehosed.delivery import Worker
 from firehosed.errors import ConfigError, FirehosedError
 from firehosed.fileio import make_dirs
 from firehosed.firehose import Firehose
+from firehosed.ingest import idle
 from firehosed.ingest.app import build_server
 from firehosed.ingest.receiver import Receiver
 from firehosed.mapping import Mapping
@@ -116,6 +117,7 @@ class Daemon:
             # the connection if no complete request head arrived: it bounds slow headers too.
             keepalive_timeout=self.config.server.idle_timeout,
         )
+        self._track("idle", idle.reap(server, self.config.server.idle_timeout))
         self._runner = web.ServerRunner(server, handle_signals=False)
         await self._runner.setup()
         listen = self.config.server.listen

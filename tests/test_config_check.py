@@ -3,6 +3,7 @@ per problem; `firehosed run` refuses the same files, and SIGHUP keeps the old co
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -12,6 +13,8 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from tests.daemon import BASE_CONFIG, signal_record, wait_until
 
@@ -336,6 +339,123 @@ CASES: dict[str, tuple[str, str, str, str]] = {
         "accounts.acme.tokens_file",
         "cannot read /nonexistent/firehosed-tokens",
     ),
+    # Paths: a prefix or a file name must never lead out of the channel's root.
+    "fallback prefix climbing out of the channel": (
+        '[catch_up]|[fallback]\nchannel = "local"\nprefix = "../{account}/"\n\n[catch_up]',
+        'prefix = "../',
+        "fallback.prefix",
+        "a relative path without '..'",
+    ),
+    "fallback prefix with an unknown placeholder": (
+        '[catch_up]|[fallback]\nchannel = "local"\nprefix = "{firehose}/"\n\n[catch_up]',
+        'prefix = "{firehose}/"',
+        "fallback.prefix",
+        "the only placeholder is {account}",
+    ),
+    "absolute firehose prefix": (
+        'format = "json"|format = "json"\nprefix = "/etc/cron.d/"',
+        "prefix",
+        "firehoses.f.prefix",
+        "a relative path",
+    ),
+    "firehose prefix with CR LF": (
+        'format = "json"|format = "json"\nprefix = "acme\\r\\nX-Injected: 1/"',
+        "prefix",
+        "firehoses.f.prefix",
+        "control character",
+    ),
+    "firehose prefix with a NUL": (
+        'format = "json"|format = "json"\nprefix = "acme\\u0000/"',
+        "prefix",
+        "firehoses.f.prefix",
+        "control character",
+    ),
+    "firehose prefix with a backslash": (
+        'format = "json"|format = "json"\nprefix = "..\\\\..\\\\"',
+        "prefix",
+        "firehoses.f.prefix",
+        "'\\'",
+    ),
+    "filename_pattern with %D (slashes)": (
+        'format = "json"|format = "json"\nfilename_pattern = "fh-%D"',
+        "filename_pattern",
+        "firehoses.f.filename_pattern",
+        "%D",
+    ),
+    "filename_pattern with %n (a newline)": (
+        'format = "json"|format = "json"\nfilename_pattern = "fh-%n%Y"',
+        "filename_pattern",
+        "firehoses.f.filename_pattern",
+        "%n",
+    ),
+    "filename_pattern with %c (spaces, colons and slashes by locale)": (
+        'format = "json"|format = "json"\nfilename_pattern = "fh-%c"',
+        "filename_pattern",
+        "firehoses.f.filename_pattern",
+        "%c",
+    ),
+    "filename_pattern with a tab": (
+        'format = "json"|format = "json"\nfilename_pattern = "fh\\t%Y"',
+        "filename_pattern",
+        "firehoses.f.filename_pattern",
+        "control character",
+    ),
+    "filename_pattern ending in a lone %": (
+        'format = "json"|format = "json"\nfilename_pattern = "fh-%Y%"',
+        "filename_pattern",
+        "firehoses.f.filename_pattern",
+        "lone '%'",
+    ),
+    "s3 prefix with a newline": (
+        'type = "directory"\npath = "./export"|type = "s3"\nbucket = "b"\nprefix = "a\\nb/"',
+        'prefix = "a',
+        "channels.local.prefix",
+        "control character",
+    ),
+    # [alerts] is validated at load, not when the first alert is mailed.
+    "alerts smtp port out of range": (
+        '[catch_up]|[alerts]\nsmtp = "mail.example.com:99999"\n\n[catch_up]',
+        "smtp =",
+        "alerts.smtp",
+        'expected "host:port"',
+    ),
+    "alerts smtp not an address": (
+        '[catch_up]|[alerts]\nsmtp = "mail example com"\n\n[catch_up]',
+        "smtp =",
+        "alerts.smtp",
+        'expected "host:port"',
+    ),
+    "alerts smtp on the SMTPS port": (
+        '[catch_up]|[alerts]\nsmtp = "mail.example.com:465"\nstarttls = true\n\n[catch_up]',
+        "smtp =",
+        "alerts.smtp",
+        "port 465",
+    ),
+    "alerts password without username": (
+        '[catch_up]|[alerts]\npassword = "pw"\n\n[catch_up]',
+        "password =",
+        "alerts.password",
+        "needs username",
+    ),
+    "alerts username without password": (
+        '[catch_up]|[alerts]\nusername = "u"\n\n[catch_up]',
+        "username =",
+        "alerts.username",
+        "needs password",
+    ),
+    "alerts allow_plaintext_login with starttls": (
+        '[catch_up]|[alerts]\nstarttls = true\nusername = "u"\npassword = "pw"\n'
+        "allow_plaintext_login = true\n\n[catch_up]",
+        "allow_plaintext_login",
+        "alerts.allow_plaintext_login",
+        "starttls = true",
+    ),
+    "alerts allow_plaintext_login without a login": (
+        "[catch_up]|[alerts]\nallow_plaintext_login = true\n\n[catch_up]",
+        "allow_plaintext_login",
+        "alerts.allow_plaintext_login",
+        "no username",
+    ),
 }
 
 
@@ -353,6 +473,119 @@ def test_each_problem_is_reported_with_file_line_and_key(
     text = edited(edit)
     path = write(tmp_path, text)
     assert_problems(check(path), path, expected_line(path, text, needle, key, message))
+
+
+@pytest.mark.parametrize(
+    "pattern",
+    ["firehose-%Y-%m-%d-%H-%M-%S-%f", "events_%F_%H%M%S_%f", "%G-W%V-%u_%j", "x-%%-%y%m%d-%a%b"],
+)
+def test_filename_patterns_of_safe_directives_pass(tmp_path: Path, pattern: str) -> None:
+    text = VALID.replace('format = "json"', f'format = "json"\nfilename_pattern = "{pattern}"')
+    result = check(write(tmp_path, text))
+    assert result.returncode == 0, result.stderr
+
+
+def service_account() -> str:
+    """A service-account key file (JSON) with a fresh RSA key and Google's token URI."""
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    info = {
+        "type": "service_account",
+        "private_key_id": "k1",
+        "private_key": pem.decode(),
+        "client_email": "firehosed@p.iam.gserviceaccount.com",
+        "token_uri": "https://oauth2.googleapis.com/token",
+    }
+    return json.dumps(info)
+
+
+WARNED = (
+    VALID
+    + """
+[alerts]
+username = "alerts"
+password = "smtp-pw"
+allow_plaintext_login = true
+
+[channels.hook_userinfo]
+type = "webhook"
+url = "http://user:url-pw@hooks.example.com/in"
+
+[channels.hook_header]
+type = "webhook"
+url = "http://hooks.example.com/in"
+headers = { X-Api-Key = "hdr-secret" }
+
+[channels.hook_tls]
+type = "webhook"
+url = "https://hooks.example.com/in"
+headers = { Authorization = "Bearer x" }
+
+[channels.pubsub_plain]
+type = "pubsub"
+topic = "projects/p/topics/signals"
+endpoint = "http://pubsub.example.com"
+credentials_file = "{key}"
+"""
+)
+
+
+def test_credentials_bound_for_clear_text_are_warned_about_not_refused(
+    tmp_path: Path,
+) -> None:
+    """Exit 0 (a private network may be meant), one `FILE:LINE: key: warning: ...` line
+    each, never the secret itself; an https:// URL gets no warning."""
+    key = write(tmp_path, service_account(), "sa.json")
+    text = WARNED.replace("{key}", str(key))
+    path = write(tmp_path, text)
+    result = check(path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"{path}: ok")
+    lines = result.stderr.splitlines()
+    for needle, key_name, message in [
+        ("allow_plaintext_login", "alerts.allow_plaintext_login", "in clear"),
+        ("http://user:url-pw@", "channels.hook_userinfo.url", "http://"),
+        ("X-Api-Key", "channels.hook_header.headers", "X-Api-Key"),
+        ('endpoint = "http://', "channels.pubsub_plain.endpoint", "http://"),
+    ]:
+        wanted = re.compile(
+            re.escape(f"{path}:{line_of(text, needle)}: {key_name}: warning: ")
+            + r".*"
+            + re.escape(message)
+            + r".*"
+        )
+        assert any(wanted.fullmatch(line) for line in lines), (wanted.pattern, lines)
+    assert len(lines) == 4, lines
+    assert not any(secret in result.stderr for secret in ("url-pw", "hdr-secret", "smtp-pw"))
+
+
+def test_max_wait_is_accepted_with_a_warning_that_it_has_no_effect(tmp_path: Path) -> None:
+    """DESIGN.md's example config sets a webhook's `max_wait`: it stays a valid key, but
+    delivery cuts a stream batch as soon as its records are durable and never reads it,
+    so `check` says so rather than let it pass for a setting that works."""
+    text = VALID + textwrap.dedent(
+        """
+        [channels.hook]
+        type = "webhook"
+        url = "https://hooks.example.com/in"
+        max_records = 500
+        max_wait = "200ms"
+
+        [channels.queue]
+        type = "sqs"
+        queue_url = "https://sqs.eu-west-1.amazonaws.com/123456789012/firehose"
+        """
+    )
+    path = write(tmp_path, text)
+    result = check(path)
+    assert result.returncode == 0, result.stderr
+    [line] = result.stderr.splitlines()  # the sqs channel leaves max_wait at its default
+    assert line.startswith(f"{path}:{line_of(text, 'max_wait')}: channels.hook.max_wait: warning:")
+    assert "no effect" in line, line
 
 
 def test_a_toml_syntax_error_names_its_line(tmp_path: Path) -> None:

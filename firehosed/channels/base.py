@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
+
+from firehosed.errors import DeliveryError
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,7 +62,9 @@ class Channel(abc.ABC):
     # "json" (one array, e.g. webhook bodies) or "ndjson" (one record per line, split
     # into messages by queues). None: the firehose's own format.
     format: ClassVar[str | None] = None
-    # Stream channels cut a batch at `max_records` or `max_wait` seconds, whichever first.
+    # A stream channel's batches hold at most `max_records` records. `max_wait` is its
+    # config's value, kept for the contract (DESIGN.md) but not read by delivery: a stream
+    # batch is cut as soon as its records are durable.
     max_records: int | None = None
     max_wait: float | None = None
 
@@ -76,3 +81,37 @@ class Channel(abc.ABC):
 
     async def close(self) -> None:  # noqa: B027 - optional hook, most channels hold nothing
         """Release connections; called on shutdown and when a reload replaces the channel."""
+
+
+def control_character(text: str) -> str | None:
+    """The first control character (CR, LF, NUL, TAB, DEL, C1…) in `text`, or None."""
+    return next((c for c in text if unicodedata.category(c) == "Cc"), None)
+
+
+def path_problem(path: str) -> str | None:
+    """Why `path` (a prefix or batch name) cannot go under a channel's root, or None.
+
+    It must be relative, without `..` segments, backslashes (a separator on some FTP
+    servers) or control characters (CR LF would end an FTP command, or a log line).
+    """
+    if (bad := control_character(path)) is not None:
+        return f"contains a control character ({bad!r})"
+    if "\\" in path:
+        return "must not contain '\\' (a path separator on some servers)"
+    if path.startswith("/"):
+        return "must be a relative path (no leading '/')"
+    if ".." in path.split("/"):
+        return "must be a relative path without '..' segments"
+    return None
+
+
+def relative_name(name: str) -> str:
+    """`name`, checked to stay under a channel's root (config validation already keeps
+    prefixes and patterns so; this guards a manifest cut before that, or a bug). A name
+    that does not is a DeliveryError retrying cannot fix: the batch is dead-lettered."""
+    if (problem := path_problem(name)) is not None:
+        raise DeliveryError(
+            f"batch name {name!r} refused, it would lead outside the channel's root: {problem}",
+            retryable=False,
+        )
+    return name

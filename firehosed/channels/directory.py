@@ -17,7 +17,7 @@ from pathlib import Path
 
 import msgspec
 
-from firehosed.channels.base import Batch, Channel
+from firehosed.channels.base import Batch, Channel, relative_name
 from firehosed.errors import DeliveryError
 from firehosed.faults import crash_point
 from firehosed.fileio import fsync_dir, fsync_path, make_dirs
@@ -51,7 +51,7 @@ class DirectoryChannel(Channel):
             raise DeliveryError(f"{exc.strerror or exc} ({exc.filename or self.root})") from exc
 
     def _write(self, batch: Batch) -> None:
-        target = self.root / batch.name
+        target = self._target(batch.name)
         make_dirs(target.parent, self.fsync)
         part = target.with_name(f".{target.name}.part")
         # A part left by an earlier attempt may be a link to the batch: never write through it.
@@ -70,6 +70,17 @@ class DirectoryChannel(Channel):
             part.unlink()
         if self.fsync:
             fsync_dir(target.parent)
+
+    def _target(self, name: str) -> Path:
+        """Where `name` goes: under the root, also once symlinks are resolved."""
+        root = self.root.resolve()
+        target = root / relative_name(name)
+        if not target.parent.resolve().is_relative_to(root):
+            raise DeliveryError(
+                f"batch name {name!r} refused: a symlink leads it outside {root}",
+                retryable=False,
+            )
+        return target
 
     def _link(self, source: Path, part: Path) -> bool:
         """Hard-link `source` as `part`; False where links cannot be made (then copy)."""

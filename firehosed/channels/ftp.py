@@ -28,7 +28,7 @@ import msgspec
 import structlog
 from aioftp.common import SSLSessionBoundContext
 
-from firehosed.channels.base import Batch, Channel
+from firehosed.channels.base import Batch, Channel, relative_name
 from firehosed.errors import DeliveryError
 from firehosed.units import Duration
 
@@ -231,7 +231,7 @@ class FtpChannel(Channel):
         self._lock = asyncio.Lock()
 
     async def put(self, batch: Batch) -> None:
-        target = self.root / batch.name
+        target = self.root / relative_name(batch.name)
         async with self._lock:
             with self._translated():
                 client = await self._connection()

@@ -1,6 +1,6 @@
 """`pubsub`: publish each record of a batch as one Google Cloud Pub/Sub message (REST API).
 
-A batch file is NDJSON; `batch.keys` gives each line's (record id, session). Message i has
+A batch is NDJSON; `batch.keys` gives each line's (record id, session). Message i has
 `data` = line i, attributes `id`, `firehose`, `account`, and, with `ordering`, the session
 as `orderingKey`. Requests follow the `projects.topics.publish` reference: at most 1000
 messages and 10 MB (serialized PublishRequest) each, and one ordering key per request. So a
@@ -74,8 +74,8 @@ class PubSubConfig(
     `credentials` is a service-account key (JSON text; usually `credentials_file`).
     `endpoint` points at an emulator when set; with no credentials, requests are sent
     without authentication, as the emulator wants. `ordering` sends each record's session
-    as its ordering key. A batch is cut at `max_records` or after `max_wait`; a request
-    not answered within `timeout` fails.
+    as its ordering key. A batch holds at most `max_records` records (`max_wait` is
+    accepted, not used: see Channel); a request not answered within `timeout` fails.
     """
 
     topic: str
@@ -113,6 +113,25 @@ class PubSubConfig(
             found.append(("max_records", "must be at least 1"))
         if self.timeout <= 0:
             found.append(("timeout", "must be greater than 0"))
+        return found
+
+    def warnings(self) -> list[tuple[str, str]]:
+        """OAuth tokens (or the grant that gets them) that would cross in clear."""
+        if not self.credentials:
+            return []
+        found = []
+        endpoint = _http_url(self.endpoint)
+        if endpoint is not None and endpoint.scheme == "http":
+            found.append(
+                ("endpoint", "an http:// endpoint gets the access token in clear: use https://")
+            )
+        try:
+            token_uri = _http_url(load_service_account(self.credentials).token_uri)
+        except ValueError:
+            return found  # reported by problems()
+        if token_uri is not None and token_uri.scheme == "http":
+            key = "credentials_file" if self.credentials_file else "credentials"
+            found.append((key, "the key's token_uri is http://: tokens are fetched in clear"))
         return found
 
 

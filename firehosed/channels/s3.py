@@ -21,7 +21,7 @@ from typing import Any, Literal
 import structlog
 
 from firehosed.channels import aws
-from firehosed.channels.base import Batch, Channel
+from firehosed.channels.base import Batch, Channel, control_character
 from firehosed.errors import DeliveryError
 from firehosed.units import Size
 
@@ -88,6 +88,8 @@ class S3Config(aws.AwsConfig, tag="s3", tag_field="type", forbid_unknown_fields=
             problems.append(("max_concurrency", "must be at least 1"))
         if "{" in self.prefix.replace("{account}", ""):
             problems.append(("prefix", "the only placeholder is {account}"))
+        if (bad := control_character(self.prefix)) is not None:
+            problems.append(("prefix", f"contains a control character ({bad!r})"))
         return problems
 
 

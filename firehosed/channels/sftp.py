@@ -23,7 +23,7 @@ import asyncssh
 import msgspec
 import structlog
 
-from firehosed.channels.base import Batch, Channel
+from firehosed.channels.base import Batch, Channel, relative_name
 from firehosed.errors import DeliveryError
 from firehosed.units import Duration, Size
 
@@ -183,6 +183,7 @@ class SftpChannel(Channel):
 
     async def put(self, batch: Batch) -> None:
         """Upload `batch` as `.NAME.part`, then rename it to NAME under `path`."""
+        relative_name(batch.name)
         await self._run(lambda session: self._upload(session, batch))
         log.debug("channel.uploaded", channel=self.name, batch=batch.id, bytes=batch.size)
 

@@ -1,8 +1,8 @@
 """`sqs`: each record of a batch becomes one SQS message, sent with SendMessageBatch.
 
 A stream channel: the worker cuts small NDJSON batches (one record per line, at most
-`max_records`) within `max_wait`, and `batch.keys` gives each line's record id and
-session. On a FIFO queue (URL ending in `.fifo`) the session is the MessageGroupId, so
+`max_records`) as soon as records are durable, and `batch.keys` gives each line's record
+id and session. On a FIFO queue (URL ending in `.fifo`) the session is the MessageGroupId, so
 a session's records stay in order, and the record id is the MessageDeduplicationId, so
 a retried batch is not delivered twice within SQS's five-minute deduplication window.
 On a standard queue a retried batch may deliver some records twice (at least once).

@@ -58,8 +58,9 @@ class WebhookConfig(
 
     `secret` holds one or more space-separated signing secrets (several during rotation).
     `headers` are sent with every request (e.g. Authorization) and never logged. `ca` is
-    PEM text trusted instead of the system's CAs; TLS is always verified. A batch is cut
-    at `max_records` or after `max_wait`; a request not answered within `timeout` fails.
+    PEM text trusted instead of the system's CAs; TLS is always verified. A batch holds at
+    most `max_records` records (`max_wait` is accepted, not used: see Channel); a request
+    not answered within `timeout` fails.
     """
 
     url: str
@@ -98,6 +99,34 @@ class WebhookConfig(
             except ssl.SSLError:
                 found.append(("ca", "holds no valid PEM certificate"))
         return found
+
+    def warnings(self) -> list[tuple[str, str]]:
+        """Credentials that would cross the network in clear (an http:// url)."""
+        try:
+            url = yarl.URL(self.url)
+        except (TypeError, ValueError):
+            return []
+        if url.scheme != "http":
+            return []
+        found = []
+        if url.user is not None or url.password is not None:
+            found.append(("url", "credentials in an http:// url are sent in clear: use https://"))
+        for name in self.headers:
+            if _credential_header(name):
+                found.append(
+                    ("headers", f"header {name} is sent in clear to an http:// url: use https://")
+                )
+        return found
+
+
+# Header names that carry credentials, as far as a name tells.
+_CREDENTIAL_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie"})
+_CREDENTIAL_WORDS = ("token", "secret", "key", "auth", "password", "signature")
+
+
+def _credential_header(name: str) -> bool:
+    lower = name.lower()
+    return lower in _CREDENTIAL_HEADERS or any(word in lower for word in _CREDENTIAL_WORDS)
 
 
 def _url_problems(url: str) -> list[tuple[str, str]]:
@@ -158,7 +187,7 @@ def sign(keys: list[bytes], msg_id: str, timestamp: int, body: bytes) -> str:
 
 
 class WebhookChannel(Channel):
-    """POSTs each batch file's bytes unchanged; one aiohttp session, reused."""
+    """POSTs each batch's bytes unchanged; one aiohttp session, reused."""
 
     stream: ClassVar[bool] = True
     format: ClassVar[str | None] = "json"

@@ -17,6 +17,15 @@ NDJSON_TYPES = frozenset({"application/x-ndjson", "application/ndjson", "applica
 _BOM = b"\xef\xbb\xbf"
 _records = msgspec.json.Decoder(list[msgspec.Raw])
 _record = msgspec.json.Decoder(msgspec.Raw)
+# A gzip body is inflated in a worker thread above this many bytes (compressed): a big
+# one takes milliseconds to seconds of CPU that the event loop owes other clients.
+GUNZIP_IN_THREAD = 1 << 14
+# At most this many gzip members per body: each costs an inflater, and a body of empty
+# 20-byte members is all overhead (10 MiB of them: half a million inflaters).
+MAX_GZIP_MEMBERS = 10_000
+# A member is fed in pieces from this size, doubling up to the last (bytes).
+_FIRST_PIECE = 256
+_LAST_PIECE = 1 << 20
 
 
 class BodyError(Exception):
@@ -57,7 +66,7 @@ async def read(request: web.BaseRequest, max_body: int) -> bytes:
             body = await request.content.readexactly(request.content_length)
         except asyncio.IncompleteReadError:
             raise BodyError(400, "body shorter than its Content-Length") from None
-        return gunzip(body, max_body) if encoding != "identity" else body
+        return await _inflated(body, max_body) if encoding != "identity" else body
     chunks = []
     size = 0
     async for chunk in request.content.iter_chunked(1 << 16):
@@ -66,30 +75,68 @@ async def read(request: web.BaseRequest, max_body: int) -> bytes:
             raise BodyError(413, f"body is over max_body ({max_body} bytes)")
         chunks.append(chunk)
     body = b"".join(chunks)
-    if encoding != "identity":
-        body = gunzip(body, max_body)
-    return body
+    return await _inflated(body, max_body) if encoding != "identity" else body
+
+
+async def _inflated(data: bytes, max_body: int) -> bytes:
+    """`gunzip(data)`, in a worker thread when the body is big."""
+    if len(data) > GUNZIP_IN_THREAD:
+        return await asyncio.to_thread(gunzip, data, max_body)
+    return gunzip(data, max_body)
 
 
 def gunzip(data: bytes, max_body: int) -> bytes:
     """Inflate at most `max_body` bytes: a gzip bomb stops there (413).
 
-    A body may be several gzip members one after another (`cat a.gz b.gz`, pigz).
+    A body may be several gzip members one after another (`cat a.gz b.gz`, one member per
+    record), at most MAX_GZIP_MEMBERS (400 past it). Time is linear in the body: each
+    member is fed from a memoryview in pieces that grow while it lasts, so finishing one
+    copies at most its last piece, never the rest of the body (a million empty members
+    once cost minutes here).
     """
+    view = memoryview(data)
     out = bytearray()
+    offset = members = 0
     while True:
-        inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        members += 1
+        if members > MAX_GZIP_MEMBERS:
+            raise BodyError(
+                400, f"gzip body has more than {MAX_GZIP_MEMBERS} gzip members: send one stream"
+            )
+        offset = _inflate_member(view, offset, out, max_body)
+        if _only_padding(view[offset:]):
+            return bytes(out)
+
+
+def _only_padding(rest: memoryview) -> bool:
+    """Whether `rest` is empty or zero bytes, which gzip readers allow after the last member.
+
+    Copied at most once per body: no member starts with a zero byte, so when this is
+    False for a rest that starts with one, the next member fails at once.
+    """
+    return not rest or (rest[0] == 0 and not rest.tobytes().strip(b"\0"))
+
+
+def _inflate_member(view: memoryview, offset: int, out: bytearray, max_body: int) -> int:
+    """Inflate the gzip member at `offset` onto `out`; the offset just past it."""
+    inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+    piece = _FIRST_PIECE
+    while True:
+        chunk = view[offset : offset + piece]
+        if not chunk:
+            raise BodyError(400, "corrupt gzip body: truncated")
         try:
-            out += inflater.decompress(data, max_body + 1 - len(out))
+            # Below this limit the whole chunk is consumed (no unconsumed_tail to track).
+            inflated = inflater.decompress(chunk, max_body + 1 - len(out))
         except zlib.error as exc:
             raise BodyError(400, f"corrupt gzip body: {exc}") from None
+        out += inflated
         if len(out) > max_body:
             raise BodyError(413, f"body inflates past max_body ({max_body} bytes)")
-        if not inflater.eof:
-            raise BodyError(400, "corrupt gzip body: truncated")
-        data = inflater.unused_data
-        if not data.strip(b"\0"):  # trailing zero padding is allowed by gzip readers
-            return bytes(out)
+        if inflater.eof:
+            return offset + len(chunk) - len(inflater.unused_data)
+        offset += len(chunk)
+        piece = min(piece * 2, _LAST_PIECE)
 
 
 def split(body: bytes, kind: str) -> list[bytes]:

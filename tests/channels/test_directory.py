@@ -80,3 +80,38 @@ async def test_an_unwritable_root_is_a_delivery_error(tmp_path: Path) -> None:
     channel = DirectoryChannel("local", DirectoryConfig(path=str(blocker / "sub")))
     with pytest.raises(DeliveryError, match="file"):
         await channel.put(batch)
+
+
+def files_under(root: Path) -> list[Path]:
+    return [p for p in root.rglob("*") if p.is_file()]
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["../escaped.ndjson", "acme/../../escaped.ndjson", "/tmp/escaped.ndjson", "a\nb.ndjson"],
+)
+async def test_a_name_leading_out_of_the_root_is_refused_for_good(
+    tmp_path: Path, name: str
+) -> None:
+    # Config validation keeps such names out; a manifest cut under an older config, or a
+    # bug elsewhere, must still not write outside the root. Retrying cannot fix it.
+    out = tmp_path / "root" / "out"
+    batch = make_batch(tmp_path, name, DATA)
+    channel = DirectoryChannel("local", DirectoryConfig(path=str(out)))
+    with pytest.raises(DeliveryError, match="outside the channel's root") as raised:
+        await channel.put(batch)
+    assert raised.value.retryable is False
+    assert files_under(tmp_path) == [batch.path]
+
+
+async def test_a_symlink_inside_the_root_does_not_lead_out(tmp_path: Path) -> None:
+    out, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
+    out.mkdir()
+    elsewhere.mkdir()
+    (out / "acme").symlink_to(elsewhere)
+    batch = make_batch(tmp_path, "acme/f.ndjson", DATA)
+    channel = DirectoryChannel("local", DirectoryConfig(path=str(out)))
+    with pytest.raises(DeliveryError, match="outside") as raised:
+        await channel.put(batch)
+    assert raised.value.retryable is False
+    assert files_under(elsewhere) == []

@@ -387,8 +387,9 @@ def secrets_config(root: Path, sftp: Any, hook_port: int, smtp: str, echo_port: 
     (root / "passphrase").write_text(PASSPHRASE + "\n")
     (root / "sftp_password").write_text(SFTP_DOWN_PASSWORD + "\n")
     (root / "smtp_password").write_text(SMTP_PASSWORD + "\n")
+    # The SMTP server has no TLS: the login must be allowed in clear to reach its 535.
     alerts = (
-        f'\n[alerts]\nsmtp = "{smtp}"\nusername = "alerts"\n'
+        f'\n[alerts]\nsmtp = "{smtp}"\nusername = "alerts"\nallow_plaintext_login = true\n'
         f'password_file = "{root / "smtp_password"}"\ntimeout = "5s"\n'
     )
     common = {"type": "sftp", "host": "127.0.0.1", "username": USERNAME, "connect_timeout": "3s"}

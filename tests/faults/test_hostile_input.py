@@ -663,6 +663,66 @@ def test_millions_of_tiny_records_neither_stall_the_loop_nor_bloat_memory(make_d
     assert grown_mib < 512, f"peak RSS grew by {grown_mib:.0f} MiB for a 4 MiB body"
 
 
+# -- a body of countless gzip members -------------------------------------------------
+
+
+EMPTY_MEMBER = gzip.compress(b"")  # 20 bytes: a whole gzip member that inflates to nothing
+
+
+@pytest.mark.parametrize("mebibytes", [1, 10])
+def test_countless_empty_gzip_members_are_refused_promptly_without_stalling_others(
+    make_daemon, mebibytes: int
+) -> None:
+    """`cat empty.gz empty.gz ...` by the million: each member needs its own inflater.
+
+    Inflating them must take time linear in the body (not a copy of the rest of the body
+    per member), off the event loop, and stop at `MAX_GZIP_MEMBERS` with a 400 naming
+    the limit; meanwhile good clients are answered fast.
+    """
+    base = BASE_CONFIG.replace('max_body = "1MiB"', 'max_body = "16MiB"')
+    daemon = make_daemon(FIREHOSE, base=base).start()
+    body = EMPTY_MEMBER * ((mebibytes << 20) // len(EMPTY_MEMBER))
+    headers = {
+        "Authorization": f"Bearer {TOKEN}",
+        "Content-Type": "application/json",
+        "Content-Encoding": "gzip",
+    }
+    with GoodTraffic(daemon, 5_000_000 + 100_000 * mebibytes, per_request=1) as traffic:
+        time.sleep(0.3)  # the good traffic is flowing before the members arrive
+        started = time.monotonic()
+        try:
+            answer = Answer.of(
+                daemon.session.post(
+                    f"{daemon.url}{SIGNALS}", data=body, headers=headers, timeout=10
+                )
+            )
+        except requests.Timeout:
+            answer = Answer(0, "", b"no answer within 10 s")
+        took = time.monotonic() - started
+        time.sleep(0.3)
+    report(f"empty gzip members, {mebibytes} MiB", seconds=round(took, 2), **traffic.figures())
+    assert answer.status == 400, answer
+    assert "gzip members" in answer.json()["error"], answer
+    assert took < 2.0, f"answered after {took:.2f}s"
+    assert not traffic.failures, traffic.failures
+    assert max(traffic.latencies) < 1.0, f"good requests waited {max(traffic.latencies):.2f}s"
+    assert daemon.get("/healthz").status_code == 200
+
+
+def test_a_body_of_many_small_gzip_members_is_accepted_whole(make_daemon) -> None:
+    """Up to `MAX_GZIP_MEMBERS` members are one body (`cat a.gz b.gz`, one member per
+    record): every record is accepted and delivered."""
+    daemon = make_daemon(FIREHOSE).start()
+    count = 1000
+    body = b"".join(gzip.compress(line(signal_record(n))) for n in range(count))
+    answer = daemon.post(
+        body, content_type="application/x-ndjson", headers={"Content-Encoding": "gzip"}
+    )
+    assert answer.status_code == 202, answer.text
+    assert answer.json()["accepted"] == count
+    wait_until(lambda: sorted(oids(delivered(daemon))) == list(range(count)))
+
+
 # -- slow and idle clients -----------------------------------------------------------
 
 
