@@ -34,12 +34,6 @@ _SMTP_ADDRESS = re.compile(
     r"(?:\[(?P<ipv6>[0-9A-Fa-f:.]+)\]|(?P<host>[^:\[\]\s]+))(?::(?P<port>\d{1,5}))?"
 )
 SMTPS_PORT = 465
-# DESIGN.md's example sets a stream channel's max_wait, so the key stays valid; delivery
-# does not read it (see the warning), which `check` says when a file sets it.
-MAX_WAIT_UNUSED = (
-    "has no effect: a stream batch is cut as soon as its records are durable, and records "
-    "that arrive while a request is in flight go in the next request"
-)
 
 
 class _Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -413,8 +407,6 @@ def _validate_channel(key: tuple[str, ...], channel: Any, report: _Report) -> No
         report.add((*key, name), message)
     for name, message in getattr(channel, "warnings", tuple)():
         report.warn((*key, name), message)
-    if hasattr(channel, "max_wait") and (*key, "max_wait") in report.lines:
-        report.warn((*key, "max_wait"), MAX_WAIT_UNUSED)
 
 
 def _validate_fallback(

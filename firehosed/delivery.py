@@ -54,11 +54,12 @@ def backoff(attempt: int, retry_after: float | None) -> float:
 
 
 def cut_rules(config: FirehoseConfig, channel: Channel) -> CutRules:
-    """When a firehose's batches are cut for this channel: streams at once and small,
-    files on the firehose's schedule, up to `max_file`."""
+    """When a firehose's batches are cut for this channel: streams small, at once or
+    after the channel's `max_wait`; files on the firehose's schedule, up to `max_file`."""
     if channel.stream:
         limit = channel.max_records or STREAM_MAX_RECORDS
-        return CutRules(stream=True, max_records=limit, max_bytes=STREAM_MAX_BYTES, interval=0)
+        wait = channel.max_wait or 0.0
+        return CutRules(stream=True, max_records=limit, max_bytes=STREAM_MAX_BYTES, interval=wait)
     interval = config.minutes_between_files * 60.0
     return CutRules(stream=False, max_records=1 << 62, max_bytes=config.max_file, interval=interval)
 

@@ -563,31 +563,6 @@ def test_credentials_bound_for_clear_text_are_warned_about_not_refused(
     assert not any(secret in result.stderr for secret in ("url-pw", "hdr-secret", "smtp-pw"))
 
 
-def test_max_wait_is_accepted_with_a_warning_that_it_has_no_effect(tmp_path: Path) -> None:
-    """DESIGN.md's example config sets a webhook's `max_wait`: it stays a valid key, but
-    delivery cuts a stream batch as soon as its records are durable and never reads it,
-    so `check` says so rather than let it pass for a setting that works."""
-    text = VALID + textwrap.dedent(
-        """
-        [channels.hook]
-        type = "webhook"
-        url = "https://hooks.example.com/in"
-        max_records = 500
-        max_wait = "200ms"
-
-        [channels.queue]
-        type = "sqs"
-        queue_url = "https://sqs.eu-west-1.amazonaws.com/123456789012/firehose"
-        """
-    )
-    path = write(tmp_path, text)
-    result = check(path)
-    assert result.returncode == 0, result.stderr
-    [line] = result.stderr.splitlines()  # the sqs channel leaves max_wait at its default
-    assert line.startswith(f"{path}:{line_of(text, 'max_wait')}: channels.hook.max_wait: warning:")
-    assert "no effect" in line, line
-
-
 def test_a_toml_syntax_error_names_its_line(tmp_path: Path) -> None:
     text = VALID.replace("[catch_up]", "[catch_up\nbroken = ")
     path = write(tmp_path, text)

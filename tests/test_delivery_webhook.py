@@ -172,3 +172,42 @@ async def test_a_stream_that_keeps_up_frees_its_segments_and_counts_its_bytes(
     assert not list((queue / "batches").iterdir())  # every batch was cut by its commit
     on_disk = sum(p.stat().st_size for p in segments)
     assert status["storage_bytes"] == on_disk
+
+
+MAX_WAIT = """
+[channels.hook]
+type = "webhook"
+url = "{url}/ingest"
+secret = "{secrets}"
+max_records = 4
+max_wait = "{max_wait}"
+
+[firehoses.stream]
+account = "acme"
+channel = "hook"
+"""
+
+
+async def test_max_wait_gathers_a_trickle_into_full_batches(make_daemon, webhook_receiver) -> None:
+    """With `max_wait`, single-record requests a few ms apart go out as requests of up to
+    `max_records`, each cut when full or when its oldest record has waited that long;
+    without it, each request's record goes out at once, alone."""
+    secrets = " ".join(webhook_receiver.secrets)
+    sizes: dict[str, list[int]] = {}
+    for wait in ("0s", "1s"):
+        config = MAX_WAIT.format(url=webhook_receiver.url, secrets=secrets, max_wait=wait)
+        daemon: Daemon = make_daemon(config)
+        await asyncio.to_thread(daemon.start)
+        webhook_receiver.deliveries.clear()
+        started = time.monotonic()
+        for n in range(6):
+            await post(daemon, [signal_record(n)])
+        await until(lambda: len(delivered_ids(webhook_receiver)) == 6)
+        took = time.monotonic() - started
+        sizes[wait] = [len(json.loads(d.body)) for d in webhook_receiver.deliveries]
+        assert delivered_ids(webhook_receiver) == [f"{n:024x}" for n in range(6)]
+        await asyncio.to_thread(daemon.close)
+        if wait == "1s":  # the last two waited out max_wait: not before, not much after
+            assert 1.0 <= took < 3.0, took
+    assert sizes["1s"] == [4, 2]
+    assert len(sizes["0s"]) >= 4  # mostly one record per request

@@ -62,9 +62,9 @@ class Channel(abc.ABC):
     # "json" (one array, e.g. webhook bodies) or "ndjson" (one record per line, split
     # into messages by queues). None: the firehose's own format.
     format: ClassVar[str | None] = None
-    # A stream channel's batches hold at most `max_records` records. `max_wait` is its
-    # config's value, kept for the contract (DESIGN.md) but not read by delivery: a stream
-    # batch is cut as soon as its records are durable.
+    # A stream channel's batches hold at most `max_records` records, cut as soon as their
+    # records are durable, or, with `max_wait` seconds, once that long has passed since
+    # the oldest waiting record arrived (or the batch is full): fewer, fuller requests.
     max_records: int | None = None
     max_wait: float | None = None
 

@@ -84,7 +84,7 @@ class PubSubConfig(
     credentials_file: str | None = None
     endpoint: str = DEFAULT_ENDPOINT
     max_records: int = 1000
-    max_wait: Duration = Duration(0.2)
+    max_wait: Duration = Duration(0.0)
     timeout: Duration = Duration(10.0)
     ordering: bool = True
 

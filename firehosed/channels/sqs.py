@@ -51,7 +51,7 @@ class SqsConfig(
     queue_url: str
     region: str | None = None
     max_records: int = MAX_ENTRIES
-    max_wait: Duration = Duration(0.2)
+    max_wait: Duration = Duration(0.0)
     message_attributes: dict[str, str] = msgspec.field(default_factory=dict)
 
     def problems(self) -> list[tuple[str, str]]:
@@ -61,8 +61,6 @@ class SqsConfig(
             problems.append(("queue_url", "must start with https:// (or http://)"))
         if not 1 <= self.max_records <= MAX_ENTRIES:
             problems.append(("max_records", "must be between 1 and 10 (SQS's batch limit)"))
-        if self.max_wait <= 0:
-            problems.append(("max_wait", "must be greater than 0"))
         if len(self.message_attributes) > 10:
             problems.append(("message_attributes", "at most 10 attributes per message"))
         for name in self.message_attributes:

@@ -69,7 +69,7 @@ class WebhookConfig(
     secret_file: str | None = None
     headers: dict[str, str] = msgspec.field(default_factory=dict)
     max_records: int = 500
-    max_wait: Duration = Duration(0.2)
+    max_wait: Duration = Duration(0.0)
     timeout: Duration = Duration(10.0)
     ca: str | None = None
     ca_file: str | None = None

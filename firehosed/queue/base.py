@@ -75,10 +75,12 @@ Encoder = Callable[[Sequence[Record]], Encoded]
 class CutRules:
     """When a queue cuts a batch, and how large it may be."""
 
-    stream: bool  # cut as soon as records are durable (webhook, queues), else on schedule
+    stream: bool  # small batches for a stream channel (webhook, queues), else files
     max_records: int
     max_bytes: int  # of the records' raw bytes
-    interval: float  # seconds a file stays open (file firehoses)
+    # Seconds a batch stays open for more records: a file firehose's schedule; a stream's
+    # `max_wait` (0: cut as soon as records are durable).
+    interval: float
 
 
 @dataclass(frozen=True, slots=True)

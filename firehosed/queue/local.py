@@ -147,6 +147,7 @@ class LocalQueue:
         store, rules = self._store, self._rules
         return (
             rules.stream
+            and rules.interval <= 0
             and self._consuming
             and not store.batches
             and store.uncut + records <= rules.max_records
@@ -241,7 +242,16 @@ class LocalQueue:
         store = self._store
         if (store.pending.records or self._committing) and self._rounds_cut(store.pending.records):
             return False  # the group commit under way or next cuts them, without a sync
-        return self._rules.stream or self._file_due()
+        return self._stream_due() if self._rules.stream else self._file_due()
+
+    def _stream_due(self) -> bool:
+        """A stream's next batch is due: at once without `max_wait`; with it, once the
+        batch is full or its oldest record has waited that long."""
+        store, rules = self._store, self._rules
+        if rules.interval <= 0 or store.uncut >= rules.max_records:
+            return True
+        due_in = self._next_cut_in()
+        return store.staged_bytes >= rules.max_bytes or (due_in is not None and due_in <= 0)
 
     def _file_due(self) -> bool:
         """A file firehose's next file is due: its time has come, or it is `max_bytes`."""
@@ -252,12 +262,12 @@ class LocalQueue:
         return (due_in is not None and due_in <= 0) or store.staged_bytes >= self._rules.max_bytes
 
     def _next_cut_in(self) -> float | None:
-        """Seconds until the next file is due; None when no committed record waits (the
-        next commit wakes the consumer)."""
-        store = self._store
-        if store.staged_since is None or self._rules.stream or not store.uncut:
+        """Seconds until the next batch is due by time; None when no committed record
+        waits, or a stream cuts without waiting (the next commit wakes the consumer)."""
+        store, interval = self._store, self._rules.interval
+        if store.staged_since is None or not store.uncut or (self._rules.stream and interval <= 0):
             return None
-        return store.staged_since + self._rules.interval - time.time()
+        return store.staged_since + interval - time.time()
 
     async def _wait(self, seconds: float | None) -> None:
         """Wait `seconds` (None: until news), or less if news comes."""

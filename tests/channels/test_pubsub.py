@@ -310,11 +310,11 @@ async def test_check_asks_for_the_publish_permission(
 
 def test_config_defaults_and_channel_shape() -> None:
     cfg = config(topic=TOPIC, endpoint="http://127.0.0.1:8085")
-    assert (cfg.max_records, cfg.max_wait, cfg.timeout, cfg.ordering) == (1000, 0.2, 10.0, True)
+    assert (cfg.max_records, cfg.max_wait, cfg.timeout, cfg.ordering) == (1000, 0.0, 10.0, True)
     assert cfg.problems() == []
     channel = PubSubChannel("events", cfg)
     assert channel.stream and channel.format == "ndjson"
-    assert (channel.max_records, channel.max_wait) == (1000, 0.2)
+    assert (channel.max_records, channel.max_wait) == (1000, 0.0)
 
 
 def test_config_problems_never_show_the_key(pubsub_server: PubSubServer) -> None:

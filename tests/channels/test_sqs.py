@@ -269,7 +269,7 @@ def test_stream_channel_attributes() -> None:
     channel = SqsChannel("queue", config)
 
     assert (channel.stream, channel.format) == (True, "ndjson")
-    assert (channel.max_records, channel.max_wait) == (5, 0.2)
+    assert (channel.max_records, channel.max_wait) == (5, 0.0)
     assert config.resolved_region() == "eu-west-1"
     assert config.problems() == []
 
@@ -278,7 +278,6 @@ def test_stream_channel_attributes() -> None:
     ("keys", "problem"),
     [
         ({"max_records": 11}, "max_records"),
-        ({"max_wait": 0}, "max_wait"),
         ({"queue_url": "sqs.example/q"}, "queue_url"),
         ({"message_attributes": {"AWS.trace": "x"}}, "message_attributes"),
         ({"secret_access_key": None}, "access_key_id"),

@@ -302,11 +302,11 @@ async def test_close_is_idempotent_and_put_reopens(
 
 def test_config_defaults_and_channel_shape() -> None:
     cfg = config(url="https://hooks.example.com/firehose")
-    assert (cfg.max_records, cfg.max_wait, cfg.timeout) == (500, 0.2, 10.0)
+    assert (cfg.max_records, cfg.max_wait, cfg.timeout) == (500, 0.0, 10.0)
     assert cfg.problems() == []
     channel = WebhookChannel("hook", cfg)
     assert channel.stream and channel.format == "json"
-    assert (channel.max_records, channel.max_wait) == (500, 0.2)
+    assert (channel.max_records, channel.max_wait) == (500, 0.0)
 
 
 def test_config_problems_name_the_key_and_never_the_secret() -> None:
