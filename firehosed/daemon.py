@@ -292,7 +292,8 @@ class Daemon:
         self.accepting = False
         self.notifier.stopping()
         log.info("daemon.draining", timeout=self.config.server.drain_timeout)
-        await self.backend.flush()
+        if "committer" in self._tasks:  # (a committer that died cannot write any more)
+            await self.backend.flush()
         for worker in self.workers.values():
             worker.drain()
         running = [t for n, t in self._tasks.items() if n.startswith("worker:")]

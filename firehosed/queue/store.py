@@ -1,4 +1,5 @@
-"""One firehose's durable queue: append-only segments, a cursor, and cut batches.
+"""The local backend's files for one firehose: append-only segments, a cursor, and cut
+batches (`LocalQueue` in local.py decides when to cut; this module keeps them on disk).
 
 Layout under `storage.dir/queues/<firehose>/`:
 
@@ -31,7 +32,8 @@ place (a stream batch's manifest is written in place and synced: only the newest
 manifest can be torn, and recovery discards it, its records not yet delivered; a cut
 mark is synced with its records, and a torn one leaves them staged), and the cursor
 moves past its records only after that; a segment is deleted only when the cursor is
-past its end and it holds no held batch. Recovery therefore never loses a record and
+past its end and it holds no held batch; a new file or directory is used only once the
+directory holding its name is synced (fileio.py). Recovery therefore never loses a record and
 never re-batches one that a manifest already holds.
 """
 
