@@ -1,6 +1,6 @@
 """`sqs`: each record of a batch becomes one SQS message, sent with SendMessageBatch.
 
-A stream channel: the worker cuts small NDJSON batches (one record per line, at most
+A stream channel: the queue cuts small NDJSON batches (one record per line, at most
 `max_records`) as soon as records are durable, and `batch.keys` gives each line's record
 id and session. On a FIFO queue (URL ending in `.fifo`) the session is the MessageGroupId, so
 a session's records stay in order, and the record id is the MessageDeduplicationId, so

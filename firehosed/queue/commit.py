@@ -8,7 +8,7 @@ under load the sync cost is paid once per round, not once per request, and a req
 whose records span rounds (a large body yields part-way) waits for each of them.
 
 A stream firehose that keeps up has its round's records cut into a batch in the same
-write and sync (`LocalQueue.take_round`), so its delivery starts as the requests are
+write and sync (`LocalQueue.begin_round`), so its delivery starts as the requests are
 answered, with no cut and no sync of its own in between.
 """
 

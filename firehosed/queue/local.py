@@ -10,7 +10,7 @@ commit.py). It decides when a batch is cut:
 A file firehose's next file is cut, when due, while the one before it is put (one file
 ahead at most): a backlog drains at the pace of the slower of the two, not of both in
 turn. A stream that keeps up does not cut at all: the group commit that makes its
-records durable cuts them into the batch in the same write and sync (`take_round`).
+records durable cuts them into the batch in the same write and sync (`begin_round`).
 
 Everything here runs on the event loop, except what is handed to a thread (`_blocking`
 names and the committer's `write_round`).
@@ -75,7 +75,7 @@ class LocalQueue:
         self._removal: asyncio.Future[None] | None = None
         # A file firehose cuts its next file while the one before is put.
         self._ahead: asyncio.Task[bool] | None = None
-        # A group commit cutting this stream's next batch (see `take_round`).
+        # A group commit cutting this stream's next batch (see `begin_round`).
         self._round_cut: asyncio.Future[None] | None = None
         self._round_batch: tuple[Manifest, int] | None = None
 
@@ -93,7 +93,9 @@ class LocalQueue:
         return self._committer.current()
 
     def begin_round(self) -> Pending:
-        """The committer takes this queue's pending bytes (event loop)."""
+        """The committer takes this queue's pending bytes (event loop); when a stream
+        keeps up, its round's records (and any committed before them not yet in a batch)
+        become a batch in that same write and sync (`_rounds_cut`)."""
         store = self._store
         pending = store.take_pending()
         self._committing = True
@@ -130,11 +132,6 @@ class LocalQueue:
             self._news.set()
 
     # -- cutting a stream batch with its group commit (the store's RoundCutter) -------
-
-    def take_round(self, pending: Pending) -> bool:
-        """Whether a group commit's records (and any committed before them not yet in a
-        batch) become a stream batch in that commit (event loop, `begin_round`)."""
-        return self._round_cut is not None
 
     def _rounds_cut(self, records: int) -> bool:
         """Whether group commits cut this stream's batches now, `records` more with the
