@@ -9,11 +9,11 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import msgspec
 import uvloop
 
 from firehosed import __version__, config, daemon, log, replay
+from firehosed.admin import client as admin_client
 from firehosed.channels import open_channel
 from firehosed.errors import ConfigError, DeliveryError, FirehosedError
 
@@ -105,13 +105,10 @@ def _replay(cfg: config.Config, only: list[str] | None) -> int:
 
 
 async def _replay_online(cfg: config.Config, names: list[str]) -> int:
-    listen = cfg.server.listen
-    unix = listen.removeprefix("unix:") if listen.startswith("unix:") else None
-    base = "http://localhost" if unix else f"http://{listen}"
-    connector = aiohttp.UnixConnector(path=unix) if unix else aiohttp.TCPConnector()
-    async with aiohttp.ClientSession(connector=connector) as session:
+    """Ask the running daemon, on its admin listener, to replay each firehose."""
+    async with admin_client.connect(cfg, seconds=None) as admin:
         for name in names:
-            async with session.post(f"{base}/v1/firehoses/{name}/replay") as response:
+            async with admin.session.post(admin.url(f"/v1/firehoses/{name}/replay")) as response:
                 if response.status != 200:
                     print(f"replay {name}: FAILED: {response.status} {await response.text()}")
                     return 1

@@ -23,6 +23,7 @@ from aiohttp import web
 
 from firehosed import config as config_module
 from firehosed import metrics
+from firehosed.admin import app as admin_app
 from firehosed.alerts import Alerts
 from firehosed.catchup import CatchUp
 from firehosed.channels import Channel, open_channel
@@ -31,7 +32,7 @@ from firehosed.delivery import Worker
 from firehosed.errors import ConfigError, FirehosedError
 from firehosed.fileio import make_dirs
 from firehosed.firehose import Firehose
-from firehosed.ingest.app import build_server
+from firehosed.ingest import app as ingest_app
 from firehosed.ingest.receiver import Receiver
 from firehosed.mapping import Mapping
 from firehosed.queue.base import Manifest, QueueFigures
@@ -66,7 +67,8 @@ class Daemon:
         self._stop = asyncio.Event()
         self._reload = asyncio.Event()
         self._tasks: dict[str, asyncio.Task[None]] = {}
-        self._runner: web.ServerRunner | None = None
+        self._runners: list[web.ServerRunner] = []  # the ingest and admin listeners
+        self._reloading = asyncio.Lock()  # SIGHUP and POST /v1/reload, one at a time
         self._lock_fd: int | None = None
         self._interrupts = 0
 
@@ -92,6 +94,7 @@ class Daemon:
         log.info(
             "daemon.ready",
             listen=self.config.server.listen,
+            admin=self.config.admin.listen,
             firehoses=len(self.firehoses),
             queued=sum(f.records for f in self._figures()),
             seconds=round(time.monotonic() - started, 3),
@@ -106,25 +109,32 @@ class Daemon:
             raise FirehosedError(f"{self.storage} is in use by another firehosed process") from None
 
     async def _listen(self) -> None:
+        """Bind the admin listener, then the ingest one (sources come last)."""
+        admin = admin_app.build_server(
+            self, access_log=None, keepalive_timeout=self.config.admin.idle_timeout
+        )
+        await self._bind(admin, self.config.admin.listen)
         # auto_decompress off: the receiver inflates gzip itself, capped at max_body.
-        server = build_server(
+        ingest = ingest_app.build_server(
             self.receiver,
-            self,
             access_log=None,
             auto_decompress=False,
             # aiohttp arms this timer at connection open and after each answer, and closes
             # the connection if no complete request head arrived: it bounds slow headers too.
             keepalive_timeout=self.config.server.idle_timeout,
         )
-        self._runner = web.ServerRunner(server, handle_signals=False)
-        await self._runner.setup()
-        listen = self.config.server.listen
+        await self._bind(ingest, self.config.server.listen)
+
+    async def _bind(self, server: web.Server, listen: str) -> None:
+        runner = web.ServerRunner(server, handle_signals=False)
+        await runner.setup()
+        self._runners.append(runner)
         site: web.BaseSite
         if listen.startswith("unix:"):
-            site = web.UnixSite(self._runner, listen.removeprefix("unix:"))
+            site = web.UnixSite(runner, listen.removeprefix("unix:"))
         else:
             host, _, port = listen.rpartition(":")
-            site = web.TCPSite(self._runner, host.strip("[]"), int(port), reuse_address=True)
+            site = web.TCPSite(runner, host.strip("[]"), int(port), reuse_address=True)
         await site.start()
 
     def _install_signals(self) -> None:
@@ -158,28 +168,30 @@ class Daemon:
                 self._reload.clear()
                 await self.reload()
 
-    async def reload(self) -> bool:
-        """Re-read the config file; keep the running config if it is invalid."""
-        self.notifier.reloading()
-        try:
-            new = await asyncio.to_thread(config_module.load, self.config.path)
-            await self._apply(new)
-            for firehose in self.firehoses.values():  # dead letters removed by hand
-                await firehose.queue.recount()
-        except ConfigError as exc:
-            for problem in exc.problems:
-                log.error("config.invalid", problem=problem)
-            log.error("config.reload_rejected", path=self.config.path, errors=len(exc.problems))
-            return False
-        finally:
-            self.notifier.reloaded()
+    async def reload(self) -> list[str]:
+        """Re-read the config file; keep the running config if it is invalid. The
+        problems found (`file:line: key: message`), none when the new config runs."""
+        async with self._reloading:
+            self.notifier.reloading()
+            try:
+                new = await asyncio.to_thread(config_module.load, self.config.path)
+                await self._apply(new)
+                for firehose in self.firehoses.values():  # dead letters removed by hand
+                    await firehose.queue.recount()
+            except ConfigError as exc:
+                for problem in exc.problems:
+                    log.error("config.invalid", problem=problem)
+                log.error("config.reload_rejected", path=self.config.path, errors=len(exc.problems))
+                return exc.problems
+            finally:
+                self.notifier.reloaded()
         log.info("config.reloaded", path=new.path, firehoses=len(self.firehoses))
-        return True
+        return []
 
     async def _apply(self, config: Config) -> None:
         """Make `config` the running one: channels, firehoses, workers, accounts, routes."""
         if self.firehoses and _restart_needed(self.config, config):
-            log.warning("config.restart_needed", keys="server.listen, storage")
+            log.warning("config.restart_needed", keys="server.listen, admin.listen, storage")
         channels = self._channels_for(config)
         wanted = config.all_firehoses()
         for name, fh_config in wanted.items():
@@ -302,8 +314,8 @@ class Daemon:
         """Stop workers and the listener, close channels and queues; log one summary line."""
         for worker in self.workers.values():
             worker.stop()
-        if self._runner is not None:
-            await self._runner.cleanup()
+        for runner in reversed(self._runners):
+            await runner.cleanup()
         if "committer" in self._tasks:
             await self.backend.flush()
         for task in self._tasks.values():
@@ -347,6 +359,10 @@ class Daemon:
             if held > share:
                 return f"firehose {name} is full: {held} bytes queued, its max_queued is {share}"
         return None
+
+    def admin_token(self) -> str | None:
+        """The bearer token the admin listener asks for (None: none), as last loaded."""
+        return self.config.admin.token
 
     def disk_used(self) -> int:
         """Bytes the queues hold on disk."""
@@ -413,7 +429,11 @@ class Daemon:
 
 
 def _restart_needed(old: Config, new: Config) -> bool:
-    return old.server.listen != new.server.listen or old.storage != new.storage
+    return (
+        old.server.listen != new.server.listen
+        or old.admin.listen != new.admin.listen
+        or old.storage != new.storage
+    )
 
 
 async def run(config: Config) -> int:
