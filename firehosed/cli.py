@@ -1,4 +1,5 @@
-"""`firehosed run` and `firehosed check`: the command line (DESIGN.md §3)."""
+"""The command line (DESIGN.md §3): `run`, `check`, `replay`, and the operators'
+commands `status`, `pause`, `resume`, `config set` (their bodies in `admin/commands.py`)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import uvloop
 
 from firehosed import __version__, config, daemon, log, replay
 from firehosed.admin import client as admin_client
+from firehosed.admin import commands
 from firehosed.channels import open_channel
 from firehosed.errors import ConfigError, DeliveryError, FirehosedError
 
@@ -21,6 +23,11 @@ from firehosed.errors import ConfigError, DeliveryError, FirehosedError
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `firehosed` console script and `python -m firehosed`."""
     args = _parser().parse_args(argv)
+    # These edit the file, which may not be valid yet (a fix is an edit too).
+    if args.command in ("pause", "resume"):
+        return commands.pause(args.config, args.firehose, paused=args.command == "pause")
+    if args.command == "config":
+        return commands.config_set(args.config, args.key, args.value)
     try:
         cfg = config.load(args.config)
     except ConfigError as exc:
@@ -30,21 +37,35 @@ def main(argv: list[str] | None = None) -> int:
         return _check(cfg, connect=args.connect)
     if args.command == "replay":
         return _replay(cfg, args.firehose)
+    if args.command == "status":
+        return commands.status(cfg, as_json=args.json)
     return _run(cfg, args.log_level)
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="firehosed", description="Signal firehose daemon")
     parser.add_argument("--version", action="version", version=f"firehosed {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True)
-    run = commands.add_parser("run", help="run the daemon")
-    check = commands.add_parser("check", help="validate the config (exit 2 on errors)")
+    commands_ = parser.add_subparsers(dest="command", required=True)
+    run = commands_.add_parser("run", help="run the daemon")
+    check = commands_.add_parser("check", help="validate the config (exit 2 on errors)")
     check.add_argument("--connect", action="store_true", help="also connect to every channel")
-    replay_cmd = commands.add_parser("replay", help="put dead-lettered batches back into delivery")
+    replay_cmd = commands_.add_parser("replay", help="put dead-lettered batches back into delivery")
     replay_cmd.add_argument(
         "--firehose", action="append", help="only this firehose (repeatable; default: all)"
     )
-    for sub in (run, check, replay_cmd):
+    status = commands_.add_parser("status", help="the running daemon's firehoses, as a table")
+    status.add_argument("--json", action="store_true", help="print the /v1/status document")
+    pause = commands_.add_parser("pause", help="stop a firehose's delivery (paused = true)")
+    resume = commands_.add_parser("resume", help="resume a firehose's delivery (paused = false)")
+    for sub in (pause, resume):
+        sub.add_argument("firehose", help="the firehose's name ([firehoses.NAME])")
+    config_cmd = commands_.add_parser("config", help="edit the config file, then reload")
+    set_cmd = config_cmd.add_subparsers(dest="action", required=True).add_parser(
+        "set", help="set KEY (dotted: firehoses.NAME.paused) to VALUE (TOML, else a string)"
+    )
+    set_cmd.add_argument("key")
+    set_cmd.add_argument("value")
+    for sub in (run, check, replay_cmd, status, pause, resume, set_cmd):
         sub.add_argument(
             "-c",
             "--config",

@@ -406,10 +406,16 @@ class Worker:
             "dead_letter_bytes": figures.dead_bytes,
             "last_delivery": _outcome(self.last_delivery, "batch"),
             "last_error": _outcome(self.last_error, "error"),
+            # Since when the batch in hand has been failing (being retried), if it is.
+            "failing_since": _time(self.failing.since) if self.failing is not None else None,
         }
 
 
 def _outcome(outcome: Outcome | None, key: str) -> dict[str, Any] | None:
     if outcome is None:
         return None
-    return {"time": datetime.fromtimestamp(outcome.at, UTC).isoformat(), key: outcome.what}
+    return {"time": _time(outcome.at), key: outcome.what}
+
+
+def _time(at: float) -> str:
+    return datetime.fromtimestamp(at, UTC).isoformat()
