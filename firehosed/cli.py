@@ -39,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
         return _replay(cfg, args.firehose)
     if args.command == "status":
         return commands.status(cfg, as_json=args.json)
+    if args.command == "tail":
+        return commands.tail(cfg, args.firehose)
     return _run(cfg, args.log_level)
 
 
@@ -55,6 +57,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     status = commands_.add_parser("status", help="the running daemon's firehoses, as a table")
     status.add_argument("--json", action="store_true", help="print the /v1/status document")
+    tail = commands_.add_parser("tail", help="follow accepted signals and deliveries live")
+    tail.add_argument("--firehose", help="only this firehose's signals and deliveries")
     pause = commands_.add_parser("pause", help="stop a firehose's delivery (paused = true)")
     resume = commands_.add_parser("resume", help="resume a firehose's delivery (paused = false)")
     for sub in (pause, resume):
@@ -65,7 +69,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     set_cmd.add_argument("key")
     set_cmd.add_argument("value")
-    for sub in (run, check, replay_cmd, status, pause, resume, set_cmd):
+    for sub in (run, check, replay_cmd, status, tail, pause, resume, set_cmd):
         sub.add_argument(
             "-c",
             "--config",

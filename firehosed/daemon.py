@@ -39,6 +39,7 @@ from firehosed.queue.base import Manifest, QueueFigures
 from firehosed.queue.local import LocalBackend
 from firehosed.router import AccountRoutes, Router
 from firehosed.systemd import Notifier
+from firehosed.tap import Tap
 
 log = structlog.get_logger(__name__)
 
@@ -54,7 +55,8 @@ class Daemon:
         )
         self.catch_up = CatchUp(config.catch_up)
         self.router = Router(self.catch_up)
-        self.receiver = Receiver(self.router, config.server, self.refusal)
+        self.tap = Tap()  # live events for the admin listener's tail
+        self.receiver = Receiver(self.router, config.server, self.refusal, self.tap)
         self.alerts = Alerts(config.alerts)
         self.notifier = Notifier.from_environ()
         self.firehoses: dict[str, Firehose] = {}
@@ -111,7 +113,7 @@ class Daemon:
     async def _listen(self) -> None:
         """Bind the admin listener, then the ingest one (sources come last)."""
         admin = admin_app.build_server(
-            self, access_log=None, keepalive_timeout=self.config.admin.idle_timeout
+            self, self.tap, access_log=None, keepalive_timeout=self.config.admin.idle_timeout
         )
         await self._bind(admin, self.config.admin.listen)
         # auto_decompress off: the receiver inflates gzip itself, capped at max_body.
@@ -231,7 +233,7 @@ class Daemon:
     ) -> None:
         queue = await self.backend.open_queue(name)
         firehose = Firehose(name, config, queue, mapping)
-        worker = Worker(firehose, channel, self.alerts)
+        worker = Worker(firehose, channel, self.alerts, self.tap)
         worker.configure(channel, dead)
         self.firehoses[name], self.workers[name] = firehose, worker
         self._track(f"worker:{name}", self._run_worker(worker))
@@ -314,6 +316,7 @@ class Daemon:
         """Stop workers and the listener, close channels and queues; log one summary line."""
         for worker in self.workers.values():
             worker.stop()
+        self.tap.close()  # tails end, so the admin listener can close
         for runner in reversed(self._runners):
             await runner.cleanup()
         if "committer" in self._tasks:

@@ -38,6 +38,7 @@ from firehosed.firehose import Firehose
 from firehosed.mapping import Mapping
 from firehosed.queue.base import CutRules, Encoded, Encoder, Manifest
 from firehosed.record import Record
+from firehosed.tap import Tap
 
 log = structlog.get_logger(__name__)
 
@@ -109,8 +110,11 @@ class Failing:
 class Worker:
     """Delivers one firehose's queue to its channel until stopped."""
 
-    def __init__(self, firehose: Firehose, channel: Channel, alerts: Alerts) -> None:
+    def __init__(
+        self, firehose: Firehose, channel: Channel, alerts: Alerts, tap: Tap | None = None
+    ) -> None:
         self.firehose = firehose
+        self.tap = tap or Tap()  # what `firehosed tail` follows
         self.queue = firehose.queue
         self.alerts = alerts
         self.phase = Phase.RUNNING
@@ -276,6 +280,18 @@ class Worker:
         metrics.records_delivered.labels(*labels).inc(manifest.records)
         metrics.bytes_delivered.labels(*labels).inc(manifest.size)
         self.last_delivery = Outcome(time.time(), manifest.name)
+        if self.tap.listening:
+            self.tap.publish(
+                {
+                    "event": "delivered",
+                    "time": self.last_delivery.at,
+                    "firehose": self.name,
+                    "firehoses": [self.name],
+                    "batch": manifest.name,
+                    "records": manifest.records,
+                    "bytes": manifest.size,
+                }
+            )
         log.info(
             "batch.delivered",
             firehose=self.name,

@@ -20,9 +20,11 @@ import structlog
 from aiohttp import web
 
 from firehosed import metrics, replay
+from firehosed.admin import tail
 from firehosed.ingest import auth
 from firehosed.ingest.app import RETRY_AFTER, answer
 from firehosed.queue.base import Manifest
+from firehosed.tap import Tap
 
 log = structlog.get_logger(__name__)
 
@@ -56,14 +58,16 @@ Methods = dict[str, Handler]
 class AdminApi:
     """The admin listener's handler: token first, then the route; errors are JSON."""
 
-    def __init__(self, operations: Operations) -> None:
+    def __init__(self, operations: Operations, tap: Tap) -> None:
         self.operations = operations
+        self.tap = tap
         self._exact: dict[str, Methods] = {
             "/healthz": _get(healthz),
             "/readyz": _get(readyz),
             "/metrics": _get(get_metrics),
             "/v1/status": _get(get_status),
             "/v1/reload": {"POST": post_reload},
+            "/v1/tail": {"GET": tail.get_tail},
         }
         # (prefix, suffix, methods): the path is prefix + one non-empty segment + suffix
         self._named: tuple[tuple[str, str, Methods], ...] = (
@@ -176,6 +180,6 @@ def _local_peer(request: web.BaseRequest) -> bool:
     return ip_address(peer[0]).is_loopback
 
 
-def build_server(operations: Operations, **kwargs: Any) -> web.Server:
+def build_server(operations: Operations, tap: Tap, **kwargs: Any) -> web.Server:
     """aiohttp's low-level server for the admin API (`kwargs`: its connection settings)."""
-    return web.Server(AdminApi(operations), **kwargs)
+    return web.Server(AdminApi(operations, tap), **kwargs)

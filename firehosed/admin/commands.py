@@ -137,3 +137,50 @@ async def _reload(cfg: config.Config) -> int:
     problems = answer.get("errors") or [answer.get("error", f"HTTP {r.status}")]
     print("the running daemon did not reload:", *problems, sep="\n  ", file=sys.stderr)
     return 1
+
+
+def tail(cfg: config.Config, firehose: str | None) -> int:
+    """`firehosed tail`: print the running daemon's live events, one line each, until
+    Ctrl-C (a clean exit, status 0) or the daemon stops."""
+    try:
+        return asyncio.run(_tail(cfg, firehose))
+    except KeyboardInterrupt:
+        return 0
+    except (aiohttp.ClientError, OSError) as exc:
+        where = cfg.admin.listen
+        print(f"firehosed: the daemon is not answering on {where}: {exc}", file=sys.stderr)
+        return 1
+
+
+async def _tail(cfg: config.Config, firehose: str | None) -> int:
+    params = {"firehose": firehose} if firehose else {}
+    async with (
+        client.connect(cfg, seconds=None) as admin,
+        admin.session.get(admin.url("/v1/tail"), params=params) as response,
+    ):
+        if response.status != 200:
+            print(
+                f"firehosed: tail: HTTP {response.status} {await response.text()}", file=sys.stderr
+            )
+            return 1
+        print(f"following {cfg.admin.listen} (Ctrl-C to stop)", flush=True)
+        async for line in response.content:
+            if line.startswith(b"data: "):
+                print(event_line(json.loads(line[6:])), flush=True)
+    print("the daemon closed the stream", file=sys.stderr)
+    return 0
+
+
+def event_line(event: dict[str, Any]) -> str:
+    """One tail event as a line a person reads."""
+    at = time.strftime("%H:%M:%S", time.gmtime(event.get("time", time.time())))
+    kind = event.get("event")
+    if kind == "accepted":
+        to = ",".join(event["firehoses"]) or "(no firehose)"
+        return f"{at} accepted  {event['account']} {event['type']} {event['id']} -> {to}"
+    if kind == "delivered":
+        what = f"{event['records']} records, {view.size(event['bytes'])}"
+        return f"{at} delivered {event['firehose']} {event['batch']} ({what})"
+    if kind == "dropped":
+        return f"{at} dropped   {event['dropped']} events: this reader fell behind"
+    return f"{at} {json.dumps(event)}"
