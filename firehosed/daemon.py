@@ -24,6 +24,7 @@ from aiohttp import web
 from firehosed import config as config_module
 from firehosed import metrics
 from firehosed.admin import app as admin_app
+from firehosed.admin.history import History
 from firehosed.alerts import Alerts
 from firehosed.catchup import CatchUp
 from firehosed.channels import Channel, open_channel
@@ -56,6 +57,7 @@ class Daemon:
         self.catch_up = CatchUp(config.catch_up)
         self.router = Router(self.catch_up)
         self.tap = Tap()  # live events for the admin listener's tail
+        self.history = History()  # the status page's last hour
         self.receiver = Receiver(self.router, config.server, self.refusal, self.tap)
         self.alerts = Alerts(config.alerts)
         self.notifier = Notifier.from_environ()
@@ -87,6 +89,7 @@ class Daemon:
         await self._listen()
         self._install_signals()
         self._track("watchdog", self.notifier.run_watchdog())
+        self._track("history", self.history.run())
         # What start built lives as long as the process: out of the cyclic collector's
         # sight, a full collection under load walks only what requests made since.
         gc.collect()
@@ -113,7 +116,11 @@ class Daemon:
     async def _listen(self) -> None:
         """Bind the admin listener, then the ingest one (sources come last)."""
         admin = admin_app.build_server(
-            self, self.tap, access_log=None, keepalive_timeout=self.config.admin.idle_timeout
+            self,
+            self.tap,
+            self.history,
+            access_log=None,
+            keepalive_timeout=self.config.admin.idle_timeout,
         )
         await self._bind(admin, self.config.admin.listen)
         # auto_decompress off: the receiver inflates gzip itself, capped at max_body.
@@ -385,7 +392,10 @@ class Daemon:
         return {
             "accepting": self.accepting,
             "storage_bytes": self.disk_used(),
+            "storage_max_bytes": int(self.config.storage.max_disk),
             "catch_up_sessions": len(self.catch_up),
+            "catch_up_bytes": self.catch_up.memory,
+            "catch_up_max_bytes": int(self.config.catch_up.max_memory),
             "firehoses": {name: w.status() for name, w in sorted(self.workers.items())},
         }
 

@@ -20,7 +20,8 @@ import structlog
 from aiohttp import web
 
 from firehosed import metrics, replay
-from firehosed.admin import tail
+from firehosed.admin import page, tail
+from firehosed.admin.history import History
 from firehosed.ingest import auth
 from firehosed.ingest.app import RETRY_AFTER, answer
 from firehosed.queue.base import Manifest
@@ -58,10 +59,12 @@ Methods = dict[str, Handler]
 class AdminApi:
     """The admin listener's handler: token first, then the route; errors are JSON."""
 
-    def __init__(self, operations: Operations, tap: Tap) -> None:
+    def __init__(self, operations: Operations, tap: Tap, history: History) -> None:
         self.operations = operations
         self.tap = tap
+        self.history = history
         self._exact: dict[str, Methods] = {
+            "/": _get(page.get_page),
             "/healthz": _get(healthz),
             "/readyz": _get(readyz),
             "/metrics": _get(get_metrics),
@@ -180,6 +183,6 @@ def _local_peer(request: web.BaseRequest) -> bool:
     return ip_address(peer[0]).is_loopback
 
 
-def build_server(operations: Operations, tap: Tap, **kwargs: Any) -> web.Server:
+def build_server(operations: Operations, tap: Tap, history: History, **kwargs: Any) -> web.Server:
     """aiohttp's low-level server for the admin API (`kwargs`: its connection settings)."""
-    return web.Server(AdminApi(operations, tap), **kwargs)
+    return web.Server(AdminApi(operations, tap, history), **kwargs)

@@ -4,6 +4,7 @@ ages and times. Shared by `firehosed status` and the status page, so both say th
 from __future__ import annotations
 
 import enum
+import time
 from datetime import datetime
 from typing import Any
 
@@ -65,3 +66,8 @@ def ago(outcome: dict[str, Any] | None, now: float) -> str:
 
 def _epoch(iso: str) -> float:
     return datetime.fromisoformat(iso).timestamp()
+
+
+def clock_epoch(at: float) -> str:
+    """An epoch time as `YYYY-MM-DD HH:MM:SS` UTC."""
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(at))
