@@ -3,6 +3,7 @@ longer answers, its bearer token, reload over HTTP, and `check` on the [admin] t
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -34,6 +35,7 @@ ADMIN_ROUTES = [
     ("GET", "/metrics"),
     ("GET", "/v1/status"),
     ("POST", "/v1/reload"),
+    ("POST", "/v1/replay"),
     ("POST", "/v1/firehoses/files/replay"),
     ("GET", "/v1/tail"),
     ("GET", "/"),
@@ -109,6 +111,14 @@ retry_for = "1s"
     result = daemon.cli("replay", env={"FH_ADMIN": ADMIN_TOKEN})
     assert result.returncode == 0, result.stdout + result.stderr
     assert "replay files: 1 batches back in delivery" in result.stdout
+    # DESIGN's POST /v1/replay: every firehose (or ?firehose=NAME), lines naming it.
+    daemon.admin_token = ADMIN_TOKEN
+    wait_until(lambda: len(list((daemon.root / "var" / "dead" / "files").glob("*.json"))))
+    assert_json_error(daemon.admin("/v1/replay?firehose=nope", "POST"), 404)
+    again = daemon.admin("/v1/replay", "POST")
+    assert again.status_code == 200, again.text
+    lines = [json.loads(line) for line in again.text.splitlines()]
+    assert [(x["firehose"], x["records"]) for x in lines] == [("files", 3)]
 
 
 def test_reload_over_http_answers_ok_or_every_config_error(make_daemon) -> None:

@@ -70,6 +70,15 @@ def test_tail_shows_accepted_signals_and_deliveries(make_daemon) -> None:
     assert {e["batch"] for e in delivered} <= names
 
 
+def test_a_daemon_with_a_tail_open_stops_at_once_and_ends_the_stream(make_daemon) -> None:
+    daemon = make_daemon(FIREHOSES).start()
+    with events(daemon) as stream:
+        started = time.monotonic()
+        assert daemon.stop(timeout=10) == 0
+        assert time.monotonic() - started < 5  # not aiohttp's 60 s shutdown wait
+        assert list(stream) == []  # the stream ended (no error)
+
+
 def test_tail_of_one_firehose_leaves_out_the_others(make_daemon) -> None:
     daemon = make_daemon(FIREHOSES).start()
     with events(daemon, "?firehose=carts") as stream:

@@ -62,7 +62,7 @@ class AdminApi:
     def __init__(self, operations: Operations, tap: Tap, history: History) -> None:
         self.operations = operations
         self.tap = tap
-        self.history = history
+        self.page = page.Page(operations.status, history)
         self._exact: dict[str, Methods] = {
             "/": _get(page.get_page),
             "/healthz": _get(healthz),
@@ -70,6 +70,7 @@ class AdminApi:
             "/metrics": _get(get_metrics),
             "/v1/status": _get(get_status),
             "/v1/reload": {"POST": post_reload},
+            "/v1/replay": {"POST": post_replay_all},
             "/v1/tail": {"GET": tail.get_tail},
         }
         # (prefix, suffix, methods): the path is prefix + one non-empty segment + suffix
@@ -172,6 +173,27 @@ async def post_replay(api: AdminApi, request: web.BaseRequest, name: str) -> web
     await response.prepare(request)
     async for manifest in batches:
         await response.write(msgspec.json.encode(replay.progress(manifest)) + b"\n")
+    await response.write_eof()
+    return response
+
+
+async def post_replay_all(api: AdminApi, request: web.BaseRequest, name: str) -> web.StreamResponse:
+    """POST /v1/replay[?firehose=NAME]: every running firehose's dead batches (or one's)
+    back to delivery; NDJSON progress, each line naming its firehose."""
+    if api.operations.admin_token() is None and not _local_peer(request):
+        return answer(403, {"error": "replay is only answered to local clients"})
+    only = request.query.get("firehose")
+    names = [only] if only else list(api.operations.status()["firehoses"])
+    replays = [(n, api.operations.replay(n)) for n in names]
+    if any(batches is None for _, batches in replays):
+        return answer(404, {"error": "no running firehose of that name"})
+    response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+    await response.prepare(request)
+    for firehose, batches in replays:
+        assert batches is not None
+        async for manifest in batches:
+            line = {"firehose": firehose, **replay.progress(manifest)}
+            await response.write(msgspec.json.encode(line) + b"\n")
     await response.write_eof()
     return response
 
