@@ -151,3 +151,36 @@ def test_firehosed_tail_in_a_terminal(make_daemon) -> None:
         assert "Traceback" not in text and "KeyboardInterrupt" not in text
     finally:
         subprocess.run(["tmux", "kill-session", "-t", session], check=False)
+
+
+@pytest.mark.skipif(TMUX is None, reason="tmux is not installed")
+def test_firehosed_status_is_coloured_only_on_a_terminal(make_daemon) -> None:
+    daemon = make_daemon(FIREHOSES).start()
+    session = f"firehosed-status-{uuid.uuid4().hex[:8]}"
+    command = shlex.join(
+        [sys.executable, "-m", "firehosed", "status", "-c", str(daemon.config_path)]
+    )
+    shell = f"{command}; echo EXIT=$?; sleep 60"
+    subprocess.run(
+        ["tmux", "new-session", "-d", "-s", session, "-x", "200", "-y", "50", shell],
+        check=True,
+        cwd=daemon.root,
+    )
+    try:
+
+        def screen() -> str:
+            return subprocess.run(
+                ["tmux", "capture-pane", "-p", "-e", "-t", session],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
+
+        text = wait_until(lambda: "EXIT=" in (out := screen()) and out, timeout=20)
+        assert "EXIT=0" in text
+        row = next(line for line in text.splitlines() if line.startswith("files "))
+        assert "\033[32m" in row and "delivering" in row  # green on a terminal
+    finally:
+        subprocess.run(["tmux", "kill-session", "-t", session], check=False)
+    piped = daemon.cli("status")
+    assert piped.returncode == 0 and "\033[" not in piped.stdout
