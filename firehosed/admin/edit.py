@@ -89,11 +89,12 @@ def set_key(path: Path, key: list[str], value: Any) -> config.Config:
     """Set `key` in the config file at `path` if the result is valid; the new config.
 
     Raises EditError with every problem and leaves the file untouched otherwise."""
-    path = path.resolve()
+    named = str(path)  # as the person gave it, in error messages (as `check` does)
+    path = path.resolve()  # a symlinked config: replace the file it points to
     text = path.read_text(encoding="utf-8")
     new = edited(text, key, value)
     try:
-        loaded = config.parse(new, str(path))
+        loaded = config.parse(new, named)
     except ConfigError as exc:
         raise EditError(exc.problems) from exc
     if new != text:
