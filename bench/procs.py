@@ -116,6 +116,9 @@ listen = "127.0.0.1:{port}"
 max_body = "16MiB"
 drain_timeout = "5s"
 
+[admin]
+listen = "127.0.0.1:{admin_port}"
+
 [storage]
 dir = "{root}/var"
 durability = "fsync"
@@ -158,6 +161,7 @@ class Daemon:
         self.cpu = cpu  # None: not pinned
         root.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
+        self.admin_port = free_port()  # /metrics and /v1/status answer only there
         self.url = f"http://127.0.0.1:{self.port}"
         self.signals_url = f"{self.url}/v1/accounts/{ACCOUNT}/signals"
         self.config_path = root / "config.toml"
@@ -167,6 +171,7 @@ class Daemon:
         self.write_config(
             CONFIG_HEAD.format(
                 port=self.port,
+                admin_port=self.admin_port,
                 root=root,
                 account=ACCOUNT,
                 token=TOKEN,
@@ -211,7 +216,7 @@ class Daemon:
 
     def metrics(self) -> dict[str, float]:
         """/metrics as {"name{labels}": value} (samples only)."""
-        status, body = http_get(self.port, "/metrics", timeout=10)
+        status, body = http_get(self.admin_port, "/metrics", timeout=10)
         if status != 200:
             raise RuntimeError(f"/metrics answered {status}")
         values: dict[str, float] = {}

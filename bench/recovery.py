@@ -143,7 +143,7 @@ def build_snapshot(settings: Settings) -> tuple[Path, dict[str, float], float]:
     conn.request("POST", f"/v1/accounts/{ACCOUNT}/signals", body, headers)
     status = conn.getresponse().status
     conn.close()
-    figures = json.loads(http_get(daemon.port, "/v1/status")[1])["firehoses"][FIREHOSE]
+    figures = json.loads(http_get(daemon.admin_port, "/v1/status")[1])["firehoses"][FIREHOSE]
     daemon.kill()
     if status != 202:
         raise RuntimeError(f"recovery: POST before the crash answered {status}")
@@ -259,9 +259,12 @@ def _idle_rss(settings: Settings, rep: int) -> tuple[float, str]:
     root.mkdir(parents=True)
     port = free_port()
     shipped = (REPO / "config.toml").read_text()
-    text, count = re.subn(r'(?m)^listen = "[^"]*"', f'listen = "127.0.0.1:{port}"', shipped)
-    if count != 1:
-        raise RuntimeError("config.toml: expected one `listen = ...` line to point at a free port")
+    text, count = re.subn(r'(?m)^listen = "[^"]*8080"', f'listen = "127.0.0.1:{port}"', shipped)
+    # [admin] listen too: runs side by side must not share its default port.
+    admin = f'listen = "127.0.0.1:{free_port()}"'
+    text, admin_count = re.subn(r'(?m)^listen = "[^"]*8081"', admin, text)
+    if (count, admin_count) != (1, 1):
+        raise RuntimeError("config.toml: expected one server and one admin `listen = ...` line")
     (root / "config.toml").write_text(text)
     argv = pinned(SERVER_CPU, [PYTHON, "-m", "firehosed", "run", "-c", str(root / "config.toml")])
     with open(root / "daemon.log", "wb") as log:

@@ -1,4 +1,5 @@
-"""`firehosed run` and `firehosed check`: the command line (DESIGN.md §3)."""
+"""The command line (DESIGN.md §3): `run`, `check`, `replay`, and the operators'
+commands `status`, `pause`, `resume`, `config set` (their bodies in `admin/commands.py`)."""
 
 from __future__ import annotations
 
@@ -9,12 +10,13 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import msgspec
 import structlog
 import uvloop
 
 from firehosed import __version__, config, daemon, log, replay
+from firehosed.admin import client as admin_client
+from firehosed.admin import commands
 from firehosed.channels import open_channel
 from firehosed.errors import ConfigError, DeliveryError, FirehosedError
 
@@ -22,6 +24,11 @@ from firehosed.errors import ConfigError, DeliveryError, FirehosedError
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `firehosed` console script and `python -m firehosed`."""
     args = _parser().parse_args(argv)
+    # These edit the file, which may not be valid yet (a fix is an edit too).
+    if args.command in ("pause", "resume"):
+        return commands.pause(args.config, args.firehose, paused=args.command == "pause")
+    if args.command == "config":
+        return commands.config_set(args.config, args.key, args.value)
     try:
         cfg = config.load(args.config)
     except ConfigError as exc:
@@ -31,21 +38,39 @@ def main(argv: list[str] | None = None) -> int:
         return _check(cfg, connect=args.connect)
     if args.command == "replay":
         return _replay(cfg, args.firehose)
+    if args.command == "status":
+        return commands.status(cfg, as_json=args.json)
+    if args.command == "tail":
+        return commands.tail(cfg, args.firehose)
     return _run(cfg, args.log_level)
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="firehosed", description="Signal firehose daemon")
     parser.add_argument("--version", action="version", version=f"firehosed {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True)
-    run = commands.add_parser("run", help="run the daemon")
-    check = commands.add_parser("check", help="validate the config (exit 2 on errors)")
+    commands_ = parser.add_subparsers(dest="command", required=True)
+    run = commands_.add_parser("run", help="run the daemon")
+    check = commands_.add_parser("check", help="validate the config (exit 2 on errors)")
     check.add_argument("--connect", action="store_true", help="also connect to every channel")
-    replay_cmd = commands.add_parser("replay", help="put dead-lettered batches back into delivery")
+    replay_cmd = commands_.add_parser("replay", help="put dead-lettered batches back into delivery")
     replay_cmd.add_argument(
         "--firehose", action="append", help="only this firehose (repeatable; default: all)"
     )
-    for sub in (run, check, replay_cmd):
+    status = commands_.add_parser("status", help="the running daemon's firehoses, as a table")
+    status.add_argument("--json", action="store_true", help="print the /v1/status document")
+    tail = commands_.add_parser("tail", help="follow accepted signals and deliveries live")
+    tail.add_argument("--firehose", help="only this firehose's signals and deliveries")
+    pause = commands_.add_parser("pause", help="stop a firehose's delivery (paused = true)")
+    resume = commands_.add_parser("resume", help="resume a firehose's delivery (paused = false)")
+    for sub in (pause, resume):
+        sub.add_argument("firehose", help="the firehose's name ([firehoses.NAME])")
+    config_cmd = commands_.add_parser("config", help="edit the config file, then reload")
+    set_cmd = config_cmd.add_subparsers(dest="action", required=True).add_parser(
+        "set", help="set KEY (dotted: firehoses.NAME.paused) to VALUE (TOML, else a string)"
+    )
+    set_cmd.add_argument("key")
+    set_cmd.add_argument("value")
+    for sub in (run, check, replay_cmd, status, tail, pause, resume, set_cmd):
         sub.add_argument(
             "-c",
             "--config",
@@ -110,13 +135,10 @@ def _replay(cfg: config.Config, only: list[str] | None) -> int:
 
 
 async def _replay_online(cfg: config.Config, names: list[str]) -> int:
-    listen = cfg.server.listen
-    unix = listen.removeprefix("unix:") if listen.startswith("unix:") else None
-    base = "http://localhost" if unix else f"http://{listen}"
-    connector = aiohttp.UnixConnector(path=unix) if unix else aiohttp.TCPConnector()
-    async with aiohttp.ClientSession(connector=connector) as session:
+    """Ask the running daemon, on its admin listener, to replay each firehose."""
+    async with admin_client.connect(cfg, seconds=None) as admin:
         for name in names:
-            async with session.post(f"{base}/v1/firehoses/{name}/replay") as response:
+            async with admin.session.post(admin.url(f"/v1/firehoses/{name}/replay")) as response:
                 if response.status != 200:
                     print(f"replay {name}: FAILED: {response.status} {await response.text()}")
                     return 1

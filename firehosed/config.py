@@ -53,6 +53,18 @@ class ServerConfig(_Section):
     body_timeout: Duration = Duration(60.0)
 
 
+class AdminConfig(_Section):
+    """`[admin]`: the operators' listener (status page, metrics, status, tail, replay,
+    reload), never the one sources reach."""
+
+    listen: str = "127.0.0.1:8081"
+    # A bearer token every admin route then needs; none: only the address guards it.
+    token: str | None = None
+    token_env: str | None = None
+    token_file: str | None = None
+    idle_timeout: Duration = Duration(60.0)
+
+
 class StorageConfig(_Section):
     """`[storage]`: the durable queues, batches and dead letters."""
 
@@ -158,6 +170,7 @@ class Config(msgspec.Struct, kw_only=True):
 
     path: str
     server: ServerConfig
+    admin: AdminConfig = msgspec.field(default_factory=AdminConfig)
     storage: StorageConfig
     catch_up: CatchUpConfig
     alerts: AlertsConfig
@@ -190,6 +203,7 @@ class Config(msgspec.Struct, kw_only=True):
 
 _SECTIONS: dict[str, type[_Section]] = {
     "server": ServerConfig,
+    "admin": AdminConfig,
     "storage": StorageConfig,
     "catch_up": CatchUpConfig,
     "alerts": AlertsConfig,
@@ -350,6 +364,7 @@ def _convert_value(value: Any, type_: Any, key: tuple[str, ...], report: _Report
 def _resolve_secrets(config: Config, report: _Report) -> None:
     """Fill `X` from `X_env` / `X_file` on every table that offers them."""
     tables: list[tuple[tuple[str, ...], msgspec.Struct]] = [(("alerts",), config.alerts)]
+    tables.append((("admin",), config.admin))
     tables += [(("accounts", k), v) for k, v in config.accounts.items()]
     tables += [(("channels", k), v) for k, v in config.channels.items()]
     for key, table in tables:
@@ -385,6 +400,7 @@ def _resolve_one(table: msgspec.Struct, name: str, key: tuple[str, ...], report:
 
 def _validate(config: Config, report: _Report, names: dict[str, set[str]]) -> None:
     _validate_server(config, report)
+    _validate_admin(config, report)
     _validate_accounts(config, report)
     for name, mapping in config.mappings.items():
         if not mapping:
@@ -500,6 +516,30 @@ def _validate_server(config: Config, report: _Report) -> None:
         report.add(("catch_up", "signals_per_session"), "must be at least 1")
     if config.storage.segment_size < MiB:
         report.add(("storage", "segment_size"), "must be at least 1MiB")
+
+
+def _validate_admin(config: Config, report: _Report) -> None:
+    """The admin listener: a valid address, and never the ingest listener's."""
+    listen = config.admin.listen
+    if not listen.startswith("unix:"):
+        host, _, port = listen.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            report.add(("admin", "listen"), f'expected "host:port" or "unix:/path", got {listen!r}')
+            return
+    if _same_listener(listen, config.server.listen):
+        report.add(("admin", "listen"), f"must differ from server.listen ({listen!r})")
+    if config.admin.token == "":
+        report.add(("admin", "token"), "must not be empty")
+
+
+def _same_listener(a: str, b: str) -> bool:
+    """Whether two listen addresses would take the same socket (a wildcard host takes
+    every address of its port)."""
+    if a.startswith("unix:") or b.startswith("unix:"):
+        return a == b
+    (host_a, _, port_a), (host_b, _, port_b) = a.rpartition(":"), b.rpartition(":")
+    wildcard = {"0.0.0.0", "[::]", "::", "*"}
+    return port_a == port_b and (host_a == host_b or bool({host_a, host_b} & wildcard))
 
 
 def _validate_firehose(

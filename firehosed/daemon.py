@@ -23,6 +23,8 @@ from aiohttp import web
 
 from firehosed import config as config_module
 from firehosed import metrics
+from firehosed.admin import app as admin_app
+from firehosed.admin.history import History
 from firehosed.alerts import Alerts
 from firehosed.catchup import CatchUp
 from firehosed.channels import Channel, open_channel
@@ -31,14 +33,15 @@ from firehosed.delivery import Worker
 from firehosed.errors import ConfigError, FirehosedError
 from firehosed.fileio import make_dirs
 from firehosed.firehose import Firehose
+from firehosed.ingest import app as ingest_app
 from firehosed.ingest import idle
-from firehosed.ingest.app import build_server
 from firehosed.ingest.receiver import Receiver
 from firehosed.mapping import Mapping
 from firehosed.queue.base import Manifest, QueueFigures
 from firehosed.queue.local import LocalBackend
 from firehosed.router import AccountRoutes, Router
 from firehosed.systemd import Notifier
+from firehosed.tap import Tap
 
 log = structlog.get_logger(__name__)
 
@@ -54,7 +57,9 @@ class Daemon:
         )
         self.catch_up = CatchUp(config.catch_up)
         self.router = Router(self.catch_up)
-        self.receiver = Receiver(self.router, config.server, self.refusal)
+        self.tap = Tap()  # live events for the admin listener's tail
+        self.history = History()  # the status page's last hour
+        self.receiver = Receiver(self.router, config.server, self.refusal, self.tap)
         self.alerts = Alerts(config.alerts)
         self.notifier = Notifier.from_environ()
         self.firehoses: dict[str, Firehose] = {}
@@ -67,7 +72,8 @@ class Daemon:
         self._stop = asyncio.Event()
         self._reload = asyncio.Event()
         self._tasks: dict[str, asyncio.Task[None]] = {}
-        self._runner: web.ServerRunner | None = None
+        self._runners: list[web.ServerRunner] = []  # the ingest and admin listeners
+        self._reloading = asyncio.Lock()  # SIGHUP and POST /v1/reload, one at a time
         self._lock_fd: int | None = None
         self._interrupts = 0
 
@@ -84,6 +90,7 @@ class Daemon:
         await self._listen()
         self._install_signals()
         self._track("watchdog", self.notifier.run_watchdog())
+        self._track("history", self.history.run())
         # What start built lives as long as the process: out of the cyclic collector's
         # sight, a full collection under load walks only what requests made since.
         gc.collect()
@@ -93,6 +100,7 @@ class Daemon:
         log.info(
             "daemon.ready",
             listen=self.config.server.listen,
+            admin=self.config.admin.listen,
             firehoses=len(self.firehoses),
             queued=sum(f.records for f in self._figures()),
             seconds=round(time.monotonic() - started, 3),
@@ -107,26 +115,38 @@ class Daemon:
             raise FirehosedError(f"{self.storage} is in use by another firehosed process") from None
 
     async def _listen(self) -> None:
-        # auto_decompress off: the receiver inflates gzip itself, capped at max_body.
-        server = build_server(
-            self.receiver,
+        """Bind the admin listener, then the ingest one (sources come last)."""
+        admin = admin_app.build_server(
             self,
+            self.tap,
+            self.history,
+            access_log=None,
+            keepalive_timeout=self.config.admin.idle_timeout,
+        )
+        self._track("idle:admin", idle.reap(admin, self.config.admin.idle_timeout))
+        await self._bind(admin, self.config.admin.listen)
+        # auto_decompress off: the receiver inflates gzip itself, capped at max_body.
+        ingest = ingest_app.build_server(
+            self.receiver,
             access_log=None,
             auto_decompress=False,
             # aiohttp arms this timer at connection open and after each answer, and closes
             # the connection if no complete request head arrived: it bounds slow headers too.
             keepalive_timeout=self.config.server.idle_timeout,
         )
-        self._track("idle", idle.reap(server, self.config.server.idle_timeout))
-        self._runner = web.ServerRunner(server, handle_signals=False)
-        await self._runner.setup()
-        listen = self.config.server.listen
+        self._track("idle", idle.reap(ingest, self.config.server.idle_timeout))
+        await self._bind(ingest, self.config.server.listen)
+
+    async def _bind(self, server: web.Server, listen: str) -> None:
+        runner = web.ServerRunner(server, handle_signals=False)
+        await runner.setup()
+        self._runners.append(runner)
         site: web.BaseSite
         if listen.startswith("unix:"):
-            site = web.UnixSite(self._runner, listen.removeprefix("unix:"))
+            site = web.UnixSite(runner, listen.removeprefix("unix:"))
         else:
             host, _, port = listen.rpartition(":")
-            site = web.TCPSite(self._runner, host.strip("[]"), int(port), reuse_address=True)
+            site = web.TCPSite(runner, host.strip("[]"), int(port), reuse_address=True)
         await site.start()
 
     def _install_signals(self) -> None:
@@ -160,28 +180,30 @@ class Daemon:
                 self._reload.clear()
                 await self.reload()
 
-    async def reload(self) -> bool:
-        """Re-read the config file; keep the running config if it is invalid."""
-        self.notifier.reloading()
-        try:
-            new = await asyncio.to_thread(config_module.load, self.config.path)
-            await self._apply(new)
-            for firehose in self.firehoses.values():  # dead letters removed by hand
-                await firehose.queue.recount()
-        except ConfigError as exc:
-            for problem in exc.problems:
-                log.error("config.invalid", problem=problem)
-            log.error("config.reload_rejected", path=self.config.path, errors=len(exc.problems))
-            return False
-        finally:
-            self.notifier.reloaded()
+    async def reload(self) -> list[str]:
+        """Re-read the config file; keep the running config if it is invalid. The
+        problems found (`file:line: key: message`), none when the new config runs."""
+        async with self._reloading:
+            self.notifier.reloading()
+            try:
+                new = await asyncio.to_thread(config_module.load, self.config.path)
+                await self._apply(new)
+                for firehose in self.firehoses.values():  # dead letters removed by hand
+                    await firehose.queue.recount()
+            except ConfigError as exc:
+                for problem in exc.problems:
+                    log.error("config.invalid", problem=problem)
+                log.error("config.reload_rejected", path=self.config.path, errors=len(exc.problems))
+                return exc.problems
+            finally:
+                self.notifier.reloaded()
         log.info("config.reloaded", path=new.path, firehoses=len(self.firehoses))
-        return True
+        return []
 
     async def _apply(self, config: Config) -> None:
         """Make `config` the running one: channels, firehoses, workers, accounts, routes."""
         if self.firehoses and _restart_needed(self.config, config):
-            log.warning("config.restart_needed", keys="server.listen, storage")
+            log.warning("config.restart_needed", keys="server.listen, admin.listen, storage")
         channels = self._channels_for(config)
         wanted = config.all_firehoses()
         for name, fh_config in wanted.items():
@@ -221,7 +243,7 @@ class Daemon:
     ) -> None:
         queue = await self.backend.open_queue(name)
         firehose = Firehose(name, config, queue, mapping)
-        worker = Worker(firehose, channel, dead, self.alerts)
+        worker = Worker(firehose, channel, dead, self.alerts, self.tap)
         self.firehoses[name], self.workers[name] = firehose, worker
         self._track(f"worker:{name}", self._run_worker(worker))
         queued = queue.figures(time.time()).records
@@ -304,8 +326,9 @@ class Daemon:
         """Stop workers and the listener, close channels and queues; log one summary line."""
         for worker in self.workers.values():
             worker.stop()
-        if self._runner is not None:
-            await self._runner.cleanup()
+        self.tap.close()  # tails end, so the admin listener can close
+        for runner in reversed(self._runners):
+            await runner.cleanup()
         if "committer" in self._tasks:
             await self.backend.flush()
         for task in self._tasks.values():
@@ -350,6 +373,10 @@ class Daemon:
                 return f"firehose {name} is full: {held} bytes queued, its max_queued is {share}"
         return None
 
+    def admin_token(self) -> str | None:
+        """The bearer token the admin listener asks for (None: none), as last loaded."""
+        return self.config.admin.token
+
     def disk_used(self) -> int:
         """Bytes the queues hold on disk."""
         return sum(f.disk_bytes for f in self._figures())
@@ -368,7 +395,10 @@ class Daemon:
         return {
             "accepting": self.accepting,
             "storage_bytes": self.disk_used(),
+            "storage_max_bytes": int(self.config.storage.max_disk),
             "catch_up_sessions": len(self.catch_up),
+            "catch_up_bytes": self.catch_up.memory,
+            "catch_up_max_bytes": int(self.config.catch_up.max_memory),
             "firehoses": {name: w.status() for name, w in sorted(self.workers.items())},
         }
 
@@ -415,7 +445,11 @@ class Daemon:
 
 
 def _restart_needed(old: Config, new: Config) -> bool:
-    return old.server.listen != new.server.listen or old.storage != new.storage
+    return (
+        old.server.listen != new.server.listen
+        or old.admin.listen != new.admin.listen
+        or old.storage != new.storage
+    )
 
 
 async def run(config: Config) -> int:

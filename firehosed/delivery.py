@@ -38,6 +38,7 @@ from firehosed.firehose import Firehose
 from firehosed.mapping import Mapping
 from firehosed.queue.base import CutRules, Encoded, Encoder, Manifest
 from firehosed.record import Record
+from firehosed.tap import Tap
 
 log = structlog.get_logger(__name__)
 
@@ -111,9 +112,15 @@ class Worker:
     """Delivers one firehose's queue to its channel until stopped."""
 
     def __init__(
-        self, firehose: Firehose, channel: Channel, dead_channel: Channel | None, alerts: Alerts
+        self,
+        firehose: Firehose,
+        channel: Channel,
+        dead_channel: Channel | None,
+        alerts: Alerts,
+        tap: Tap | None = None,
     ) -> None:
         self.firehose = firehose
+        self.tap = tap or Tap()  # what `firehosed tail` follows
         self.queue = firehose.queue
         self.alerts = alerts
         self.phase = Phase.RUNNING
@@ -279,6 +286,18 @@ class Worker:
         metrics.records_delivered.labels(*labels).inc(manifest.records)
         metrics.bytes_delivered.labels(*labels).inc(manifest.size)
         self.last_delivery = Outcome(time.time(), manifest.name)
+        if self.tap.listening:
+            self.tap.publish(
+                {
+                    "event": "delivered",
+                    "time": self.last_delivery.at,
+                    "firehose": self.name,
+                    "firehoses": [self.name],
+                    "batch": manifest.name,
+                    "records": manifest.records,
+                    "bytes": manifest.size,
+                }
+            )
         log.info(
             "batch.delivered",
             firehose=self.name,
@@ -409,10 +428,16 @@ class Worker:
             "dead_letter_bytes": figures.dead_bytes,
             "last_delivery": _outcome(self.last_delivery, "batch"),
             "last_error": _outcome(self.last_error, "error"),
+            # Since when the batch in hand has been failing (being retried), if it is.
+            "failing_since": _time(self.failing.since) if self.failing is not None else None,
         }
 
 
 def _outcome(outcome: Outcome | None, key: str) -> dict[str, Any] | None:
     if outcome is None:
         return None
-    return {"time": datetime.fromtimestamp(outcome.at, UTC).isoformat(), key: outcome.what}
+    return {"time": _time(outcome.at), key: outcome.what}
+
+
+def _time(at: float) -> str:
+    return datetime.fromtimestamp(at, UTC).isoformat()

@@ -1,7 +1,8 @@
 """`firehosed replay`: put dead-lettered batches back into delivery, with progress.
 
-With the daemon running, the command asks it over HTTP (`POST /v1/firehoses/{name}/replay`,
-answered only to loopback or unix-socket peers) so the running worker takes the batches;
+With the daemon running, the command asks it on the admin listener
+(`POST /v1/firehoses/{name}/replay`, with `[admin]`'s token; without a token, answered
+only to loopback or unix-socket peers) so the running worker takes the batches;
 with the daemon stopped, it moves them into the queues on disk itself, under the same
 storage lock the daemon takes, and the next start delivers them.
 """

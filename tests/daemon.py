@@ -39,6 +39,13 @@ path = "{dir}/export"
 channel = "local"
 """
 
+# Appended to a config that has no [admin] table: every test daemon gets its own free
+# admin port (the default 8081 would clash between tests running side by side).
+ADMIN_CONFIG = """
+[admin]
+listen = "127.0.0.1:{admin_port}"
+"""
+
 
 def free_port() -> int:
     """A TCP port free on 127.0.0.1 right now."""
@@ -67,6 +74,10 @@ class Daemon:
         self.root = root
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.admin_port = free_port()
+        self.admin_url = f"http://127.0.0.1:{self.admin_port}"
+        # Sent to the admin listener when set (a test whose config sets [admin] token).
+        self.admin_token: str | None = None
         self.config_path = root / "config.toml"
         self.export = root / "export"
         self.log_path = root / "daemon.log"
@@ -75,8 +86,11 @@ class Daemon:
         self.session = requests.Session()
 
     def write_config(self, extra_config: str = "", base: str = BASE_CONFIG) -> None:
-        """(Re)write the config file: the base plus `extra_config`."""
+        """(Re)write the config file: the base plus `extra_config` (plus an [admin]
+        table on this daemon's admin port, unless the text has one)."""
         text = base.format(port=self.port, dir=self.root, token=TOKEN) + extra_config
+        if "[admin]" not in text:
+            text += ADMIN_CONFIG.format(admin_port=self.admin_port)
         self.config_path.write_text(text)
 
     def start(self, *, wait: bool = True, env: dict[str, str] | None = None) -> Daemon:
@@ -131,20 +145,37 @@ class Daemon:
         )
 
     def get(self, path: str) -> requests.Response:
+        """GET on the ingest listener (what sources and load balancers reach)."""
         return self.session.get(f"{self.url}{path}", timeout=10)
 
+    def admin(self, path: str, method: str = "GET", **kwargs: Any) -> requests.Response:
+        """A request to the admin listener, with `admin_token` when set."""
+        headers = dict(kwargs.pop("headers", None) or {})
+        if self.admin_token is not None:
+            headers.setdefault("Authorization", f"Bearer {self.admin_token}")
+        return self.session.request(
+            method, f"{self.admin_url}{path}", headers=headers, timeout=10, **kwargs
+        )
+
     def status(self) -> dict[str, Any]:
-        result: dict[str, Any] = self.get("/v1/status").json()
+        """The admin listener's /v1/status document."""
+        response = self.admin("/v1/status")
+        assert response.status_code == 200, response.text
+        result: dict[str, Any] = response.json()
         return result
 
-    def cli(self, *command: str) -> subprocess.CompletedProcess[str]:
-        """Run `firehosed <command> -c <this config>` to completion (e.g. "replay")."""
+    def cli(
+        self, *command: str, env: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        """Run `firehosed <command> -c <this config>` to completion (e.g. "replay"),
+        with extra `env` vars."""
         return subprocess.run(
             [sys.executable, "-m", "firehosed", *command, "-c", str(self.config_path)],
             capture_output=True,
             text=True,
             timeout=60,
             check=False,
+            env={**os.environ, **(env or {})},
         )
 
     def signal(self, signum: int) -> None:

@@ -39,7 +39,7 @@ def test_dead_letter_then_replay_into_the_running_daemon(make_daemon, tmp_path) 
     assert len(list(dead.glob("*.data"))) == 1
     copies = wait_until(lambda: list((daemon.export / "dead" / "files").glob("*.ndjson")))
     assert copies[0].read_bytes() == next(dead.glob("*.data")).read_bytes()
-    metrics = daemon.get("/metrics").text
+    metrics = daemon.admin("/metrics").text
     assert 'firehosed_batches_dead_lettered_total{firehose="files"} 1.0' in metrics
     daemon.write_config(extra.replace('channel = "down"', 'channel = "local"'))
     daemon.signal(signal.SIGHUP)

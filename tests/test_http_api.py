@@ -55,7 +55,7 @@ def rss_kib(daemon: Daemon) -> int:
 
 def metric_samples(daemon: Daemon) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
     """Every sample of /metrics, keyed by (sample name, labels)."""
-    response = daemon.get("/metrics")
+    response = daemon.admin("/metrics")
     assert response.status_code == 200
     assert response.headers["Content-Type"].startswith("text/plain")
     samples = {}

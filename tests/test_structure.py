@@ -65,6 +65,14 @@ def test_ingest_does_not_import_the_daemon() -> None:
     assert not [name for name in ingest if reaches(graph, name, "firehosed.daemon")]
 
 
+def test_admin_does_not_import_the_daemon() -> None:
+    """The admin listener asks the daemon through its Operations protocol, like ingest."""
+    graph = import_graph()
+    admin = [name for name in graph if name.startswith("firehosed.admin")]
+    assert len(admin) >= 2
+    assert not [name for name in admin if reaches(graph, name, "firehosed.daemon")]
+
+
 def test_no_channel_imports_the_queue() -> None:
     graph = import_graph()
     channels = [name for name in graph if name.startswith("firehosed.channels")]

@@ -1,48 +1,34 @@
-"""The HTTP API (DESIGN.md §5): signal ingest, health, readiness, metrics, status.
+"""The ingest HTTP API (DESIGN.md §5): signal ingest, health, readiness.
 
 Served by aiohttp's low-level server through one handler, `Api`, that dispatches on the
 path itself. aiohttp's Application layer (router, match info) cost a no-op handler a
 quarter of its throughput here, and a middleware another seventh
-(bench/RESULTS-decompose.md); the API is six fixed routes, so a dict and two prefixes do.
+(bench/RESULTS-decompose.md); the API is three fixed routes, so a dict and a prefix do.
 
-Records go to the `Receiver` (receiver.py); what operators ask (status, metrics, replay)
-goes to the `Operations` the daemon provides.
+Records go to the `Receiver` (receiver.py). What operators ask (status, metrics, replay,
+reload) is not answered here but on the admin listener (`firehosed/admin/`): sources
+reach this one, and it answers 404 for those paths.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
-from ipaddress import ip_address
-from typing import Any, Protocol
+from collections.abc import Awaitable, Callable
+from typing import Any
 from urllib.parse import unquote
 
 import msgspec
 import structlog
 from aiohttp import web
 
-from firehosed import metrics, replay
+from firehosed import metrics
 from firehosed.config import ServerConfig
 from firehosed.ingest import auth, body
 from firehosed.ingest.receiver import Answer, Receiver
-from firehosed.queue.base import Manifest
 
 log = structlog.get_logger(__name__)
 BIG_BODY = 1 << 16  # bytes: above this, splitting into records runs in a thread
 RETRY_AFTER = "5"
-
-
-class Operations(Protocol):
-    """What the operators' endpoints ask of the running daemon."""
-
-    def status(self) -> dict[str, Any]:
-        """The `/v1/status` document."""
-
-    def update_metrics(self) -> None:
-        """Refresh the gauges read at scrape time."""
-
-    def replay(self, firehose: str) -> AsyncIterator[Manifest] | None:
-        """Dead batches of `firehose` back into delivery; None if no such firehose runs."""
 
 
 # Every handler gets the API, the request and the path's variable part ("" if none).
@@ -54,19 +40,15 @@ class Api:
     """The aiohttp low-level handler: every answer is JSON (404 and 405 included), and an
     unexpected error is a logged 500, never a traceback to the client."""
 
-    def __init__(self, receiver: Receiver, operations: Operations) -> None:
+    def __init__(self, receiver: Receiver) -> None:
         self.receiver = receiver
-        self.operations = operations
         self._exact: dict[str, Methods] = {
             "/healthz": _get(healthz),
             "/readyz": _get(readyz),
-            "/metrics": _get(get_metrics),
-            "/v1/status": _get(get_status),
         }
         # (prefix, suffix, methods): the path is prefix + one non-empty segment + suffix
         self._named: tuple[tuple[str, str, Methods], ...] = (
             ("/v1/accounts/", "/signals", {"POST": post_signals}),
-            ("/v1/firehoses/", "/replay", {"POST": post_replay}),
         )
 
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
@@ -103,9 +85,9 @@ def _get(handler: Handler) -> Methods:
     return {"GET": handler, "HEAD": handler}
 
 
-def build_server(receiver: Receiver, operations: Operations, **kwargs: Any) -> web.Server:
+def build_server(receiver: Receiver, **kwargs: Any) -> web.Server:
     """aiohttp's low-level server for the API (`kwargs`: its connection settings)."""
-    return web.Server(Api(receiver, operations), **kwargs)
+    return web.Server(Api(receiver), **kwargs)
 
 
 def answer(status: int, payload: dict[str, Any], **headers: str) -> web.Response:
@@ -186,41 +168,3 @@ async def readyz(api: Api, request: web.BaseRequest, name: str) -> web.Response:
             503, {"status": "not ready", "error": refusal}, **{"Retry-After": RETRY_AFTER}
         )
     return answer(200, {"status": "ready"})
-
-
-async def get_metrics(api: Api, request: web.BaseRequest, name: str) -> web.Response:
-    """Prometheus text exposition."""
-    api.operations.update_metrics()
-    return web.Response(
-        body=metrics.render(), headers={"Content-Type": "text/plain; version=0.0.4"}
-    )
-
-
-async def get_status(api: Api, request: web.BaseRequest, name: str) -> web.Response:
-    """Per firehose: queued records and bytes, oldest age, last delivery and error, paused."""
-    return answer(200, api.operations.status())
-
-
-async def post_replay(api: Api, request: web.BaseRequest, name: str) -> web.StreamResponse:
-    """POST /v1/firehoses/{firehose}/replay: dead batches back to delivery, NDJSON progress.
-
-    Answered only to loopback or unix-socket peers: it changes what gets delivered.
-    """
-    if not _local_peer(request):
-        return answer(403, {"error": "replay is only answered to local clients"})
-    batches = api.operations.replay(name)
-    if batches is None:
-        return answer(404, {"error": "no running firehose of that name"})
-    response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
-    await response.prepare(request)
-    async for manifest in batches:
-        await response.write(msgspec.json.encode(replay.progress(manifest)) + b"\n")
-    await response.write_eof()
-    return response
-
-
-def _local_peer(request: web.BaseRequest) -> bool:
-    peer = request.transport.get_extra_info("peername") if request.transport else None
-    if not isinstance(peer, tuple):  # a unix socket: guarded by its file permissions
-        return True
-    return ip_address(peer[0]).is_loopback

@@ -24,11 +24,12 @@ import structlog
 from firehosed import metrics
 from firehosed.config import AccountConfig, ServerConfig
 from firehosed.dedupe import Dedupe
-from firehosed.envelope import EnvelopeReader, RecordError
+from firehosed.envelope import Envelope, EnvelopeReader, RecordError
 from firehosed.errors import StorageError
 from firehosed.faults import crash_point
 from firehosed.queue.base import Ticket
 from firehosed.router import Router, Routing
+from firehosed.tap import Tap
 
 log = structlog.get_logger(__name__)
 
@@ -76,6 +77,7 @@ class _Request:
     originals: list[Ticket] = field(default_factory=list)  # of duplicates still in flight
     rejected: list[dict[str, Any]] = field(default_factory=list)
     rejected_total: int = 0
+    tapped: list[Envelope] | None = None  # the fresh records' envelopes, while tailed
 
     def rejections(self) -> dict[str, Any]:
         """The `rejected` list (at most MAX_REJECTED_LISTED), with the full count when cut."""
@@ -88,9 +90,14 @@ class Receiver:
     """Accepts records for the accounts of the running config."""
 
     def __init__(
-        self, router: Router, server: ServerConfig, refusal: Callable[[str | None], str | None]
+        self,
+        router: Router,
+        server: ServerConfig,
+        refusal: Callable[[str | None], str | None],
+        tap: Tap | None = None,
     ) -> None:
         self.router = router
+        self.tap = tap or Tap()  # what `firehosed tail` follows
         self.server = server  # body limits, read per request
         self.accounts: dict[str, IngestAccount] = {}
         self._refusal = refusal
@@ -114,7 +121,7 @@ class Receiver:
         """Take one request's records: 202 once durable, 400 if all were rejected, 503
         if they could not be kept."""
         received = time.time()
-        request = _Request()
+        request = _Request(tapped=[] if self.tap.listening else None)
         account.dedupe.expire(received)
         routing = self.router.begin(account.name, request.ticket)
         try:
@@ -144,6 +151,8 @@ class Receiver:
         if request.fresh:
             crash_point("ingest.after_fsync")
             account.accepted.inc(len(request.fresh))
+        if request.tapped:
+            self._publish(account.name, request.tapped, received)
         body = {"accepted": len(request.fresh), "duplicates": request.duplicates}
         return Answer(202, {**body, **request.rejections()})
 
@@ -158,7 +167,7 @@ class Receiver:
         """Read, dedupe and route each record (the hot path: no per-record allocation
         beyond the record's own)."""
         dedupe, reader, ticket = account.dedupe, account.reader, request.ticket
-        fresh, originals = request.fresh, request.originals
+        fresh, originals, tapped = request.fresh, request.originals, request.tapped
         for index, raw in enumerate(raws):
             if index % YIELD_EVERY == YIELD_EVERY - 1:
                 routing.flush()
@@ -178,6 +187,24 @@ class Receiver:
                 continue
             routing.route(env, raw, received)
             fresh.append(env.id)
+            if tapped is not None:
+                tapped.append(env)
+
+    def _publish(self, account: str, envelopes: list[Envelope], received: float) -> None:
+        """Tell the tail what was accepted (only while someone follows it)."""
+        routes = self.router.accounts.get(account)
+        for env in envelopes:
+            queues = routes.targets(env.type, env.person is None) if routes else ()
+            self.tap.publish(
+                {
+                    "event": "accepted",
+                    "time": received,
+                    "account": account,
+                    "type": env.type,
+                    "id": env.id,
+                    "firehoses": [q.name for q in queues],
+                }
+            )
 
     @staticmethod
     async def _kept(request: _Request) -> None:

@@ -182,7 +182,7 @@ async def test_past_retry_for_dead_letters_then_replay_delivers(
             events = await until(lambda: daemon.events("batch.dead_lettered"), within=30)
             dead_at = time.monotonic()
             assert events[0]["records"] == 5 and events[0]["firehose"] == "stream"
-            metrics = (await asyncio.to_thread(daemon.get, "/metrics")).text
+            metrics = (await asyncio.to_thread(daemon.admin, "/metrics")).text
             assert 'firehosed_batches_dead_lettered_total{firehose="stream"} 1.0' in metrics
             (mail,) = await smtp.inbox.wait_for(1, within=10)
             assert "dead-lettered batch" in str(mail.message["Subject"])

@@ -1,0 +1,1 @@
+"""The operators' listener (`[admin]`): status page, metrics, status, tail, replay, reload."""

@@ -1,0 +1,186 @@
+"""The operators' commands (DESIGN.md §3): `status`, `pause`, `resume`, `config set`.
+
+Each talks to the running daemon on its admin listener (`client.py`); `config set` and
+`pause`/`resume` edit the config file first (`edit.py`), then ask for a reload.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from firehosed import config
+from firehosed.admin import client, edit, view
+from firehosed.errors import ConfigError
+
+_COLOURS = {view.Level.OK: "\033[32m", view.Level.WARN: "\033[33m", view.Level.BAD: "\033[31m"}
+_RESET = "\033[0m"
+
+
+def status(cfg: config.Config, *, as_json: bool) -> int:
+    """Print the running daemon's status: a table, or its JSON document."""
+    try:
+        document = asyncio.run(_get_status(cfg))
+    except (aiohttp.ClientError, OSError) as exc:
+        where = cfg.admin.listen
+        print(f"firehosed: the daemon is not answering on {where}: {exc}", file=sys.stderr)
+        return 1
+    if "firehoses" not in document:
+        print(f"firehosed: {document.get('error', document)}", file=sys.stderr)
+        return 1
+    if as_json:
+        print(json.dumps(document, indent=2))
+    else:
+        print(table(document, time.time(), colour=sys.stdout.isatty()))
+    return 0
+
+
+async def _get_status(cfg: config.Config) -> dict[str, Any]:
+    async with client.connect(cfg) as admin, admin.session.get(admin.url("/v1/status")) as r:
+        document: dict[str, Any] = await r.json()
+        return document
+
+
+HEADER = ("FIREHOSE", "CHANNEL", "STATE", "QUEUED", "BYTES", "OLDEST", "LAST DELIVERY")
+
+
+def table(document: dict[str, Any], now: float, *, colour: bool) -> str:
+    """The status document as a table, one row per firehose, last errors beneath."""
+    rows, states, errors = [], [], []
+    for name, fh in document["firehoses"].items():
+        text, level = view.state(fh, now)
+        states.append((text, level))
+        rows.append(
+            (
+                name,
+                fh["channel"],
+                text,
+                str(fh["queued_records"]),
+                view.size(fh["queued_bytes"]),
+                view.age(fh["oldest_queued_age_seconds"]) if fh["queued_records"] else "-",
+                view.ago(fh["last_delivery"], now),
+            )
+        )
+        if fh["last_error"]:
+            error = fh["last_error"]
+            errors.append(f"  {name} ({view.ago(error, now)}): {error['error']}")
+    widths = [max(len(r[i]) for r in [HEADER, *rows]) for i in range(len(HEADER))]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(HEADER, widths, strict=True)).rstrip()]
+    for row, (_, level) in zip(rows, states, strict=True):
+        cells = [c.ljust(w) for c, w in zip(row, widths, strict=True)]
+        if colour:
+            cells[2] = f"{_COLOURS[level]}{cells[2]}{_RESET}"
+        lines.append("  ".join(cells).rstrip())
+    storage = view.size(document["storage_bytes"])
+    lines.append(f"\naccepting: {'yes' if document['accepting'] else 'no'}, storage: {storage}")
+    if errors:
+        lines += ["last errors:", *errors]
+    return "\n".join(lines)
+
+
+def pause(path: str, firehose: str, paused: bool) -> int:
+    """`firehosed pause|resume NAME`: set `firehoses.NAME.paused`, then reload."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        print(f"{path}:1: cannot read config: {exc}", file=sys.stderr)
+        return 2
+    names = edit.table_names(text, "firehoses")
+    if firehose not in names:
+        known = ", ".join(sorted(names)) or "none"
+        problem = f"{path}: no [firehoses.{firehose}] in the file (firehoses: {known})"
+        print(problem, file=sys.stderr)
+        return 2
+    return set_key(path, ["firehoses", firehose, "paused"], paused)
+
+
+def config_set(path: str, key: str, value: str) -> int:
+    """`firehosed config set KEY VALUE`: VALUE is read as TOML, else as a string."""
+    try:
+        parts = edit.split_key(key)
+    except edit.EditError as exc:
+        print("\n".join(exc.problems), file=sys.stderr)
+        return 2
+    return set_key(path, parts, edit.parse_value(value))
+
+
+def set_key(path: str, key: list[str], value: Any) -> int:
+    """Edit, validate, replace the file; then ask the running daemon to reload."""
+    try:
+        new = edit.set_key(Path(path), key, value)
+    except (edit.EditError, ConfigError) as exc:
+        print("\n".join(exc.problems), file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"{path}:1: cannot edit config: {exc}", file=sys.stderr)
+        return 2
+    print(f"{path}: {'.'.join(key)} = {json.dumps(value)}")
+    return asyncio.run(_reload(new))
+
+
+async def _reload(cfg: config.Config) -> int:
+    try:
+        async with client.connect(cfg) as admin, admin.session.post(admin.url("/v1/reload")) as r:
+            answer = await r.json(content_type=None)
+    except (aiohttp.ClientConnectionError, OSError):
+        print(f"the daemon is not running ({cfg.admin.listen}): the change applies at its start")
+        return 0
+    if r.status == 200:
+        print("the running daemon reloaded its config")
+        return 0
+    problems = answer.get("errors") or [answer.get("error", f"HTTP {r.status}")]
+    print("the running daemon did not reload:", *problems, sep="\n  ", file=sys.stderr)
+    return 1
+
+
+def tail(cfg: config.Config, firehose: str | None) -> int:
+    """`firehosed tail`: print the running daemon's live events, one line each, until
+    Ctrl-C (a clean exit, status 0) or the daemon stops."""
+    try:
+        return asyncio.run(_tail(cfg, firehose))
+    except KeyboardInterrupt:
+        return 0
+    except (aiohttp.ClientError, OSError) as exc:
+        where = cfg.admin.listen
+        print(f"firehosed: the daemon is not answering on {where}: {exc}", file=sys.stderr)
+        return 1
+
+
+async def _tail(cfg: config.Config, firehose: str | None) -> int:
+    params = {"firehose": firehose} if firehose else {}
+    async with (
+        client.connect(cfg, seconds=None) as admin,
+        admin.session.get(admin.url("/v1/tail"), params=params) as response,
+    ):
+        if response.status != 200:
+            print(
+                f"firehosed: tail: HTTP {response.status} {await response.text()}", file=sys.stderr
+            )
+            return 1
+        print(f"following {cfg.admin.listen} (Ctrl-C to stop)", flush=True)
+        async for line in response.content:
+            if line.startswith(b"data: "):
+                print(event_line(json.loads(line[6:])), flush=True)
+    print("the daemon closed the stream", file=sys.stderr)
+    return 0
+
+
+def event_line(event: dict[str, Any]) -> str:
+    """One tail event as a line a person reads."""
+    at = time.strftime("%H:%M:%S", time.gmtime(event.get("time", time.time())))
+    kind = event.get("event")
+    if kind == "accepted":
+        to = ",".join(event["firehoses"]) or "(no firehose)"
+        return f"{at} accepted  {event['account']} {event['type']} {event['id']} -> {to}"
+    if kind == "delivered":
+        what = f"{event['records']} records, {view.size(event['bytes'])}"
+        return f"{at} delivered {event['firehose']} {event['batch']} ({what})"
+    if kind == "dropped":
+        return f"{at} dropped   {event['dropped']} events: this reader fell behind"
+    return f"{at} {json.dumps(event)}"
