@@ -119,7 +119,7 @@ IDENTIFIED = 5000
 
 def catchup_figures(daemon: Daemon) -> dict[str, float]:
     figures = {}
-    for entry in daemon.get("/metrics").text.splitlines():
+    for entry in daemon.admin("/metrics").text.splitlines():
         if entry.startswith("firehosed_catchup_"):
             name, _, value = entry.rpartition(" ")
             figures[name] = float(value)
