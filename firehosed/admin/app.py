@@ -10,10 +10,9 @@ imports it.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from ipaddress import ip_address
 from typing import Any, Protocol
-from urllib.parse import unquote
 
 import msgspec
 import structlog
@@ -23,7 +22,8 @@ from firehosed import metrics, replay
 from firehosed.admin import page, tail
 from firehosed.admin.history import History
 from firehosed.ingest import auth
-from firehosed.ingest.app import RETRY_AFTER, answer
+from firehosed.ingest.app import RETRY_AFTER
+from firehosed.ingest.routes import Routes, answer, get
 from firehosed.queue.base import Manifest
 from firehosed.tap import Tap
 
@@ -52,10 +52,6 @@ class Operations(Protocol):
         """Re-read the config file; the problems that kept it from loading (none: done)."""
 
 
-Handler = Callable[["AdminApi", web.BaseRequest, str], Awaitable[web.StreamResponse]]
-Methods = dict[str, Handler]
-
-
 class AdminApi:
     """The admin listener's handler: token first, then the route; errors are JSON."""
 
@@ -63,41 +59,28 @@ class AdminApi:
         self.operations = operations
         self.tap = tap
         self.page = page.Page(operations.status, history)
-        self._exact: dict[str, Methods] = {
-            "/": _get(page.get_page),
-            "/healthz": _get(healthz),
-            "/readyz": _get(readyz),
-            "/metrics": _get(get_metrics),
-            "/v1/status": _get(get_status),
-            "/v1/reload": {"POST": post_reload},
-            "/v1/replay": {"POST": post_replay_all},
-            "/v1/tail": {"GET": tail.get_tail},
-        }
-        # (prefix, suffix, methods): the path is prefix + one non-empty segment + suffix
-        self._named: tuple[tuple[str, str, Methods], ...] = (
-            ("/v1/firehoses/", "/replay", {"POST": post_replay}),
+        self._routes = Routes(
+            {
+                "/": get(page.get_page),
+                "/healthz": get(healthz),
+                "/readyz": get(readyz),
+                "/metrics": get(get_metrics),
+                "/v1/status": get(get_status),
+                "/v1/reload": {"POST": post_reload},
+                "/v1/replay": {"POST": post_replay_all},
+                "/v1/tail": {"GET": tail.get_tail},
+            },
+            [("/v1/firehoses/", "/replay", {"POST": post_replay})],
         )
 
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
-        try:
-            if not self._authorized(request):
-                return answer(
-                    401,
-                    {"error": "missing or invalid admin bearer token"},
-                    **{"WWW-Authenticate": 'Bearer realm="firehosed-admin"'},
-                )
-            methods, name = self._match(request.rel_url.raw_path)
-            if methods is None:
-                return answer(404, {"error": "Not Found"})
-            handler = methods.get(request.method)
-            if handler is None:
-                return answer(405, {"error": "Method Not Allowed"}, Allow=",".join(sorted(methods)))
-            return await handler(self, request, name)
-        except web.HTTPException as exc:
-            return answer(exc.status, {"error": exc.reason})
-        except Exception:
-            log.exception("admin.unhandled_error", path=request.path)
-            return answer(500, {"error": "internal error"})
+        if not self._authorized(request):
+            return answer(
+                401,
+                {"error": "missing or invalid admin bearer token"},
+                **{"WWW-Authenticate": 'Bearer realm="firehosed-admin"'},
+            )
+        return await self._routes.dispatch(self, request)
 
     def _authorized(self, request: web.BaseRequest) -> bool:
         token = self.operations.admin_token()
@@ -105,22 +88,6 @@ class AdminApi:
             return True
         given = auth.bearer(request.headers.get("Authorization"))
         return auth.authorized([token.encode()], given)
-
-    def _match(self, path: str) -> tuple[Methods | None, str]:
-        methods = self._exact.get(path)
-        if methods is not None:
-            return methods, ""
-        for prefix, suffix, named in self._named:
-            if path.startswith(prefix) and path.endswith(suffix):
-                name = path[len(prefix) : len(path) - len(suffix)]
-                if name and "/" not in name:
-                    return named, unquote(name)
-        return None, ""
-
-
-def _get(handler: Handler) -> Methods:
-    """A GET route; HEAD too (aiohttp sends a HEAD answer without its body)."""
-    return {"GET": handler, "HEAD": handler}
 
 
 async def healthz(api: AdminApi, request: web.BaseRequest, name: str) -> web.Response:

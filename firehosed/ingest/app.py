@@ -1,104 +1,44 @@
 """The ingest HTTP API (DESIGN.md §5): signal ingest, health, readiness.
 
 Served by aiohttp's low-level server through one handler, `Api`, that dispatches on the
-path itself. aiohttp's Application layer (router, match info) cost a no-op handler a
-quarter of its throughput here, and a middleware another seventh
-(bench/RESULTS-decompose.md); the API is three fixed routes, so a dict and a prefix do.
-
-Records go to the `Receiver` (receiver.py). What operators ask (status, metrics, replay,
-reload) is not answered here but on the admin listener (`firehosed/admin/`): sources
-reach this one, and it answers 404 for those paths.
+path itself (routes.py). Records go to the `Receiver` (receiver.py). What operators ask
+(status, metrics, replay, reload) is not answered here but on the admin listener
+(`firehosed/admin/`): sources reach this one, and it answers 404 for those paths.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
 from typing import Any
-from urllib.parse import unquote
 
-import msgspec
-import structlog
 from aiohttp import web
 
-from firehosed import metrics
 from firehosed.config import ServerConfig
 from firehosed.ingest import auth, body
 from firehosed.ingest.receiver import Answer, Receiver
+from firehosed.ingest.routes import Routes, answer, get
 
-log = structlog.get_logger(__name__)
 BIG_BODY = 1 << 16  # bytes: above this, splitting into records runs in a thread
 RETRY_AFTER = "5"
 
 
-# Every handler gets the API, the request and the path's variable part ("" if none).
-Handler = Callable[["Api", web.BaseRequest, str], Awaitable[web.StreamResponse]]
-Methods = dict[str, Handler]
-
-
 class Api:
-    """The aiohttp low-level handler: every answer is JSON (404 and 405 included), and an
-    unexpected error is a logged 500, never a traceback to the client."""
+    """The aiohttp low-level handler of the ingest listener."""
 
     def __init__(self, receiver: Receiver) -> None:
         self.receiver = receiver
-        self._exact: dict[str, Methods] = {
-            "/healthz": _get(healthz),
-            "/readyz": _get(readyz),
-        }
-        # (prefix, suffix, methods): the path is prefix + one non-empty segment + suffix
-        self._named: tuple[tuple[str, str, Methods], ...] = (
-            ("/v1/accounts/", "/signals", {"POST": post_signals}),
+        self._routes = Routes(
+            {"/healthz": get(healthz), "/readyz": get(readyz)},
+            [("/v1/accounts/", "/signals", {"POST": post_signals})],
         )
 
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
-        try:
-            methods, name = self._match(request.rel_url.raw_path)
-            if methods is None:
-                return answer(404, {"error": "Not Found"})
-            handler = methods.get(request.method)
-            if handler is None:
-                return answer(405, {"error": "Method Not Allowed"}, Allow=",".join(sorted(methods)))
-            return await handler(self, request, name)
-        except web.HTTPException as exc:
-            return answer(exc.status, {"error": exc.reason})
-        except Exception:
-            log.exception("http.unhandled_error", path=request.path)
-            return answer(500, {"error": "internal error"})
-
-    def _match(self, path: str) -> tuple[Methods | None, str]:
-        """The methods of `path` (percent-encoded, as sent) and its variable part, decoded:
-        an encoded "/" stays inside the segment, as an account name it is just unknown."""
-        methods = self._exact.get(path)
-        if methods is not None:
-            return methods, ""
-        for prefix, suffix, named in self._named:
-            if path.startswith(prefix) and path.endswith(suffix):
-                name = path[len(prefix) : len(path) - len(suffix)]
-                if name and "/" not in name:
-                    return named, unquote(name)
-        return None, ""
-
-
-def _get(handler: Handler) -> Methods:
-    """A GET route; HEAD too (aiohttp sends a HEAD answer without its body)."""
-    return {"GET": handler, "HEAD": handler}
+        return await self._routes.dispatch(self, request)
 
 
 def build_server(receiver: Receiver, **kwargs: Any) -> web.Server:
     """aiohttp's low-level server for the API (`kwargs`: its connection settings)."""
     return web.Server(Api(receiver), **kwargs)
-
-
-def answer(status: int, payload: dict[str, Any], **headers: str) -> web.Response:
-    """A JSON response, counted by status."""
-    metrics.requests_with(status).inc()
-    return web.Response(
-        status=status,
-        body=msgspec.json.encode(payload),
-        content_type="application/json",
-        headers=headers,
-    )
 
 
 async def post_signals(api: Api, request: web.BaseRequest, name: str) -> web.Response:
