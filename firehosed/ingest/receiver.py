@@ -215,6 +215,12 @@ class Receiver:
             await request.ticket.wait()
         for original in request.originals:
             await original.wait()
+        if not request.ticket and not request.originals:
+            # Nothing to wait for (no firehose took a record, or only settled duplicates):
+            # answer on the next loop turn all the same, with the other answers of this
+            # one. Answering at once, between the reads of one turn, cost a third of the
+            # throughput of such requests (bench/RESULTS.md, decompose: "no firehose").
+            await asyncio.sleep(0)
 
     @staticmethod
     def _settle(account: IngestAccount, routing: Routing, request: _Request, kept: bool) -> None:

@@ -39,14 +39,15 @@ LATER = 1.0  # seconds: the longest `wake_later` waits for a round
 class Round:
     """The appends that one group commit makes durable, or fails, together."""
 
-    __slots__ = ("_committer", "_error", "_outcome", "_settled")
+    __slots__ = ("_committer", "_error", "_settled", "_waiters")
 
     def __init__(self, committer: Committer) -> None:
         self._committer = committer
         self._settled = False
         self._error: StorageError | None = None
-        # Made when somebody waits before the round is settled (a loop is running then).
-        self._outcome: asyncio.Future[None] | None = None
+        # One future per waiter, so that a waiter cancelled (a client gone) cancels only
+        # its own; set directly by `settle`, which wakes each waiter in one loop turn.
+        self._waiters: list[asyncio.Future[None]] = []
 
     async def wait(self) -> None:
         """Return once this round is durable (per `durability`); StorageError if it failed."""
@@ -58,18 +59,19 @@ class Round:
     async def written(self) -> None:
         """Return once the committer wrote this round, whatever `durability` says."""
         if not self._settled:
-            if self._outcome is None:
-                self._outcome = asyncio.get_running_loop().create_future()
-            # Shielded: one waiter cancelled (a client gone) must not cancel it for all.
-            await asyncio.shield(self._outcome)
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            await waiter
         if self._error is not None:
             raise StorageError(str(self._error))
 
     def settle(self, error: StorageError | None) -> None:
         """The round was written (and synced), or failed with `error`: tell its waiters."""
         self._settled, self._error = True, error
-        if self._outcome is not None and not self._outcome.done():
-            self._outcome.set_result(None)
+        for waiter in self._waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+        self._waiters = []
 
 
 class Committer:
