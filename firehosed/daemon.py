@@ -45,6 +45,8 @@ from firehosed.tap import Tap
 
 log = structlog.get_logger(__name__)
 
+BUDGET_REFRESH = 0.01  # seconds: how stale the disk budget `refusal` reads may be
+
 
 class Daemon:
     """One firehosed process: receiver, router, queues and one delivery worker per firehose."""
@@ -69,6 +71,9 @@ class Daemon:
         # Why this process can no longer keep what it accepts (its committer ended), if so.
         self.broken: str | None = None
         self._shares: dict[str, list[tuple[str, int]]] = {}  # account: (firehose, max_queued)
+        # The last budget measured, and until when (monotonic) it stands (`refusal`).
+        self._budget: tuple[str | None, dict[str, str]] = (None, {})
+        self._budget_until = 0.0
         self._stop = asyncio.Event()
         self._reload = asyncio.Event()
         self._tasks: dict[str, asyncio.Task[None]] = {}
@@ -190,6 +195,7 @@ class Daemon:
                 await self._apply(new)
                 for firehose in self.firehoses.values():  # dead letters removed by hand
                     await firehose.queue.recount()
+                self._budget_until = 0.0
             except ConfigError as exc:
                 for problem in exc.problems:
                     log.error("config.invalid", problem=problem)
@@ -285,6 +291,7 @@ class Daemon:
         # take the whole budget and refuse every account.
         whole = config.storage.max_disk
         default = whole // 2 if len(firehoses) > 1 else whole
+        self._budget_until = 0.0  # measure again with the new shares
         self._shares = {
             name: [
                 (f, c.max_queued if c.max_queued is not None else default)
@@ -352,26 +359,45 @@ class Daemon:
 
         Queued records, dead letters and quarantined records all count against
         `max_disk`; each firehose's queued bytes against its `max_queued` share too.
+        The budget is measured at most every BUDGET_REFRESH seconds, not per request
+        (measuring every queue per request cost a single-signal POST 5 µs).
         """
         if self.broken is not None:
             return self.broken
         if not self.accepting:
             return "not accepting signals: starting or shutting down"
+        now = time.monotonic()
+        if now >= self._budget_until:
+            self._budget = self._measure_budget()
+            self._budget_until = now + BUDGET_REFRESH
+        full, by_account = self._budget
+        if full is not None or account is None:
+            return full
+        return by_account.get(account)
+
+    def _measure_budget(self) -> tuple[str | None, dict[str, str]]:
+        """(why every account is refused, or None; why each refused account is)."""
         now = time.time()
         figures = {name: f.queue.figures(now) for name, f in self.firehoses.items()}
         queued = sum(f.bytes for f in figures.values())
         dead = sum(f.dead_bytes for f in figures.values())
         limit = self.config.storage.max_disk
         if queued + dead > limit:
-            return (
+            full = (
                 f"storage is full: {queued} bytes queued and {dead} dead-lettered or "
                 f"quarantined, max_disk is {limit}"
             )
-        for name, share in self._shares.get(account, ()) if account is not None else ():
-            held = figures[name].bytes if name in figures else 0
-            if held > share:
-                return f"firehose {name} is full: {held} bytes queued, its max_queued is {share}"
-        return None
+            return full, {}
+        by_account = {}
+        for account, shares in self._shares.items():
+            for name, share in shares:
+                held = figures[name].bytes if name in figures else 0
+                if held > share:
+                    by_account[account] = (
+                        f"firehose {name} is full: {held} bytes queued, its max_queued is {share}"
+                    )
+                    break
+        return None, by_account
 
     def admin_token(self) -> str | None:
         """The bearer token the admin listener asks for (None: none), as last loaded."""
