@@ -9,6 +9,7 @@ closing a quiet stream and finds readers that left.
 
 from __future__ import annotations
 
+import contextlib
 from typing import TYPE_CHECKING
 
 import msgspec
@@ -39,15 +40,14 @@ async def stream(tap: Tap, request: web.BaseRequest, firehose: str | None) -> we
         }
     )
     try:
-        await response.prepare(request)
-        await response.write(b": following\n\n")
-        while (event := await subscriber.next(KEEPALIVE)) is not None:
-            if event:
-                await response.write(b"data: " + msgspec.json.encode(event) + b"\n\n")
-            else:
-                await response.write(b": keepalive\n\n")
-    except (ConnectionResetError, ConnectionError):
-        pass  # the reader left
+        with contextlib.suppress(ConnectionError):  # the reader left
+            await response.prepare(request)
+            await response.write(b": following\n\n")
+            while (event := await subscriber.next(KEEPALIVE)) is not None:
+                if event:
+                    await response.write(b"data: " + msgspec.json.encode(event) + b"\n\n")
+                else:
+                    await response.write(b": keepalive\n\n")
     finally:
         subscriber.close()
     return response
