@@ -55,7 +55,13 @@ class Operations(Protocol):
 class AdminApi:
     """The admin listener's handler: token first, then the route; errors are JSON."""
 
-    def __init__(self, operations: Operations, tap: Tap, history: History) -> None:
+    def __init__(
+        self,
+        operations: Operations,
+        tap: Tap,
+        history: History,
+        idle: dict[web.RequestHandler, float] | None = None,
+    ) -> None:
         self.operations = operations
         self.tap = tap
         self.page = page.Page(operations.status, history)
@@ -71,6 +77,7 @@ class AdminApi:
                 "/v1/tail": {"GET": tail.get_tail},
             },
             [("/v1/firehoses/", "/replay", {"POST": post_replay})],
+            idle,
         )
 
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
@@ -172,6 +179,13 @@ def _local_peer(request: web.BaseRequest) -> bool:
     return ip_address(peer[0]).is_loopback
 
 
-def build_server(operations: Operations, tap: Tap, history: History, **kwargs: Any) -> web.Server:
-    """aiohttp's low-level server for the admin API (`kwargs`: its connection settings)."""
-    return web.Server(AdminApi(operations, tap, history), **kwargs)
+def build_server(
+    operations: Operations,
+    tap: Tap,
+    history: History,
+    idle: dict[web.RequestHandler, float] | None = None,
+    **kwargs: Any,
+) -> web.Server:
+    """aiohttp's low-level server for the admin API, noting busy connections in `idle`
+    (an `IdleReaper.since`); `kwargs`: its connection settings."""
+    return web.Server(AdminApi(operations, tap, history, idle), **kwargs)

@@ -9,11 +9,11 @@ path itself (routes.py). Records go to the `Receiver` (receiver.py). What operat
 from __future__ import annotations
 
 import asyncio
+import functools
 from typing import Any
 
 from aiohttp import web
 
-from firehosed.config import ServerConfig
 from firehosed.ingest import auth, body
 from firehosed.ingest.receiver import Answer, Receiver
 from firehosed.ingest.routes import Routes, answer, get
@@ -23,22 +23,27 @@ RETRY_AFTER = "5"
 
 
 class Api:
-    """The aiohttp low-level handler of the ingest listener."""
+    """The ingest listener's handlers share this; `handle` is aiohttp's handler."""
 
-    def __init__(self, receiver: Receiver) -> None:
+    def __init__(
+        self, receiver: Receiver, idle: dict[web.RequestHandler, float] | None = None
+    ) -> None:
         self.receiver = receiver
-        self._routes = Routes(
+        routes = Routes(
             {"/healthz": get(healthz), "/readyz": get(readyz)},
             [("/v1/accounts/", "/signals", {"POST": post_signals})],
+            idle,
         )
+        # The dispatcher itself, bound to this API: no coroutine of ours in between.
+        self.handle = functools.partial(routes.dispatch, self)
 
-    async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
-        return await self._routes.dispatch(self, request)
 
-
-def build_server(receiver: Receiver, **kwargs: Any) -> web.Server:
-    """aiohttp's low-level server for the API (`kwargs`: its connection settings)."""
-    return web.Server(Api(receiver), **kwargs)
+def build_server(
+    receiver: Receiver, idle: dict[web.RequestHandler, float] | None = None, **kwargs: Any
+) -> web.Server:
+    """aiohttp's low-level server for the API, noting busy connections in `idle` (an
+    `IdleReaper.since`); `kwargs`: its connection settings."""
+    return web.Server(Api(receiver, idle).handle, **kwargs)
 
 
 async def post_signals(api: Api, request: web.BaseRequest, name: str) -> web.Response:
@@ -56,27 +61,24 @@ async def post_signals(api: Api, request: web.BaseRequest, name: str) -> web.Res
     assert account is not None
     if refusal := receiver.refusal(name):
         return answer(503, {"error": refusal}, **{"Retry-After": RETRY_AFTER})
-    try:
-        raws = await _records(request, receiver.server)
+    limits = receiver.server
+    try:  # the body's records, read within body_timeout and max_body (inline: hot path)
+        kind = body.content_kind(request)
+        if request.content.is_eof():  # the whole body is already here: nothing to wait for
+            data = await body.read(request, limits.max_body)
+        else:
+            async with asyncio.timeout(limits.body_timeout):
+                data = await body.read(request, limits.max_body)
+        if len(data) > BIG_BODY:  # millions of tiny records take a while to split
+            raws = await asyncio.to_thread(body.split, data, kind)
+        else:
+            raws = body.split(data, kind)
     except body.BodyError as exc:
         return answer(exc.status, {"error": exc.message})
     except TimeoutError:
-        late = f"body not received within body_timeout ({receiver.server.body_timeout:g}s)"
+        late = f"body not received within body_timeout ({limits.body_timeout:g}s)"
         return await _answer_and_close(request, answer(408, {"error": late}))
     return _answered(await receiver.accept(account, raws))
-
-
-async def _records(request: web.BaseRequest, limits: ServerConfig) -> list[bytes]:
-    """The body's records, read within `body_timeout` and `max_body`."""
-    kind = body.content_kind(request)
-    if request.content.is_eof():  # the whole body is already here: nothing to wait for
-        data = await body.read(request, limits.max_body)
-    else:
-        async with asyncio.timeout(limits.body_timeout):
-            data = await body.read(request, limits.max_body)
-    if len(data) > BIG_BODY:  # millions of tiny records take a while to split
-        return await asyncio.to_thread(body.split, data, kind)
-    return body.split(data, kind)
 
 
 def _answered(result: Answer) -> web.Response:

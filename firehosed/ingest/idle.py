@@ -18,7 +18,9 @@ closed at most `idle_timeout` plus two sweeps after it went idle, never before.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine
+import math
+import time
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 import structlog
@@ -28,60 +30,67 @@ log = structlog.get_logger(__name__)
 
 SWEEPS_PER_TIMEOUT = 4
 MAX_SWEEP_INTERVAL = 1.0  # seconds
+BUSY = math.inf  # a connection's idle time while a handler runs on it: never idle
 
 
 def reap(server: web.Server, idle_timeout: float) -> Coroutine[Any, Any, None]:
-    """Watch `server`'s connections (from now: call before it accepts any) and return
-    the sweeping coroutine for the caller to run as a tracked task."""
-    return IdleReaper(server, idle_timeout).run()
+    """Watch `server`'s connections, wrapping its handler to note when each is busy (call
+    before it accepts any), and return the sweeping coroutine for the caller to run as a
+    tracked task. The daemon's listeners note it in their dispatcher instead (`Routes`),
+    which saves the wrapper's coroutine on every request."""
+    reaper = IdleReaper(idle_timeout)
+    server.request_handler = reaper.wrap(server.request_handler)
+    return reaper.run(server)
+
+
+Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 
 
 class IdleReaper:
-    """Tracks when each connection of `server` went idle and closes those idle too long.
+    """Closes the connections of a server that stay idle too long.
 
-    Wraps `server.request_handler` (aiohttp hands it to each connection as it opens),
-    costing one extra coroutine frame and two dict writes per request.
+    Whoever runs the server's handlers keeps `since` (connection -> `time.monotonic()`
+    when it went idle, BUSY while a handler runs on it): `Routes.dispatch` does, or the
+    handler that `wrap` returns. aiohttp runs one connection's requests one after
+    another, never two at once, so one entry per connection is enough.
     """
 
-    def __init__(self, server: web.Server, idle_timeout: float) -> None:
-        self._server = server
+    def __init__(self, idle_timeout: float) -> None:
         self._timeout = idle_timeout
-        self._loop = asyncio.get_running_loop()
-        self._handler = server.request_handler
-        self._busy: dict[web.RequestHandler, int] = {}  # connection -> handlers running
-        self._idle_since: dict[web.RequestHandler, float] = {}  # loop time
-        server.request_handler = self._handle
+        self.since: dict[web.RequestHandler, float] = {}
 
-    async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
-        connection = request.protocol
-        self._busy[connection] = self._busy.get(connection, 0) + 1
-        try:
-            return await self._handler(request)
-        finally:
-            self._idle_since[connection] = self._loop.time()
-            if (running := self._busy.pop(connection) - 1) > 0:
-                self._busy[connection] = running
+    def wrap(self, handler: Handler) -> Handler:
+        """`handler`, noting in `since` when each connection is busy."""
+        since = self.since
 
-    async def run(self) -> None:
-        """Sweep every `idle_timeout / 4` (at most a second) until cancelled."""
+        async def handle(request: web.BaseRequest) -> web.StreamResponse:
+            connection = request.protocol
+            since[connection] = BUSY
+            try:
+                return await handler(request)
+            finally:
+                since[connection] = time.monotonic()
+
+        return handle
+
+    async def run(self, server: web.Server) -> None:
+        """Sweep `server` every `idle_timeout / 4` (at most a second) until cancelled."""
         if self._timeout <= 0:
             return
         interval = min(MAX_SWEEP_INTERVAL, self._timeout / SWEEPS_PER_TIMEOUT)
         while True:
             await asyncio.sleep(interval)
-            self.sweep()
+            self.sweep(server)
 
-    def sweep(self) -> int:
-        """Close every connection idle for `idle_timeout`; how many were closed."""
-        now = self._loop.time()
-        live = self._server.connections
-        for gone in self._idle_since.keys() - set(live):
-            del self._idle_since[gone]
+    def sweep(self, server: web.Server) -> int:
+        """Close every connection of `server` idle for `idle_timeout`; how many were closed."""
+        now = time.monotonic()
+        live = server.connections
+        for gone in self.since.keys() - set(live):
+            del self.since[gone]
         closed = 0
         for connection in live:
-            if connection in self._busy:
-                continue
-            since = self._idle_since.setdefault(connection, now)
+            since = self.since.setdefault(connection, now)
             if now - since >= self._timeout and _close(connection.transport):
                 closed += 1
         if closed:

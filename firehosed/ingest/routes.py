@@ -9,6 +9,7 @@ JSON, 404 and 405 included; an unexpected error is a logged 500, never a traceba
 
 from __future__ import annotations
 
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 from urllib.parse import unquote
@@ -18,6 +19,7 @@ import structlog
 from aiohttp import web
 
 from firehosed import metrics
+from firehosed.ingest.idle import BUSY
 
 log = structlog.get_logger(__name__)
 
@@ -43,16 +45,27 @@ def answer(status: int, payload: dict[str, Any], **headers: str) -> web.Response
 
 
 class Routes:
-    """One API's routes: `exact` paths, and `named` (prefix, suffix, methods) ones."""
+    """One API's routes: `exact` paths, and `named` (prefix, suffix, methods) ones.
+
+    With `idle` (an `IdleReaper.since`), a connection is noted busy while its handler
+    runs, for its listener's idle sweep: here, not in a wrapper of its own, since every
+    coroutine layer on the request's path costs the ingest rate (bench/RESULTS-seam-ab.md).
+    """
 
     def __init__(
-        self, exact: dict[str, Methods], named: Sequence[tuple[str, str, Methods]] = ()
+        self,
+        exact: dict[str, Methods],
+        named: Sequence[tuple[str, str, Methods]] = (),
+        idle: dict[web.RequestHandler, float] | None = None,
     ) -> None:
         self._exact = exact
         self._named = tuple(named)
+        self._idle = idle if idle is not None else {}
 
     async def dispatch(self, api: object, request: web.BaseRequest) -> web.StreamResponse:
         """Answer `request` with the handler its path and method name, given `api`."""
+        connection, idle = request.protocol, self._idle
+        idle[connection] = BUSY
         try:
             methods, name = self.match(request.rel_url.raw_path)
             if methods is None:
@@ -66,6 +79,8 @@ class Routes:
         except Exception:
             log.exception("http.unhandled_error", path=request.path)
             return answer(500, {"error": "internal error"})
+        finally:
+            idle[connection] = time.monotonic()
 
     def match(self, path: str) -> tuple[Methods | None, str]:
         """The methods of `path` (percent-encoded, as sent) and its variable part, decoded:

@@ -18,7 +18,7 @@ the delivery that confirms them. The contract every backend keeps (and the suite
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -118,9 +118,15 @@ class Ticket:
     def __bool__(self) -> bool:
         return bool(self._commits)
 
-    async def wait(self) -> None:
-        """Every commit durable; StorageError at the first that failed."""
-        for commit in self._commits:
+    def wait(self) -> Awaitable[None]:
+        """Every commit durable; StorageError at the first that failed. (Not a coroutine
+        of its own: the common request has one commit, awaited directly.)"""
+        commits = self._commits
+        return commits[0].wait() if len(commits) == 1 else self._wait_each(commits)
+
+    @staticmethod
+    async def _wait_each(commits: list[Commit]) -> None:
+        for commit in commits:
             await commit.wait()
 
 

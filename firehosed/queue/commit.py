@@ -39,10 +39,13 @@ LATER = 1.0  # seconds: the longest `wake_later` waits for a round
 class Round:
     """The appends that one group commit makes durable, or fails, together."""
 
-    __slots__ = ("_committer", "_error", "_settled", "_waiters")
+    __slots__ = ("_committer", "_error", "_loop", "_settled", "_waiters")
 
     def __init__(self, committer: Committer) -> None:
         self._committer = committer
+        # Asked once per round, not per waiter: each `get_running_loop()` is a getpid()
+        # system call (asyncio checks for a fork), a tenth of a small request's cost.
+        self._loop = asyncio.get_running_loop()
         self._settled = False
         self._error: StorageError | None = None
         # One future per waiter, so that a waiter cancelled (a client gone) cancels only
@@ -53,13 +56,19 @@ class Round:
         """Return once this round is durable (per `durability`); StorageError if it failed."""
         committer = self._committer
         committer.start_round()
-        if committer.durability != "memory":
-            await self.written()
+        if committer.durability == "memory":
+            return
+        if not self._settled:  # `written`, inlined: one coroutine less per request
+            waiter = self._loop.create_future()
+            self._waiters.append(waiter)
+            await waiter
+        if self._error is not None:
+            raise StorageError(str(self._error))
 
     async def written(self) -> None:
         """Return once the committer wrote this round, whatever `durability` says."""
         if not self._settled:
-            waiter = asyncio.get_running_loop().create_future()
+            waiter = self._loop.create_future()
             self._waiters.append(waiter)
             await waiter
         if self._error is not None:

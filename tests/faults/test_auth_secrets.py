@@ -219,7 +219,7 @@ async def test_every_configured_token_is_compared_whatever_the_request(
         "unknown account": ("nobody", "first-token-aaaa", 401, 1),
         "unknown account, no token": ("nobody", None, 401, 1),
     }
-    async with TestClient(RawTestServer(api)) as client:
+    async with TestClient(RawTestServer(api.handle)) as client:
         for name, (account, token, status, compares) in cases.items():
             calls.clear()
             headers = bearer(token) if token is not None else {}

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -18,6 +19,7 @@ import pytest
 from aiohttp import web
 
 from firehosed.ingest import idle
+from firehosed.ingest.routes import Routes, get
 from tests.daemon import free_port
 
 IDLE = 1.0  # seconds
@@ -32,11 +34,25 @@ async def handler(request: web.BaseRequest) -> web.Response:
     return web.Response(text="ok")
 
 
-@pytest.fixture
-async def server_port() -> AsyncIterator[int]:
-    """A low-level aiohttp server, as the daemon builds it, with the reaper running."""
-    server = web.Server(handler, access_log=None, keepalive_timeout=3600)
-    reaper = asyncio.create_task(idle.reap(server, IDLE))
+async def routed(api: object, request: web.BaseRequest, name: str) -> web.Response:
+    return await handler(request)
+
+
+@pytest.fixture(params=["wrapped", "routes"])
+async def server_port(request: pytest.FixtureRequest) -> AsyncIterator[int]:
+    """A low-level aiohttp server, as the daemon builds it, with the reaper running: its
+    handler wrapped by `idle.reap`, or (as the daemon's listeners do) a `Routes`
+    dispatcher noting busy connections in the reaper's `since`."""
+    if request.param == "wrapped":
+        server = web.Server(handler, access_log=None, keepalive_timeout=3600)
+        reaper = asyncio.create_task(idle.reap(server, IDLE))
+    else:
+        sweeper = idle.IdleReaper(IDLE)
+        routes = Routes({"/": get(routed), "/slow": get(routed)}, idle=sweeper.since)
+        server = web.Server(
+            functools.partial(routes.dispatch, None), access_log=None, keepalive_timeout=3600
+        )
+        reaper = asyncio.create_task(sweeper.run(server))
     runner = web.ServerRunner(server, handle_signals=False)
     await runner.setup()
     port = free_port()
