@@ -15,7 +15,7 @@ from typing import Any
 from aiohttp import web
 
 from firehosed.ingest import auth, body
-from firehosed.ingest.receiver import Answer, Receiver
+from firehosed.ingest.receiver import Receiver
 from firehosed.ingest.routes import Routes, answer, get
 
 BIG_BODY = 1 << 16  # bytes: above this, splitting into records runs in a thread
@@ -78,10 +78,7 @@ async def post_signals(api: Api, request: web.BaseRequest, name: str) -> web.Res
     except TimeoutError:
         late = f"body not received within body_timeout ({limits.body_timeout:g}s)"
         return await _answer_and_close(request, answer(408, {"error": late}))
-    return _answered(await receiver.accept(account, raws))
-
-
-def _answered(result: Answer) -> web.Response:
+    result = await receiver.accept(account, raws)
     if result.status == 503:
         return answer(503, result.body, **{"Retry-After": RETRY_AFTER})
     return answer(result.status, result.body)
@@ -105,7 +102,7 @@ async def healthz(api: Api, request: web.BaseRequest, name: str) -> web.Response
 
 async def readyz(api: Api, request: web.BaseRequest, name: str) -> web.Response:
     """Ready to accept signals: started, not draining, storage under max_disk."""
-    if refusal := api.receiver.refusal():
+    if refusal := api.receiver.refusal(None):
         return answer(
             503, {"status": "not ready", "error": refusal}, **{"Retry-After": RETRY_AFTER}
         )

@@ -100,7 +100,9 @@ class Receiver:
         self.tap = tap or Tap()  # what `firehosed tail` follows
         self.server = server  # body limits, read per request
         self.accounts: dict[str, IngestAccount] = {}
-        self._refusal = refusal
+        # Why records (for an account, or for any: None) must be refused (503) now, or
+        # None: the daemon's own check, called directly (once per request).
+        self.refusal = refusal
         self._settling: set[asyncio.Future[None]] = set()  # cancelled requests' outcomes
 
     def configure(self, server: ServerConfig, accounts: dict[str, AccountConfig]) -> None:
@@ -112,10 +114,6 @@ class Receiver:
             )
             for name, account in accounts.items()
         }
-
-    def refusal(self, account: str | None = None) -> str | None:
-        """Why records (for `account`, or for any) must be refused (503) now, or None."""
-        return self._refusal(account)
 
     async def accept(self, account: IngestAccount, raws: list[bytes]) -> Answer:
         """Take one request's records: 202 once durable, 400 if all were rejected, 503
@@ -159,7 +157,10 @@ class Receiver:
         if request.tapped:
             self._publish(account.name, request.tapped, received)
         body = {"accepted": len(request.fresh), "duplicates": request.duplicates}
-        body.update(request.rejections())
+        if request.rejected_total:
+            body.update(request.rejections())
+        else:
+            body["rejected"] = request.rejected
         return Answer(202, body)
 
     @staticmethod

@@ -55,7 +55,7 @@ class Round:
     async def wait(self) -> None:
         """Return once this round is durable (per `durability`); StorageError if it failed."""
         committer = self._committer
-        committer.start_round()
+        committer._wake.set()  # `start_round()`, inlined (hot path)
         if committer.durability == "memory":
             return
         if not self._settled:  # `written`, inlined: one coroutine less per request
