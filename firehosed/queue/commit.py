@@ -43,9 +43,9 @@ class Round:
 
     def __init__(self, committer: Committer) -> None:
         self._committer = committer
-        # Asked once per round, not per waiter: each `get_running_loop()` is a getpid()
-        # system call (asyncio checks for a fork), a tenth of a small request's cost.
-        self._loop = asyncio.get_running_loop()
+        # Asked once per round, by its first waiter, not by every waiter: each
+        # `get_running_loop()` is a getpid() system call (asyncio checks for a fork).
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._settled = False
         self._error: StorageError | None = None
         # One future per waiter, so that a waiter cancelled (a client gone) cancels only
@@ -59,7 +59,7 @@ class Round:
         if committer.durability == "memory":
             return
         if not self._settled:  # `written`, inlined: one coroutine less per request
-            waiter = self._loop.create_future()
+            waiter = (self._loop or self._running_loop()).create_future()
             self._waiters.append(waiter)
             await waiter
         if self._error is not None:
@@ -68,11 +68,15 @@ class Round:
     async def written(self) -> None:
         """Return once the committer wrote this round, whatever `durability` says."""
         if not self._settled:
-            waiter = self._loop.create_future()
+            waiter = (self._loop or self._running_loop()).create_future()
             self._waiters.append(waiter)
             await waiter
         if self._error is not None:
             raise StorageError(str(self._error))
+
+    def _running_loop(self) -> asyncio.AbstractEventLoop:
+        self._loop = asyncio.get_running_loop()
+        return self._loop
 
     def settle(self, error: StorageError | None) -> None:
         """The round was written (and synced), or failed with `error`: tell its waiters."""
