@@ -156,5 +156,17 @@ def _envelope_paths(fields: FieldsConfig) -> frozenset[str]:
 def entry_names(
     types: Iterable[str], day_stamp: str, names: Mapping[str, str]
 ) -> list[tuple[str, str]]:
-    """(type, CSV name) for each type, sorted by type: `{event name}_{DDMMYYYY}.csv`."""
-    return [(kind, f"{names.get(kind, kind)}_{day_stamp}.csv") for kind in sorted(types)]
+    """(type, CSV name) for each type, sorted by type: `{event name}_{DDMMYYYY}.csv`.
+
+    `event_names` are checked by `firehosed check`; a type without one is its own name,
+    with any character that a file name cannot hold (`/ \\ : * ? " < > |`, control
+    characters) replaced by `_`, so that no entry unpacks outside its folder.
+    """
+    return [(kind, f"{names.get(kind) or _safe(kind)}_{day_stamp}.csv") for kind in sorted(types)]
+
+
+def _safe(kind: str) -> str:
+    return "".join("_" if c in UNSAFE or c < " " or c == "\x7f" else c for c in kind)
+
+
+UNSAFE = frozenset('/\\:*?"<>|')

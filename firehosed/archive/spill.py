@@ -1,0 +1,105 @@
+"""The open days of an archive firehose, spilled per day and type while they run.
+
+An archive firehose's queue is cut into ordinary batches; instead of being delivered,
+each batch is spilled here, its records sorted by the day they were received on (in the
+firehose's time zone) and by type, and only then marked done in the queue. When a day
+has ended, its archive is built from its spills, one type at a time: the queue never
+holds a whole day, and a build reads each record twice (columns, then rows), never more.
+
+Layout, under the firehose's archive directory:
+
+    spill/<YYYY-MM-DD>/<type, hex of its UTF-8>/<queue batch number, 12 digits>
+
+Each file holds one queue batch's records of that day and type, framed (queue/frames.py)
+msgpack `Record`s in the order received. A spill file is written atomically and
+durably under a name given by its batch number, so a batch spilled again after a crash
+(before the queue heard it was done) replaces its own files: never a record twice.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterable, Iterator, Sequence
+from datetime import date
+from pathlib import Path
+
+from firehosed.archive.days import Days
+from firehosed.fileio import fsync_dir, make_dirs, write_durably
+from firehosed.queue.frames import frame, scan
+from firehosed.record import Record, decoder, encode
+
+READ_CHUNK = 4 << 20  # bytes: spill files are read in pieces this big, never whole
+
+
+class Spill:
+    """The spilled records of one archive firehose's open (and ended, unbuilt) days."""
+
+    def __init__(self, root: Path, days: Days, sync: bool = True) -> None:
+        self.root = root / "spill"
+        self.days = days
+        self.sync = sync
+
+    def add(self, batch: int, records: Sequence[Record]) -> list[date]:
+        """Spill queue batch number `batch` (a worker thread); the days it touched."""
+        groups: dict[tuple[date, str], list[bytes]] = {}
+        for record in records:
+            day = self.days.of(record.received)
+            groups.setdefault((day, record.type), []).append(frame(encode(record)))
+        for (day, kind), frames in groups.items():
+            directory = self.root / day.isoformat() / kind.encode().hex()
+            make_dirs(directory, self.sync)
+            write_durably(directory / f"{batch:012d}", b"".join(frames), self.sync)
+        return sorted({day for day, _ in groups})
+
+    def spilled_days(self) -> list[date]:
+        """Days with spilled records, oldest first."""
+        if not self.root.is_dir():
+            return []
+        return sorted(date.fromisoformat(p.name) for p in self.root.iterdir() if p.is_dir())
+
+    def types(self, day: date) -> list[str]:
+        """The types spilled for `day`, sorted."""
+        directory = self.root / day.isoformat()
+        if not directory.is_dir():
+            return []
+        return sorted(bytes.fromhex(p.name).decode() for p in directory.iterdir() if p.is_dir())
+
+    def records(self, day: date, kind: str) -> Iterator[Record]:
+        """`day`'s records of type `kind`, in the order received (queue batch order)."""
+        directory = self.root / day.isoformat() / kind.encode().hex()
+        for path in sorted(directory.iterdir()):
+            if path.name.isdigit():
+                yield from _read(path)
+
+    def count(self, day: date) -> int:
+        """How many records `day` holds so far (reads the spills: for status, not per
+        request)."""
+        return sum(sum(1 for _ in self.records(day, kind)) for kind in self.types(day))
+
+    def drop(self, day: date) -> None:
+        """Forget `day`'s spills (its archive was delivered)."""
+        directory = self.root / day.isoformat()
+        if directory.is_dir():
+            shutil.rmtree(directory)
+            if self.sync:
+                fsync_dir(self.root)
+
+
+def _read(path: Path) -> Iterable[Record]:
+    """The records of one spill file, read in chunks of READ_CHUNK bytes at most (plus
+    one record: a frame is never split)."""
+    with path.open("rb") as f:
+        rest, offset = b"", 0  # `rest` starts at file offset `offset`
+        while chunk := f.read(READ_CHUNK):
+            data = rest + chunk
+            end = 0
+            for span in scan(data):
+                if span.payload is None:
+                    if span.end < len(data):  # written durably once: damage, not a tail
+                        raise ValueError(f"{path}: a damaged record at byte {offset + span.start}")
+                    break  # the last frame continues in the next chunk
+                yield decoder.decode(span.payload)
+                end = span.end
+            rest, offset = data[end:], offset + end
+        if rest:
+            raise ValueError(f"{path}: a damaged record at the end of a spill file")
