@@ -26,6 +26,7 @@ from firehosed import metrics
 from firehosed.admin import app as admin_app
 from firehosed.admin.history import History
 from firehosed.alerts import Alerts
+from firehosed.archive.archiver import Archiver
 from firehosed.catchup import CatchUp
 from firehosed.channels import Channel, open_channel
 from firehosed.config import Config
@@ -261,7 +262,13 @@ class Daemon:
     ) -> None:
         queue = await self.backend.open_queue(name)
         firehose = Firehose(name, config, queue, mapping)
-        worker = Worker(firehose, channel, dead, self.alerts, self.tap)
+        archive = None
+        if config.format == "zip-csv":
+            fields = self.config.accounts[config.account].fields
+            root = self.storage / "archive" / name
+            sync = self.config.storage.durability == "fsync"
+            archive = Archiver(name, config, fields, mapping, root, sync=sync)
+        worker = Worker(firehose, channel, dead, self.alerts, self.tap, archive=archive)
         self.firehoses[name], self.workers[name] = firehose, worker
         self._track(f"worker:{name}", self._run_worker(worker))
         queued = queue.figures(time.time()).records

@@ -34,6 +34,7 @@ class Built:
     path: Path
     size: int
     sha256: str
+    records: int
 
 
 def archive_name(pattern: str, account: str, day: date) -> str:
@@ -78,7 +79,7 @@ def build(
         os.replace(building, path)
         if sync:
             fsync_dir(out)
-    return Built(day, name, path, path.stat().st_size, _sha256(path))
+    return Built(day, name, path, path.stat().st_size, _sha256(path), spill.count(day))
 
 
 def _sha256(path: Path) -> str:

@@ -8,7 +8,7 @@ holds a whole day, and a build reads each record twice (columns, then rows), nev
 
 Layout, under the firehose's archive directory:
 
-    spill/<YYYY-MM-DD>/<type, hex of its UTF-8>/<queue batch number, 12 digits>
+    spill/<YYYY-MM-DD>/<type, hex of its UTF-8>/<queue batch number, 12 digits>.<records>
 
 Each file holds one queue batch's records of that day and type, framed (queue/frames.py)
 msgpack `Record`s in the order received. A spill file is written atomically and
@@ -48,7 +48,9 @@ class Spill:
         for (day, kind), frames in groups.items():
             directory = self.root / day.isoformat() / kind.encode().hex()
             make_dirs(directory, self.sync)
-            write_durably(directory / f"{batch:012d}", b"".join(frames), self.sync)
+            # The name carries the count, so that counting a day lists, never reads.
+            name = f"{batch:012d}.{len(frames)}"
+            write_durably(directory / name, b"".join(frames), self.sync)
         return sorted({day for day, _ in groups})
 
     def spilled_days(self) -> list[date]:
@@ -68,13 +70,17 @@ class Spill:
         """`day`'s records of type `kind`, in the order received (queue batch order)."""
         directory = self.root / day.isoformat() / kind.encode().hex()
         for path in sorted(directory.iterdir()):
-            if path.name.isdigit():
+            if _count(path.name) is not None:
                 yield from _read(path)
 
     def count(self, day: date) -> int:
-        """How many records `day` holds so far (reads the spills: for status, not per
-        request)."""
-        return sum(sum(1 for _ in self.records(day, kind)) for kind in self.types(day))
+        """How many records `day` holds so far (from the spill files' names)."""
+        directory = self.root / day.isoformat()
+        if not directory.is_dir():
+            return 0
+        return sum(
+            _count(path.name) or 0 for kind in directory.iterdir() for path in kind.iterdir()
+        )
 
     def drop(self, day: date) -> None:
         """Forget `day`'s spills (its archive was delivered)."""
@@ -83,6 +89,12 @@ class Spill:
             shutil.rmtree(directory)
             if self.sync:
                 fsync_dir(self.root)
+
+
+def _count(name: str) -> int | None:
+    """The record count in a spill file's name (`<batch>.<count>`), None for another file."""
+    batch, _, count = name.partition(".")
+    return int(count) if batch.isdigit() and count.isdigit() else None
 
 
 def _read(path: Path) -> Iterable[Record]:

@@ -87,8 +87,10 @@ class Columns:
         return envelope + [flat.get(key, "") for key in sorted(self._keys)]
 
 
-def write(out: BinaryIO, entries: Sequence[Entry], columns: Callable[[], Columns]) -> None:
-    """Write the zip of `entries` to `out` (seekable), streaming each CSV into it."""
+def write(out: BinaryIO, entries: Sequence[Entry], columns: Callable[[], Columns]) -> int:
+    """Write the zip of `entries` to `out` (seekable), streaming each CSV into it; the
+    number of records (rows below the headers) written."""
+    total = 0
     with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED, allowZip64=True) as archive:
         for entry in entries:
             cols = columns()
@@ -106,6 +108,8 @@ def write(out: BinaryIO, entries: Sequence[Entry], columns: Callable[[], Columns
             info.external_attr = 0o644 << 16
             with archive.open(info, "w", force_zip64=bound >= ZIP64_LIMIT) as raw:
                 _write_rows(raw, header, cols, entry.records())
+            total += rows
+    return total
 
 
 def _write_rows(

@@ -1,0 +1,125 @@
+"""The daily archive firehose, end to end: a real daemon whose clock is moved past
+midnight by Debian's `faketime` (wall clock only: its event loop's monotonic clock is
+left alone), posting signals on both sides of midnight and reading the zip the directory
+channel receives. Every CSV cell is checked against the posted signals.
+
+Under CI=true a missing libfaketime fails the test; elsewhere it skips with the reason.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import time
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.daemon import Daemon, signal_record, wait_until
+
+LIBFAKETIME = next(
+    (
+        path
+        for path in (
+            "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1",
+            "/usr/lib/aarch64-linux-gnu/faketime/libfaketime.so.1",
+            "/usr/lib/faketime/libfaketime.so.1",
+        )
+        if Path(path).exists()
+    ),
+    None,
+)
+if LIBFAKETIME is None:
+    if os.environ.get("CI") == "true":
+        raise RuntimeError("libfaketime is missing: apt-get install faketime (scripts/test does)")
+    pytestmark = pytest.mark.skip(reason="libfaketime not installed (apt-get install faketime)")
+
+SPEED = 10  # fake seconds per real second
+ARCHIVE = """
+[firehoses.daily]
+account = "acme"
+channel = "local"
+format = "zip-csv"
+schedule = "daily"
+timezone = "Asia/Kolkata"
+archive_name = "{account}_%d%m%Y"
+event_names = { c = "add to cart", t = "product purchase" }
+"""
+
+
+def faked(start_utc: str) -> dict[str, str]:
+    """The environment of a daemon whose wall clock starts at `start_utc` and runs SPEED
+    times as fast."""
+    assert LIBFAKETIME is not None
+    return {
+        "LD_PRELOAD": LIBFAKETIME,
+        "FAKETIME": f"@{start_utc} x{SPEED}",
+        "FAKETIME_DONT_FAKE_MONOTONIC": "1",
+        "TZ": "UTC",
+    }
+
+
+@pytest.fixture
+def daemon(tmp_path: Path) -> Iterator[Daemon]:
+    d = Daemon(tmp_path, ARCHIVE)
+    yield d
+    d.close()
+
+
+def archive_rows(path: Path) -> dict[str, list[dict[str, str]]]:
+    """Each CSV of the zip at `path` as rows keyed by header."""
+    tables = {}
+    with zipfile.ZipFile(path) as archive:
+        assert archive.testzip() is None
+        for name in archive.namelist():
+            text = archive.read(name).decode("utf-8")
+            tables[name] = list(csv.DictReader(io.StringIO(text, newline="")))
+    return tables
+
+
+def zips(daemon: Daemon) -> list[Path]:
+    return sorted(daemon.files("**/*.zip"))
+
+
+def test_midnight_cuts_the_day_into_one_zip_and_a_missed_midnight_is_built_on_start(
+    daemon: Daemon,
+) -> None:
+    # 23:59:00 in Kolkata; midnight comes 6 s (real) after the process starts.
+    started = time.monotonic()
+    daemon.start(env=faked("2026-12-04 18:29:00"))
+    carts = [
+        signal_record(n, kind="c", session=f"s{n}", cart={"p": [{"prid": f"p{n}"}]})
+        for n in range(30)
+    ]
+    buys = [signal_record(100 + n, kind="t", session=f"s{n}", total=n + 0.5) for n in range(5)]
+    assert daemon.post(carts + buys).status_code == 202
+    assert time.monotonic() - started < 5, "posted too late: the test needs them before midnight"
+    wait_until(lambda: time.monotonic() - started > 6.5, timeout=10)
+    later = [signal_record(200 + n, kind="c", session="late") for n in range(7)]
+    assert daemon.post(later).status_code == 202
+    (first,) = wait_until(lambda: zips(daemon), timeout=20)
+    assert first.name == "acme_04122026.zip"
+    tables = archive_rows(first)
+    assert sorted(tables) == ["add to cart_04122026.csv", "product purchase_04122026.csv"]
+    cart_rows = tables["add to cart_04122026.csv"]
+    assert [row["id"] for row in cart_rows] == [f"{n:024x}" for n in range(30)]
+    for n, row in enumerate(cart_rows):
+        assert row["type"] == "c" and row["session"] == f"s{n}"
+        assert row["Payload.cart.p.0.prid"] == f"p{n}"
+        assert "Payload.evdt.$date" not in row and row["time"] == "2026-11-23T10:00:00Z"
+    assert [row["Payload.total"] for row in tables["product purchase_04122026.csv"]] == [
+        str(n + 0.5) for n in range(5)
+    ]
+    status = daemon.status()["firehoses"]["daily"]["archive"]
+    assert status["last_day_delivered"] == "2026-12-04"
+    daemon.stop()
+
+    # Down over the next midnight: on start (6 Dec, 00:05 in Kolkata) the 5th is built.
+    daemon.start(env=faked("2026-12-05 18:35:00"))
+    second = wait_until(lambda: [p for p in zips(daemon) if p != first], timeout=20)
+    assert [p.name for p in second] == ["acme_05122026.zip"]
+    (late_rows,) = archive_rows(second[0]).values()
+    assert [row["id"] for row in late_rows] == [f"{200 + n:024x}" for n in range(7)]
