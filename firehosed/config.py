@@ -424,6 +424,19 @@ def _validate(config: Config, report: _Report, names: dict[str, set[str]]) -> No
     _validate_fallback(config.fallback, names, report)
     for name, firehose in config.firehoses.items():
         _validate_firehose(names, ("firehoses", name), firehose, report)
+        channel = config.channels.get(firehose.channel)
+        if firehose.format == "zip-csv" and channel is not None and _streams(channel):
+            report.add(
+                ("firehoses", name, "channel"),
+                f"channel {firehose.channel!r} streams records: a daily archive needs a file "
+                "channel (directory, sftp, ftp, ftpes or s3)",
+            )
+
+
+def _streams(channel: Any) -> bool:
+    """Whether a channel config is of a stream type (webhook, queues)."""
+    kind = type(channel).__struct_config__.tag
+    return bool(channels.REGISTRY[kind].channel_type().stream)
 
 
 def _validate_channel(key: tuple[str, ...], channel: Any, report: _Report) -> None:

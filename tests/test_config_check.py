@@ -498,6 +498,15 @@ CASES: dict[str, tuple[str, str, str, str]] = {
         "firehoses.f.event_names.c",
         "must be a file name",
     ),
+    "archive to a stream channel": (
+        '[firehoses.f]\naccount = "acme"\nchannel = "local"\nformat = "json"|'
+        '[channels.hook]\ntype = "webhook"\nurl = "https://example.com/in"\n\n'
+        '[firehoses.f]\naccount = "acme"\nchannel = "hook"\nformat = "zip-csv"\n'
+        'schedule = "daily"',
+        'channel = "hook"',
+        "firehoses.f.channel",
+        "needs a file channel",
+    ),
     "alerts allow_plaintext_login without a login": (
         "[catch_up]|[alerts]\nallow_plaintext_login = true\n\n[catch_up]",
         "allow_plaintext_login",
