@@ -201,9 +201,14 @@ class Worker:
 
         This loop is the only place that delivers, so one batch is never in flight twice.
         """
+        watch = asyncio.create_task(self._watch_late(self.archive)) if self.archive else None
         try:
             await self._loop()
         finally:
+            if watch is not None:
+                watch.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watch
             await self.queue.stop()
 
     async def _loop(self) -> None:
@@ -277,13 +282,6 @@ class Worker:
         next batch (waiting for it at most until the running day ends). True when the
         queue had nothing left to spill."""
         now = time.time()
-        if (late := archive.late(now)) is not None:
-            error = self.last_error.what if self.last_error else "not built or delivered yet"
-            self.alerts.archive_late(
-                self.firehose.config.error_alert_email,
-                self._incident(error, self.failing),
-                archive.name_of(late),
-            )
         if now >= archive.next_due(self._spilled_at):
             # A day ended since everything was last spilled (or the worker just started):
             # what was committed before its end goes into the spills before it is built.
@@ -311,6 +309,20 @@ class Worker:
             return True
         await self._spill(archive, batch)
         return False
+
+    async def _watch_late(self, archive: Archiver) -> None:
+        """Alongside the loop (which may be retrying a put for hours): every ARCHIVE_CHECK
+        seconds, alert once for each day not delivered by its `deliver_by`."""
+        while True:
+            while (late := archive.late(time.time())) is not None:
+                error = self.last_error.what if self.last_error else "not delivered yet"
+                log.error("archive.late", firehose=self.name, day=late.isoformat())
+                self.alerts.archive_late(
+                    self.firehose.config.error_alert_email,
+                    self._incident(error, self.failing),
+                    archive.name_of(late),
+                )
+            await asyncio.sleep(ARCHIVE_CHECK)
 
     async def _spill(self, archive: Archiver, batch: Manifest) -> None:
         path = await self.queue.local_file(batch, write=True)

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests.daemon import Daemon, signal_record, wait_until
+from tests.servers.smtp import SmtpServer, smtp_server
 
 LIBFAKETIME = next(
     (
@@ -36,6 +37,8 @@ if LIBFAKETIME is None:
     if os.environ.get("CI") == "true":
         raise RuntimeError("libfaketime is missing: apt-get install faketime (scripts/test does)")
     pytestmark = pytest.mark.skip(reason="libfaketime not installed (apt-get install faketime)")
+
+__all__ = ["smtp_server"]  # a fixture, imported for pytest
 
 SPEED = 10  # fake seconds per real second
 ARCHIVE = """
@@ -123,3 +126,50 @@ def test_midnight_cuts_the_day_into_one_zip_and_a_missed_midnight_is_built_on_st
     assert [p.name for p in second] == ["acme_05122026.zip"]
     (late_rows,) = archive_rows(second[0]).values()
     assert [row["id"] for row in late_rows] == [f"{200 + n:024x}" for n in range(7)]
+
+
+def test_an_archive_not_delivered_by_deliver_by_alerts_once_and_sets_the_metric(
+    tmp_path: Path, smtp_server: SmtpServer
+) -> None:
+    blocked = tmp_path / "blocked"
+    blocked.write_text("a file where the channel wants a directory")
+    extra = (
+        ARCHIVE.replace('channel = "local"', 'channel = "blocked"')
+        + f"""
+deliver_by = "00:01"
+error_alert_email = "ops@acme.example"
+alert_after = "1h"
+
+[channels.blocked]
+type = "directory"
+path = "{blocked}/export"
+
+[alerts]
+smtp = "{smtp_server.address}"
+"""
+    )
+    daemon = Daemon(tmp_path, extra)
+    try:
+        # 23:59:30 in Kolkata: midnight 3 s (real) after start, deliver_by 9 s.
+        daemon.start(env=faked("2026-12-04 18:29:30"))
+        assert daemon.post([signal_record(n, kind="c") for n in range(3)]).status_code == 202
+        wait_until(lambda: late_metric(daemon) == 1, timeout=30)
+        [mail] = wait_until(lambda: smtp_server.inbox.received, timeout=10)
+        subject = mail.message["Subject"]
+        assert subject.startswith("[firehosed] firehose daily late: archive acme_04122026.zip")
+        body = mail.message.get_content()
+        assert "blocked" in body and "deliver_by" in body
+        blocked.unlink()  # the channel works again: the next retry delivers
+        wait_until(lambda: list((blocked / "export").glob("*.zip")), timeout=60)
+        wait_until(lambda: late_metric(daemon) == 0, timeout=10)
+        time.sleep(1.5 * 5)  # past a late check (ARCHIVE_CHECK): still one mail
+        assert len(smtp_server.inbox.received) == 1
+    finally:
+        daemon.close()
+
+
+def late_metric(daemon: Daemon) -> float:
+    for line in daemon.admin("/metrics").text.splitlines():
+        if line.startswith('firehosed_archive_late{firehose="daily"}'):
+            return float(line.split()[-1])
+    return -1.0

@@ -153,7 +153,7 @@ class Archiver:
         self.state.delivered_day, self.state.delivered_at = day, time.time()
         self.state.late_alerted = [d for d in self.state.late_alerted if d > day]
         await asyncio.to_thread(self._save)
-        metrics.archive_late.labels(self.name).set(0)
+        metrics.archive_late.labels(self.name).set(1 if self.state.late_alerted else 0)
         await asyncio.to_thread(self._forget, day, built)
 
     async def dead_letter(self, batch: Manifest) -> Path:
@@ -173,9 +173,11 @@ class Archiver:
             return None
         by = local_time(self.config.deliver_by)
         assert by is not None  # checked at load
+        delivered = self.state.delivered_day or date.min
         for day in self.spill.spilled_days():
             deadline = self.days.at(day + timedelta(days=1), by)
-            if deadline <= now and day not in self.state.late_alerted:
+            # (days are delivered oldest first: one up to `delivered` is only being tidied)
+            if deadline <= now and day > delivered and day not in self.state.late_alerted:
                 self.state.late_alerted.append(day)
                 self._save()
                 metrics.archive_late.labels(self.name).set(1)
