@@ -12,13 +12,17 @@ import csv
 import io
 import os
 import time
+import uuid
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import boto3
 import pytest
 
 from tests.daemon import Daemon, signal_record, wait_until
+from tests.servers.moto import moto_server
+from tests.servers.sftp import OpensshServer, openssh_server
 from tests.servers.smtp import SmtpServer, smtp_server
 
 LIBFAKETIME = next(
@@ -38,7 +42,7 @@ if LIBFAKETIME is None:
         raise RuntimeError("libfaketime is missing: apt-get install faketime (scripts/test does)")
     pytestmark = pytest.mark.skip(reason="libfaketime not installed (apt-get install faketime)")
 
-__all__ = ["smtp_server"]  # a fixture, imported for pytest
+__all__ = ["moto_server", "openssh_server", "smtp_server"]  # fixtures, for pytest
 
 SPEED = 10  # fake seconds per real second
 ARCHIVE = """
@@ -173,3 +177,82 @@ def late_metric(daemon: Daemon) -> float:
         if line.startswith('firehosed_archive_late{firehose="daily"}'):
             return float(line.split()[-1])
     return -1.0
+
+
+def sftp_channel(tmp_path: Path, server: OpensshServer) -> tuple[str, Callable[[], list[bytes]]]:
+    key = tmp_path / "client_key"
+    key.write_text(server.client_key.private)
+    hosts = tmp_path / "known_hosts"
+    hosts.write_text(server.known_hosts)
+    remote = tmp_path / "remote"
+    table = f"""
+[channels.out]
+type = "sftp"
+host = "127.0.0.1"
+port = {server.port}
+username = "{server.username}"
+private_key_file = "{key}"
+known_hosts_file = "{hosts}"
+path = "{remote}"
+"""
+    return table, lambda: [p.read_bytes() for p in sorted(remote.glob("**/*.zip"))]
+
+
+def s3_channel(endpoint: str) -> tuple[str, Callable[[], list[bytes]]]:
+    bucket = f"archive-{uuid.uuid4().hex[:12]}"
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        region_name="us-east-1",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    )
+    s3.create_bucket(Bucket=bucket)
+    table = f"""
+[channels.out]
+type = "s3"
+bucket = "{bucket}"
+endpoint_url = "{endpoint}"
+addressing_style = "path"
+access_key_id = "testing"
+secret_access_key = "testing"
+"""
+
+    def stored() -> list[bytes]:
+        listed = s3.list_objects_v2(Bucket=bucket).get("Contents", [])
+        return [
+            s3.get_object(Bucket=bucket, Key=o["Key"])["Body"].read()
+            for o in listed
+            if o["Key"].endswith(".zip")
+        ]
+
+    return table, stored
+
+
+@pytest.mark.parametrize("kind", ["sftp", "s3"])
+def test_the_day_reaches_sftp_and_s3(
+    kind: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    if kind == "sftp":
+        table, stored = sftp_channel(tmp_path, request.getfixturevalue("openssh_server"))
+    else:
+        table, stored = s3_channel(request.getfixturevalue("moto_server"))
+    extra = ARCHIVE.replace('channel = "local"', 'channel = "out"') + table
+    daemon = Daemon(tmp_path, extra)
+    try:
+        started = time.monotonic()
+        daemon.start(env=faked("2026-12-04 18:29:40"))  # midnight 2 s (real) after start
+        posted = [signal_record(n, kind="t", session=f"s{n}", total=n) for n in range(40)]
+        assert daemon.post(posted).status_code == 202
+        assert time.monotonic() - started < 1.8, "posted too late: it must be before midnight"
+        (data,) = wait_until(stored, timeout=30)
+    finally:
+        daemon.close()
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        assert archive.testzip() is None
+        assert archive.namelist() == ["product purchase_04122026.csv"]
+        text = archive.read("product purchase_04122026.csv").decode()
+    rows = list(csv.DictReader(io.StringIO(text, newline="")))
+    assert [(r["id"], r["session"], r["Payload.total"]) for r in rows] == [
+        (f"{n:024x}", f"s{n}", str(n)) for n in range(40)
+    ]
