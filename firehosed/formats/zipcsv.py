@@ -20,7 +20,7 @@ from __future__ import annotations
 import csv
 import io
 import zipfile
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import IO, Any, BinaryIO
@@ -61,22 +61,29 @@ class Columns:
         self.mapping = mapping
         self._skip = _envelope_paths(fields)
         self._keys: set[str] = set()
+        self._order: list[str] | None = None
 
     def learn(self, record: Record) -> None:
         """Note the keys of `record` (first pass)."""
         if self.mapping is None:
-            self._keys.update(key for key, _ in _flat(_decode(record.raw)) if key not in self._skip)
+            self._keys.update(flat(_decode(record.raw)).keys() - self._skip)
 
     def header(self) -> list[str]:
         if self.mapping is not None:
             return list(self.mapping.columns)
-        return [*ENVELOPE_COLUMNS, *(PAYLOAD + key for key in sorted(self._keys))]
+        return [*ENVELOPE_COLUMNS, *(PAYLOAD + key for key in self._sorted())]
+
+    def _sorted(self) -> list[str]:
+        """The payload keys in column order (sorted once, after the first pass)."""
+        if self._order is None or len(self._order) != len(self._keys):
+            self._order = sorted(self._keys)
+        return self._order
 
     def row(self, record: Record) -> list[str]:
         """The CSV cells of `record` under `header()` (second pass)."""
         if self.mapping is not None:
             return [cell(value) for value in self.mapping.values(_decode(record.raw))]
-        flat = dict(_flat(_decode(record.raw)))
+        cells = flat(_decode(record.raw))
         envelope = [
             record.type,
             record.id,
@@ -84,7 +91,7 @@ class Columns:
             record.person or "",
             datetime.fromtimestamp(record.time, UTC).isoformat().replace("+00:00", "Z"),
         ]
-        return envelope + [flat.get(key, "") for key in sorted(self._keys)]
+        return envelope + [cells.get(key, "") for key in self._sorted()]
 
 
 def write(out: BinaryIO, entries: Sequence[Entry], columns: Callable[[], Columns]) -> int:
@@ -124,21 +131,64 @@ def _write_rows(
     text.detach()
 
 
-def _flat(value: Any, prefix: str = "") -> Iterator[tuple[str, str]]:
-    """(dotted key, cell) of every leaf under `value`; an empty object or array is a
-    leaf of its own (`{}`, `[]`), so its key is not lost."""
-    if isinstance(value, dict):
-        if not value and prefix:
-            yield prefix[:-1], "{}"
-        for key, item in value.items():
-            yield from _flat(item, f"{prefix}{_escape(key)}.")
-    elif isinstance(value, list):
-        if not value and prefix:
-            yield prefix[:-1], "[]"
-        for index, item in enumerate(value):
-            yield from _flat(item, f"{prefix}{index}.")
-    elif prefix:
-        yield prefix[:-1], cell(value)
+def flat(value: Any) -> dict[str, str]:
+    """{dotted key: cell} of every leaf of a decoded record; an empty object or array is
+    a leaf of its own (`{}`, `[]`), so its key is not lost."""
+    out: dict[str, str] = {}
+    if type(value) is dict:
+        _flatten(value, "", out)
+    return out
+
+
+def _flatten(node: dict[str, Any], prefix: str, out: dict[str, str]) -> None:
+    """Leaves of an object into `out` (the hot path of a build: one call per object or
+    array, not per leaf; no isinstance per leaf)."""
+    for key, item in node.items():
+        name = prefix + (_escape(key) if "." in key or "\\" in key else key)
+        kind = type(item)
+        if kind is str:
+            out[name] = item
+        elif kind is dict:
+            if item:
+                _flatten(item, name + ".", out)
+            else:
+                out[name] = "{}"
+        elif kind is list:
+            if item:
+                _flatten_list(item, name + ".", out)
+            else:
+                out[name] = "[]"
+        else:
+            out[name] = _scalar(item, kind)
+
+
+def _flatten_list(node: list[Any], prefix: str, out: dict[str, str]) -> None:
+    for index, item in enumerate(node):
+        name = f"{prefix}{index}"
+        kind = type(item)
+        if kind is str:
+            out[name] = item
+        elif kind is dict:
+            if item:
+                _flatten(item, name + ".", out)
+            else:
+                out[name] = "{}"
+        elif kind is list:
+            if item:
+                _flatten_list(item, name + ".", out)
+            else:
+                out[name] = "[]"
+        else:
+            out[name] = _scalar(item, kind)
+
+
+def _scalar(value: Any, kind: type) -> str:
+    """A number, boolean or null as its cell (the JSON text; null empty)."""
+    if kind is int:
+        return str(value)
+    if kind is bool:
+        return "true" if value else "false"
+    return cell(value)
 
 
 def _escape(key: str) -> str:
