@@ -398,7 +398,9 @@ class Daemon:
         """(why every account is refused, or None; why each refused account is)."""
         now = time.time()
         figures = {name: f.queue.figures(now) for name, f in self.firehoses.items()}
-        queued = sum(f.bytes for f in figures.values())
+        # A daily archive's spilled days are queued records too, out of the queue.
+        spilled = {name: w.archive.spill.bytes for name, w in self.workers.items() if w.archive}
+        queued = sum(f.bytes for f in figures.values()) + sum(spilled.values())
         dead = sum(f.dead_bytes for f in figures.values())
         limit = self.config.storage.max_disk
         if queued + dead > limit:
@@ -410,7 +412,7 @@ class Daemon:
         by_account = {}
         for account, shares in self._shares.items():
             for name, share in shares:
-                held = figures[name].bytes if name in figures else 0
+                held = (figures[name].bytes if name in figures else 0) + spilled.get(name, 0)
                 if held > share:
                     by_account[account] = (
                         f"firehose {name} is full: {held} bytes queued, its max_queued is {share}"

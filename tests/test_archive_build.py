@@ -56,8 +56,12 @@ def test_records_go_to_the_day_they_were_received_and_a_respill_keeps_them_once(
     assert ids_in(spill, DAY, "c") == ["id0", "id1", "id2", "id5"]
     assert ids_in(spill, date(2026, 12, 5), "c") == ["id3", "id4"]
     assert spill.count(DAY) == 5
+    on_disk = sum(p.stat().st_size for p in (tmp_path / "spill").glob("*/*/*"))
+    assert Spill(tmp_path, DAYS).bytes == on_disk  # what a restart counts for max_disk
+    next_day = sum(p.stat().st_size for p in (tmp_path / "spill" / "2026-12-05").glob("*/*"))
     spill.drop(DAY)
     assert spill.spilled_days() == [date(2026, 12, 5)]
+    assert Spill(tmp_path, DAYS).bytes == next_day
 
 
 def test_spill_files_are_read_in_pieces_and_damage_is_an_error(

@@ -38,6 +38,11 @@ class Spill:
         self.root = root / "spill"
         self.days = days
         self.sync = sync
+        # Bytes on disk, for the storage budget (a respilled batch is counted once more
+        # until its day is dropped: an overcount, never an undercount).
+        self.bytes = (
+            sum(p.stat().st_size for p in self.root.glob("*/*/*")) if self.root.is_dir() else 0
+        )
 
     def add(self, batch: int, records: Sequence[Record]) -> list[date]:
         """Spill queue batch number `batch` (a worker thread); the days it touched."""
@@ -50,7 +55,9 @@ class Spill:
             make_dirs(directory, self.sync)
             # The name carries the count, so that counting a day lists, never reads.
             name = f"{batch:012d}.{len(frames)}"
-            write_durably(directory / name, b"".join(frames), self.sync)
+            data = b"".join(frames)
+            write_durably(directory / name, data, self.sync)
+            self.bytes += len(data)
         return sorted({day for day, _ in groups})
 
     def spilled_days(self) -> list[date]:
@@ -86,6 +93,7 @@ class Spill:
         """Forget `day`'s spills (its archive was delivered)."""
         directory = self.root / day.isoformat()
         if directory.is_dir():
+            self.bytes -= sum(p.stat().st_size for p in directory.glob("*/*"))
             shutil.rmtree(directory)
             if self.sync:
                 fsync_dir(self.root)
