@@ -15,6 +15,7 @@ import os
 import signal
 import time
 from collections.abc import AsyncIterator, Coroutine
+from datetime import date
 from pathlib import Path
 from typing import Any
 
@@ -436,6 +437,13 @@ class Daemon:
         """Dead batches of `firehose` back into delivery; None if no such firehose runs."""
         worker = self.workers.get(firehose)
         return worker.replay() if worker is not None else None
+
+    def archive_day(
+        self, firehose: str, day: date, *, force: bool
+    ) -> AsyncIterator[dict[str, Any]] | None:
+        """`firehosed archive --day`: one archive firehose's day, built and delivered now."""
+        worker = self.workers.get(firehose)
+        return worker.archive_day(day, force=force) if worker is not None else None
 
     def status(self) -> dict[str, Any]:
         """The `/v1/status` document."""

@@ -22,7 +22,7 @@ import random
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -158,6 +158,8 @@ class Worker:
         # day's archive is what gets delivered.
         self.archive = archive
         self._spilled_at = 0.0  # when the queue was last spilled whole (wall clock)
+        # One archive delivery at a time: the loop's, or one asked for by hand.
+        self._archiving = asyncio.Lock()
         self.tap = tap or Tap()  # what `firehosed tail` follows
         self.queue = firehose.queue
         self.alerts = alerts
@@ -290,9 +292,10 @@ class Worker:
             self._spilled_at = now
         if due := archive.due(now):
             for day in due:
-                offer = await archive.offer(day)
-                if offer is not None:
-                    await self._deliver(offer, archive)
+                async with self._archiving:
+                    offer = await archive.offer(day)
+                    if offer is not None:
+                        await self._deliver(offer, archive)
                 if self.phase is Phase.STOPPING or not self._may_deliver():
                     break
             return False
@@ -309,6 +312,33 @@ class Worker:
             return True
         await self._spill(archive, batch)
         return False
+
+    async def archive_day(self, day: date, *, force: bool) -> AsyncIterator[dict[str, Any]]:
+        """`firehosed archive --day`: build (if need be) and deliver `day`'s archive now,
+        reporting each step; a step that cannot be taken reports its error and ends."""
+        archive = self.archive
+        if archive is None:
+            yield {"error": f"firehose {self.name} is not a daily archive (format zip-csv)"}
+            return
+        yield {"step": "waiting", "day": day.isoformat()}
+        async with self._archiving:
+            yield {"step": "building", "day": day.isoformat()}
+            try:
+                offer = await archive.by_hand(day, force=force)
+            except ValueError as exc:
+                yield {"error": str(exc)}
+                return
+            yield {
+                "step": "delivering",
+                "name": offer.name,
+                "records": offer.records,
+                "bytes": offer.size,
+            }
+            await self._deliver(offer, archive)
+        if self.last_delivery is not None and self.last_delivery.what == offer.name:
+            yield {"step": "delivered", "name": offer.name}
+        else:
+            yield {"error": self.last_error.what if self.last_error else "not delivered"}
 
     async def _watch_late(self, archive: Archiver) -> None:
         """Alongside the loop (which may be retrying a put for hours): every ARCHIVE_CHECK

@@ -122,6 +122,19 @@ def test_midnight_cuts_the_day_into_one_zip_and_a_missed_midnight_is_built_on_st
     ]
     status = daemon.status()["firehoses"]["daily"]["archive"]
     assert status["last_day_delivered"] == "2026-12-04"
+
+    # By hand: a delivered day is sent again only with --force, a running day never.
+    kept = first.read_bytes()
+    again = daemon.cli("archive", "--day", "2026-12-04", "daily")
+    assert again.returncode == 1 and "--force sends it again" in again.stderr
+    first.unlink()
+    forced = daemon.cli("archive", "--day", "2026-12-04", "--force", "daily")
+    assert forced.returncode == 0, forced.stderr
+    assert "delivering acme_04122026.zip (35 records" in forced.stdout
+    assert forced.stdout.rstrip().endswith("delivered acme_04122026.zip")
+    assert first.read_bytes() == kept
+    running = daemon.cli("archive", "--day", "2026-12-05", "daily")
+    assert running.returncode == 1 and "has not ended in Asia/Kolkata" in running.stderr
     daemon.stop()
 
     # Down over the next midnight: on start (6 Dec, 00:05 in Kolkata) the 5th is built.

@@ -1,4 +1,5 @@
-"""The operators' commands (DESIGN.md §3): `status`, `pause`, `resume`, `config set`.
+"""The operators' commands (DESIGN.md §3): `status`, `pause`, `resume`, `config set`,
+`archive`.
 
 Each talks to the running daemon on its admin listener (`client.py`); `config set` and
 `pause`/`resume` edit the config file first (`edit.py`), then ask for a reload.
@@ -184,3 +185,47 @@ def event_line(event: dict[str, Any]) -> str:
     if kind == "dropped":
         return f"{at} dropped   {event['dropped']} events: this reader fell behind"
     return f"{at} {json.dumps(event)}"
+
+
+def archive(cfg: config.Config, firehose: str, day: str, *, force: bool) -> int:
+    """Build and deliver one day of an archive firehose now, through the running daemon,
+    printing each step."""
+    try:
+        return asyncio.run(_archive(cfg, firehose, day, force=force))
+    except (aiohttp.ClientError, OSError) as exc:
+        print(
+            f"archive {firehose}: the daemon's admin listener ({cfg.admin.listen}) does not "
+            f"answer: {exc or type(exc).__name__}. Start the daemon: it builds every ended "
+            "day on start.",
+            file=sys.stderr,
+        )
+        return 1
+
+
+async def _archive(cfg: config.Config, firehose: str, day: str, *, force: bool) -> int:
+    query = {"day": day, **({"force": "1"} if force else {})}
+    async with client.connect(cfg, seconds=None) as admin:
+        url = admin.url(f"/v1/firehoses/{firehose}/archive")
+        async with admin.session.post(url, params=query) as response:
+            if response.status != 200:
+                error = (await response.json()).get("error", response.reason)
+                print(f"archive {firehose}: {error}", file=sys.stderr)
+                return 1
+            async for line in response.content:
+                if not line.strip():
+                    continue
+                step = json.loads(line)
+                if "error" in step:
+                    print(f"archive {firehose} {day}: FAILED: {step['error']}", file=sys.stderr)
+                    return 1
+                print(f"archive {firehose} {day}: {archive_step(step)}", flush=True)
+    return 0
+
+
+def archive_step(step: dict[str, Any]) -> str:
+    """One progress line of `firehosed archive`."""
+    if step["step"] == "delivering":
+        return f"delivering {step['name']} ({step['records']:,} records, {step['bytes']:,} bytes)"
+    if step["step"] == "delivered":
+        return f"delivered {step['name']}"
+    return f"{step['step']}..."

@@ -17,7 +17,7 @@ whose late alert went out. Files, under `storage.dir/archive/<firehose>/`: `spil
 from __future__ import annotations
 
 import asyncio
-import shutil
+import os
 import time
 from collections.abc import Sequence
 from datetime import date, datetime, timedelta
@@ -31,7 +31,7 @@ from firehosed.archive.build import Built, archive_name, build
 from firehosed.archive.days import Days
 from firehosed.archive.spill import Spill
 from firehosed.config import FieldsConfig, FirehoseConfig, local_time
-from firehosed.fileio import make_dirs, write_durably
+from firehosed.fileio import fsync_dir, make_dirs, write_durably
 from firehosed.mapping import Mapping
 from firehosed.queue.base import Manifest
 from firehosed.queue.frames import frame, scan
@@ -42,6 +42,7 @@ log = structlog.get_logger(__name__)
 # Seconds after midnight before a day is built: a request received before midnight may
 # still be committing (its body read, its group commit) when the day ends.
 GRACE = 10.0
+KEEP_DAYS = 7  # a delivered archive is kept this many days (`firehosed archive --force`)
 CONTENT_TYPE = "application/zip"
 
 
@@ -112,9 +113,9 @@ class Archiver:
         """When the day now running becomes due (its end plus GRACE)."""
         return self.days.end(self.days.of(now)) + GRACE
 
-    async def offer(self, day: date) -> Manifest | None:
+    async def offer(self, day: date, cut: float | None = None) -> Manifest | None:
         """`day`'s archive, built if it is not yet, as a batch to deliver; None when the
-        day has no record."""
+        day has no record. Its `retry_for` runs from `cut` (default: the day's end)."""
         name = archive_name(self.config.archive_name, self.config.account, day)
         built = await asyncio.to_thread(
             build,
@@ -130,15 +131,18 @@ class Archiver:
         if built is None:
             await asyncio.to_thread(self.spill.drop, day)
             return None
-        self._built[day] = built
+        return self._offered(built, cut=self.days.end(day) if cut is None else cut)
+
+    def _offered(self, built: Built, *, cut: float) -> Manifest:
+        self._built[built.day] = built
         return Manifest(
             no=-1,
-            id=f"{self.name}:{day.isoformat()}:{built.sha256[:16]}",
+            id=f"{self.name}:{built.day.isoformat()}",
             name=self.config.prefix + built.name,
             records=built.records,
             size=built.size,
-            opened=self.days.start(day),
-            cut=self.days.end(day),
+            opened=self.days.start(built.day),
+            cut=cut,
             end=(0, 0),
             content_type=CONTENT_TYPE,
         )
@@ -150,7 +154,9 @@ class Archiver:
         """The archive was delivered: remember it, then forget its spills and zip."""
         day = self._day(batch)
         built = self._built.pop(day)
-        self.state.delivered_day, self.state.delivered_at = day, time.time()
+        last = self.state.delivered_day
+        self.state.delivered_day = day if last is None else max(last, day)
+        self.state.delivered_at = time.time()
         self.state.late_alerted = [d for d in self.state.late_alerted if d > day]
         await asyncio.to_thread(self._save)
         metrics.archive_late.labels(self.name).set(1 if self.state.late_alerted else 0)
@@ -198,6 +204,28 @@ class Archiver:
             ),
         }
 
+    async def by_hand(self, day: date, *, force: bool) -> Manifest:
+        """`firehosed archive --day`: `day`'s archive to deliver now. A day still running
+        is refused; a delivered one is sent again (its kept zip) only with `force`; a
+        dead-lettered one is sent again. ValueError says why not."""
+        now = time.time()
+        if self.days.end(day) + GRACE > now:
+            raise ValueError(f"{day} has not ended in {self.config.timezone}")
+        name = archive_name(self.config.archive_name, self.config.account, day)
+        for folder in ("dead", "delivered"):
+            path = self.root / folder / name
+            if not path.exists():
+                continue
+            if folder == "delivered" and not force:
+                raise ValueError(f"{day} was delivered as {name}: --force sends it again")
+            facts = _facts(path)
+            built = Built(day, name, path, path.stat().st_size, facts.sha256, facts.records)
+            return self._offered(built, cut=now)
+        offer = await self.offer(day, cut=now)
+        if offer is None:
+            raise ValueError(f"{day} has no record (an empty day has no archive)")
+        return offer
+
     def name_of(self, day: date) -> str:
         """The archive's name in the channel for `day`."""
         return self.config.prefix + archive_name(self.config.archive_name, self.config.account, day)
@@ -210,12 +238,48 @@ class Archiver:
         write_durably(self._state_path, msgspec.json.encode(self.state), self.sync)
 
     def _forget(self, day: date, built: Built) -> None:
+        """Drop the day's spills; keep its zip in `delivered/` for KEEP_DAYS."""
+        kept = self.root / "delivered"
+        make_dirs(kept, self.sync)
+        if built.path.parent != kept:
+            _keep(built, kept / built.path.name, self.sync)
         self.spill.drop(day)
-        built.path.unlink(missing_ok=True)
+        for old in kept.glob("*.zip"):
+            if old.stat().st_mtime < time.time() - KEEP_DAYS * 86400:
+                old.unlink()
+                _facts_path(old).unlink(missing_ok=True)
 
     def _move_dead(self, built: Built, target: Path) -> None:
         make_dirs(target.parent, self.sync)
-        shutil.move(built.path, target)
+        _keep(built, target, self.sync)
+
+
+class Facts(msgspec.Struct):
+    """What a kept archive (delivered or dead) was, beside it as `<name>.json`."""
+
+    records: int
+    sha256: str
+
+
+def _facts_path(path: Path) -> Path:
+    return path.with_name(path.name + ".json")
+
+
+def _facts(path: Path) -> Facts:
+    facts = _facts_path(path)
+    if not facts.exists():
+        return Facts(records=0, sha256="")
+    return msgspec.json.decode(facts.read_bytes(), type=Facts)
+
+
+def _keep(built: Built, target: Path, sync: bool) -> None:
+    """Move a built archive to `target`, its facts beside it."""
+    write_durably(
+        _facts_path(target), msgspec.json.encode(Facts(built.records, built.sha256)), sync
+    )
+    os.replace(built.path, target)
+    if sync:
+        fsync_dir(target.parent)
 
 
 def _read_frames(path: Path) -> list[Record]:
