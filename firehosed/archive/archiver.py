@@ -83,7 +83,6 @@ class Archiver:
             if self._state_path.exists()
             else State()
         )
-        self.open_records = 0  # records spilled for days not yet offered (status)
         self._built: dict[date, Built] = {}
 
     def configure(
@@ -101,7 +100,6 @@ class Archiver:
         """Spill a queue batch (its file at `path`) into its days (durably)."""
         records = await asyncio.to_thread(_read_frames, path)
         await asyncio.to_thread(self.spill.add, batch.no, records)
-        self.open_records += len(records)
 
     # -- when a day has ended ---------------------------------------------------------
 
@@ -195,7 +193,8 @@ class Archiver:
         delivered = self.state.delivered_day
         return {
             "open_day": self.days.of(now).isoformat(),
-            "open_records": self.open_records,
+            # spilled so far (records of the last minute may still be queued)
+            "open_records": self.spill.count(self.days.of(now)),
             "last_day_delivered": delivered.isoformat() if delivered else None,
             "delivered_at": (
                 datetime.fromtimestamp(self.state.delivered_at).astimezone().isoformat()
