@@ -231,6 +231,12 @@ class Daemon:
             channel = channels[fh_config.channel]
             dead = channels[fh_config.dead_letter] if fh_config.dead_letter else None
             if name in self.firehoses:
+                old = self.firehoses[name].config
+                if (old.format == "zip-csv") != (fh_config.format == "zip-csv"):
+                    # A daily archive spills its queue, others deliver it: not switched
+                    # under a running worker.
+                    log.warning("config.restart_needed", keys=f"firehoses.{name}.format")
+                    continue
                 self.firehoses[name].configure(fh_config, mapping)
                 self.workers[name].configure(channel, dead)
             else:
