@@ -71,7 +71,12 @@ def test_a_paused_firehose_refuses_its_account_only(tmp_path: Path) -> None:
         assert "firehose held is full" in refused[0].json()["error"]
         assert refused[0].headers["Retry-After"]
         kept = sum(a.status_code == 202 for a in answers)
-        assert 16 <= kept <= 20  # about 16 KiB of ~1 KiB records, and never more after
+        # About 16 KiB of ~1 KiB records, plus what arrives within one budget refresh
+        # (the budget is measured at most every BUDGET_REFRESH, 10 ms: one to a few
+        # requests here, more on a loaded machine); and never one more after a refusal.
+        assert 16 <= kept <= 30
+        first_refused = answers.index(refused[0])
+        assert all(a.status_code == 503 for a in answers[first_refused:])
         assert daemon.get("/readyz").status_code == 200  # the daemon as a whole is fine
         for n in range(100, 110):  # another account is not refused
             assert daemon.post([signal_record(n)], account="beta").status_code == 202
