@@ -31,6 +31,7 @@ from firehosed.archive.build import archive_name, build
 from firehosed.archive.days import Days
 from firehosed.archive.spill import Spill
 from firehosed.config import FieldsConfig
+from firehosed.formats import zipcsv
 from firehosed.record import Record
 
 ZONE = "Asia/Kolkata"
@@ -56,10 +57,10 @@ def spill_day(root: Path, records: int) -> None:
         at = start + n * step
         batch.append(Record(kind, f"{n:024x}", f"s{n // 5}", None, at, at, raw))
         if len(batch) == SPILL_BATCH:
-            spill.add(n // SPILL_BATCH, batch)
+            spill.add(n // SPILL_BATCH, batch, zipcsv.payload_keys)
             batch = []
     if batch:
-        spill.add(records // SPILL_BATCH + 1, batch)
+        spill.add(records // SPILL_BATCH + 1, batch, zipcsv.payload_keys)
 
 
 def build_child(root: Path, out: Path) -> dict[str, float]:

@@ -19,6 +19,7 @@ from firehosed.archive.build import Built, archive_name, build
 from firehosed.archive.days import Days
 from firehosed.archive.spill import Spill
 from firehosed.config import FieldsConfig
+from firehosed.formats import zipcsv
 from firehosed.record import Record
 
 ZONE = "Asia/Kolkata"
@@ -135,3 +136,23 @@ def test_a_day_without_records_has_no_archive(tmp_path: Path) -> None:
 def test_archive_name_is_strftime_of_the_day_with_the_account() -> None:
     assert archive_name("{account}_%d%m%Y", "acme", DAY) == "acme_04122026.zip"
     assert archive_name("daily-%Y-%m-%d-{account}", "100%", DAY) == "daily-2026-12-04-100%.zip"
+
+
+def test_keys_noted_at_spill_time_give_the_same_zip_in_one_pass(tmp_path: Path) -> None:
+    """Spills that note their keys are read once by the build (`Spill.summary`); the zip
+    is byte for byte the one that two passes over the records give."""
+    records = [
+        record("c", n, at(DAY, 9), **{f"k{n % 7}": n, "deep": {"a": [n]}}) for n in range(200)
+    ]
+    plain, noted = Spill(tmp_path / "plain", DAYS), Spill(tmp_path / "noted", DAYS)
+    plain.add(1, records[:120])
+    plain.add(2, records[120:])
+    noted.add(1, records[:120], zipcsv.payload_keys)
+    noted.add(2, records[120:], zipcsv.payload_keys)
+    assert plain.summary(DAY, "c") is None
+    summary = noted.summary(DAY, "c")
+    assert summary is not None and summary.rows == 200
+    assert summary.keys >= {f"k{n}" for n in range(7)} | {"deep.a.0", "type"}
+    one, two = build_day(noted, tmp_path / "one"), build_day(plain, tmp_path / "two")
+    assert one is not None and two is not None
+    assert one.path.read_bytes() == two.path.read_bytes()

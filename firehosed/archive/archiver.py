@@ -32,6 +32,7 @@ from firehosed.archive.days import Days
 from firehosed.archive.spill import Spill
 from firehosed.config import FieldsConfig, FirehoseConfig, local_time
 from firehosed.fileio import fsync_dir, make_dirs, write_durably
+from firehosed.formats import zipcsv
 from firehosed.mapping import Mapping
 from firehosed.queue.base import Manifest
 from firehosed.queue.frames import frame, scan
@@ -99,7 +100,9 @@ class Archiver:
     async def spill_batch(self, batch: Manifest, path: Path) -> None:
         """Spill a queue batch (its file at `path`) into its days (durably)."""
         records = await asyncio.to_thread(_read_frames, path)
-        await asyncio.to_thread(self.spill.add, batch.no, records)
+        # Columns from a mapping need no keys; else each spill notes its records' keys.
+        keys = zipcsv.payload_keys if self.mapping is None else None
+        await asyncio.to_thread(self.spill.add, batch.no, records, keys)
 
     # -- when a day has ended ---------------------------------------------------------
 

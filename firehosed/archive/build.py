@@ -67,7 +67,9 @@ def build(
             return None
         stamp = day.strftime("%d%m%Y")
         entries = [
-            zipcsv.Entry(csv_name, functools.partial(spill.records, day, kind))
+            zipcsv.Entry(
+                csv_name, functools.partial(spill.records, day, kind), spill.summary(day, kind)
+            )
             for kind, csv_name in zipcsv.entry_names(kinds, stamp, event_names)
         ]
         building = out / (name + ".building")

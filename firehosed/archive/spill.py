@@ -19,16 +19,20 @@ durably under a name given by its batch number, so a batch spilled again after a
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import date
 from pathlib import Path
 
+import msgspec
+
 from firehosed.archive.days import Days
 from firehosed.fileio import fsync_dir, make_dirs, write_durably
+from firehosed.formats.zipcsv import Summary
 from firehosed.queue.frames import frame, scan
 from firehosed.record import Record, decoder, encode
 
 READ_CHUNK = 4 << 20  # bytes: spill files are read in pieces this big, never whole
+KEYS = ".keys"  # beside a spill file: its records' flattened keys (msgpack list)
 
 
 class Spill:
@@ -44,18 +48,33 @@ class Spill:
             sum(p.stat().st_size for p in self.root.glob("*/*/*")) if self.root.is_dir() else 0
         )
 
-    def add(self, batch: int, records: Sequence[Record]) -> list[date]:
-        """Spill queue batch number `batch` (a worker thread); the days it touched."""
+    def add(
+        self,
+        batch: int,
+        records: Sequence[Record],
+        keys: Callable[[bytes], Iterable[str]] | None = None,
+    ) -> list[date]:
+        """Spill queue batch number `batch` (a worker thread); the days it touched.
+
+        With `keys` (a record's flattened keys), each spill file gets a `.keys` file
+        beside it, so that a build knows its columns without reading the records twice.
+        """
         groups: dict[tuple[date, str], list[bytes]] = {}
+        seen: dict[tuple[date, str], set[str]] = {}
         for record in records:
-            day = self.days.of(record.received)
-            groups.setdefault((day, record.type), []).append(frame(encode(record)))
+            group = (self.days.of(record.received), record.type)
+            groups.setdefault(group, []).append(frame(encode(record)))
+            if keys is not None:
+                seen.setdefault(group, set()).update(keys(record.raw))
         for (day, kind), frames in groups.items():
             directory = self.root / day.isoformat() / kind.encode().hex()
             make_dirs(directory, self.sync)
             # The name carries the count, so that counting a day lists, never reads.
             name = f"{batch:012d}.{len(frames)}"
             data = b"".join(frames)
+            if keys is not None:  # first: a spill file without its keys is read twice
+                summary = msgspec.msgpack.encode(sorted(seen[day, kind]))
+                write_durably(directory / (name + KEYS), summary, self.sync)
             write_durably(directory / name, data, self.sync)
             self.bytes += len(data)
         return sorted({day for day, _ in groups})
@@ -79,6 +98,24 @@ class Spill:
         for path in sorted(directory.iterdir()):
             if _count(path.name) is not None:
                 yield from _read(path)
+
+    def summary(self, day: date, kind: str) -> Summary | None:
+        """The keys, records and bytes of `day`'s spills of type `kind`, when every spill
+        file has its keys noted; else None (the build reads the records twice)."""
+        directory = self.root / day.isoformat() / kind.encode().hex()
+        keys: set[str] = set()
+        rows = size = 0
+        for path in directory.iterdir():
+            count = _count(path.name)
+            if count is None:
+                continue
+            noted = path.with_name(path.name + KEYS)
+            if not noted.exists():
+                return None
+            keys.update(msgspec.msgpack.decode(noted.read_bytes(), type=list[str]))
+            rows += count
+            size += path.stat().st_size
+        return Summary(keys, rows, size)
 
     def count(self, day: date) -> int:
         """How many records `day` holds so far (from the spill files' names)."""

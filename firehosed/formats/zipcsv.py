@@ -46,11 +46,28 @@ Records = Callable[[], Iterable[Record]]  # a fresh pass over one type's records
 
 
 @dataclass(frozen=True, slots=True)
+class Summary:
+    """What the first pass would learn of an entry, when known beforehand (its spills
+    noted it): the flattened keys, the records and an upper bound of their bytes."""
+
+    keys: set[str]
+    rows: int
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
 class Entry:
-    """One CSV of the archive: its name in the zip and the records it holds."""
+    """One CSV of the archive: its name in the zip, the records it holds, and their
+    summary if known (then they are read once, not twice)."""
 
     name: str
     records: Records
+    summary: Summary | None = None
+
+
+def payload_keys(raw: bytes) -> list[str]:
+    """The flattened keys of one record (noted with its spill, for `Summary.keys`)."""
+    return list(flat(_decode(raw)))
 
 
 class Columns:
@@ -67,6 +84,11 @@ class Columns:
         """Note the keys of `record` (first pass)."""
         if self.mapping is None:
             self._keys.update(flat(_decode(record.raw)).keys() - self._skip)
+
+    def learn_keys(self, keys: set[str]) -> None:
+        """Note keys known from a summary (no first pass)."""
+        if self.mapping is None:
+            self._keys.update(keys - self._skip)
 
     def header(self) -> list[str]:
         if self.mapping is not None:
@@ -102,10 +124,14 @@ def write(out: BinaryIO, entries: Sequence[Entry], columns: Callable[[], Columns
         for entry in entries:
             cols = columns()
             rows = bound = 0
-            for record in entry.records():
-                cols.learn(record)
-                rows += 1
-                bound += len(record.raw) + len(record.id) + len(record.session or "")
+            if entry.summary is not None:
+                cols.learn_keys(entry.summary.keys)
+                rows, bound = entry.summary.rows, entry.summary.size
+            else:
+                for record in entry.records():
+                    cols.learn(record)
+                    rows += 1
+                    bound += len(record.raw) + len(record.id) + len(record.session or "")
             header = cols.header()
             # Each cell at most doubles (quotes) plus its quotes and comma; the envelope
             # cells are bounded by the record's own strings and a 32-byte time.
