@@ -74,10 +74,12 @@ class IdleReaper:
         return handle
 
     async def run(self, server: web.Server) -> None:
-        """Sweep `server` every `idle_timeout / 4` (at most a second) until cancelled."""
-        if self._timeout <= 0:
-            return
-        interval = min(MAX_SWEEP_INTERVAL, self._timeout / SWEEPS_PER_TIMEOUT)
+        """Sweep `server` every `idle_timeout / 4` (at most a second) until cancelled.
+        With no `idle_timeout` (0) nothing is closed, but the sweep still forgets the
+        connections that went, or `since` would grow by one entry per connection."""
+        interval = MAX_SWEEP_INTERVAL
+        if self._timeout > 0:
+            interval = min(interval, self._timeout / SWEEPS_PER_TIMEOUT)
         while True:
             await asyncio.sleep(interval)
             self.sweep(server)
@@ -88,6 +90,8 @@ class IdleReaper:
         live = server.connections
         for gone in self.since.keys() - set(live):
             del self.since[gone]
+        if self._timeout <= 0:
+            return 0
         closed = 0
         for connection in live:
             since = self.since.setdefault(connection, now)
