@@ -38,21 +38,16 @@ async def routed(api: object, request: web.BaseRequest, name: str) -> web.Respon
     return await handler(request)
 
 
-@pytest.fixture(params=["wrapped", "routes"])
-async def server_port(request: pytest.FixtureRequest) -> AsyncIterator[int]:
-    """A low-level aiohttp server, as the daemon builds it, with the reaper running: its
-    handler wrapped by `idle.reap`, or (as the daemon's listeners do) a `Routes`
-    dispatcher noting busy connections in the reaper's `since`."""
-    if request.param == "wrapped":
-        server = web.Server(handler, access_log=None, keepalive_timeout=3600)
-        reaper = asyncio.create_task(idle.reap(server, IDLE))
-    else:
-        sweeper = idle.IdleReaper(IDLE)
-        routes = Routes({"/": get(routed), "/slow": get(routed)}, idle=sweeper.since)
-        server = web.Server(
-            functools.partial(routes.dispatch, None), access_log=None, keepalive_timeout=3600
-        )
-        reaper = asyncio.create_task(sweeper.run(server))
+@pytest.fixture
+async def server_port() -> AsyncIterator[int]:
+    """A low-level aiohttp server, as the daemon builds it: a `Routes` dispatcher noting
+    busy connections in the reaper's `since`, and the reaper's sweep running."""
+    sweeper = idle.IdleReaper(IDLE)
+    routes = Routes({"/": get(routed), "/slow": get(routed)}, idle=sweeper.since)
+    server = web.Server(
+        functools.partial(routes.dispatch, None), access_log=None, keepalive_timeout=3600
+    )
+    reaper = asyncio.create_task(sweeper.run(server))
     runner = web.ServerRunner(server, handle_signals=False)
     await runner.setup()
     port = free_port()
