@@ -76,8 +76,8 @@ class Archiver:
         self.name = name
         self.root = root
         self.sync = sync
+        self.spill = Spill(root, Days(config.timezone), sync)
         self.configure(config, fields, mapping)
-        self.spill = Spill(root, self.days, sync)
         self._state_path = root / "state.json"
         self.state = (
             msgspec.json.decode(self._state_path.read_bytes(), type=State)
@@ -91,9 +91,7 @@ class Archiver:
     ) -> None:
         """Apply the firehose's (re)loaded config."""
         self.config, self.fields, self.mapping = config, fields, mapping
-        self.days = Days(config.timezone)
-        if hasattr(self, "spill"):
-            self.spill.days = self.days
+        self.days = self.spill.days = Days(config.timezone)
 
     # -- while the day runs -----------------------------------------------------------
 
