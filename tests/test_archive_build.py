@@ -38,8 +38,20 @@ def record(kind: str, n: int, received: float, **body: object) -> Record:
     return Record(kind, f"id{n}", None, None, received, received, raw)
 
 
+COLUMNS = zipcsv.Columns(FieldsConfig(), None)
+
+
+def rows_in(spill: Spill, day: date, kind: str) -> list[list[str]]:
+    out = []
+    for part in spill.parts(day, kind):
+        with part.open() as data:
+            text = data.read().decode()
+        out.extend(csv.reader(io.StringIO(text, newline="")))
+    return out
+
+
 def ids_in(spill: Spill, day: date, kind: str) -> list[str]:
-    return [r.id for r in spill.records(day, kind)]
+    return [row[1] for row in rows_in(spill, day, kind)]
 
 
 def test_records_go_to_the_day_they_were_received_and_a_respill_keeps_them_once(
@@ -49,9 +61,10 @@ def test_records_go_to_the_day_they_were_received_and_a_respill_keeps_them_once(
     before = [record("c", n, at(DAY, 23, 59, 59.5)) for n in range(3)]
     after = [record("c", n, at(date(2026, 12, 5), 0, 0, 0.25)) for n in range(3, 5)]
     odd = record('a/b,"c"\n', 9, at(DAY, 12))
-    assert spill.add(1, [*before, odd, *after]) == [DAY, date(2026, 12, 5)]
-    assert spill.add(1, [*before, odd, *after]) == [DAY, date(2026, 12, 5)]  # crash, again
-    spill.add(2, [record("c", 5, at(DAY, 23, 59, 59.9))])
+    assert spill.add(1, [*before, odd, *after], COLUMNS.part) == [DAY, date(2026, 12, 5)]
+    # a crash before the queue heard: spilled again
+    assert spill.add(1, [*before, odd, *after], COLUMNS.part) == [DAY, date(2026, 12, 5)]
+    spill.add(2, [record("c", 5, at(DAY, 23, 59, 59.9))], COLUMNS.part)
     assert spill.spilled_days() == [DAY, date(2026, 12, 5)]
     assert spill.types(DAY) == ['a/b,"c"\n', "c"]
     assert ids_in(spill, DAY, "c") == ["id0", "id1", "id2", "id5"]
@@ -68,17 +81,19 @@ def test_records_go_to_the_day_they_were_received_and_a_respill_keeps_them_once(
 def test_spill_files_are_read_in_pieces_and_damage_is_an_error(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(spill_module, "READ_CHUNK", 100)  # smaller than one record
+    monkeypatch.setattr(spill_module, "READ_CHUNK", 100)  # smaller than one row
     spill = Spill(tmp_path, DAYS)
     records = [record("c", n, at(DAY, 10), blob="x" * (n * 37 % 300)) for n in range(50)]
-    spill.add(7, records)
-    assert list(spill.records(DAY, "c")) == records
+    spill.add(7, records, COLUMNS.part)
+    assert rows_in(spill, DAY, "c") == list(csv.reader(io.StringIO(
+        COLUMNS.part(records)[1].decode(), newline=""
+    )))  # fmt: skip
     (path,) = (tmp_path / "spill" / DAY.isoformat() / b"c".hex()).iterdir()
     data = bytearray(path.read_bytes())
-    data[len(data) // 2] ^= 0xFF
+    data[len(data) // 2] ^= 0x01
     path.write_bytes(bytes(data))
-    with pytest.raises(ValueError, match="damaged record"):
-        list(spill.records(DAY, "c"))
+    with pytest.raises(ValueError, match="damaged rows"):
+        rows_in(spill, DAY, "c")
 
 
 def build_day(spill: Spill, out: Path) -> Built | None:
@@ -89,15 +104,13 @@ def build_day(spill: Spill, out: Path) -> Built | None:
         out,
         name,
         event_names={"c": "add to cart"},
-        fields=FieldsConfig(),
-        mapping=None,
     )
 
 
 def test_a_day_builds_one_zip_whose_cells_are_the_records(tmp_path: Path) -> None:
     spill = Spill(tmp_path, DAYS)
-    spill.add(1, [record("c", n, at(DAY, 9, n), cart={"qty": n}) for n in range(10)])
-    spill.add(2, [record("t", 10, at(DAY, 18), total=9.5)])
+    spill.add(1, [record("c", n, at(DAY, 9, n), cart={"qty": n}) for n in range(10)], COLUMNS.part)
+    spill.add(2, [record("t", 10, at(DAY, 18), total=9.5)], COLUMNS.part)
     built = build_day(spill, tmp_path / "out")
     assert built is not None
     assert built.name == "acme_04122026.zip"
@@ -111,7 +124,7 @@ def test_a_day_builds_one_zip_whose_cells_are_the_records(tmp_path: Path) -> Non
 
 def test_an_interrupted_build_is_rebuilt_to_the_same_bytes(tmp_path: Path) -> None:
     spill = Spill(tmp_path, DAYS)
-    spill.add(1, [record("c", n, at(DAY, 9), seq=n) for n in range(300)])
+    spill.add(1, [record("c", n, at(DAY, 9), seq=n) for n in range(300)], COLUMNS.part)
     first = build_day(spill, tmp_path / "out")
     assert first is not None
     kept = first.path.read_bytes()
@@ -128,7 +141,7 @@ def test_an_interrupted_build_is_rebuilt_to_the_same_bytes(tmp_path: Path) -> No
 
 def test_a_day_without_records_has_no_archive(tmp_path: Path) -> None:
     spill = Spill(tmp_path, DAYS)
-    spill.add(1, [record("c", 1, at(date(2026, 12, 5), 1))])
+    spill.add(1, [record("c", 1, at(date(2026, 12, 5), 1))], COLUMNS.part)
     assert build_day(spill, tmp_path / "out") is None
     assert not any((tmp_path / "out").iterdir())
 
@@ -138,21 +151,24 @@ def test_archive_name_is_strftime_of_the_day_with_the_account() -> None:
     assert archive_name("daily-%Y-%m-%d-{account}", "100%", DAY) == "daily-2026-12-04-100%.zip"
 
 
-def test_keys_noted_at_spill_time_give_the_same_zip_in_one_pass(tmp_path: Path) -> None:
-    """Spills that note their keys are read once by the build (`Spill.summary`); the zip
-    is byte for byte the one that two passes over the records give."""
+def test_batches_with_other_keys_merge_into_one_csv_per_type(tmp_path: Path) -> None:
+    """Queue batches spill under their own columns; the day's CSV is every row under
+    the union of them, in the order received."""
     records = [
         record("c", n, at(DAY, 9), **{f"k{n % 7}": n, "deep": {"a": [n]}}) for n in range(200)
     ]
-    plain, noted = Spill(tmp_path / "plain", DAYS), Spill(tmp_path / "noted", DAYS)
-    plain.add(1, records[:120])
-    plain.add(2, records[120:])
-    noted.add(1, records[:120], zipcsv.payload_keys)
-    noted.add(2, records[120:], zipcsv.payload_keys)
-    assert plain.summary(DAY, "c") is None
-    summary = noted.summary(DAY, "c")
-    assert summary is not None and summary.rows == 200
-    assert summary.keys >= {f"k{n}" for n in range(7)} | {"deep.a.0", "type"}
-    one, two = build_day(noted, tmp_path / "one"), build_day(plain, tmp_path / "two")
-    assert one is not None and two is not None
-    assert one.path.read_bytes() == two.path.read_bytes()
+    spill = Spill(tmp_path, DAYS)
+    spill.add(1, records[:3], COLUMNS.part)  # k0..k2 only
+    spill.add(2, records[3:], COLUMNS.part)
+    built = build_day(spill, tmp_path / "out")
+    assert built is not None and built.records == 200
+    with zipfile.ZipFile(built.path) as archive:
+        text = archive.read("add to cart_04122026.csv").decode()
+    header, *rows = csv.reader(io.StringIO(text, newline=""))
+    assert header[5:] == ["Payload.deep.a.0", *(f"Payload.k{n}" for n in range(7))]
+    for n, row in enumerate(rows):
+        cells = dict(zip(header, row, strict=True))
+        assert cells["id"] == f"id{n}" and cells["Payload.deep.a.0"] == str(n)
+        assert {k: v for k, v in cells.items() if k.startswith("Payload.k") and v} == {
+            f"Payload.k{n % 7}": str(n)
+        }

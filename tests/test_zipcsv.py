@@ -33,13 +33,18 @@ def record(kind: str, n: int, body: dict[str, object], *, at: float = 1_700_000_
     return Record(kind, f"id{n}", f"s{n}", None, at + n, at + n, msgspec.json.encode(raw))
 
 
+def part(records: list[Record], mapping: Mapping | None = None) -> zipcsv.Part:
+    header, data = zipcsv.Columns(FIELDS, mapping).part(records)
+    return zipcsv.Part(header, len(records), len(data), lambda: io.BytesIO(data))
+
+
 def build(path: Path, by_type: dict[str, list[Record]], mapping: Mapping | None = None) -> None:
     entries = [
-        zipcsv.Entry(name, lambda records=by_type[kind]: iter(records))
+        zipcsv.Entry(name, [part(by_type[kind], mapping)])
         for kind, name in zipcsv.entry_names(by_type, "04122026", {"c": "add to cart"})
     ]
     with path.open("wb") as out:
-        zipcsv.write(out, entries, lambda: zipcsv.Columns(FIELDS, mapping))
+        zipcsv.write(out, entries)
 
 
 def rows(path: Path, name: str) -> list[list[str]]:
@@ -119,6 +124,44 @@ def test_a_mapping_gives_its_columns(tmp_path: Path) -> None:
     ]
 
 
+def test_parts_under_other_columns_are_laid_out_under_the_days(tmp_path: Path) -> None:
+    """Each queue batch spills its rows under its own columns; the day's CSV has the
+    union, and every cell lands under its own column whichever part it came from."""
+    first = [record("c", 1, {"a": "1", "m": {"x": 'q,"uote\r\n'}})]
+    second = [record("c", 2, {"b": 2}), record("c", 3, {"a": "3", "b": 3})]
+    path = tmp_path / "p.zip"
+    with path.open("wb") as out:
+        zipcsv.write(out, [zipcsv.Entry("c.csv", [part(first), part(second), part(first)])])
+    header, *cells = rows(path, "c.csv")
+    assert header[5:] == ["Payload.a", "Payload.b", "Payload.m.x"]
+    assert [row[1:2] + row[5:] for row in cells] == [
+        ["id1", "1", "", 'q,"uote\r\n'],
+        ["id2", "", "2", ""],
+        ["id3", "3", "3", ""],
+        ["id1", "1", "", 'q,"uote\r\n'],
+    ]
+
+
+def test_a_mapping_changed_during_the_day_drops_no_cell(tmp_path: Path) -> None:
+    old, new = Mapping({"kind": "type", "x": "x"}), Mapping({"kind": "type", "y": "y"})
+    path = tmp_path / "m.zip"
+    parts = [part([record("c", 1, {"x": 1, "y": 2})], old)]
+    parts.append(part([record("c", 2, {"x": 3, "y": 4})], new))
+    with path.open("wb") as out:
+        zipcsv.write(out, [zipcsv.Entry("c.csv", parts)])
+    assert rows(path, "c.csv") == [["kind", "y", "x"], ["c", "", "1"], ["c", "4", ""]]
+
+
+def test_a_damaged_part_fails_the_build(tmp_path: Path) -> None:
+    def damaged() -> io.BytesIO:
+        raise ValueError("damaged rows")
+
+    header, data = zipcsv.Columns(FIELDS, None).part([record("c", 1, {})])
+    entry = zipcsv.Entry("c.csv", [zipcsv.Part(header, 1, len(data), damaged)])
+    with (tmp_path / "d.zip").open("wb") as out, pytest.raises(ValueError, match="damaged"):
+        zipcsv.write(out, [entry])
+
+
 def test_a_rebuild_is_byte_identical(tmp_path: Path) -> None:
     by_type = {"c": [record("c", n, {"n": n}) for n in range(500)]}
     build(tmp_path / "1.zip", by_type)
@@ -139,7 +182,7 @@ def test_an_entry_that_may_pass_4_gib_gets_zip64_headers(
 ) -> None:
     """The bound decides ZIP64 before streaming; a lowered limit shows the switch (a
     real 4 GiB entry is the benchmark's business, not a unit test's)."""
-    monkeypatch.setattr(zipcsv, "ZIP64_LIMIT", 10_000)
+    monkeypatch.setattr(zipcsv, "ZIP64_LIMIT", 5_000)
     path = tmp_path / "z.zip"
     build(path, {"c": [record("c", n, {"n": n}) for n in range(200)], "t": [record("t", 1, {})]})
     with zipfile.ZipFile(path) as archive:

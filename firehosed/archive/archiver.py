@@ -90,7 +90,8 @@ class Archiver:
         self, config: FirehoseConfig, fields: FieldsConfig, mapping: Mapping | None
     ) -> None:
         """Apply the firehose's (re)loaded config."""
-        self.config, self.fields, self.mapping = config, fields, mapping
+        self.config, self.fields = config, fields
+        self._columns = zipcsv.Columns(fields, mapping)
         self.days = self.spill.days = Days(config.timezone)
 
     # -- while the day runs -----------------------------------------------------------
@@ -98,9 +99,7 @@ class Archiver:
     async def spill_batch(self, batch: Manifest, path: Path) -> None:
         """Spill a queue batch (its file at `path`) into its days (durably)."""
         records = await asyncio.to_thread(_read_frames, path)
-        # Columns from a mapping need no keys; else each spill notes its records' keys.
-        keys = zipcsv.payload_keys if self.mapping is None else None
-        await asyncio.to_thread(self.spill.add, batch.no, records, keys)
+        await asyncio.to_thread(self.spill.add, batch.no, records, self._columns.part)
 
     # -- when a day has ended ---------------------------------------------------------
 
@@ -123,8 +122,6 @@ class Archiver:
             self.root / "built",
             name,
             event_names=self.config.event_names,
-            fields=self.fields,
-            mapping=self.mapping,
             sync=self.sync,
         )
         if built is None:

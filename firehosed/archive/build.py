@@ -9,7 +9,6 @@ are therefore fixed before the first attempt, like any batch's.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import os
 from dataclasses import dataclass
@@ -17,10 +16,8 @@ from datetime import date, datetime
 from pathlib import Path
 
 from firehosed.archive.spill import Spill
-from firehosed.config import FieldsConfig
 from firehosed.fileio import fsync_dir, make_dirs
 from firehosed.formats import zipcsv
-from firehosed.mapping import Mapping
 
 HASH_CHUNK = 1 << 20
 
@@ -50,8 +47,6 @@ def build(
     name: str,
     *,
     event_names: dict[str, str],
-    fields: FieldsConfig,
-    mapping: Mapping | None,
     sync: bool = True,
 ) -> Built | None:
     """Build `day`'s archive into `out` (a worker thread); None for a day with no record.
@@ -67,14 +62,12 @@ def build(
             return None
         stamp = day.strftime("%d%m%Y")
         entries = [
-            zipcsv.Entry(
-                csv_name, functools.partial(spill.records, day, kind), spill.summary(day, kind)
-            )
+            zipcsv.Entry(csv_name, spill.parts(day, kind))
             for kind, csv_name in zipcsv.entry_names(kinds, stamp, event_names)
         ]
         building = out / (name + ".building")
         with building.open("wb") as f:
-            zipcsv.write(f, entries, lambda: zipcsv.Columns(fields, mapping))
+            zipcsv.write(f, entries)
             if sync:
                 f.flush()
                 os.fsync(f.fileno())

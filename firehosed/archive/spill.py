@@ -1,42 +1,50 @@
 """The open days of an archive firehose, spilled per day and type while they run.
 
 An archive firehose's queue is cut into ordinary batches; instead of being delivered,
-each batch is spilled here, its records sorted by the day they were received on (in the
-firehose's time zone) and by type, and only then marked done in the queue. When a day
-has ended, its archive is built from its spills, one type at a time: the queue never
-holds a whole day, and a build reads each record twice (columns, then rows), never more.
+each batch is spilled here: its records sorted by the day they were received on (in the
+firehose's time zone) and by type, each group turned into CSV rows (a `zipcsv.Part`),
+and only then marked done in the queue. When a day has ended, its archive is assembled
+from its parts, one type at a time (formats/zipcsv.py): the queue never holds a whole
+day, and the CSV work is done while the day runs, not after midnight.
 
 Layout, under the firehose's archive directory:
 
-    spill/<YYYY-MM-DD>/<type, hex of its UTF-8>/<queue batch number, 12 digits>.<records>
+    spill/<YYYY-MM-DD>/<type, hex of its UTF-8>/<queue batch number, 12 digits>.<rows>
 
-Each file holds one queue batch's records of that day and type, framed (queue/frames.py)
-msgpack `Record`s in the order received. A spill file is written atomically and
-durably under a name given by its batch number, so a batch spilled again after a crash
-(before the queue heard it was done) replaces its own files: never a record twice.
+Each file is one part: a prefix (the msgpack header's length and the CRC-32 of the
+rows, `>II`), the header (the part's columns, msgpack), then the CSV rows. A spill file
+is written atomically and durably under a name given by its batch number, so a batch
+spilled again after a crash (before the queue heard it was done) replaces its own
+files: never a record twice.
 """
 
 from __future__ import annotations
 
+import io
 import shutil
-from collections.abc import Callable, Iterable, Iterator, Sequence
+import struct
+import zlib
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from datetime import date
 from pathlib import Path
+from typing import BinaryIO
 
 import msgspec
 
 from firehosed.archive.days import Days
 from firehosed.fileio import fsync_dir, make_dirs, write_durably
-from firehosed.formats.zipcsv import Summary
-from firehosed.queue.frames import frame, scan
-from firehosed.record import Record, decoder, encode
+from firehosed.formats.zipcsv import Part
+from firehosed.record import Record
 
-READ_CHUNK = 4 << 20  # bytes: spill files are read in pieces this big, never whole
-KEYS = ".keys"  # beside a spill file: its records' flattened keys (msgpack list)
+PREFIX = struct.Struct(">II")  # header length, CRC-32 of the rows
+READ_CHUNK = 1 << 20  # bytes: spill files are read in pieces this big, never whole
+
+Rows = Callable[[Sequence[Record]], tuple[list[str], bytes]]  # records of a type -> CSV
 
 
 class Spill:
-    """The spilled records of one archive firehose's open (and ended, unbuilt) days."""
+    """The spilled rows of one archive firehose's open (and ended, unbuilt) days."""
 
     def __init__(self, root: Path, days: Days, sync: bool = True) -> None:
         self.root = root / "spill"
@@ -48,34 +56,20 @@ class Spill:
             sum(p.stat().st_size for p in self.root.glob("*/*/*")) if self.root.is_dir() else 0
         )
 
-    def add(
-        self,
-        batch: int,
-        records: Sequence[Record],
-        keys: Callable[[bytes], Iterable[str]] | None = None,
-    ) -> list[date]:
-        """Spill queue batch number `batch` (a worker thread); the days it touched.
-
-        With `keys` (a record's flattened keys), each spill file gets a `.keys` file
-        beside it, so that a build knows its columns without reading the records twice.
-        """
-        groups: dict[tuple[date, str], list[bytes]] = {}
-        seen: dict[tuple[date, str], set[str]] = {}
+    def add(self, batch: int, records: Sequence[Record], rows: Rows) -> list[date]:
+        """Spill queue batch number `batch` (a worker thread), each day and type's
+        records made CSV rows by `rows`; the days it touched."""
+        groups: dict[tuple[date, str], list[Record]] = {}
         for record in records:
-            group = (self.days.of(record.received), record.type)
-            groups.setdefault(group, []).append(frame(encode(record)))
-            if keys is not None:
-                seen.setdefault(group, set()).update(keys(record.raw))
-        for (day, kind), frames in groups.items():
+            groups.setdefault((self.days.of(record.received), record.type), []).append(record)
+        for (day, kind), group in groups.items():
             directory = self.root / day.isoformat() / kind.encode().hex()
             make_dirs(directory, self.sync)
+            header, csv = rows(group)
+            head = msgspec.msgpack.encode(header)
+            data = PREFIX.pack(len(head), zlib.crc32(csv)) + head + csv
             # The name carries the count, so that counting a day lists, never reads.
-            name = f"{batch:012d}.{len(frames)}"
-            data = b"".join(frames)
-            if keys is not None:  # first: a spill file without its keys is read twice
-                summary = msgspec.msgpack.encode(sorted(seen[day, kind]))
-                write_durably(directory / (name + KEYS), summary, self.sync)
-            write_durably(directory / name, data, self.sync)
+            write_durably(directory / f"{batch:012d}.{len(group)}", data, self.sync)
             self.bytes += len(data)
         return sorted({day for day, _ in groups})
 
@@ -92,30 +86,14 @@ class Spill:
             return []
         return sorted(bytes.fromhex(p.name).decode() for p in directory.iterdir() if p.is_dir())
 
-    def records(self, day: date, kind: str) -> Iterator[Record]:
-        """`day`'s records of type `kind`, in the order received (queue batch order)."""
+    def parts(self, day: date, kind: str) -> list[Part]:
+        """`day`'s parts of type `kind`, in the order received (queue batch order)."""
         directory = self.root / day.isoformat() / kind.encode().hex()
-        for path in sorted(directory.iterdir()):
-            if _count(path.name) is not None:
-                yield from _read(path)
-
-    def summary(self, day: date, kind: str) -> Summary | None:
-        """The keys, records and bytes of `day`'s spills of type `kind`, when every spill
-        file has its keys noted; else None (the build reads the records twice)."""
-        directory = self.root / day.isoformat() / kind.encode().hex()
-        keys: set[str] = set()
-        rows = size = 0
-        for path in directory.iterdir():
-            count = _count(path.name)
-            if count is None:
-                continue
-            noted = path.with_name(path.name + KEYS)
-            if not noted.exists():
-                return None
-            keys.update(msgspec.msgpack.decode(noted.read_bytes(), type=list[str]))
-            rows += count
-            size += path.stat().st_size
-        return Summary(keys, rows, size)
+        return [
+            _part(path, rows)
+            for path in sorted(directory.iterdir())
+            if (rows := _count(path.name)) is not None
+        ]
 
     def count(self, day: date) -> int:
         """How many records `day` holds so far (from the spill files' names)."""
@@ -142,21 +120,35 @@ def _count(name: str) -> int | None:
     return int(count) if batch.isdigit() and count.isdigit() else None
 
 
-def _read(path: Path) -> Iterable[Record]:
-    """The records of one spill file, read in chunks of READ_CHUNK bytes at most (plus
-    one record: a frame is never split)."""
+def _part(path: Path, rows: int) -> Part:
     with path.open("rb") as f:
-        rest, offset = b"", 0  # `rest` starts at file offset `offset`
-        while chunk := f.read(READ_CHUNK):
-            data = rest + chunk
-            end = 0
-            for span in scan(data):
-                if span.payload is None:
-                    if span.end < len(data):  # written durably once: damage, not a tail
-                        raise ValueError(f"{path}: a damaged record at byte {offset + span.start}")
-                    break  # the last frame continues in the next chunk
-                yield decoder.decode(span.payload)
-                end = span.end
-            rest, offset = data[end:], offset + end
-        if rest:
-            raise ValueError(f"{path}: a damaged record at the end of a spill file")
+        size, crc = PREFIX.unpack(f.read(PREFIX.size))
+        header = msgspec.msgpack.decode(f.read(size), type=list[str])
+    start = PREFIX.size + size
+    return Part(header, rows, path.stat().st_size - start, lambda: _open(path, start, crc))
+
+
+@contextmanager
+def _open(path: Path, start: int, crc: int) -> Iterator[BinaryIO]:
+    with path.open("rb", buffering=0) as f:
+        f.seek(start)
+        yield io.BufferedReader(_Checked(f, path, crc), READ_CHUNK)
+
+
+class _Checked(io.RawIOBase):
+    """A spill file's rows, read through once: at their end, ValueError if their
+    CRC-32 is not the one written with them (the disk damaged them)."""
+
+    def __init__(self, f: BinaryIO, path: Path, crc: int) -> None:
+        self._f, self._path, self._want, self._crc = f, path, crc, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
+        n: int = self._f.readinto(buffer)  # type: ignore[attr-defined]
+        if n:
+            self._crc = zlib.crc32(buffer[:n], self._crc)
+        elif self._crc != self._want:
+            raise ValueError(f"{self._path}: damaged rows (their CRC-32 does not match)")
+        return n

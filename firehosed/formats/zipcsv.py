@@ -1,9 +1,12 @@
 """The daily archive's zip: one CSV per event type, streamed, memory bounded.
 
-An archive is built from the records of one day, read per type twice: a first pass
-learns the type's columns (the union of its records' flattened keys) and an upper bound
-of its CSV size, the second writes the rows straight into the zip entry. Memory holds
-the column set and one row, whatever the day's size.
+A day's CSV rows are made while the day runs: each queue batch of an archive firehose
+is turned into one `Part` per type (`Columns.part`: the rows under the batch's own
+columns) and spilled. At the end of the day the zip is assembled from the parts: the
+type's columns are merged from the parts' headers (`day_header`), and a part whose
+columns are the day's is copied into the zip entry as it is, the common case and as
+fast as deflate itself; any other part is re-laid out row by row under the day's
+columns. Memory holds one read chunk and one row, whatever the day's size.
 
 Cells (DESIGN §6): `time` in ISO 8601 UTC; strings as they are; numbers and booleans as
 their JSON text; null and missing keys empty. Keys are flattened in dotted form under
@@ -11,16 +14,19 @@ their JSON text; null and missing keys empty. Keys are flattened in dotted form 
 backslash has them escaped (`\\.`, `\\\\`), so `{"a.b": 1}` (`Payload.a\\.b`) and
 `{"a": {"b": 2}}` (`Payload.a.b`) never share a column.
 
-The bytes are a function of the records alone (entries in type order, fixed timestamps,
-fixed compression level), so a build interrupted by a crash is rebuilt identical.
+The bytes are a function of the parts alone (entries in type order, parts in queue
+order, fixed timestamps, fixed compression level), so a build interrupted by a crash is
+rebuilt identical.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import shutil
 import zipfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import IO, Any, BinaryIO
@@ -39,122 +45,144 @@ PAYLOAD = "Payload."
 ZIP64_LIMIT = zipfile.ZIP64_LIMIT
 # Zip entries carry a local date and time; a fixed one keeps a rebuild byte-identical.
 ENTRY_TIME = (1980, 1, 1, 0, 0, 0)
+COPY_CHUNK = 1 << 20  # bytes: a part is copied into its entry in pieces this big
 
 _decode = msgspec.json.Decoder().decode
 
-Records = Callable[[], Iterable[Record]]  # a fresh pass over one type's records
-
 
 @dataclass(frozen=True, slots=True)
-class Summary:
-    """What the first pass would learn of an entry, when known beforehand (its spills
-    noted it): the flattened keys, the records and an upper bound of their bytes."""
+class Part:
+    """Rows of one type's CSV (one queue batch's, as spilled): the columns they are
+    laid out under, how many, their CSV bytes (no header row), and a way to read those
+    bytes (a stream that raises ValueError at its end if they were damaged)."""
 
-    keys: set[str]
+    header: list[str]
     rows: int
     size: int
+    open: Callable[[], AbstractContextManager[BinaryIO]]
 
 
 @dataclass(frozen=True, slots=True)
 class Entry:
-    """One CSV of the archive: its name in the zip, the records it holds, and their
-    summary if known (then they are read once, not twice)."""
+    """One CSV of the archive: its name in the zip and its parts, in order."""
 
     name: str
-    records: Records
-    summary: Summary | None = None
-
-
-def payload_keys(raw: bytes) -> list[str]:
-    """The flattened keys of one record (noted with its spill, for `Summary.keys`)."""
-    return list(flat(_decode(raw)))
+    parts: Sequence[Part]
 
 
 class Columns:
-    """The columns of one type's CSV: a mapping's, or the envelope's then every
-    flattened payload key seen, sorted."""
+    """Turns a type's records into CSV rows: under a mapping's columns, or the
+    envelope's then every flattened payload key of the records, sorted."""
 
     def __init__(self, fields: FieldsConfig, mapping: ColumnMapping | None) -> None:
         self.mapping = mapping
         self._skip = _envelope_paths(fields)
-        self._keys: set[str] = set()
-        self._order: list[str] | None = None
 
-    def learn(self, record: Record) -> None:
-        """Note the keys of `record` (first pass)."""
-        if self.mapping is None:
-            self._keys.update(flat(_decode(record.raw)).keys() - self._skip)
-
-    def learn_keys(self, keys: set[str]) -> None:
-        """Note keys known from a summary (no first pass)."""
-        if self.mapping is None:
-            self._keys.update(keys - self._skip)
-
-    def header(self) -> list[str]:
+    def part(self, records: Sequence[Record]) -> tuple[list[str], bytes]:
+        """The header and CSV bytes (rows only, CRLF) of `records`, all of one type."""
+        text = io.StringIO(newline="")
+        writer = csv.writer(text, lineterminator="\r\n")
         if self.mapping is not None:
-            return list(self.mapping.columns)
-        return [*ENVELOPE_COLUMNS, *(PAYLOAD + key for key in self._sorted())]
-
-    def _sorted(self) -> list[str]:
-        """The payload keys in column order (sorted once, after the first pass)."""
-        if self._order is None or len(self._order) != len(self._keys):
-            self._order = sorted(self._keys)
-        return self._order
-
-    def row(self, record: Record) -> list[str]:
-        """The CSV cells of `record` under `header()` (second pass)."""
-        if self.mapping is not None:
-            return [cell(value) for value in self.mapping.values(_decode(record.raw))]
-        cells = flat(_decode(record.raw))
-        envelope = [
-            record.type,
-            record.id,
-            record.session or "",
-            record.person or "",
-            datetime.fromtimestamp(record.time, UTC).isoformat().replace("+00:00", "Z"),
-        ]
-        return envelope + [cells.get(key, "") for key in self._sorted()]
+            values = self.mapping.values
+            writer.writerows([cell(v) for v in values(_decode(r.raw))] for r in records)
+            return list(self.mapping.columns), text.getvalue().encode()
+        cells = [flat(_decode(r.raw)) for r in records]
+        keys = sorted(set().union(*cells) - self._skip)
+        writer.writerows(
+            [
+                r.type,
+                r.id,
+                r.session or "",
+                r.person or "",
+                datetime.fromtimestamp(r.time, UTC).isoformat().replace("+00:00", "Z"),
+                *[got.get(key, "") for key in keys],
+            ]
+            for r, got in zip(records, cells, strict=True)
+        )
+        return [*ENVELOPE_COLUMNS, *(PAYLOAD + key for key in keys)], text.getvalue().encode()
 
 
-def write(out: BinaryIO, entries: Sequence[Entry], columns: Callable[[], Columns]) -> int:
+def day_header(headers: Sequence[Sequence[str]]) -> list[str]:
+    """The columns of a type's CSV for the day, from its parts' headers (oldest first).
+
+    Without a mapping: the envelope, then the union of the parts' payload columns,
+    sorted. A mapping changed during the day (a reload): the newest part's columns, then
+    any column of an older part that they lack, newest first, so no cell is dropped.
+    """
+    first = headers[0]
+    if all(h == first for h in headers):
+        return list(first)
+    if all(_plain(h) for h in headers):
+        payload = {column for h in headers for column in h[len(ENVELOPE_COLUMNS) :]}
+        return [*ENVELOPE_COLUMNS, *sorted(payload)]
+    out = list(headers[-1])
+    seen = set(out)
+    for h in reversed(headers[:-1]):
+        for column in h:
+            if column not in seen:
+                seen.add(column)
+                out.append(column)
+    return out
+
+
+def _plain(header: Sequence[str]) -> bool:
+    """A header made without a mapping (envelope, then payload columns)."""
+    n = len(ENVELOPE_COLUMNS)
+    return tuple(header[:n]) == ENVELOPE_COLUMNS and all(
+        column.startswith(PAYLOAD) for column in header[n:]
+    )
+
+
+def write(out: BinaryIO, entries: Sequence[Entry]) -> int:
     """Write the zip of `entries` to `out` (seekable), streaming each CSV into it; the
     number of records (rows below the headers) written."""
     total = 0
     with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED, allowZip64=True) as archive:
         for entry in entries:
-            cols = columns()
-            rows = bound = 0
-            if entry.summary is not None:
-                cols.learn_keys(entry.summary.keys)
-                rows, bound = entry.summary.rows, entry.summary.size
-            else:
-                for record in entry.records():
-                    cols.learn(record)
-                    rows += 1
-                    bound += len(record.raw) + len(record.id) + len(record.session or "")
-            header = cols.header()
-            # Each cell at most doubles (quotes) plus its quotes and comma; the envelope
-            # cells are bounded by the record's own strings and a 32-byte time.
-            bound = 2 * bound + rows * (3 * len(header) + 64) + 4 * sum(map(len, header))
+            header = day_header([part.header for part in entry.parts])
+            head = _row(header)
+            # A re-laid-out part gains at most a comma per added column in each row.
+            bound = len(head) + sum(
+                part.size + (0 if part.header == header else part.rows * len(header))
+                for part in entry.parts
+            )
             info = zipfile.ZipInfo(entry.name, date_time=ENTRY_TIME)
             info.compress_type = zipfile.ZIP_DEFLATED
             info.external_attr = 0o644 << 16
             with archive.open(info, "w", force_zip64=bound >= ZIP64_LIMIT) as raw:
-                _write_rows(raw, header, cols, entry.records())
-            total += rows
+                raw.write(head)
+                for part in entry.parts:
+                    with part.open() as data:
+                        if part.header == header:
+                            shutil.copyfileobj(data, raw, COPY_CHUNK)
+                        else:
+                            _relayout(data, part.header, header, raw)
+                    total += part.rows
     return total
 
 
-def _write_rows(
-    raw: IO[bytes], header: list[str], cols: Columns, records: Iterable[Record]
-) -> None:
-    text = io.TextIOWrapper(raw, encoding="utf-8", newline="", write_through=False)
-    writer = csv.writer(text, lineterminator="\r\n")
-    writer.writerow(header)
-    for record in records:
-        writer.writerow(cols.row(record))
-    text.flush()
-    text.detach()
+def _row(cells: Sequence[str]) -> bytes:
+    text = io.StringIO(newline="")
+    csv.writer(text, lineterminator="\r\n").writerow(cells)
+    return text.getvalue().encode()
+
+
+def _relayout(data: BinaryIO, columns: list[str], header: list[str], out: IO[bytes]) -> None:
+    """Copy CSV rows laid out under `columns` into `out` under `header` (a superset)."""
+    at = {column: n for n, column in enumerate(header)}
+    places = [at[column] for column in columns]
+    width = len(header)
+    source = io.TextIOWrapper(data, encoding="utf-8", newline="")
+    target = io.TextIOWrapper(out, encoding="utf-8", newline="", write_through=False)
+    writer = csv.writer(target, lineterminator="\r\n")
+    for row in csv.reader(source):
+        cells = [""] * width
+        for place, value in zip(places, row, strict=True):
+            cells[place] = value
+        writer.writerow(cells)
+    target.flush()
+    target.detach()
+    source.detach()
 
 
 def flat(value: Any) -> dict[str, str]:
