@@ -122,6 +122,12 @@ def test_midnight_cuts_the_day_into_one_zip_and_a_missed_midnight_is_built_on_st
     ]
     status = daemon.status()["firehoses"]["daily"]["archive"]
     assert status["last_day_delivered"] == "2026-12-04"
+    # The status page and `firehosed status` say the same: the open day, the last one.
+    wait_until(lambda: daemon.status()["firehoses"]["daily"]["archive"]["open_records"] == 7)
+    days = "open day 2026-12-05: 7 records so far; 2026-12-04 delivered at 2026-12-0"
+    assert days in daemon.admin("/").text
+    table = daemon.cli("status")
+    assert table.returncode == 0 and f"daily archives:\n  daily: {days}" in table.stdout
 
     # By hand: a delivered day is sent again only with --force, a running day never.
     kept = first.read_bytes()
@@ -143,6 +149,43 @@ def test_midnight_cuts_the_day_into_one_zip_and_a_missed_midnight_is_built_on_st
     assert [p.name for p in second] == ["acme_05122026.zip"]
     (late_rows,) = archive_rows(second[0]).values()
     assert [row["id"] for row in late_rows] == [f"{200 + n:024x}" for n in range(7)]
+
+
+def test_by_hand_with_the_daemon_stopped_builds_on_disk_when_every_record_is_spilled(
+    daemon: Daemon,
+) -> None:
+    late_evening = faked("2026-12-04 16:30:00")  # 22:00 in Kolkata
+    next_morning = faked("2026-12-04 19:30:00")  # 01:00 on the 5th
+    daemon.start(env=late_evening)
+    carts = [signal_record(n, kind="c", session=f"s{n}") for n in range(20)]
+    assert daemon.post(carts).status_code == 202
+    daemon.kill()  # before the queue's first cut (a minute): nothing spilled yet
+    queued = daemon.cli("archive", "--day", "2026-12-04", "daily", env=next_morning)
+    assert queued.returncode == 1
+    assert "20 records are queued, not yet spilled" in queued.stderr, queued.stderr
+    assert not zips(daemon)
+
+    daemon.start(env=late_evening)
+    daemon.stop()  # a worker spills all that is queued when it starts
+    done = daemon.cli("archive", "--day", "2026-12-04", "daily", env=next_morning)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [
+        "archive daily 2026-12-04: the daemon is not running: building on disk",
+        "archive daily 2026-12-04: building...",
+        "archive daily 2026-12-04: delivering acme_04122026.zip (20 records, "
+        f"{zips(daemon)[0].stat().st_size:,} bytes)",
+        "archive daily 2026-12-04: delivered acme_04122026.zip",
+    ]
+    (built,) = zips(daemon)
+    (rows,) = archive_rows(built).values()
+    assert [row["id"] for row in rows] == [f"{n:024x}" for n in range(20)]
+    again = daemon.cli("archive", "--day", "2026-12-04", "daily", env=next_morning)
+    assert again.returncode == 1 and "--force sends it again" in again.stderr
+    # The daemon, started after the delivery, knows the day was delivered.
+    daemon.start(env=next_morning)
+    status = daemon.status()["firehoses"]["daily"]["archive"]
+    assert status["last_day_delivered"] == "2026-12-04"
+    assert zips(daemon) == [built]
 
 
 def test_an_archive_not_delivered_by_deliver_by_alerts_once_and_sets_the_metric(

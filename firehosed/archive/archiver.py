@@ -199,6 +199,8 @@ class Archiver:
                 if self.state.delivered_at
                 else None
             ),
+            # ended days not delivered by `deliver_by` (alerted), oldest first
+            "late_days": [day.isoformat() for day in sorted(self.state.late_alerted)],
         }
 
     async def by_hand(self, day: date, *, force: bool) -> Manifest:
