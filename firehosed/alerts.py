@@ -39,7 +39,7 @@ from firehosed.errors import FirehosedError
 
 log = structlog.get_logger(__name__)
 
-Kind = Literal["failing", "recovered", "dead_letter"]
+Kind = Literal["failing", "recovered", "dead_letter", "archive_late"]
 
 _SUBJECT_ERROR_CHARS = 80
 
@@ -120,6 +120,13 @@ class Alerts:
         if to is not None:
             self._spawn("dead_letter", incident, self._mail_dead_letter(to, incident, batch_name))
 
+    def archive_late(self, to: str | None, incident: Incident, archive: str) -> None:
+        """Report that a daily archive missed its `deliver_by` time; mailed once per day
+        (the caller asks once)."""
+        log.error("alert.archive_late", to=to, archive=archive, **_fields(incident))
+        if to is not None:
+            self._spawn("archive_late", incident, self._mail_archive_late(to, incident, archive))
+
     def reconfigure(self, config: AlertsConfig) -> None:
         """Use a reloaded `[alerts]` for the next mails; rate limits and incidents are kept."""
         self._config = config
@@ -151,6 +158,9 @@ class Alerts:
         await _settled(episode.last)
         if episode.sent:
             await self._deliver(to, "recovered", incident)
+
+    async def _mail_archive_late(self, to: str, incident: Incident, archive: str) -> None:
+        await self._deliver(to, "archive_late", incident, archive)
 
     async def _mail_dead_letter(self, to: str, incident: Incident, batch_name: str) -> None:
         await self._deliver(to, "dead_letter", incident, batch_name)
@@ -275,6 +285,8 @@ def _subject(kind: Kind, incident: Incident, batch_name: str) -> str:
         return f"{prefix} failing: {_short(incident.error)}"
     if kind == "recovered":
         return f"{prefix} recovered"
+    if kind == "archive_late":
+        return f"{prefix} late: archive {batch_name} not delivered by its deliver_by time"
     return f"{prefix} dead-lettered batch {batch_name}"
 
 
@@ -294,6 +306,13 @@ def _body(config: AlertsConfig, host: str, kind: Kind, incident: Incident, batch
             f"Firehose {incident.firehose} delivers to channel {incident.channel} again, "
             f"after failing for {human_age(time.time() - incident.first_failure)}.\n"
             "The backlog below is being delivered."
+        )
+    elif kind == "archive_late":
+        lead = (
+            f"The daily archive {batch_name} of firehose {incident.firehose} was not in "
+            f"channel {incident.channel} by the firehose's deliver_by time.\n"
+            f"Why: {incident.error}\n"
+            "It is delivered as soon as it can be; firehosed_archive_late stays 1 until then."
         )
     else:
         lead = (

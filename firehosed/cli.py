@@ -42,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
         return commands.status(cfg, as_json=args.json)
     if args.command == "tail":
         return commands.tail(cfg, args.firehose)
+    if args.command == "archive":
+        return commands.archive(cfg, args.firehose, args.day, force=args.force)
     return _run(cfg, args.log_level)
 
 
@@ -64,13 +66,19 @@ def _parser() -> argparse.ArgumentParser:
     resume = commands_.add_parser("resume", help="resume a firehose's delivery (paused = false)")
     for sub in (pause, resume):
         sub.add_argument("firehose", help="the firehose's name ([firehoses.NAME])")
+    archive = commands_.add_parser(
+        "archive", help="build and deliver one day of a daily archive firehose now"
+    )
+    archive.add_argument("firehose", help="the archive firehose's name")
+    archive.add_argument("--day", required=True, help="the day, YYYY-MM-DD, in its timezone")
+    archive.add_argument("--force", action="store_true", help="send a day that was delivered again")
     config_cmd = commands_.add_parser("config", help="edit the config file, then reload")
     set_cmd = config_cmd.add_subparsers(dest="action", required=True).add_parser(
         "set", help="set KEY (dotted: firehoses.NAME.paused) to VALUE (TOML, else a string)"
     )
     set_cmd.add_argument("key")
     set_cmd.add_argument("value")
-    for sub in (run, check, replay_cmd, status, tail, pause, resume, set_cmd):
+    for sub in (run, check, replay_cmd, status, tail, pause, resume, set_cmd, archive):
         sub.add_argument(
             "-c",
             "--config",

@@ -13,8 +13,10 @@ import re
 import tomllib
 from collections.abc import Iterable
 from datetime import UTC, datetime
+from datetime import time as dt_time
 from pathlib import Path
 from typing import Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import msgspec
 
@@ -138,7 +140,7 @@ class FirehoseConfig(_Section):
 
     account: str
     channel: str
-    format: Literal["json", "ndjson", "csv"] = "json"
+    format: Literal["json", "ndjson", "csv", "zip-csv"] = "json"
     mapping: str | None = None
     compression: Literal["none", "gzip"] = "none"
     minutes_between_files: float = 5.0
@@ -159,6 +161,14 @@ class FirehoseConfig(_Section):
     # Bytes this firehose may hold queued before its account's requests get 503; None:
     # half of storage.max_disk when the config has several firehoses, else all of it.
     max_queued: Size | None = None
+    # The daily archive (format "zip-csv"): one zip per day, in `timezone`, by
+    # `deliver_by` (local "HH:MM" on the next day), named `archive_name` (strftime of
+    # the day, {account}; ".zip" added), one CSV per type named by `event_names`.
+    schedule: Literal["daily"] | None = None
+    timezone: str = "UTC"
+    deliver_by: str | None = None
+    archive_name: str = "{account}_%d%m%Y"
+    event_names: dict[str, str] = msgspec.field(default_factory=dict)
 
 
 class ChannelConfig:
@@ -414,6 +424,19 @@ def _validate(config: Config, report: _Report, names: dict[str, set[str]]) -> No
     _validate_fallback(config.fallback, names, report)
     for name, firehose in config.firehoses.items():
         _validate_firehose(names, ("firehoses", name), firehose, report)
+        channel = config.channels.get(firehose.channel)
+        if firehose.format == "zip-csv" and channel is not None and _streams(channel):
+            report.add(
+                ("firehoses", name, "channel"),
+                f"channel {firehose.channel!r} streams records: a daily archive needs a file "
+                "channel (directory, sftp, ftp, ftpes or s3)",
+            )
+
+
+def _streams(channel: Any) -> bool:
+    """Whether a channel config is of a stream type (webhook, queues)."""
+    kind = type(channel).__struct_config__.tag
+    return bool(channels.REGISTRY[kind].channel_type().stream)
 
 
 def _validate_channel(key: tuple[str, ...], channel: Any, report: _Report) -> None:
@@ -565,6 +588,51 @@ def _validate_firehose(
         report.add((*key, "prefix"), problem)
     if (problem := filename_pattern_problem(firehose.filename_pattern)) is not None:
         report.add((*key, "filename_pattern"), problem)
+    _validate_archive(key, firehose, report)
+
+
+def _validate_archive(key: tuple[str, ...], firehose: FirehoseConfig, report: _Report) -> None:
+    """The daily archive's keys: only with format "zip-csv", and each well formed."""
+    archive = firehose.format == "zip-csv"
+    if archive and firehose.schedule != "daily":
+        report.add((*key, "format"), 'zip-csv is a daily archive: set schedule = "daily"')
+    if not archive and firehose.schedule is not None:
+        report.add((*key, "schedule"), 'schedule = "daily" needs format = "zip-csv"')
+    if archive and firehose.compression != "none":
+        report.add((*key, "compression"), "zip-csv is compressed already (deflate)")
+    try:
+        ZoneInfo(firehose.timezone)
+    except (ZoneInfoNotFoundError, ValueError):
+        report.add((*key, "timezone"), f"unknown time zone {firehose.timezone!r} (IANA name)")
+    if firehose.deliver_by is not None and local_time(firehose.deliver_by) is None:
+        report.add((*key, "deliver_by"), 'must be a local time "HH:MM", 00:00 to 23:59')
+    name = firehose.archive_name
+    if "{" in name.replace("{account}", ""):
+        report.add((*key, "archive_name"), "the only placeholder is {account}")
+    elif (problem := filename_pattern_problem(name.replace("{account}", "a"))) is not None:
+        report.add((*key, "archive_name"), problem)
+    for kind, event in firehose.event_names.items():
+        if (problem := event_name_problem(event)) is not None:
+            report.add((*key, "event_names", kind), problem)
+
+
+def local_time(text: str) -> dt_time | None:
+    """A "HH:MM" text as a time of day, or None when it is not one."""
+    match = re.fullmatch(r"([01]\d|2[0-3]):([0-5]\d)", text)
+    return dt_time(int(match[1]), int(match[2])) if match else None
+
+
+def event_name_problem(name: str) -> str | None:
+    """Why `name` cannot name a CSV in an archive (`{name}_DDMMYYYY.csv`), or None."""
+    if not name.strip() or name != name.strip():
+        return "must not be empty or start or end with a space"
+    if len(name) > 200:
+        return "must be at most 200 characters"
+    if (bad := control_character(name)) is not None:
+        return f"contains a control character ({bad!r})"
+    if any(c in name for c in '/\\:*?"<>|'):
+        return 'must be a file name: none of / \\ : * ? " < > |'
+    return None
 
 
 def filename_pattern_problem(pattern: str) -> str | None:

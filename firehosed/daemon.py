@@ -15,6 +15,7 @@ import os
 import signal
 import time
 from collections.abc import AsyncIterator, Coroutine
+from datetime import date
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from firehosed import metrics
 from firehosed.admin import app as admin_app
 from firehosed.admin.history import History
 from firehosed.alerts import Alerts
+from firehosed.archive.archiver import Archiver
 from firehosed.catchup import CatchUp
 from firehosed.channels import Channel, open_channel
 from firehosed.config import Config
@@ -229,6 +231,12 @@ class Daemon:
             channel = channels[fh_config.channel]
             dead = channels[fh_config.dead_letter] if fh_config.dead_letter else None
             if name in self.firehoses:
+                old = self.firehoses[name].config
+                if (old.format == "zip-csv") != (fh_config.format == "zip-csv"):
+                    # A daily archive spills its queue, others deliver it: not switched
+                    # under a running worker.
+                    log.warning("config.restart_needed", keys=f"firehoses.{name}.format")
+                    continue
                 self.firehoses[name].configure(fh_config, mapping)
                 self.workers[name].configure(channel, dead)
             else:
@@ -261,7 +269,13 @@ class Daemon:
     ) -> None:
         queue = await self.backend.open_queue(name)
         firehose = Firehose(name, config, queue, mapping)
-        worker = Worker(firehose, channel, dead, self.alerts, self.tap)
+        archive = None
+        if config.format == "zip-csv":
+            fields = self.config.accounts[config.account].fields
+            root = self.storage / "archive" / name
+            sync = self.config.storage.durability == "fsync"
+            archive = Archiver(name, config, fields, mapping, root, sync=sync)
+        worker = Worker(firehose, channel, dead, self.alerts, self.tap, archive=archive)
         self.firehoses[name], self.workers[name] = firehose, worker
         self._track(f"worker:{name}", self._run_worker(worker))
         queued = queue.figures(time.time()).records
@@ -391,7 +405,9 @@ class Daemon:
         """(why every account is refused, or None; why each refused account is)."""
         now = time.time()
         figures = {name: f.queue.figures(now) for name, f in self.firehoses.items()}
-        queued = sum(f.bytes for f in figures.values())
+        # A daily archive's spilled days are queued records too, out of the queue.
+        spilled = {name: w.archive.spill.bytes for name, w in self.workers.items() if w.archive}
+        queued = sum(f.bytes for f in figures.values()) + sum(spilled.values())
         dead = sum(f.dead_bytes for f in figures.values())
         limit = self.config.storage.max_disk
         if queued + dead > limit:
@@ -403,7 +419,7 @@ class Daemon:
         by_account = {}
         for account, shares in self._shares.items():
             for name, share in shares:
-                held = figures[name].bytes if name in figures else 0
+                held = (figures[name].bytes if name in figures else 0) + spilled.get(name, 0)
                 if held > share:
                     by_account[account] = (
                         f"firehose {name} is full: {held} bytes queued, its max_queued is {share}"
@@ -427,6 +443,13 @@ class Daemon:
         """Dead batches of `firehose` back into delivery; None if no such firehose runs."""
         worker = self.workers.get(firehose)
         return worker.replay() if worker is not None else None
+
+    def archive_day(
+        self, firehose: str, day: date, *, force: bool
+    ) -> AsyncIterator[dict[str, Any]] | None:
+        """`firehosed archive --day`: one archive firehose's day, built and delivered now."""
+        worker = self.workers.get(firehose)
+        return worker.archive_day(day, force=force) if worker is not None else None
 
     def status(self) -> dict[str, Any]:
         """The `/v1/status` document."""

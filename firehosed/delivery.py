@@ -22,14 +22,15 @@ import random
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 
 from firehosed import formats, metrics
 from firehosed.alerts import Alerts, Incident
+from firehosed.archive.archiver import Archiver, encode_spill
 from firehosed.channels.base import Batch, Channel
 from firehosed.config import FirehoseConfig
 from firehosed.errors import DeliveryError, DestinationGone
@@ -54,9 +55,24 @@ def backoff(attempt: int, retry_after: float | None) -> float:
     return max(delay, retry_after or 0.0)
 
 
+# An archive firehose's queue is cut into spills this often, this big at most: the day's
+# records leave the queue as they come, and a spill is small enough to read whole.
+ARCHIVE_SPILL_INTERVAL = 60.0
+ARCHIVE_SPILL_BYTES = 16 << 20
+ARCHIVE_CHECK = 5.0  # seconds: how often an archive worker looks at the wall clock
+
+
 def cut_rules(config: FirehoseConfig, channel: Channel) -> CutRules:
     """When a firehose's batches are cut for this channel: streams small, at once or
-    after the channel's `max_wait`; files on the firehose's schedule, up to `max_file`."""
+    after the channel's `max_wait`; files on the firehose's schedule, up to `max_file`;
+    a daily archive's into spills (ARCHIVE_SPILL_*)."""
+    if config.format == "zip-csv":
+        return CutRules(
+            stream=False,
+            max_records=1 << 62,
+            max_bytes=ARCHIVE_SPILL_BYTES,
+            interval=ARCHIVE_SPILL_INTERVAL,
+        )
     if channel.stream:
         limit = channel.max_records or STREAM_MAX_RECORDS
         wait = channel.max_wait or 0.0
@@ -67,6 +83,8 @@ def cut_rules(config: FirehoseConfig, channel: Channel) -> CutRules:
 
 def batch_encoder(config: FirehoseConfig, mapping: Mapping | None, channel: Channel) -> Encoder:
     """The firehose's format and naming, for the queue to encode batches with (in a thread)."""
+    if config.format == "zip-csv":
+        return _spill_encoder
     fmt = channel.format or config.format
     compression = "none" if channel.stream else config.compression
     extension = formats.extension(fmt, compression)
@@ -80,6 +98,20 @@ def batch_encoder(config: FirehoseConfig, mapping: Mapping | None, channel: Chan
         return Encoded(data, base, config.prefix, extension, content_type, encoding)
 
     return encode
+
+
+def _spill_encoder(records: Sequence[Record]) -> Encoded:
+    """A daily archive's queue batch: its records as spill frames, never delivered as is."""
+    opened = datetime.fromtimestamp(records[0].received, UTC).strftime("spill-%Y%m%d-%H%M%S")
+    return Encoded(encode_spill(records), opened, "", ".spill", "application/octet-stream", None)
+
+
+class Source(Protocol):
+    """Where a batch being delivered comes from: the queue, or an archive's built days."""
+
+    async def local_file(self, batch: Manifest, *, write: bool) -> Path: ...
+    async def done(self, batch: Manifest) -> None: ...
+    async def dead_letter(self, batch: Manifest) -> Path: ...
 
 
 class Phase(enum.Enum):
@@ -118,8 +150,16 @@ class Worker:
         dead_channel: Channel | None,
         alerts: Alerts,
         tap: Tap | None = None,
+        *,
+        archive: Archiver | None = None,
     ) -> None:
         self.firehose = firehose
+        # A daily archive firehose: batches are spilled into their days, and each ended
+        # day's archive is what gets delivered.
+        self.archive = archive
+        self._spilled_at = 0.0  # when the queue was last spilled whole (wall clock)
+        # One archive delivery at a time: the loop's, or one asked for by hand.
+        self._archiving = asyncio.Lock()
         self.tap = tap or Tap()  # what `firehosed tail` follows
         self.queue = firehose.queue
         self.alerts = alerts
@@ -149,6 +189,8 @@ class Worker:
         self.queue.configure(
             cut_rules(config, channel), batch_encoder(config, self.firehose.mapping, channel)
         )
+        if self.archive is not None:
+            self.archive.configure(config, self.archive.fields, self.firehose.mapping)
         if self.phase is Phase.RETIRING:  # back in the config
             self.phase = Phase.RUNNING
         self.gone = None  # a reload resumes a firehose stopped by 410
@@ -161,9 +203,14 @@ class Worker:
 
         This loop is the only place that delivers, so one batch is never in flight twice.
         """
+        watch = asyncio.create_task(self._watch_late(self.archive)) if self.archive else None
         try:
             await self._loop()
         finally:
+            if watch is not None:
+                watch.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watch
             await self.queue.stop()
 
     async def _loop(self) -> None:
@@ -177,6 +224,10 @@ class Worker:
                 await self.queue.keep()  # until nudged: resumed, reloaded, stopped
                 continue
             finishing = self.phase in (Phase.DRAINING, Phase.RETIRING)
+            if self.archive is not None:
+                if await self._archive_turn(self.archive, finishing) and finishing:
+                    return
+                continue
             batch = await self.queue.next_batch(flush=finishing)
             if batch is not None:
                 await self._deliver(batch)
@@ -226,14 +277,98 @@ class Worker:
         """Whether the loop ended because the firehose left the config."""
         return self.phase is Phase.RETIRING
 
+    # -- a daily archive ----------------------------------------------------------------
+
+    async def _archive_turn(self, archive: Archiver, finishing: bool) -> bool:
+        """One step of an archive firehose: deliver the days that ended, else spill the
+        next batch (waiting for it at most until the running day ends). True when the
+        queue had nothing left to spill."""
+        now = time.time()
+        if now >= archive.next_due(self._spilled_at):
+            # A day ended since everything was last spilled (or the worker just started):
+            # what was committed before its end goes into the spills before it is built.
+            while (batch := await self.queue.next_batch(flush=True)) is not None:
+                await self._spill(archive, batch)
+            self._spilled_at = now
+        if due := archive.due(now):
+            for day in due:
+                async with self._archiving:
+                    offer = await archive.offer(day)
+                    if offer is not None:
+                        await self._deliver(offer, archive)
+                if self.phase is Phase.STOPPING or not self._may_deliver():
+                    break
+            return False
+        loop = asyncio.get_running_loop()
+        # Timers run on the monotonic clock, days on the wall clock: look again at least
+        # every ARCHIVE_CHECK seconds, so a wall clock that jumps (NTP) is followed.
+        until = min(ARCHIVE_CHECK, max(0.0, archive.next_due(now) - now))
+        wake = loop.call_later(until, self.queue.interrupt)
+        try:
+            batch = await self.queue.next_batch(flush=finishing)
+        finally:
+            wake.cancel()
+        if batch is None:
+            return True
+        await self._spill(archive, batch)
+        return False
+
+    async def archive_day(self, day: date, *, force: bool) -> AsyncIterator[dict[str, Any]]:
+        """`firehosed archive --day`: build (if need be) and deliver `day`'s archive now,
+        reporting each step; a step that cannot be taken reports its error and ends."""
+        archive = self.archive
+        if archive is None:
+            yield {"error": f"firehose {self.name} is not a daily archive (format zip-csv)"}
+            return
+        yield {"step": "waiting", "day": day.isoformat()}
+        async with self._archiving:
+            yield {"step": "building", "day": day.isoformat()}
+            try:
+                offer = await archive.by_hand(day, force=force)
+            except ValueError as exc:
+                yield {"error": str(exc)}
+                return
+            yield {
+                "step": "delivering",
+                "name": offer.name,
+                "records": offer.records,
+                "bytes": offer.size,
+            }
+            await self._deliver(offer, archive)
+        if self.last_delivery is not None and self.last_delivery.what == offer.name:
+            yield {"step": "delivered", "name": offer.name}
+        else:
+            yield {"error": self.last_error.what if self.last_error else "not delivered"}
+
+    async def _watch_late(self, archive: Archiver) -> None:
+        """Alongside the loop (which may be retrying a put for hours): every ARCHIVE_CHECK
+        seconds, alert once for each day not delivered by its `deliver_by`."""
+        while True:
+            while (late := archive.late(time.time())) is not None:
+                error = self.last_error.what if self.last_error else "not delivered yet"
+                log.error("archive.late", firehose=self.name, day=late.isoformat())
+                self.alerts.archive_late(
+                    self.firehose.config.error_alert_email,
+                    self._incident(error, self.failing),
+                    archive.name_of(late),
+                )
+            await asyncio.sleep(ARCHIVE_CHECK)
+
+    async def _spill(self, archive: Archiver, batch: Manifest) -> None:
+        path = await self.queue.local_file(batch, write=True)
+        await archive.spill_batch(batch, path)
+        await self.queue.done(batch)
+
     # -- delivering -------------------------------------------------------------------
 
-    async def _deliver(self, manifest: Manifest) -> None:
-        """Put one batch, retrying with backoff until delivered, dead-lettered or stopped."""
+    async def _deliver(self, manifest: Manifest, source: Source | None = None) -> None:
+        """Put one batch (of the queue, unless `source` says where it comes from),
+        retrying with backoff until delivered, dead-lettered or stopped."""
+        source = source or self.queue
         attempt = 0
         while self.phase is not Phase.STOPPING and self._may_deliver():
             try:
-                await self._put(manifest)
+                await self._put(manifest, source)
             except DestinationGone as exc:
                 self._gone(exc)
                 return
@@ -243,20 +378,20 @@ class Worker:
                         "channel.unexpected_error", firehose=self.name, channel=self.channel.name
                     )
                     exc = DeliveryError(f"unexpected {exc.__class__.__name__}: {exc}")
-                if await self._failed(manifest, exc):
+                if await self._failed(manifest, exc, source):
                     return
                 await self._pause(backoff(attempt, exc.retry_after))
                 attempt += 1
                 continue
-            await self._delivered(manifest)
+            await self._delivered(manifest, source)
             return
 
-    async def _put(self, manifest: Manifest) -> None:
+    async def _put(self, manifest: Manifest, source: Source) -> None:
         """One attempt, bounded by `delivery_timeout` (a stalled server must not hang us)."""
         limit = self.firehose.config.delivery_timeout
         # A stream batch, and a reload gave the firehose a channel that reads files:
         # the queue writes its bytes out once, not on every retry.
-        path = await self.queue.local_file(manifest, write=not self.channel.stream)
+        path = await source.local_file(manifest, write=not self.channel.stream)
         try:
             async with asyncio.timeout(limit):
                 await self.channel.put(self._batch(manifest, path))
@@ -278,9 +413,9 @@ class Worker:
             data=manifest.data,
         )
 
-    async def _delivered(self, manifest: Manifest) -> None:
+    async def _delivered(self, manifest: Manifest, source: Source) -> None:
         crash_point("batch.after_put")
-        await self.queue.done(manifest)
+        await source.done(manifest)
         labels = (self.name, self.channel.name)
         metrics.batches_delivered.labels(*labels).inc()
         metrics.records_delivered.labels(*labels).inc(manifest.records)
@@ -313,7 +448,7 @@ class Worker:
                 self._incident(self.last_error.what if self.last_error else "", failing),
             )
 
-    async def _failed(self, manifest: Manifest, exc: DeliveryError) -> bool:
+    async def _failed(self, manifest: Manifest, exc: DeliveryError, source: Source) -> bool:
         """Record a failed attempt; True when the batch left the queue (dead-lettered)."""
         now = time.time()
         failing = self.failing = self.failing or Failing(since=now)
@@ -329,15 +464,15 @@ class Worker:
         )
         config = self.firehose.config
         if not exc.retryable or now - manifest.cut >= config.retry_for:
-            await self._dead_letter(manifest, str(exc))
+            await self._dead_letter(manifest, str(exc), source)
             return True
         if now - failing.since >= config.alert_after:
             self.alerts.failing(config.error_alert_email, self._incident(str(exc), failing))
             failing.alerted = True
         return False
 
-    async def _dead_letter(self, manifest: Manifest, error: str) -> None:
-        path = await self.queue.dead_letter(manifest)
+    async def _dead_letter(self, manifest: Manifest, error: str, source: Source) -> None:
+        path = await source.dead_letter(manifest)
         log.error(
             "batch.dead_lettered",
             firehose=self.name,
@@ -430,6 +565,7 @@ class Worker:
             "last_error": _outcome(self.last_error, "error"),
             # Since when the batch in hand has been failing (being retried), if it is.
             "failing_since": _time(self.failing.since) if self.failing is not None else None,
+            **({"archive": self.archive.status(time.time())} if self.archive else {}),
         }
 
 

@@ -88,6 +88,12 @@ alerts_failed = Counter(
     "firehosed_alerts_failed", "Alert e-mails the SMTP server did not take", registry=REGISTRY
 )
 disk_bytes = Gauge("firehosed_storage_bytes", "Bytes held in storage.dir", registry=REGISTRY)
+archive_late = Gauge(
+    "firehosed_archive_late",
+    "1 while a daily archive is past its deliver_by time and not delivered",
+    ["firehose"],
+    registry=REGISTRY,
+)
 
 
 @dataclass(frozen=True, slots=True)

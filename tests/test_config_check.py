@@ -450,6 +450,63 @@ CASES: dict[str, tuple[str, str, str, str]] = {
         "alerts.allow_plaintext_login",
         "starttls = true",
     ),
+    "zip-csv without schedule": (
+        'format = "json"|format = "zip-csv"',
+        'format = "zip-csv"',
+        "firehoses.f.format",
+        'set schedule = "daily"',
+    ),
+    "schedule without zip-csv": (
+        'format = "json"|format = "json"\nschedule = "daily"',
+        "schedule =",
+        "firehoses.f.schedule",
+        'needs format = "zip-csv"',
+    ),
+    "archive with gzip": (
+        'format = "json"|format = "zip-csv"\nschedule = "daily"\ncompression = "gzip"',
+        "compression =",
+        "firehoses.f.compression",
+        "compressed already",
+    ),
+    "unknown time zone": (
+        'format = "json"|format = "zip-csv"\nschedule = "daily"\ntimezone = "Asia/Atlantis"',
+        "timezone =",
+        "firehoses.f.timezone",
+        "unknown time zone 'Asia/Atlantis'",
+    ),
+    "deliver_by not a time": (
+        'format = "json"|format = "zip-csv"\nschedule = "daily"\ndeliver_by = "7am"',
+        "deliver_by =",
+        "firehoses.f.deliver_by",
+        "HH:MM",
+    ),
+    "archive_name with a slash": (
+        'format = "json"|format = "zip-csv"\nschedule = "daily"\narchive_name = "{account}/%d"',
+        "archive_name =",
+        "firehoses.f.archive_name",
+        "without '/'",
+    ),
+    "archive_name with another placeholder": (
+        'format = "json"|format = "zip-csv"\nschedule = "daily"\narchive_name = "{day}"',
+        "archive_name =",
+        "firehoses.f.archive_name",
+        "only placeholder is {account}",
+    ),
+    "event name unsafe as a file name": (
+        'format = "json"|format = "zip-csv"\nschedule = "daily"\nevent_names = { c = "cart/add" }',
+        "event_names =",
+        "firehoses.f.event_names.c",
+        "must be a file name",
+    ),
+    "archive to a stream channel": (
+        '[firehoses.f]\naccount = "acme"\nchannel = "local"\nformat = "json"|'
+        '[channels.hook]\ntype = "webhook"\nurl = "https://example.com/in"\n\n'
+        '[firehoses.f]\naccount = "acme"\nchannel = "hook"\nformat = "zip-csv"\n'
+        'schedule = "daily"',
+        'channel = "hook"',
+        "firehoses.f.channel",
+        "needs a file channel",
+    ),
     "alerts allow_plaintext_login without a login": (
         "[catch_up]|[alerts]\nallow_plaintext_login = true\n\n[catch_up]",
         "allow_plaintext_login",

@@ -11,6 +11,7 @@ imports it.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from datetime import date
 from ipaddress import ip_address
 from typing import Any, Protocol
 
@@ -51,6 +52,12 @@ class Operations(Protocol):
     async def reload(self) -> list[str]:
         """Re-read the config file; the problems that kept it from loading (none: done)."""
 
+    def archive_day(
+        self, firehose: str, day: date, *, force: bool
+    ) -> AsyncIterator[dict[str, Any]] | None:
+        """Build and deliver an archive firehose's `day` now, step by step; None if no
+        such firehose runs."""
+
 
 class AdminApi:
     """The admin listener's handler: token first, then the route; errors are JSON."""
@@ -76,7 +83,10 @@ class AdminApi:
                 "/v1/replay": {"POST": post_replay_all},
                 "/v1/tail": {"GET": tail.get_tail},
             },
-            [("/v1/firehoses/", "/replay", {"POST": post_replay})],
+            [
+                ("/v1/firehoses/", "/replay", {"POST": post_replay}),
+                ("/v1/firehoses/", "/archive", {"POST": post_archive}),
+            ],
             idle,
         )
 
@@ -147,6 +157,26 @@ async def post_replay(api: AdminApi, request: web.BaseRequest, name: str) -> web
     await response.prepare(request)
     async for manifest in batches:
         await response.write(msgspec.json.encode(replay.progress(manifest)) + b"\n")
+    await response.write_eof()
+    return response
+
+
+async def post_archive(api: AdminApi, request: web.BaseRequest, name: str) -> web.StreamResponse:
+    """POST /v1/firehoses/{firehose}/archive?day=YYYY-MM-DD[&force=1]: build and deliver
+    that day's archive now; NDJSON progress, an `error` line if it cannot."""
+    if api.operations.admin_token() is None and not _local_peer(request):
+        return answer(403, {"error": "archive is only answered to local clients"})
+    try:
+        day = date.fromisoformat(request.query.get("day", ""))
+    except ValueError:
+        return answer(400, {"error": "day must be a date, YYYY-MM-DD"})
+    steps = api.operations.archive_day(name, day, force=request.query.get("force") == "1")
+    if steps is None:
+        return answer(404, {"error": "no running firehose of that name"})
+    response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+    await response.prepare(request)
+    async for step in steps:
+        await response.write(msgspec.json.encode(step) + b"\n")
     await response.write_eof()
     return response
 

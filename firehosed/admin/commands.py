@@ -1,7 +1,9 @@
-"""The operators' commands (DESIGN.md §3): `status`, `pause`, `resume`, `config set`.
+"""The operators' commands (DESIGN.md §3): `status`, `pause`, `resume`, `config set`,
+`archive`.
 
 Each talks to the running daemon on its admin listener (`client.py`); `config set` and
-`pause`/`resume` edit the config file first (`edit.py`), then ask for a reload.
+`pause`/`resume` edit the config file first (`edit.py`), then ask for a reload;
+`archive` works on disk when the daemon is stopped (archive/offline.py).
 """
 
 from __future__ import annotations
@@ -10,13 +12,16 @@ import asyncio
 import json
 import sys
 import time
+from collections.abc import AsyncIterator
+from datetime import date
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 
-from firehosed import config
+from firehosed import config, replay
 from firehosed.admin import client, edit, view
+from firehosed.archive import offline
 from firehosed.errors import ConfigError
 
 _COLOURS = {view.Level.OK: "\033[32m", view.Level.WARN: "\033[33m", view.Level.BAD: "\033[31m"}
@@ -52,7 +57,7 @@ HEADER = ("FIREHOSE", "CHANNEL", "STATE", "QUEUED", "BYTES", "OLDEST", "LAST DEL
 
 def table(document: dict[str, Any], now: float, *, colour: bool) -> str:
     """The status document as a table, one row per firehose, last errors beneath."""
-    rows, states, errors = [], [], []
+    rows, states, errors, archives = [], [], [], []
     for name, fh in document["firehoses"].items():
         text, level = view.state(fh, now)
         states.append((text, level))
@@ -67,6 +72,8 @@ def table(document: dict[str, Any], now: float, *, colour: bool) -> str:
                 view.ago(fh["last_delivery"], now),
             )
         )
+        if (days := view.archive(fh)) is not None:
+            archives.append(f"  {name}: {days}")
         if fh["last_error"]:
             error = fh["last_error"]
             errors.append(f"  {name} ({view.ago(error, now)}): {error['error']}")
@@ -79,6 +86,8 @@ def table(document: dict[str, Any], now: float, *, colour: bool) -> str:
         lines.append("  ".join(cells).rstrip())
     storage = view.size(document["storage_bytes"])
     lines.append(f"\naccepting: {'yes' if document['accepting'] else 'no'}, storage: {storage}")
+    if archives:
+        lines += ["daily archives:", *archives]
     if errors:
         lines += ["last errors:", *errors]
     return "\n".join(lines)
@@ -184,3 +193,61 @@ def event_line(event: dict[str, Any]) -> str:
     if kind == "dropped":
         return f"{at} dropped   {event['dropped']} events: this reader fell behind"
     return f"{at} {json.dumps(event)}"
+
+
+def archive(cfg: config.Config, firehose: str, day: str, *, force: bool) -> int:
+    """Build and deliver one day of an archive firehose now, printing each step: through
+    the running daemon, or on disk when it is stopped (archive/offline.py)."""
+    try:
+        when = date.fromisoformat(day)
+    except ValueError:
+        print(
+            f"archive {firehose}: --day must be a date, YYYY-MM-DD (got {day!r})", file=sys.stderr
+        )
+        return 2
+    with replay.storage_lock(Path(cfg.storage.dir)) as free:
+        if free:
+            print(f"archive {firehose} {day}: the daemon is not running: building on disk")
+            return asyncio.run(
+                _print_steps(firehose, day, offline.archive_day(cfg, firehose, when, force=force))
+            )
+    try:
+        return asyncio.run(_archive(cfg, firehose, day, force=force))
+    except (aiohttp.ClientError, OSError) as exc:
+        print(
+            f"archive {firehose}: the daemon holds the storage lock, but its admin listener "
+            f"({cfg.admin.listen}) does not answer: {exc or type(exc).__name__}",
+            file=sys.stderr,
+        )
+        return 1
+
+
+async def _archive(cfg: config.Config, firehose: str, day: str, *, force: bool) -> int:
+    query = {"day": day, **({"force": "1"} if force else {})}
+    async with client.connect(cfg, seconds=None) as admin:
+        url = admin.url(f"/v1/firehoses/{firehose}/archive")
+        async with admin.session.post(url, params=query) as response:
+            if response.status != 200:
+                error = (await response.json()).get("error", response.reason)
+                print(f"archive {firehose}: {error}", file=sys.stderr)
+                return 1
+            steps = (json.loads(line) async for line in response.content if line.strip())
+            return await _print_steps(firehose, day, steps)
+
+
+async def _print_steps(firehose: str, day: str, steps: AsyncIterator[dict[str, Any]]) -> int:
+    async for step in steps:
+        if "error" in step:
+            print(f"archive {firehose} {day}: FAILED: {step['error']}", file=sys.stderr)
+            return 1
+        print(f"archive {firehose} {day}: {archive_step(step)}", flush=True)
+    return 0
+
+
+def archive_step(step: dict[str, Any]) -> str:
+    """One progress line of `firehosed archive`."""
+    if step["step"] == "delivering":
+        return f"delivering {step['name']} ({step['records']:,} records, {step['bytes']:,} bytes)"
+    if step["step"] == "delivered":
+        return f"delivered {step['name']}"
+    return f"{step['step']}..."

@@ -1,7 +1,8 @@
 """`GET /`: the status page, one server-rendered HTML document (no script, no build
 step, nothing fetched from elsewhere), readable on a phone, refreshing itself.
 
-Per firehose: channel, state, backlog, oldest queued age, last delivery, last error;
+Per firehose: channel, state, backlog, oldest queued age, last delivery, last error,
+and for a daily archive its open day and last day delivered;
 the disk budget and catch-up memory as gauges; accepted and delivered per second over
 the last hour as inline SVG. Every string that comes from config, a destination or a
 client (names, errors with hosts and paths) is HTML-escaped on its way in.
@@ -126,6 +127,8 @@ def _card(name: str, firehose: dict[str, Any], now: float) -> str:
     ]
     if firehose["dead_letter_bytes"]:
         rows.append(("dead letters", escape(view.size(firehose["dead_letter_bytes"]))))
+    if (days := view.archive(firehose)) is not None:
+        rows.append(("archive", escape(days)))
     details = "".join(f"<dt>{k}</dt><dd class='{k.replace(' ', '-')}'>{v}</dd>" for k, v in rows)
     error = firehose["last_error"]
     error_html = (

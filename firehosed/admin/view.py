@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import enum
 import time
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 
@@ -26,9 +26,24 @@ def state(firehose: dict[str, Any], now: float) -> tuple[str, Level]:
         return "paused", Level.WARN
     if since := firehose.get("failing_since"):
         return f"retrying since {clock(since)} ({age(now - _epoch(since))})", Level.BAD
+    if late := (firehose.get("archive") or {}).get("late_days"):
+        return f"archive late: {', '.join(late)} not delivered by deliver_by", Level.BAD
     if firehose.get("dead_letter_bytes"):
         return f"dead letters ({size(firehose['dead_letter_bytes'])})", Level.WARN
     return "delivering", Level.OK
+
+
+def archive(firehose: dict[str, Any]) -> str | None:
+    """A daily archive firehose's days in words (None for another firehose): the open
+    day and its records so far, the last day delivered and when."""
+    days = firehose.get("archive")
+    if days is None:
+        return None
+    line = f"open day {days['open_day']}: {days['open_records']:,} records so far"
+    if days["last_day_delivered"] is None:
+        return line + "; no day delivered yet"
+    at = datetime.fromisoformat(days["delivered_at"]).astimezone(UTC)
+    return f"{line}; {days['last_day_delivered']} delivered at {at:%Y-%m-%d %H:%M:%S} UTC"
 
 
 def size(n: float) -> str:

@@ -7,8 +7,8 @@ silent and slowloris clients (no complete request head) and idle keep-alive alik
 aiohttp's keep-alive timer (`keepalive_timeout`) does the same in the versions firehosed
 runs on today, but what it covers has changed between releases (older ones armed it only
 after a first answer, so a silent connection was held forever). This reaper depends only
-on the server's public `connections`, `request_handler` and each connection's transport,
-so the bound holds whatever aiohttp's timer does.
+on the server's public `connections`, each connection's transport and the stamps its
+dispatcher keeps, so the bound holds whatever aiohttp's timer does.
 
 Invariant: a connection whose handler is running is never closed here (a slow body is
 `body_timeout`'s business, a long replay stream is wanted); every other connection is
@@ -20,8 +20,6 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any
 
 import structlog
 from aiohttp import web
@@ -33,51 +31,26 @@ MAX_SWEEP_INTERVAL = 1.0  # seconds
 BUSY = math.inf  # a connection's idle time while a handler runs on it: never idle
 
 
-def reap(server: web.Server, idle_timeout: float) -> Coroutine[Any, Any, None]:
-    """Watch `server`'s connections, wrapping its handler to note when each is busy (call
-    before it accepts any), and return the sweeping coroutine for the caller to run as a
-    tracked task. The daemon's listeners note it in their dispatcher instead (`Routes`),
-    which saves the wrapper's coroutine on every request."""
-    reaper = IdleReaper(idle_timeout)
-    server.request_handler = reaper.wrap(server.request_handler)
-    return reaper.run(server)
-
-
-Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
-
-
 class IdleReaper:
     """Closes the connections of a server that stay idle too long.
 
-    Whoever runs the server's handlers keeps `since` (connection -> `time.monotonic()`
-    when it went idle, BUSY while a handler runs on it): `Routes.dispatch` does, or the
-    handler that `wrap` returns. aiohttp runs one connection's requests one after
-    another, never two at once, so one entry per connection is enough.
+    The server's dispatcher (`Routes`, given `since`) keeps `since`: connection ->
+    `time.monotonic()` when it went idle, BUSY while a handler runs on it. aiohttp runs
+    one connection's requests one after another, never two at once, so one entry per
+    connection is enough.
     """
 
     def __init__(self, idle_timeout: float) -> None:
         self._timeout = idle_timeout
         self.since: dict[web.RequestHandler, float] = {}
 
-    def wrap(self, handler: Handler) -> Handler:
-        """`handler`, noting in `since` when each connection is busy."""
-        since = self.since
-
-        async def handle(request: web.BaseRequest) -> web.StreamResponse:
-            connection = request.protocol
-            since[connection] = BUSY
-            try:
-                return await handler(request)
-            finally:
-                since[connection] = time.monotonic()
-
-        return handle
-
     async def run(self, server: web.Server) -> None:
-        """Sweep `server` every `idle_timeout / 4` (at most a second) until cancelled."""
-        if self._timeout <= 0:
-            return
-        interval = min(MAX_SWEEP_INTERVAL, self._timeout / SWEEPS_PER_TIMEOUT)
+        """Sweep `server` every `idle_timeout / 4` (at most a second) until cancelled.
+        With no `idle_timeout` (0) nothing is closed, but the sweep still forgets the
+        connections that went, or `since` would grow by one entry per connection."""
+        interval = MAX_SWEEP_INTERVAL
+        if self._timeout > 0:
+            interval = min(interval, self._timeout / SWEEPS_PER_TIMEOUT)
         while True:
             await asyncio.sleep(interval)
             self.sweep(server)
@@ -88,6 +61,8 @@ class IdleReaper:
         live = server.connections
         for gone in self.since.keys() - set(live):
             del self.since[gone]
+        if self._timeout <= 0:
+            return 0
         closed = 0
         for connection in live:
             since = self.since.setdefault(connection, now)

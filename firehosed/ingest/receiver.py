@@ -157,10 +157,7 @@ class Receiver:
         if request.tapped:
             self._publish(account.name, request.tapped, received)
         body = {"accepted": len(request.fresh), "duplicates": request.duplicates}
-        if request.rejected_total:
-            body.update(request.rejections())
-        else:
-            body["rejected"] = request.rejected
+        body.update(request.rejections())
         return Answer(202, body)
 
     @staticmethod

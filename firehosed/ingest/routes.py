@@ -60,12 +60,13 @@ class Routes:
     ) -> None:
         self._exact = exact
         self._named = tuple(named)
-        self._idle = idle if idle is not None else {}
+        self._idle = idle
 
     async def dispatch(self, api: object, request: web.BaseRequest) -> web.StreamResponse:
         """Answer `request` with the handler its path and method name, given `api`."""
         connection, idle = request.protocol, self._idle
-        idle[connection] = BUSY
+        if idle is not None:
+            idle[connection] = BUSY
         try:
             methods, name = self.match(request.rel_url.raw_path)
             if methods is None:
@@ -80,7 +81,8 @@ class Routes:
             log.exception("http.unhandled_error", path=request.path)
             return answer(500, {"error": "internal error"})
         finally:
-            idle[connection] = time.monotonic()
+            if idle is not None:
+                idle[connection] = time.monotonic()
 
     def match(self, path: str) -> tuple[Methods | None, str]:
         """The methods of `path` (percent-encoded, as sent) and its variable part, decoded:

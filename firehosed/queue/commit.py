@@ -55,15 +55,9 @@ class Round:
     async def wait(self) -> None:
         """Return once this round is durable (per `durability`); StorageError if it failed."""
         committer = self._committer
-        committer._wake.set()  # `start_round()`, inlined (hot path)
-        if committer.durability == "memory":
-            return
-        if not self._settled:  # `written`, inlined: one coroutine less per request
-            waiter = (self._loop or self._running_loop()).create_future()
-            self._waiters.append(waiter)
-            await waiter
-        if self._error is not None:
-            raise StorageError(str(self._error))
+        committer.start_round()
+        if committer.durability != "memory":
+            await self.written()
 
     async def written(self) -> None:
         """Return once the committer wrote this round, whatever `durability` says."""

@@ -38,21 +38,16 @@ async def routed(api: object, request: web.BaseRequest, name: str) -> web.Respon
     return await handler(request)
 
 
-@pytest.fixture(params=["wrapped", "routes"])
-async def server_port(request: pytest.FixtureRequest) -> AsyncIterator[int]:
-    """A low-level aiohttp server, as the daemon builds it, with the reaper running: its
-    handler wrapped by `idle.reap`, or (as the daemon's listeners do) a `Routes`
-    dispatcher noting busy connections in the reaper's `since`."""
-    if request.param == "wrapped":
-        server = web.Server(handler, access_log=None, keepalive_timeout=3600)
-        reaper = asyncio.create_task(idle.reap(server, IDLE))
-    else:
-        sweeper = idle.IdleReaper(IDLE)
-        routes = Routes({"/": get(routed), "/slow": get(routed)}, idle=sweeper.since)
-        server = web.Server(
-            functools.partial(routes.dispatch, None), access_log=None, keepalive_timeout=3600
-        )
-        reaper = asyncio.create_task(sweeper.run(server))
+@pytest.fixture
+async def server_port() -> AsyncIterator[int]:
+    """A low-level aiohttp server, as the daemon builds it: a `Routes` dispatcher noting
+    busy connections in the reaper's `since`, and the reaper's sweep running."""
+    sweeper = idle.IdleReaper(IDLE)
+    routes = Routes({"/": get(routed), "/slow": get(routed)}, idle=sweeper.since)
+    server = web.Server(
+        functools.partial(routes.dispatch, None), access_log=None, keepalive_timeout=3600
+    )
+    reaper = asyncio.create_task(sweeper.run(server))
     runner = web.ServerRunner(server, handle_signals=False)
     await runner.setup()
     port = free_port()
@@ -136,3 +131,45 @@ async def test_a_connection_being_answered_is_not_cut(connect: Connect) -> None:
     answered = time.monotonic()
     # idle again from its answer: closed one idle_timeout later
     assert IDLE <= await closed_after(reader, answered, IDLE + 2.0) <= IDLE + 1.0
+
+
+async def test_without_an_idle_timeout_nothing_is_closed_and_nothing_is_remembered() -> None:
+    """`idle_timeout = 0`: no connection is closed by the sweep, and the connections that
+    went are forgotten (one entry per connection ever seen would grow without bound)."""
+    sweeper = idle.IdleReaper(0)
+    routes = Routes({"/": get(routed)}, idle=sweeper.since)
+    server = web.Server(functools.partial(routes.dispatch, None), access_log=None)
+    runner = web.ServerRunner(server, handle_signals=False)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    sweeping = asyncio.create_task(sweeper.run(server))
+    try:
+        kept_reader, kept_writer = await asyncio.open_connection("127.0.0.1", port)
+        for _ in range(5):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(GET)
+            assert (await ok_answer(reader)).startswith(b"HTTP/1.1 200 OK")
+            writer.close()
+            await writer.wait_closed()
+        kept_writer.write(GET)
+        assert (await ok_answer(kept_reader)).startswith(b"HTTP/1.1 200 OK")
+        await asyncio.sleep(idle.MAX_SWEEP_INTERVAL * 2.5)
+        assert set(sweeper.since) == set(server.connections)  # the five that went: forgotten
+        assert len(server.connections) == 1  # the idle one: still open
+        kept_writer.write(GET)
+        assert (await ok_answer(kept_reader)).startswith(b"HTTP/1.1 200 OK")
+        kept_writer.close()
+        await kept_writer.wait_closed()
+    finally:
+        sweeping.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await sweeping
+        await runner.cleanup()
+
+
+async def ok_answer(reader: asyncio.StreamReader) -> bytes:
+    """One whole answer of `handler` ("ok"): its head, its two-byte body read too."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    assert await reader.readexactly(2) == b"ok"
+    return head
