@@ -35,6 +35,7 @@ from firehosed.delivery import Worker
 from firehosed.errors import ConfigError, FirehosedError
 from firehosed.fileio import make_dirs
 from firehosed.firehose import Firehose
+from firehosed.imports.importer import Importer
 from firehosed.ingest import app as ingest_app
 from firehosed.ingest import idle
 from firehosed.ingest.receiver import Receiver
@@ -70,6 +71,8 @@ class Daemon:
         self.tap = Tap()  # live events for the admin listener's tail
         self.history = History()  # the status page's last hour
         self.receiver = Receiver(self.router, config.server, self.refusal, self.tap)
+        sync = config.storage.durability == "fsync"
+        self.importer = Importer(self.storage / "imports", self.receiver, sync)
         self.alerts = Alerts(config.alerts)
         self.notifier = Notifier.from_environ()
         self.firehoses: dict[str, Firehose] = {}
@@ -147,6 +150,7 @@ class Daemon:
         ingest = ingest_app.build_server(
             self.receiver,
             reaper.since,
+            importer=self.importer,
             access_log=None,
             auto_decompress=False,
             # aiohttp arms this timer at connection open and after each answer, and closes
@@ -246,6 +250,7 @@ class Daemon:
         self._set_accounts(config, wanted)
         await self._close_unused_channels(channels)
         self.channels = channels
+        await self.importer.configure(config, channels)
         self.catch_up.reconfigure(config.catch_up)
         self.alerts.reconfigure(config.alerts)
         self.config = config
@@ -347,6 +352,7 @@ class Daemon:
         self.accepting = False
         self.notifier.stopping()
         log.info("daemon.draining", timeout=self.config.server.drain_timeout)
+        await self.importer.stop()  # a run resumes where it was at the next start
         if "committer" in self._tasks:  # (a committer that died cannot write any more)
             await self.backend.flush()
         for worker in self.workers.values():
@@ -357,6 +363,7 @@ class Daemon:
 
     async def stop(self) -> None:
         """Stop workers and the listener, close channels and queues; log one summary line."""
+        await self.importer.stop()
         for worker in self.workers.values():
             worker.stop()
         self.tap.close()  # tails end, so the admin listener can close
@@ -451,6 +458,10 @@ class Daemon:
         worker = self.workers.get(firehose)
         return worker.archive_day(day, force=force) if worker is not None else None
 
+    def import_run(self, run: str) -> dict[str, Any] | None:
+        """`firehosed imports --run`: one import run, of any account."""
+        return self.importer.run_document(None, run)
+
     def status(self) -> dict[str, Any]:
         """The `/v1/status` document."""
         return {
@@ -461,6 +472,7 @@ class Daemon:
             "catch_up_bytes": self.catch_up.memory,
             "catch_up_max_bytes": int(self.config.catch_up.max_memory),
             "firehoses": {name: w.status() for name, w in sorted(self.workers.items())},
+            "imports": self.importer.status(),
         }
 
     def update_metrics(self) -> None:

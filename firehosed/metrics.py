@@ -95,6 +95,26 @@ archive_late = Gauge(
     registry=REGISTRY,
 )
 
+import_rows = Counter(
+    "firehosed_import_rows",
+    "Rows of import runs by outcome: imported, duplicate, errored",
+    ["import", "outcome"],
+    registry=REGISTRY,
+)
+import_run_seconds = Histogram(
+    "firehosed_import_run_seconds",
+    "Import runs from start to processed (or failed)",
+    ["import"],
+    buckets=(1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 24 * 3600),
+    registry=REGISTRY,
+)
+import_last_success = Gauge(
+    "firehosed_import_last_success_timestamp_seconds",
+    "When an import task's last run was processed (epoch seconds)",
+    ["import"],
+    registry=REGISTRY,
+)
+
 
 @dataclass(frozen=True, slots=True)
 class QueueFigures:
