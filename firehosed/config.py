@@ -679,6 +679,13 @@ def _validate_import(
             report.add((*key, "columns", field), f"not an envelope field: {fields}")
         elif not column:
             report.add((*key, "columns", field), "must name a column")
+    named = [task.columns.get(field, field) for field in IMPORT_FIELDS]
+    if twice := sorted({column for column in named if named.count(column) > 1}):
+        report.add(
+            (*key, "columns"),
+            f"column {twice[0]!r} would hold two envelope fields (a field not listed is "
+            "read from the column of its own name)",
+        )
 
 
 def _validate_import_source(

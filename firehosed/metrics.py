@@ -95,6 +95,12 @@ archive_late = Gauge(
     registry=REGISTRY,
 )
 
+loop_lag = Histogram(
+    "firehosed_event_loop_lag_seconds",
+    "How late the event loop ran a timer due every 0.1 s (a stall delays every request)",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0),
+    registry=REGISTRY,
+)
 import_rows = Counter(
     "firehosed_import_rows",
     "Rows of import runs by outcome: imported, duplicate, errored",

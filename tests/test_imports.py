@@ -156,6 +156,16 @@ def test_every_valid_row_arrives_once_and_every_bad_row_is_listed_with_its_reaso
         # The run's status answers the first 100 (the admin listener for any account).
         document = daemon.admin(f"/v1/imports/{run['run']}").json()
         assert [e["row"] for e in document["errors"]] == sorted(bad)[:100]
+        scraped = daemon.admin("/metrics").text
+        assert (
+            f'firehosed_import_rows_total{{import="users",outcome="imported"}} {len(valid)}.0'
+            in scraped
+        )
+        assert (
+            f'firehosed_import_rows_total{{import="users",outcome="errored"}} {len(bad)}.0'
+            in scraped
+        )
+        assert 'firehosed_import_last_success_timestamp_seconds{import="users"}' in scraped
         # A one-time task is completed; its file is in the ledger, never taken twice.
         assert daemon.status()["imports"]["users"]["status"] == "completed"
         table = daemon.cli("imports")
@@ -227,6 +237,19 @@ def test_an_upload_is_durable_before_its_202_and_processed_like_a_pulled_file(
             assert response.json()["error"]
         runs = list((tmp_path / "var" / "imports" / "uploads" / "runs").iterdir())
         assert len(runs) == 2, "a refused upload leaves no run"
+        # A paused task takes no upload until it is resumed (the file is edited, reloaded).
+        assert daemon.cli("pause", "uploads").returncode == 0
+        assert 'status = "paused"' in daemon.config_path.read_text()
+        wait_until(lambda: daemon.status()["imports"]["uploads"]["status"] == "paused")
+        paused = daemon.session.post(url, params={"columns": "uploads"}, data=body, headers=headers)
+        assert paused.status_code == 409 and "paused" in paused.json()["error"]
+        assert daemon.cli("resume", "uploads").returncode == 0
+        wait_until(lambda: daemon.status()["imports"]["uploads"]["status"] == "launched")
+        # `firehosed imports --run` prints the run and its first errored rows.
+        shown = daemon.cli("imports", "--run", run)
+        assert shown.returncode == 0, shown.stderr
+        assert f"processing processed  (2,000 rows, {len(valid):,} imported" in shown.stdout
+        assert "errored rows (first 100):\n  upload row 50 " in shown.stdout
     finally:
         daemon.close()
 

@@ -41,7 +41,13 @@ from firehosed.ingest.receiver import Answer, IngestAccount, Receiver
 
 log = structlog.get_logger(__name__)
 
-CHUNK = 1000  # rows per hand-over to the receiver (<= MAX_REJECTED_LISTED)
+CHUNK = 1000  # rows read at a time (in a worker thread)
+PIECE = 250  # rows per Receiver.accept (<= MAX_REJECTED_LISTED); a chunk's go together
+# Seconds between saves of a run's progress: 0, every chunk. A resumed run sends again
+# the rows after its last save; those still in a queue are duplicates (dedupe takes the
+# queues' recent records at start), those already delivered would arrive twice: so the
+# save follows each chunk's 202 at once, before a batch holding its rows can be cut.
+SAVE_EVERY = 0.0
 WAKE = 5.0  # seconds: a waiting task looks at the wall clock at least this often
 MISSED_LOOKBACK = 7 * 86400  # seconds: how far back a restart looks for a missed slot
 FETCH_ATTEMPTS = 3
@@ -289,33 +295,46 @@ class Importer:
         await asyncio.to_thread(store.save, run)
 
     async def _rows(self, store: TaskStore, run: Run, file: File, maker: RowMaker) -> None:
-        """One file's rows, CHUNK at a time, from where the run last got to."""
+        """One file's rows, CHUNK at a time, from where the run last got to. A chunk goes
+        to the receiver as concurrent pieces of PIECE rows: they share group commits,
+        and the event loop serves other requests between them. Progress (with the
+        errored rows met) is saved at most every SAVE_EVERY seconds and at the end."""
         rows = read_rows(store.data(run, file), run.format)
         key = f"{file.name}@{file.version}"
         processing = run.processing
+        unsaved: list[tuple[str, int, str, str]] = []  # errored rows met since the save
+        saved = time.monotonic()
         while True:
             chunk = await asyncio.to_thread(_take, rows, maker, key, file.rows_done)
             account = await self._account(run)
-            errors = [(file.name, e.row, e.column, e.reason) for e in chunk.errors]
+            unsaved += [(file.name, e.row, e.column, e.reason) for e in chunk.errors]
+            errored = len(chunk.errors)
+            pieces = range(0, len(chunk.raws), PIECE)
+            answers = await asyncio.gather(
+                *(self._accept(account, chunk.raws[at : at + PIECE], run) for at in pieces)
+            )
             imported = duplicates = 0
-            if chunk.raws:
-                answer = await self._accept(account, chunk.raws, run)
+            for at, answer in zip(pieces, answers, strict=True):
                 for rejected in answer.body.get("rejected", []):
-                    row = chunk.numbers[rejected["index"]]
-                    errors.append((file.name, row, "", rejected["error"]))
-                imported = answer.body.get("accepted", 0)
-                duplicates = answer.body.get("duplicates", 0)
+                    row = chunk.numbers[at + rejected["index"]]
+                    unsaved.append((file.name, row, "", rejected["error"]))
+                    errored += 1
+                imported += answer.body.get("accepted", 0)
+                duplicates += answer.body.get("duplicates", 0)
             if chunk.last:
                 processing.rows += chunk.last - file.rows_done
                 processing.imported += imported
                 processing.duplicates += duplicates
-                processing.errored += len(errors)
+                processing.errored += errored
                 file.rows_done = chunk.last
-                if errors:
-                    errors.sort(key=lambda e: e[1])
-                    await asyncio.to_thread(store.add_errors, run, errors)
+                _count(run.task, imported, duplicates, errored)
+            if chunk.ended or time.monotonic() - saved >= SAVE_EVERY:
+                if unsaved:
+                    unsaved.sort(key=lambda e: e[1])
+                    await asyncio.to_thread(store.add_errors, run, unsaved)
+                    unsaved = []
                 await asyncio.to_thread(store.save, run)
-                _count(run.task, imported, duplicates, len(errors))
+                saved = time.monotonic()
             if chunk.ended:
                 return
 
@@ -350,8 +369,8 @@ class Importer:
         task = self.tasks.get(name)
         if task is None or task.account != account:
             raise UploadError(404, f"account {account} has no import task {name!r}")
-        if task.status == "draft":
-            raise UploadError(409, f"import task {name} is a draft: launch it first")
+        if task.status != "launched":
+            raise UploadError(409, f"import task {name} is {task.status}: launch it first")
         return task
 
     async def upload(
