@@ -1,4 +1,5 @@
-"""`firehosed replay`: put dead-lettered batches back into delivery, with progress.
+"""`firehosed replay`: put dead-lettered batches back into delivery, with progress; and
+what other offline commands (`firehosed archive`, daemon stopped) read of the queues.
 
 With the daemon running, the command asks it on the admin listener
 (`POST /v1/firehoses/{name}/replay`, with `[admin]`'s token; without a token, answered
@@ -48,18 +49,34 @@ def dead_firehoses(config: Config, only: list[str] | None) -> list[str]:
 def replay_offline(config: Config, firehose: str) -> Iterator[Manifest]:
     """Move one firehose's dead batches into its queue on disk (daemon stopped)."""
     storage = Path(config.storage.dir)
-    queue = SegmentStore(
-        storage / "queues" / firehose,
-        firehose,
-        config.storage.segment_size,
-        config.storage.durability == "fsync",
-    )
+    queue = _store(config, firehose)
     queue.open()
     try:
         for source in dead_manifests(storage / "dead" / firehose):
             yield queue.adopt(source)
     finally:
         queue.close()
+
+
+def queued_offline(config: Config, firehose: str) -> int:
+    """Records in one firehose's queue on disk (daemon stopped; 0 when it has none)."""
+    if not (Path(config.storage.dir) / "queues" / firehose).is_dir():
+        return 0
+    queue = _store(config, firehose)
+    queue.open()
+    try:
+        return queue.queued_records()
+    finally:
+        queue.close()
+
+
+def _store(config: Config, firehose: str) -> SegmentStore:
+    return SegmentStore(
+        Path(config.storage.dir) / "queues" / firehose,
+        firehose,
+        config.storage.segment_size,
+        config.storage.durability == "fsync",
+    )
 
 
 def progress(manifest: Manifest) -> dict[str, Any]:

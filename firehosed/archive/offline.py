@@ -17,12 +17,12 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
+from firehosed import replay
 from firehosed.archive.archiver import Archiver
 from firehosed.channels import Batch, open_channel
 from firehosed.config import Config
 from firehosed.errors import DeliveryError
 from firehosed.mapping import Mapping
-from firehosed.queue.store import SegmentStore
 
 
 async def archive_day(
@@ -39,7 +39,7 @@ async def archive_day(
         return
     storage = Path(cfg.storage.dir)
     sync = cfg.storage.durability == "fsync"
-    unspilled = await asyncio.to_thread(_queued, storage / "queues" / name, name, cfg)
+    unspilled = await asyncio.to_thread(replay.queued_offline, cfg, name)
     if unspilled:
         yield {
             "error": f"{unspilled:,} records are queued, not yet spilled into their days: "
@@ -79,15 +79,3 @@ async def archive_day(
         await channel.close()
     await archive.done(offer)
     yield {"step": "delivered", "name": offer.name}
-
-
-def _queued(root: Path, name: str, cfg: Config) -> int:
-    """Records in the firehose's queue on disk (0 when it has none)."""
-    if not root.is_dir():
-        return 0
-    store = SegmentStore(root, name, cfg.storage.segment_size, cfg.storage.durability == "fsync")
-    store.open()
-    try:
-        return store.queued_records()
-    finally:
-        store.close()
