@@ -119,10 +119,11 @@ class Moto:
         except OSError:
             return False
 
-    def create_bucket(self, bucket: str) -> None:
-        asyncio.run(self._create_bucket(bucket))
+    def create_bucket(self, bucket: str, objects: dict[str, bytes] | None = None) -> None:
+        """Create `bucket`, holding `objects` (key: bytes)."""
+        asyncio.run(self._create_bucket(bucket, objects or {}))
 
-    async def _create_bucket(self, bucket: str) -> None:
+    async def _create_bucket(self, bucket: str, objects: dict[str, bytes]) -> None:
         async with AioSession().create_client(
             "s3",
             endpoint_url=self.url,
@@ -131,6 +132,8 @@ class Moto:
             aws_secret_access_key="testing",
         ) as client:
             await client.create_bucket(Bucket=bucket)
+            for key, body in objects.items():
+                await client.put_object(Bucket=bucket, Key=key, Body=body)
 
     def channel_toml(self, name: str, bucket: str) -> str:
         """A `[channels.NAME]` table putting objects into `bucket` on this server."""

@@ -42,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
         return commands.status(cfg, as_json=args.json)
     if args.command == "tail":
         return commands.tail(cfg, args.firehose)
+    if args.command == "imports":
+        return commands.imports(cfg, args.run, as_json=args.json)
     if args.command == "archive":
         return commands.archive(cfg, args.firehose, args.day, force=args.force)
     return _run(cfg, args.log_level)
@@ -62,10 +64,15 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="print the /v1/status document")
     tail = commands_.add_parser("tail", help="follow accepted signals and deliveries live")
     tail.add_argument("--firehose", help="only this firehose's signals and deliveries")
-    pause = commands_.add_parser("pause", help="stop a firehose's delivery (paused = true)")
-    resume = commands_.add_parser("resume", help="resume a firehose's delivery (paused = false)")
+    pause = commands_.add_parser(
+        "pause", help="stop a firehose's delivery or an import task's runs (paused)"
+    )
+    resume = commands_.add_parser("resume", help="resume a firehose or an import task")
     for sub in (pause, resume):
-        sub.add_argument("firehose", help="the firehose's name ([firehoses.NAME])")
+        sub.add_argument("firehose", help="the firehose's or import task's name")
+    imports_cmd = commands_.add_parser("imports", help="import tasks, their runs, errored rows")
+    imports_cmd.add_argument("--run", help="one run, with its first errored rows")
+    imports_cmd.add_argument("--json", action="store_true", help="print the JSON document")
     archive = commands_.add_parser(
         "archive", help="build and deliver one day of a daily archive firehose now"
     )
@@ -78,7 +85,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     set_cmd.add_argument("key")
     set_cmd.add_argument("value")
-    for sub in (run, check, replay_cmd, status, tail, pause, resume, set_cmd, archive):
+    for sub in (run, check, replay_cmd, status, tail, pause, resume, set_cmd, archive, imports_cmd):
         sub.add_argument(
             "-c",
             "--config",

@@ -19,10 +19,12 @@ from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import msgspec
+from cronsim import CronSim, CronSimError
 
 from firehosed import channels
 from firehosed.channels.base import control_character, path_problem
 from firehosed.errors import ConfigError
+from firehosed.imports import pattern as import_pattern
 from firehosed.units import Duration, Size, dec_hook
 
 MiB = 1 << 20
@@ -47,6 +49,7 @@ class ServerConfig(_Section):
 
     listen: str = "127.0.0.1:8080"
     max_body: Size = Size(10 * MiB)
+    max_upload: Size = Size(1024 * MiB)  # import uploads, streamed to disk
     drain_timeout: Duration = Duration(10.0)
     # A connection without a complete request head this long after it opened (or after
     # its last answer) is closed: idle keep-alive, silent and slowloris clients alike.
@@ -171,6 +174,36 @@ class FirehoseConfig(_Section):
     event_names: dict[str, str] = msgspec.field(default_factory=dict)
 
 
+class ImportConfig(_Section):
+    """`[imports.X]`: a task that pulls files of past events from `source` on its cron
+    `schedule` (or takes uploads) into an account's pipeline (imports/)."""
+
+    account: str
+    # A file channel (directory, sftp, ftp, ftpes, s3) to pull from; None: uploads only.
+    source: str | None = None
+    pattern: str | None = None  # the files a run takes (imports/pattern.py)
+    format: Literal["csv", "ndjson", "json"] = "csv"
+    # Envelope field (type, id, session, person, time) -> the column that holds it.
+    columns: dict[str, str] = msgspec.field(default_factory=dict)
+    schedule: str | None = None  # cron, 5 fields, in `timezone`
+    timezone: str = "UTC"
+    offset: str = "0d"  # the run's day: the schedule's day plus this ("-1d", "+0d")
+    status: Literal["draft", "launched", "paused"] = "launched"
+    ends: datetime | None = None  # no run starts after this
+    once: bool = False  # a one-time task: completed after its first run
+
+
+IMPORT_FIELDS = ("type", "id", "session", "person", "time")
+IMPORT_SOURCES = ("directory", "sftp", "ftp", "ftpes", "s3")
+_OFFSET = re.compile(r"([+-]?)(\d+)d")
+
+
+def import_offset(text: str) -> int | None:
+    """An import `offset` ("-1d") in days, or None when it is not one."""
+    match = _OFFSET.fullmatch(text)
+    return None if match is None else int(match[2]) * (-1 if match[1] == "-" else 1)
+
+
 class ChannelConfig:
     """Marker for a `[channels.X]` table: its Struct is chosen by its `type` key."""
 
@@ -189,6 +222,7 @@ class Config(msgspec.Struct, kw_only=True):
     channels: dict[str, Any]
     mappings: dict[str, dict[str, str]]
     firehoses: dict[str, FirehoseConfig]
+    imports: dict[str, ImportConfig] = msgspec.field(default_factory=dict)
     # `FILE:LINE: key: warning: message` each: allowed, but likely not what was meant.
     warnings: list[str] = msgspec.field(default_factory=list)
 
@@ -224,6 +258,7 @@ _TABLES: dict[str, Any] = {
     "channels": ChannelConfig,
     "mappings": dict[str, str],
     "firehoses": FirehoseConfig,
+    "imports": ImportConfig,
 }
 
 
@@ -431,6 +466,8 @@ def _validate(config: Config, report: _Report, names: dict[str, set[str]]) -> No
                 f"channel {firehose.channel!r} streams records: a daily archive needs a file "
                 "channel (directory, sftp, ftp, ftpes or s3)",
             )
+    for name, task in config.imports.items():
+        _validate_import(config, ("imports", name), task, report)
 
 
 def _streams(channel: Any) -> bool:
@@ -614,6 +651,74 @@ def _validate_archive(key: tuple[str, ...], firehose: FirehoseConfig, report: _R
     for kind, event in firehose.event_names.items():
         if (problem := event_name_problem(event)) is not None:
             report.add((*key, "event_names", kind), problem)
+
+
+def _validate_import(
+    config: Config, key: tuple[str, ...], task: ImportConfig, report: _Report
+) -> None:
+    """An import task's keys: its account and source exist, its cron, zone, offset and
+    pattern read, its columns name envelope fields."""
+    if task.account not in config.accounts:
+        report.add((*key, "account"), f"no account named {task.account!r}")
+    _validate_import_source(config, key, task, report)
+    if task.pattern is not None and (problem := import_pattern.problem(task.pattern)):
+        report.add((*key, "pattern"), problem)
+    if task.schedule is not None and (problem := cron_problem(task.schedule)):
+        report.add((*key, "schedule"), problem)
+    try:
+        ZoneInfo(task.timezone)
+    except (ZoneInfoNotFoundError, ValueError):
+        report.add((*key, "timezone"), f"unknown time zone {task.timezone!r} (IANA name)")
+    if import_offset(task.offset) is None:
+        report.add((*key, "offset"), 'must be whole days, like "-1d" or "0d"')
+    if task.ends is not None and task.ends.tzinfo is None:
+        report.add((*key, "ends"), 'must name its zone: "2027-06-30T00:00:00Z"')
+    for field, column in task.columns.items():
+        if field not in IMPORT_FIELDS:
+            fields = ", ".join(IMPORT_FIELDS)
+            report.add((*key, "columns", field), f"not an envelope field: {fields}")
+        elif not column:
+            report.add((*key, "columns", field), "must name a column")
+    named = [task.columns.get(field, field) for field in IMPORT_FIELDS]
+    if twice := sorted({column for column in named if named.count(column) > 1}):
+        report.add(
+            (*key, "columns"),
+            f"column {twice[0]!r} would hold two envelope fields (a field not listed is "
+            "read from the column of its own name)",
+        )
+
+
+def _validate_import_source(
+    config: Config, key: tuple[str, ...], task: ImportConfig, report: _Report
+) -> None:
+    """A task's source: a file channel, with a pattern and a schedule (or once)."""
+    if task.source is None:
+        if task.schedule is not None:
+            report.add((*key, "schedule"), "a schedule needs a source to pull from")
+        return
+    source = config.channels.get(task.source)
+    if source is None:
+        report.add((*key, "source"), f"no channel named {task.source!r}")
+    elif (kind := type(source).__struct_config__.tag) not in IMPORT_SOURCES:
+        report.add(
+            (*key, "source"),
+            f"a {kind} channel cannot be read: use directory, sftp, ftp, ftpes or s3",
+        )
+    if task.pattern is None:
+        report.add((*key, "pattern"), "a task with a source needs a pattern (its files)")
+    if task.schedule is None and not task.once:
+        report.add((*key, "schedule"), "a task with a source needs a schedule, or once = true")
+
+
+def cron_problem(expression: str) -> str | None:
+    """Why `expression` is not a 5-field cron expression, or None."""
+    if len(expression.split()) != 5:
+        return "a cron expression has 5 fields: minute hour day-of-month month day-of-week"
+    try:
+        CronSim(expression, datetime(2026, 1, 1))
+    except CronSimError as exc:
+        return f"not a cron expression: {exc}"
+    return None
 
 
 def local_time(text: str) -> dt_time | None:

@@ -35,6 +35,7 @@ from firehosed.delivery import Worker
 from firehosed.errors import ConfigError, FirehosedError
 from firehosed.fileio import make_dirs
 from firehosed.firehose import Firehose
+from firehosed.imports.importer import Importer
 from firehosed.ingest import app as ingest_app
 from firehosed.ingest import idle
 from firehosed.ingest.receiver import Receiver
@@ -53,6 +54,7 @@ log = structlog.get_logger(__name__)
 # The older generations keep collecting at twice their usual ratio's interval.
 GC_THRESHOLDS = (10_000, 20, 20)
 
+LOOP_LAG_EVERY = 0.1  # seconds between the loop-lag watch's timers
 BUDGET_REFRESH = 0.01  # seconds: how stale the disk budget `refusal` reads may be
 
 
@@ -70,6 +72,8 @@ class Daemon:
         self.tap = Tap()  # live events for the admin listener's tail
         self.history = History()  # the status page's last hour
         self.receiver = Receiver(self.router, config.server, self.refusal, self.tap)
+        sync = config.storage.durability == "fsync"
+        self.importer = Importer(self.storage / "imports", self.receiver, sync)
         self.alerts = Alerts(config.alerts)
         self.notifier = Notifier.from_environ()
         self.firehoses: dict[str, Firehose] = {}
@@ -79,6 +83,8 @@ class Daemon:
         # Why this process can no longer keep what it accepts (its committer ended), if so.
         self.broken: str | None = None
         self._shares: dict[str, list[tuple[str, int]]] = {}  # account: (firehose, max_queued)
+        # Account: (id, received) of records its queues held at open, for its dedupe.
+        self._recovered: dict[str, list[tuple[str, float]]] = {}
         # The last budget measured, and until when (monotonic) it stands (`refusal`).
         self._budget: tuple[str | None, dict[str, str]] = (None, {})
         self._budget_until = 0.0
@@ -104,6 +110,7 @@ class Daemon:
         self._install_signals()
         self._track("watchdog", self.notifier.run_watchdog())
         self._track("history", self.history.run())
+        self._track("loop_lag", _watch_loop_lag())
         # What start built lives as long as the process: out of the cyclic collector's
         # sight, a full collection under load walks only what requests made since.
         gc.collect()
@@ -147,6 +154,7 @@ class Daemon:
         ingest = ingest_app.build_server(
             self.receiver,
             reaper.since,
+            importer=self.importer,
             access_log=None,
             auto_decompress=False,
             # aiohttp arms this timer at connection open and after each answer, and closes
@@ -244,8 +252,10 @@ class Daemon:
         for name in self.firehoses.keys() - wanted.keys():
             self._retire(name)
         self._set_accounts(config, wanted)
+        self._remember_recovered()
         await self._close_unused_channels(channels)
         self.channels = channels
+        await self.importer.configure(config, channels)
         self.catch_up.reconfigure(config.catch_up)
         self.alerts.reconfigure(config.alerts)
         self.config = config
@@ -268,6 +278,7 @@ class Daemon:
         dead: Channel | None,
     ) -> None:
         queue = await self.backend.open_queue(name)
+        self._recovered.setdefault(config.account, []).extend(queue.recovered_ids())
         firehose = Firehose(name, config, queue, mapping)
         archive = None
         if config.format == "zip-csv":
@@ -303,6 +314,18 @@ class Daemon:
         worker.retire()
         queued = worker.queue.figures(time.time()).records
         log.info("firehose.retiring", firehose=name, queued=queued)
+
+    def _remember_recovered(self) -> None:
+        """Records found in the queues at open count as accepted (dedupe): a request
+        whose answer a crash cut off is retried as duplicates, not kept twice."""
+        for account, recovered in self._recovered.items():
+            ingest = self.receiver.accounts.get(account)
+            if ingest is None:
+                continue
+            for record_id, received in sorted(recovered, key=lambda r: r[1]):
+                ingest.dedupe.remember(record_id, received)
+            log.info("dedupe.recovered", account=account, ids=len(recovered))
+        self._recovered.clear()
 
     def _set_accounts(self, config: Config, firehoses: dict[str, Any]) -> None:
         self.receiver.configure(config.server, config.accounts)
@@ -347,6 +370,7 @@ class Daemon:
         self.accepting = False
         self.notifier.stopping()
         log.info("daemon.draining", timeout=self.config.server.drain_timeout)
+        await self.importer.stop()  # a run resumes where it was at the next start
         if "committer" in self._tasks:  # (a committer that died cannot write any more)
             await self.backend.flush()
         for worker in self.workers.values():
@@ -357,6 +381,7 @@ class Daemon:
 
     async def stop(self) -> None:
         """Stop workers and the listener, close channels and queues; log one summary line."""
+        await self.importer.stop()
         for worker in self.workers.values():
             worker.stop()
         self.tap.close()  # tails end, so the admin listener can close
@@ -451,6 +476,10 @@ class Daemon:
         worker = self.workers.get(firehose)
         return worker.archive_day(day, force=force) if worker is not None else None
 
+    def import_run(self, run: str) -> dict[str, Any] | None:
+        """`firehosed imports --run`: one import run, of any account."""
+        return self.importer.run_document(None, run)
+
     def status(self) -> dict[str, Any]:
         """The `/v1/status` document."""
         return {
@@ -461,6 +490,7 @@ class Daemon:
             "catch_up_bytes": self.catch_up.memory,
             "catch_up_max_bytes": int(self.config.catch_up.max_memory),
             "firehoses": {name: w.status() for name, w in sorted(self.workers.items())},
+            "imports": self.importer.status(),
         }
 
     def update_metrics(self) -> None:
@@ -503,6 +533,17 @@ class Daemon:
         watchdog = self._tasks.get("watchdog")
         if watchdog is not None:
             watchdog.cancel()
+
+
+async def _watch_loop_lag(every: float = LOOP_LAG_EVERY) -> None:
+    """Note how late the loop runs a timer (`firehosed_event_loop_lag_seconds`): work
+    that holds the loop (a big body, an import's rows) shows here, not only as slow
+    answers."""
+    loop = asyncio.get_running_loop()
+    while True:
+        due = loop.time() + every
+        await asyncio.sleep(every)
+        metrics.loop_lag.observe(max(0.0, loop.time() - due))
 
 
 def _restart_needed(old: Config, new: Config) -> bool:

@@ -56,6 +56,18 @@ class Dedupe:
             self._drop_oldest()
         return False
 
+    def remember(self, record_id: str, accepted: float) -> None:
+        """Note `record_id` as kept, accepted at `accepted` (a record found in a queue
+        at start: its request's answer may never have reached the client)."""
+        if record_id in self._seen:
+            return
+        self._seen[record_id] = accepted
+        self._ids.append(record_id)
+        self._times.append(accepted)
+        self.memory += len(record_id) + ID_OVERHEAD
+        if len(self._seen) > self.limit or self.memory > self.max_memory:
+            self._drop_oldest()
+
     def original(self, record_id: str) -> Ticket | None:
         """The ticket of the request still committing `record_id`, if any."""
         return self._inflight.get(record_id)

@@ -95,6 +95,32 @@ archive_late = Gauge(
     registry=REGISTRY,
 )
 
+loop_lag = Histogram(
+    "firehosed_event_loop_lag_seconds",
+    "How late the event loop ran a timer due every 0.1 s (a stall delays every request)",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0),
+    registry=REGISTRY,
+)
+import_rows = Counter(
+    "firehosed_import_rows",
+    "Rows of import runs by outcome: imported, duplicate, errored",
+    ["import", "outcome"],
+    registry=REGISTRY,
+)
+import_run_seconds = Histogram(
+    "firehosed_import_run_seconds",
+    "Import runs from start to processed (or failed)",
+    ["import"],
+    buckets=(1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 24 * 3600),
+    registry=REGISTRY,
+)
+import_last_success = Gauge(
+    "firehosed_import_last_success_timestamp_seconds",
+    "When an import task's last run was processed (epoch seconds)",
+    ["import"],
+    registry=REGISTRY,
+)
+
 
 @dataclass(frozen=True, slots=True)
 class QueueFigures:

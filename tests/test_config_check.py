@@ -211,6 +211,12 @@ def test_the_minimal_base_config_passes(tmp_path: Path) -> None:
 
 # -- one problem each: the right line, key and message --------------------------------
 
+# An import task after VALID's firehose: each case adds its own lines.
+IMPORT = (
+    "minutes_between_files = 1|minutes_between_files = 1\n\n"
+    '[imports.i]\naccount = "acme"\nsource = "local"\n'
+)
+
 CASES: dict[str, tuple[str, str, str, str]] = {
     # name: (edit of VALID as "old|new", needle marking the line, key, message fragment)
     "unknown key": (
@@ -506,6 +512,60 @@ CASES: dict[str, tuple[str, str, str, str]] = {
         'channel = "hook"',
         "firehoses.f.channel",
         "needs a file channel",
+    ),
+    "import: a bad cron": (
+        IMPORT + 'pattern = "x-*.csv"\nschedule = "61 8 * * *"',
+        "schedule",
+        "imports.i.schedule",
+        "not a cron expression",
+    ),
+    "import: a cron of 6 fields": (
+        IMPORT + 'pattern = "x-*.csv"\nschedule = "0 30 8 * * *"',
+        "schedule",
+        "imports.i.schedule",
+        "has 5 fields",
+    ),
+    "import: an unknown zone": (
+        IMPORT + 'pattern = "x-*.csv"\nonce = true\ntimezone = "Mars/Olympus"',
+        "timezone",
+        "imports.i.timezone",
+        "unknown time zone",
+    ),
+    "import: an offset in hours": (
+        IMPORT + 'pattern = "x-*.csv"\nonce = true\noffset = "-12h"',
+        "offset",
+        "imports.i.offset",
+        "whole days",
+    ),
+    "import: a glob in a directory": (
+        IMPORT + 'pattern = "*/x.csv"\nonce = true',
+        "pattern",
+        "imports.i.pattern",
+        "only the file name",
+    ),
+    "import: an unclosed quote in a date pattern": (
+        IMPORT + 'pattern = "\'x-yyyy.csv"\nonce = true',
+        "pattern",
+        "imports.i.pattern",
+        "never closed",
+    ),
+    "import: a source without a schedule": (
+        IMPORT + 'pattern = "x-*.csv"',
+        "[imports.i]",
+        "imports.i.schedule",
+        "needs a schedule",
+    ),
+    "import: a column for no envelope field": (
+        IMPORT + 'pattern = "x.csv"\nonce = true\ncolumns = { kind = "e" }',
+        "columns",
+        "imports.i.columns.kind",
+        "not an envelope field",
+    ),
+    "import: one column for two fields": (
+        IMPORT + 'pattern = "x.csv"\nonce = true\ncolumns = { person = "session" }',
+        "columns",
+        "imports.i.columns",
+        "would hold two envelope fields",
     ),
     "alerts allow_plaintext_login without a login": (
         "[catch_up]|[alerts]\nallow_plaintext_login = true\n\n[catch_up]",

@@ -1,9 +1,14 @@
-"""Dedupe memory: window, count and byte limits, settling, and expiry at a steady churn."""
+"""Dedupe memory: window, count and byte limits, settling, expiry at a steady churn, and
+the queues' undelivered records remembered across a crash."""
 
 from __future__ import annotations
 
+import time
+from pathlib import Path
+
 from firehosed.dedupe import ID_OVERHEAD, Dedupe
 from firehosed.queue.base import Ticket
+from tests.daemon import Daemon, signal_record, wait_until
 
 BIG = 1 << 40
 
@@ -48,3 +53,38 @@ def test_steady_churn_keeps_exactly_the_window() -> None:
         dedupe.expire(now)
         assert not dedupe.seen(f"id{n}", now, ticket)
     assert len(dedupe) == 100_001
+
+
+def test_remembered_ids_are_duplicates_until_they_leave_the_window() -> None:
+    dedupe, ticket = Dedupe(10.0, 100, BIG), Ticket()
+    dedupe.remember("a", 5.0)
+    dedupe.remember("a", 6.0)  # (noted once)
+    assert dedupe.original("a") is None, "a remembered id is kept, not in flight"
+    assert dedupe.seen("a", 7.0, ticket)
+    dedupe.expire(15.5)
+    assert not dedupe.seen("a", 15.5, ticket) and len(dedupe) == 1
+
+
+def test_a_retry_after_kill_9_is_a_duplicate_of_what_the_queue_kept(tmp_path: Path) -> None:
+    """The queues' undelivered records count as accepted at start: a client whose answer
+    a crash cut off retries, and gets duplicates, not a second copy."""
+    daemon = Daemon(
+        tmp_path,
+        '\n[firehoses.f]\naccount = "acme"\nchannel = "local"\n'
+        'format = "ndjson"\nminutes_between_files = 0.05\n',
+    )
+    records = [signal_record(n, session=f"s{n}") for n in range(50)]
+    try:
+        daemon.start()
+        assert daemon.post(records).json()["accepted"] == 50
+        daemon.kill()  # before the first cut (3 s): all 50 are in the queue
+        daemon.start()
+        again = daemon.post(records)
+        assert again.status_code == 202
+        assert again.json() == {"accepted": 0, "duplicates": 50, "rejected": []}
+        wait_until(lambda: len(daemon.delivered()) >= 50, timeout=20)
+        time.sleep(3.5)  # another cut's time: a second copy would be there now
+        ids = [r["signal_id"]["$oid"] for r in daemon.delivered()]
+        assert sorted(ids) == sorted(f"{n:024x}" for n in range(50))
+    finally:
+        daemon.close()

@@ -10,6 +10,7 @@ imports it.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from datetime import date
 from ipaddress import ip_address
@@ -58,6 +59,9 @@ class Operations(Protocol):
         """Build and deliver an archive firehose's `day` now, step by step; None if no
         such firehose runs."""
 
+    def import_run(self, run: str) -> dict[str, Any] | None:
+        """An import run's statuses, counts and first errored rows; None if unknown."""
+
 
 class AdminApi:
     """The admin listener's handler: token first, then the route; errors are JSON."""
@@ -86,6 +90,7 @@ class AdminApi:
             [
                 ("/v1/firehoses/", "/replay", {"POST": post_replay}),
                 ("/v1/firehoses/", "/archive", {"POST": post_archive}),
+                ("/v1/imports/", "", get(get_import_run)),
             ],
             idle,
         )
@@ -159,6 +164,14 @@ async def post_replay(api: AdminApi, request: web.BaseRequest, name: str) -> web
         await response.write(msgspec.json.encode(replay.progress(manifest)) + b"\n")
     await response.write_eof()
     return response
+
+
+async def get_import_run(api: AdminApi, request: web.BaseRequest, name: str) -> web.Response:
+    """GET /v1/imports/{run}: any account's import run (`firehosed imports --run`)."""
+    document = await asyncio.to_thread(api.operations.import_run, name)
+    if document is None:
+        return answer(404, {"error": f"no import run {name!r}"})
+    return answer(200, document)
 
 
 async def post_archive(api: AdminApi, request: web.BaseRequest, name: str) -> web.StreamResponse:

@@ -88,25 +88,33 @@ def table(document: dict[str, Any], now: float, *, colour: bool) -> str:
     lines.append(f"\naccepting: {'yes' if document['accepting'] else 'no'}, storage: {storage}")
     if archives:
         lines += ["daily archives:", *archives]
+    if tasks := document.get("imports"):
+        lines += ["imports:", *(f"  {line}" for line in tasks_table(tasks).splitlines())]
     if errors:
         lines += ["last errors:", *errors]
     return "\n".join(lines)
 
 
-def pause(path: str, firehose: str, paused: bool) -> int:
-    """`firehosed pause|resume NAME`: set `firehoses.NAME.paused`, then reload."""
+def pause(path: str, name: str, paused: bool) -> int:
+    """`firehosed pause|resume NAME`: set `firehoses.NAME.paused`, or an import task's
+    `imports.NAME.status` (paused or launched), then reload."""
     try:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         print(f"{path}:1: cannot read config: {exc}", file=sys.stderr)
         return 2
-    names = edit.table_names(text, "firehoses")
-    if firehose not in names:
-        known = ", ".join(sorted(names)) or "none"
-        problem = f"{path}: no [firehoses.{firehose}] in the file (firehoses: {known})"
-        print(problem, file=sys.stderr)
-        return 2
-    return set_key(path, ["firehoses", firehose, "paused"], paused)
+    if name in edit.table_names(text, "firehoses"):
+        return set_key(path, ["firehoses", name, "paused"], paused)
+    if name in edit.table_names(text, "imports"):
+        return set_key(path, ["imports", name, "status"], "paused" if paused else "launched")
+    known = ", ".join(
+        sorted(edit.table_names(text, "firehoses") | edit.table_names(text, "imports"))
+    )
+    print(
+        f"{path}: no [firehoses.{name}] or [imports.{name}] in the file (known: {known or 'none'})",
+        file=sys.stderr,
+    )
+    return 2
 
 
 def config_set(path: str, key: str, value: str) -> int:
@@ -193,6 +201,107 @@ def event_line(event: dict[str, Any]) -> str:
     if kind == "dropped":
         return f"{at} dropped   {event['dropped']} events: this reader fell behind"
     return f"{at} {json.dumps(event)}"
+
+
+def imports(cfg: config.Config, run: str | None, *, as_json: bool) -> int:
+    """`firehosed imports [--run ID]`: import tasks and their recent runs, or one run
+    with its first errored rows; a run in flight is followed with a progress bar on a
+    terminal."""
+    try:
+        if run is None:
+            document = asyncio.run(_get_status(cfg))
+            if "imports" not in document:
+                print(f"firehosed: {document.get('error', document)}", file=sys.stderr)
+                return 1
+            text = (
+                json.dumps(document["imports"], indent=2)
+                if as_json
+                else tasks_table(document["imports"])
+            )
+            print(text)
+            return 0
+        return asyncio.run(_show_run(cfg, run, as_json=as_json, follow=sys.stdout.isatty()))
+    except (aiohttp.ClientError, OSError) as exc:
+        print(
+            f"firehosed: the daemon is not answering on {cfg.admin.listen}: {exc}", file=sys.stderr
+        )
+        return 1
+
+
+async def _show_run(cfg: config.Config, run: str, *, as_json: bool, follow: bool) -> int:
+    async with client.connect(cfg, seconds=None) as admin:
+        while True:
+            async with admin.session.get(admin.url(f"/v1/imports/{run}")) as response:
+                document = await response.json()
+            if response.status != 200:
+                print(f"firehosed: {document.get('error', document)}", file=sys.stderr)
+                return 1
+            running = document["processing"]["status"] in ("waiting", "processing") and (
+                document["fetch"]["status"] != "failed"
+            )
+            if not (follow and running and not as_json):
+                break
+            print(f"\r{progress_line(document)}", end="", flush=True)
+            await asyncio.sleep(0.5)
+    if follow and not as_json:
+        print("\r", end="")
+    print(json.dumps(document, indent=2) if as_json else run_text(document))
+    return 0
+
+
+def tasks_table(tasks: dict[str, Any]) -> str:
+    """Import tasks, one line each, with their recent runs beneath."""
+    if not tasks:
+        return "no import tasks"
+    lines = []
+    for name, task in tasks.items():
+        source = task["source"] or "(uploads)"
+        when = f"next {task['next_run']}" if task["next_run"] else ""
+        lines.append(f"{name}  {task['account']}  {source}  {task['status']}  {when}".rstrip())
+        for run in task["runs"]:
+            lines.append(f"  {run_line(run)}")
+    return "\n".join(lines)
+
+
+def run_line(run: dict[str, Any]) -> str:
+    """One run in a line: id, trigger, fetch and processing statuses, counts."""
+    fetch, processing = run["fetch"], run["processing"]
+    counts = f"{processing['rows']:,} rows, {processing['imported']:,} imported"
+    counts += f", {processing['errored']:,} errored"
+    error = processing.get("error") or fetch.get("error")
+    tail = f": {error}" if error else ""
+    return (
+        f"{run['run']}  {run['trigger']}  fetch {fetch['status']}  "
+        f"processing {processing['status']}  ({counts}){tail}"
+    )
+
+
+def progress_line(run: dict[str, Any]) -> str:
+    """A run in flight as a progress bar over its files, with the rows read so far."""
+    files = run["files"]
+    done = sum(1 for f in files if f["done"])
+    width = 30
+    filled = width * done // max(1, len(files))
+    bar = "#" * filled + "-" * (width - filled)
+    rows = run["processing"]["rows"]
+    return f"[{bar}] {done}/{len(files)} files, {rows:,} rows, {run['processing']['status']}"
+
+
+def run_text(run: dict[str, Any]) -> str:
+    """A run and its first errored rows, for a person."""
+    lines = [run_line(run)]
+    for file in run["files"]:
+        error = f"  FAILED: {file['error']}" if file["error"] else ""
+        lines.append(
+            f"  file {file['name']} ({view.size(file['bytes'])}, {file['rows']:,} rows){error}"
+        )
+    errors = run.get("errors") or []
+    if errors:
+        lines.append("errored rows (first 100):")
+        lines += [
+            f"  {e['file']} row {e['row']} {e['column'] or '-'}: {e['reason']}" for e in errors
+        ]
+    return "\n".join(lines)
 
 
 def archive(cfg: config.Config, firehose: str, day: str, *, force: bool) -> int:

@@ -3,16 +3,23 @@
 A channel receives whole batches. A batch's name, id and bytes are fixed on disk before
 its first attempt, so `put` must be idempotent: putting the same batch twice leaves one
 object named `batch.name` holding `batch.path`'s bytes (temp name + rename, or one PUT).
+
+File channels (directory, sftp, ftp, ftpes, s3) are also import sources: `list_files`
+and `fetch` read files from under the same root, with the same clients, credentials
+and connection that delivery uses.
 """
 
 from __future__ import annotations
 
 import abc
 import asyncio
+import os
+import re
 import unicodedata
 from dataclasses import dataclass
+from fnmatch import fnmatchcase
 from pathlib import Path
-from typing import ClassVar
+from typing import BinaryIO, ClassVar
 
 from firehosed.errors import DeliveryError
 
@@ -46,6 +53,22 @@ class Batch:
         if self.data is not None:
             return self.data
         return await asyncio.to_thread(self.path.read_bytes)
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteFile:
+    """A file an import source lists.
+
+    `name` is relative to the channel's root, '/'-separated, its directory spelled as
+    the pattern spells it (what `fetch` takes). `version` changes when the content does:
+    the ETag on S3 (without its quotes); elsewhere the modification time as an integer
+    string, nanoseconds for `directory`, seconds for `sftp`, `ftp` and `ftpes` (what
+    their protocols carry).
+    """
+
+    name: str
+    size: int
+    version: str
 
 
 class Channel(abc.ABC):
@@ -82,6 +105,39 @@ class Channel(abc.ABC):
     async def close(self) -> None:  # noqa: B027 - optional hook, most channels hold nothing
         """Release connections; called on shutdown and when a reload replaces the channel."""
 
+    async def list_files(self, pattern: str, *, account: str) -> list[RemoteFile]:
+        """The files under the channel's root that `pattern` selects, sorted by name.
+
+        `pattern` is a '/'-separated path relative to the root (`path` of directory,
+        sftp, ftp and ftpes; the `prefix` of s3, its `{account}` replaced by `account`,
+        which the other channels ignore). Its directories are literal; only its last
+        component may hold glob characters (`*`, `?`, `[...]`, matched case-sensitively
+        as `fnmatch.fnmatchcase` does); `split_pattern` says which patterns are valid.
+        Listed are the regular files directly in that directory whose name matches: not
+        subdirectories or their contents, not symbolic links (where the protocol tells
+        them apart: an FTP server without MLSD does not), and never a name starting with
+        '.' (a temp file such as `.NAME.part` being written). A directory that does not
+        exist lists as no files. Raises DeliveryError when the source cannot be read.
+        """
+        raise self._not_a_source()
+
+    async def fetch(self, name: str, target: Path, *, account: str) -> int:
+        """Copy the file `name` (a `RemoteFile.name`) into the local file `target`.
+
+        `target` is created or truncated, written in chunks (never the whole file in
+        memory) and fsynced before this returns (its directory is the caller's to sync).
+        Returns the bytes copied. Raises DeliveryError naming the file when it is missing
+        or cannot be read.
+        """
+        raise self._not_a_source()
+
+    def _not_a_source(self) -> DeliveryError:
+        # Channel types are one module each, named after the type (see the registry).
+        kind = type(self).__module__.rpartition(".")[2]
+        return DeliveryError(
+            f"channel {self.name}: a {kind} channel cannot be an import source", retryable=False
+        )
+
 
 def control_character(text: str) -> str | None:
     """The first control character (CR, LF, NUL, TAB, DEL, C1…) in `text`, or None."""
@@ -105,13 +161,80 @@ def path_problem(path: str) -> str | None:
     return None
 
 
-def relative_name(name: str) -> str:
+def relative_name(name: str, what: str = "batch name") -> str:
     """`name`, checked to stay under a channel's root (config validation already keeps
     prefixes and patterns so; this guards a manifest cut before that, or a bug). A name
-    that does not is a DeliveryError retrying cannot fix: the batch is dead-lettered."""
+    that does not is a DeliveryError retrying cannot fix: the batch is dead-lettered.
+    `what` names it in the message (an import source's file is a "file name")."""
     if (problem := path_problem(name)) is not None:
         raise DeliveryError(
-            f"batch name {name!r} refused, it would lead outside the channel's root: {problem}",
+            f"{what} {name!r} refused, it would lead outside the channel's root: {problem}",
             retryable=False,
         )
     return name
+
+
+_GLOB = re.compile(r"[*?\[]")
+
+
+def split_pattern(pattern: str) -> tuple[str, str]:
+    """An import pattern as (directory, file name glob), the directory "" for the root.
+
+    Raises ValueError saying why for a pattern `list_files` cannot take: empty, absolute,
+    with an empty, '.' or '..' component, glob characters in a directory (only the file
+    name may hold them), or anything `path_problem` refuses (backslash, control
+    character).
+    """
+    if not pattern:
+        raise ValueError("an import pattern must not be empty")
+    if (problem := path_problem(pattern)) is not None:
+        raise ValueError(f"import pattern {pattern!r} {problem}")
+    directory, _, glob = pattern.rpartition("/")
+    parts = pattern.split("/")
+    if any(part in ("", ".") for part in parts):
+        raise ValueError(f"import pattern {pattern!r} must not hold empty or '.' components")
+    if _GLOB.search(directory):
+        raise ValueError(
+            f"import pattern {pattern!r}: only the file name may hold glob characters "
+            "(* ? [); its directories are literal"
+        )
+    return directory, glob
+
+
+def glob_start(glob: str) -> str:
+    """The literal text `glob` starts with (before its first glob character): the part a
+    server-side prefix filter (S3's Prefix) can use."""
+    found = _GLOB.search(glob)
+    return glob if found is None else glob[: found.start()]
+
+
+def selected(filename: str, glob: str) -> bool:
+    """Whether a file named `filename` (no directory) in a listed directory is listed."""
+    return bool(filename) and not filename.startswith(".") and fnmatchcase(filename, glob)
+
+
+def source_pattern(pattern: str, where: str) -> tuple[str, str]:
+    """`split_pattern(pattern)`, a refusal raised as a DeliveryError about `where` (config
+    validation refuses such patterns first: this guards a bug)."""
+    try:
+        return split_pattern(pattern)
+    except ValueError as exc:
+        raise DeliveryError(f"{where}: {exc}", retryable=False) from exc
+
+
+def sync_file(file: BinaryIO) -> None:
+    """Flush and fsync a fetched file being written. Blocking: call it in a thread."""
+    file.flush()
+    os.fsync(file.fileno())
+
+
+def synced_size(path: Path) -> int:
+    """fsync the fetched file at `path`; its size. Blocking: call it in a thread."""
+    with open(path, "rb") as file:
+        os.fsync(file.fileno())
+        return os.fstat(file.fileno()).st_size
+
+
+def joined(directory: str, filename: str) -> str:
+    """`filename` in `directory` ("" for the root), as a `RemoteFile.name`."""
+    return f"{directory}/{filename}" if directory else filename

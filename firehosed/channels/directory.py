@@ -4,6 +4,9 @@ Atomic by temp file + rename: readers never see a partial file, and a retry of t
 batch replaces the file with identical bytes. When the directory is on the storage
 directory's file system, the part file is a hard link to the batch file (already synced
 when it was cut): no byte is copied or written twice. Elsewhere it is a copy.
+
+As an import source it lists one directory with `os.scandir` and copies a file with
+`shutil.copyfile` (the kernel copies it, never through memory), both in a thread.
 """
 
 from __future__ import annotations
@@ -17,7 +20,16 @@ from pathlib import Path
 
 import msgspec
 
-from firehosed.channels.base import Batch, Channel, relative_name
+from firehosed.channels.base import (
+    Batch,
+    Channel,
+    RemoteFile,
+    joined,
+    relative_name,
+    selected,
+    source_pattern,
+    synced_size,
+)
 from firehosed.errors import DeliveryError
 from firehosed.faults import crash_point
 from firehosed.fileio import fsync_dir, fsync_path, make_dirs
@@ -111,8 +123,52 @@ class DirectoryChannel(Channel):
             raise DeliveryError(f"{exc.strerror or exc} ({exc.filename or self.root})") from exc
         return f"directory {self.root} is writable"
 
+    async def list_files(self, pattern: str, *, account: str) -> list[RemoteFile]:
+        """Regular files (not symlinks) in the pattern's directory; version: st_mtime_ns."""
+        directory, glob = source_pattern(pattern, f"directory {self.root}")
+        try:
+            return await asyncio.to_thread(self._list, directory, glob)
+        except OSError as exc:
+            raise self._source_error(exc) from exc
+
+    def _list(self, directory: str, glob: str) -> list[RemoteFile]:
+        found: list[RemoteFile] = []
+        try:
+            entries = list(os.scandir(self.root / directory))
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        for entry in entries:
+            if not (selected(entry.name, glob) and entry.is_file(follow_symlinks=False)):
+                continue
+            try:
+                stat = entry.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue  # removed since the directory was read
+            name = joined(directory, entry.name)
+            found.append(RemoteFile(name, stat.st_size, str(stat.st_mtime_ns)))
+        return sorted(found, key=lambda file: file.name)
+
+    async def fetch(self, name: str, target: Path, *, account: str) -> int:
+        """Copy `name` into `target` (kernel-side copy), fsync it; the bytes copied."""
+        source = self.root / relative_name(name, "file name")
+        try:
+            return await asyncio.to_thread(_copy_synced, source, target)
+        except OSError as exc:
+            raise self._source_error(exc) from exc
+
+    def _source_error(self, exc: OSError) -> DeliveryError:
+        return DeliveryError(
+            f"directory {self.root}: {exc.strerror or exc} ({exc.filename or self.root})"
+        )
+
     def _check(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         probe = self.root / ".firehosed-check"
         probe.write_bytes(b"")
         probe.unlink()
+
+
+def _copy_synced(source: Path, target: Path) -> int:
+    """Copy `source` to `target` and fsync `target`; its size once synced."""
+    shutil.copyfile(source, target)
+    return synced_size(target)

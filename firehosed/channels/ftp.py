@@ -11,6 +11,11 @@ verified (the system CAs, or `ca`), PBSZ 0 and PROT P so data connections are en
 too. A server that does not offer TLS is an error, never a reason to fall back to clear
 text. Data connections are passive, always to the control connection's host (the
 address in a PASV reply is often wrong behind NAT).
+
+As an import source it lists a directory with MLSD (type, size and modification time
+per file, streamed), or, on servers without MLSD such as vsftpd, with NLST and then SIZE
+and MDTM for each matching name; it downloads with RETR into the target in 1 MiB
+writes. Both use the same control connection and TLS data protection as uploads.
 """
 
 from __future__ import annotations
@@ -18,17 +23,29 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import posixpath
 import ssl
-from collections.abc import Iterator
-from pathlib import PurePosixPath
-from typing import BinaryIO
+from collections.abc import AsyncIterator, Callable, Iterator
+from datetime import UTC, datetime
+from functools import partial
+from pathlib import Path, PurePosixPath
+from typing import BinaryIO, Literal, TypeVar
 
 import aioftp
 import msgspec
 import structlog
 from aioftp.common import SSLSessionBoundContext
 
-from firehosed.channels.base import Batch, Channel, relative_name
+from firehosed.channels.base import (
+    Batch,
+    Channel,
+    RemoteFile,
+    joined,
+    relative_name,
+    selected,
+    source_pattern,
+    sync_file,
+)
 from firehosed.errors import DeliveryError
 from firehosed.units import Duration
 
@@ -40,6 +57,9 @@ _PROBE = ".firehosed-check"
 # TimeoutError and ssl.SSLError are OSErrors; aioftp.InvalidCommand (CR/LF in a
 # name) is an AIOFTPException.
 _FAILURES = (aioftp.AIOFTPException, OSError)
+
+_T = TypeVar("_T")
+_Data = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 
 
 class _FtpBase(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -112,8 +132,9 @@ class _Client(aioftp.Client):
     command, so that order deadlocks; and with `require_ssl_reuse=YES` (its default)
     it refuses a data connection that does not resume the control connection's TLS
     session, which is how it knows the data comes from the authenticated client.
-    `store` therefore opens the data connection in clear, sends STOR, and only then
-    does the handshake, resuming the control session.
+    Every transfer (STOR, RETR, MLSD, NLST) therefore opens the data connection in
+    clear, sends its command, and only then does the handshake, resuming the control
+    session.
     """
 
     def __init__(
@@ -147,26 +168,68 @@ class _Client(aioftp.Client):
     async def store(self, remote: PurePosixPath, source: BinaryIO) -> int:
         """STOR `source`'s bytes as `remote` over a passive data connection; count them."""
         sent = 0
-        _reader, writer = await self._open_data()
+        async with self._transfer(f"STOR {remote}") as (_reader, writer):
+            while block := await asyncio.to_thread(source.read, _BLOCK):
+                writer.write(block)
+                await asyncio.wait_for(writer.drain(), self.socket_timeout)
+                sent += len(block)
+        return sent
+
+    async def retrieve(self, remote: PurePosixPath, target: BinaryIO) -> int:
+        """RETR `remote` into `target` over a passive data connection; count the bytes."""
+        received = 0
+        async with self._transfer(f"RETR {remote}") as (reader, _writer):
+            while block := await self._read_block(reader):
+                await asyncio.to_thread(target.write, block)
+                received += len(block)
+        return received
+
+    async def listing(self, command: str, keep: Callable[[str], _T | None]) -> list[_T]:
+        """Send `command` (MLSD or NLST) and keep what `keep` makes of each line it sends,
+        as it arrives (a line `keep` maps to None is dropped)."""
+        kept: list[_T] = []
+        async with self._transfer(command) as (reader, _writer):
+            while line := await asyncio.wait_for(reader.readline(), self.socket_timeout):
+                text = line.decode(self.encoding, errors="replace").rstrip("\r\n")
+                if (item := keep(text)) is not None:
+                    kept.append(item)
+        return kept
+
+    async def modified(self, remote: PurePosixPath) -> str:
+        """The server's MDTM of `remote` (YYYYMMDDHHMMSS in UTC)."""
+        _, info = await self.command(f"MDTM {remote}", "213")
+        return info[-1].strip()
+
+    @contextlib.asynccontextmanager
+    async def _transfer(self, command: str) -> AsyncIterator[_Data]:
+        """A passive data connection for `command`, encrypted (FTPES) once the server has
+        accepted the command; the server's final reply is awaited when the body is done."""
+        reader, writer = await self._open_data()
         try:
-            await self.command(f"STOR {remote}", "1xx")
+            await self.command(command, "1xx")
             if self.tls is not None:
                 await writer.start_tls(
                     self._resumed_session(),
                     server_hostname=self.tls_name,
                     ssl_handshake_timeout=self.socket_timeout,
                 )
-            while block := await asyncio.to_thread(source.read, _BLOCK):
-                writer.write(block)
-                await asyncio.wait_for(writer.drain(), self.socket_timeout)
-                sent += len(block)
+            yield reader, writer
         finally:
             writer.close()
         await self.command(None, "2xx", "1xx")
         # The server has answered, so its side is done: this only reaps the socket.
         with contextlib.suppress(OSError):
             await asyncio.wait_for(writer.wait_closed(), self.socket_timeout)
-        return sent
+
+    async def _read_block(self, reader: asyncio.StreamReader) -> bytearray:
+        """Up to _BLOCK bytes (empty at the end of the data), so writes go in big blocks."""
+        block = bytearray()
+        while len(block) < _BLOCK:
+            chunk = await asyncio.wait_for(reader.read(_BLOCK - len(block)), self.socket_timeout)
+            if not chunk:
+                break
+            block += chunk
+        return block
 
     async def size(self, remote: PurePosixPath) -> int | None:
         """The server's SIZE of `remote`, or None when the server does not implement SIZE."""
@@ -228,6 +291,8 @@ class FtpChannel(Channel):
         self._client: _Client | None = None
         # Directories made (or found) on the current connection: MKD is sent once each.
         self._dirs: set[PurePosixPath] = set()
+        # How this server lists a directory: MLSD until it answers that it has none.
+        self._listing: Literal["MLSD", "NLST"] = "MLSD"
         self._lock = asyncio.Lock()
 
     async def put(self, batch: Batch) -> None:
@@ -251,6 +316,82 @@ class FtpChannel(Channel):
                 await client.remove_file(probe)
         cfg = self.config
         return f"{self.scheme} {cfg.username}@{cfg.host}:{cfg.port} path {self.root} is writable"
+
+    async def list_files(self, pattern: str, *, account: str) -> list[RemoteFile]:
+        """Files in the pattern's directory under `path`; version: the modification time in
+        seconds. A directory the server answers 550 for lists as no files (FTP servers use
+        550 both for "no such directory" and for "permission denied")."""
+        directory, glob = source_pattern(pattern, self._where())
+        path = self.root / directory
+        async with self._lock:
+            with self._translated(path):
+                client = await self._connection()
+                files = await self._list(client, path, directory, glob)
+        return sorted(files, key=lambda file: file.name)
+
+    async def fetch(self, name: str, target: Path, *, account: str) -> int:
+        """RETR `name` under `path` into `target` in 1 MiB writes, then fsync it."""
+        remote = self.root / relative_name(name, "file name")
+        async with self._lock:
+            with self._translated(remote):
+                client = await self._connection()
+                with await asyncio.to_thread(target.open, "wb") as file:
+                    received = await client.retrieve(remote, file)
+                    await asyncio.to_thread(sync_file, file)
+        return received
+
+    async def _list(
+        self, client: _Client, path: PurePosixPath, directory: str, glob: str
+    ) -> list[RemoteFile]:
+        try:
+            if self._listing == "MLSD":
+                files = await self._mlsd(client, path, directory, glob)
+                if files is not None:
+                    return files
+            names = await client.listing(f"NLST {path}", partial(_nlst_name, glob))
+        except aioftp.StatusCodeError as exc:
+            # Servers answer 550 both for "no such directory" and for "permission denied".
+            if exc.received_codes[-1].matches("550"):
+                return []
+            raise
+        return await self._stat(client, path, directory, names)
+
+    async def _mlsd(
+        self, client: _Client, path: PurePosixPath, directory: str, glob: str
+    ) -> list[RemoteFile] | None:
+        """The files MLSD lists, or None (and NLST from now on) where the server has none."""
+        try:
+            return await client.listing(f"MLSD {path}", partial(_mlsd_file, directory, glob))
+        except aioftp.StatusCodeError as exc:
+            if not exc.received_codes[-1].matches("50x"):
+                raise
+            log.info("ftp.no_mlsd", channel=self.name, reply=_status(exc))
+        self._listing = "NLST"
+        return None
+
+    async def _stat(
+        self, client: _Client, path: PurePosixPath, directory: str, names: list[str]
+    ) -> list[RemoteFile]:
+        """SIZE and MDTM of each name NLST gave; a name SIZE refuses with 550 (a directory,
+        or a file removed since) is no file."""
+        files: list[RemoteFile] = []
+        for filename in names:
+            remote = path / filename
+            try:
+                size = await client.size(remote)
+            except aioftp.StatusCodeError as exc:
+                if not exc.received_codes[-1].matches("550"):
+                    raise
+                continue
+            if size is None:
+                raise DeliveryError(
+                    f"{self._where()}: the server has neither MLSD nor SIZE: "
+                    "it cannot be an import source",
+                    retryable=False,
+                )
+            stamp = await client.modified(remote)
+            files.append(RemoteFile(joined(directory, filename), size, _seconds(stamp)))
+        return files
 
     async def close(self) -> None:
         async with self._lock:
@@ -329,13 +470,15 @@ class FtpChannel(Channel):
         self._dirs.clear()
 
     @contextlib.contextmanager
-    def _translated(self) -> Iterator[None]:
-        """Drop the connection on any failure and raise it as a DeliveryError."""
+    def _translated(self, about: PurePosixPath | None = None) -> Iterator[None]:
+        """Drop the connection on any failure and raise it as a DeliveryError (naming
+        `about`, the remote path read, if any)."""
         try:
             yield
         except _FAILURES as exc:
             self._drop()
-            raise DeliveryError(f"{self._where()}: {_describe(exc, self.tls_name)}") from exc
+            where = self._where() if about is None else f"{self._where()} {about}"
+            raise DeliveryError(f"{where}: {_describe(exc, self.tls_name)}") from exc
         except asyncio.CancelledError:
             # Cancelled mid-command: the connection's state is unknown.
             self._drop()
@@ -358,8 +501,36 @@ def _describe(exc: BaseException, tls_name: str | None = None) -> str:
     if isinstance(exc, ConnectionResetError) and not exc.args:
         return "connection closed by the server"
     if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror
+        return f"{exc.strerror} ({exc.filename})" if exc.filename else exc.strerror
     return str(exc) or type(exc).__name__
+
+
+def _mlsd_file(directory: str, glob: str, line: str) -> RemoteFile | None:
+    """The file an MLSD line (`type=file;size=12;modify=20260101120000; name`) names, if
+    it is a regular file `glob` selects."""
+    facts, _, filename = line.partition(" ")
+    info = dict(fact.partition("=")[::2] for fact in facts.lower().split(";"))
+    size = info.get("size", "")
+    if info.get("type") != "file" or not size.isdigit() or not selected(filename, glob):
+        return None
+    return RemoteFile(joined(directory, filename), int(size), _seconds(info.get("modify", "")))
+
+
+def _nlst_name(glob: str, line: str) -> str | None:
+    """The name in an NLST line, if `glob` selects it (servers differ on whether they
+    prefix it with the directory listed)."""
+    filename = posixpath.basename(line)
+    return filename if selected(filename, glob) else None
+
+
+def _seconds(stamp: str) -> str:
+    """An FTP time (`YYYYMMDDHHMMSS[.fff]` in UTC, MLSD's modify and MDTM's answer) as
+    whole seconds since the epoch; a stamp in no such form as it is."""
+    try:
+        moment = datetime.strptime(stamp[:14], "%Y%m%d%H%M%S").replace(tzinfo=UTC)
+    except ValueError:
+        return stamp
+    return str(int(moment.timestamp()))
 
 
 def _status(exc: aioftp.StatusCodeError) -> str:

@@ -6,6 +6,10 @@ of the same batch overwrites the object with the same bytes. Every body (object 
 part) carries its checksum, so S3 rejects bytes damaged on the way: CRC32 by default
 (what AWS SDKs send; S3 keeps it with the object), or Content-MD5 with
 `checksum = "md5"` for S3-compatible stores that predate flexible checksums.
+
+As an import source it lists one "directory" of keys with ListObjectsV2 (Delimiter "/",
+1000 keys a page, the glob's literal start in the Prefix) and streams a GetObject body
+into the target in 1 MiB writes made in a thread.
 """
 
 from __future__ import annotations
@@ -16,12 +20,23 @@ import hashlib
 import math
 import zlib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, BinaryIO, Literal
 
 import structlog
 
 from firehosed.channels import aws
-from firehosed.channels.base import Batch, Channel, control_character
+from firehosed.channels.base import (
+    Batch,
+    Channel,
+    RemoteFile,
+    control_character,
+    glob_start,
+    joined,
+    relative_name,
+    selected,
+    source_pattern,
+    sync_file,
+)
 from firehosed.errors import DeliveryError
 from firehosed.units import Size
 
@@ -112,7 +127,11 @@ class S3Channel(Channel):
 
     def key(self, batch: Batch) -> str:
         """The object key for `batch`: the prefix (with its account) plus the batch name."""
-        return self.config.prefix.replace("{account}", batch.account) + batch.name
+        return self.prefix(batch.account) + batch.name
+
+    def prefix(self, account: str) -> str:
+        """The configured prefix, `{account}` replaced by `account`."""
+        return self.config.prefix.replace("{account}", account)
 
     async def put(self, batch: Batch) -> None:
         key = self.key(batch)
@@ -223,6 +242,50 @@ class S3Channel(Channel):
             raise aws.delivery_error(exc, target, aliases=_HEAD_BUCKET_CODES) from exc
         return f"s3 bucket {self.bucket} is writable (probe {probe} put and deleted)"
 
+    async def list_files(self, pattern: str, *, account: str) -> list[RemoteFile]:
+        """Objects directly in the pattern's "directory" under the prefix (not in deeper
+        ones: Delimiter "/"), every page of them; version: the ETag, without its quotes."""
+        prefix = self._source_prefix(account)
+        directory, glob = source_pattern(pattern, f"s3://{self.bucket}/{prefix}")
+        folder = prefix + (f"{directory}/" if directory else "")
+        found: list[RemoteFile] = []
+        try:
+            client = await self._client.get()
+            pages = client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=folder + glob_start(glob), Delimiter="/"
+            )
+            async for page in pages:
+                for item in page.get("Contents", ()):
+                    filename = item["Key"][len(folder) :]
+                    if selected(filename, glob):
+                        name = joined(directory, filename)
+                        found.append(RemoteFile(name, item["Size"], item["ETag"].strip('"')))
+        except aws.ERRORS as exc:
+            raise aws.delivery_error(exc, f"s3://{self.bucket}/{folder}") from exc
+        return sorted(found, key=lambda file: file.name)
+
+    async def fetch(self, name: str, target: Path, *, account: str) -> int:
+        """GetObject `prefix + name`, its body streamed into `target`, then fsync it."""
+        key = self._source_prefix(account) + relative_name(name, "file name")
+        try:
+            client = await self._client.get()
+            response = await client.get_object(Bucket=self.bucket, Key=key)
+            async with response["Body"] as body:
+                with await asyncio.to_thread(target.open, "wb") as file:
+                    received = await _stream(body, file)
+        except aws.ERRORS as exc:
+            raise aws.delivery_error(exc, f"s3://{self.bucket}/{key}") from exc
+        return received
+
+    def _source_prefix(self, account: str) -> str:
+        if "{account}" in self.config.prefix and not account:
+            raise DeliveryError(
+                f"s3 bucket {self.bucket}: prefix {self.config.prefix!r} names an account, "
+                "and none was given",
+                retryable=False,
+            )
+        return self.prefix(account)
+
     async def close(self) -> None:
         await self._client.close()
 
@@ -237,6 +300,22 @@ async def _gather_or_cancel(coroutines: list[Any]) -> None:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         raise
+
+
+async def _stream(body: Any, file: BinaryIO) -> int:
+    """Copy a GetObject body into `file` in writes of up to 1 MiB, made in a thread, and
+    fsync it; the bytes copied."""
+    copied = 0
+    while True:
+        block = bytearray()
+        while len(block) < MiB and (chunk := await body.read(MiB - len(block))):
+            block += chunk
+        if not block:
+            break
+        await asyncio.to_thread(file.write, block)
+        copied += len(block)
+    await asyncio.to_thread(sync_file, file)
+    return copied
 
 
 def _read(path: Path, offset: int, length: int, algorithm: str) -> tuple[bytes, dict[str, str]]:

@@ -7,6 +7,9 @@ batch replaces the file with identical bytes. Host keys are always verified, aga
 
 One SSH connection and SFTP session serve every batch; a put that finds it dead
 reconnects once, then leaves further retries to the delivery worker.
+
+As an import source it lists a directory with READDIR (the server sends the entries in
+pages) and downloads a file with parallel reads, over the same session.
 """
 
 from __future__ import annotations
@@ -17,13 +20,23 @@ import posixpath
 import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, cast
 
 import asyncssh
 import msgspec
 import structlog
 
-from firehosed.channels.base import Batch, Channel, relative_name
+from firehosed.channels.base import (
+    Batch,
+    Channel,
+    RemoteFile,
+    joined,
+    relative_name,
+    selected,
+    source_pattern,
+    synced_size,
+)
 from firehosed.errors import DeliveryError
 from firehosed.units import Duration, Size
 
@@ -192,14 +205,35 @@ class SftpChannel(Channel):
         fingerprint = await self._run(self._probe)
         return f"sftp {self._where} {self.config.path} is writable (host key {fingerprint})"
 
+    async def list_files(self, pattern: str, *, account: str) -> list[RemoteFile]:
+        """Regular files (not symlinks) in the pattern's directory under `path`; version:
+        the modification time in seconds (all SFTP version 3, OpenSSH's, carries)."""
+        directory, glob = source_pattern(pattern, f"sftp {self._where}")
+        remote = posixpath.join(self.config.path, directory) if directory else self.config.path
+        listed: list[RemoteFile] = await self._run(
+            lambda session: _list(session.sftp, remote, directory, glob), about=remote
+        )
+        return listed
+
+    async def fetch(self, name: str, target: Path, *, account: str) -> int:
+        """Download `name` under `path` into `target` (parallel reads), fsync it."""
+        remote = posixpath.join(self.config.path, relative_name(name, "file name"))
+        await self._run(lambda session: self._download(session, remote, target), about=remote)
+        return await asyncio.to_thread(synced_size, target)
+
     async def close(self) -> None:
         """Close the SFTP session and its SSH connection."""
         session, self._session = self._session, None
         if session is not None:
             await _close(session)
 
-    async def _run(self, operation: Callable[[_Session], Awaitable[Any]]) -> Any:
-        """Run `operation` on the shared session, reconnecting once if it was dead."""
+    async def _run(
+        self, operation: Callable[[_Session], Awaitable[Any]], about: str | None = None
+    ) -> Any:
+        """Run `operation` on the shared session, reconnecting once if it was dead.
+
+        `about`: the remote path the operation reads, named in its error messages.
+        """
         try:
             session, reused = await self._current_session()
             try:
@@ -212,7 +246,7 @@ class SftpChannel(Channel):
                 session, _ = await self._current_session()
                 return await operation(session)
         except _LIBRARY_ERRORS as exc:
-            raise self._delivery_error(exc) from exc
+            raise self._delivery_error(exc, about) from exc
 
     async def _current_session(self) -> tuple[_Session, bool]:
         """The live session, and whether it existed before this call (was reused)."""
@@ -296,6 +330,17 @@ class SftpChannel(Channel):
             session.dirs.clear()
             raise
 
+    async def _download(self, session: _Session, remote: str, target: Path) -> None:
+        # A symlink is followed (its file copied), never recreated locally.
+        await session.sftp.get(
+            remote,
+            str(target),
+            follow_symlinks=True,
+            sparse=False,
+            block_size=self.config.block_size or -1,
+            max_requests=self.config.max_requests or -1,
+        )
+
     async def _ensure_directory(self, session: _Session, directory: str) -> None:
         if directory in session.dirs:
             return
@@ -319,9 +364,10 @@ class SftpChannel(Channel):
             f"host_key (unknown or changed host key); refusing to connect ({exc})"
         )
 
-    def _delivery_error(self, exc: BaseException) -> DeliveryError:
-        """Translate a library error into a DeliveryError that names the destination."""
-        where = self._where
+    def _delivery_error(self, exc: BaseException, about: str | None = None) -> DeliveryError:
+        """Translate a library error into a DeliveryError that names the destination
+        (and `about`, the remote path read, if any)."""
+        where = self._where if about is None else f"{self._where} {about}"
         if isinstance(exc, asyncssh.PermissionDenied):
             return DeliveryError(f"sftp {where}: authentication failed ({exc})")
         if isinstance(exc, asyncssh.KeyImportError | asyncssh.KeyEncryptionError):
@@ -345,6 +391,22 @@ async def _replace(sftp: asyncssh.SFTPClient, part: str, target: str) -> None:
     with contextlib.suppress(asyncssh.SFTPNoSuchFile):
         await sftp.remove(target)
     await sftp.rename(part, target)
+
+
+async def _list(
+    sftp: asyncssh.SFTPClient, remote: str, directory: str, glob: str
+) -> list[RemoteFile]:
+    """The files `glob` selects in `remote` (the pattern's `directory`), sorted."""
+    found: list[RemoteFile] = []
+    try:
+        async for entry in sftp.scandir(remote):
+            filename, attrs = cast(str, entry.filename), entry.attrs  # str for a str path
+            if attrs.type == asyncssh.FILEXFER_TYPE_REGULAR and selected(filename, glob):
+                name = joined(directory, filename)
+                found.append(RemoteFile(name, attrs.size or 0, str(attrs.mtime or 0)))
+    except asyncssh.SFTPNoSuchFile:
+        return []
+    return sorted(found, key=lambda file: file.name)
 
 
 def _host_fingerprint(conn: asyncssh.SSHClientConnection) -> str:

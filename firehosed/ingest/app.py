@@ -1,4 +1,4 @@
-"""The ingest HTTP API (DESIGN.md §5): signal ingest, health, readiness.
+"""The ingest HTTP API (DESIGN.md §5): signal ingest, import uploads, health, readiness.
 
 Served by aiohttp's low-level server through one handler, `Api`, that dispatches on the
 path itself (routes.py). Records go to the `Receiver` (receiver.py). What operators ask
@@ -14,9 +14,10 @@ from typing import Any
 
 from aiohttp import web
 
-from firehosed.ingest import auth, body
+from firehosed.imports.importer import Importer
+from firehosed.ingest import auth, body, uploads
 from firehosed.ingest.receiver import Receiver
-from firehosed.ingest.routes import Routes, answer, get
+from firehosed.ingest.routes import Methods, Routes, answer, get
 
 BIG_BODY = 1 << 16  # bytes: above this, splitting into records runs in a thread
 RETRY_AFTER = "5"
@@ -26,24 +27,35 @@ class Api:
     """The ingest listener's handlers share this; `handle` is aiohttp's handler."""
 
     def __init__(
-        self, receiver: Receiver, idle: dict[web.RequestHandler, float] | None = None
+        self,
+        receiver: Receiver,
+        idle: dict[web.RequestHandler, float] | None = None,
+        importer: Importer | None = None,
     ) -> None:
         self.receiver = receiver
-        routes = Routes(
-            {"/healthz": get(healthz), "/readyz": get(readyz)},
-            [("/v1/accounts/", "/signals", {"POST": post_signals})],
-            idle,
-        )
+        self.importer = importer
+        named: list[tuple[str, str, Methods]] = [
+            ("/v1/accounts/", "/signals", {"POST": post_signals})
+        ]
+        pairs: list[tuple[str, str, Methods]] = []
+        if importer is not None:
+            named.append(("/v1/accounts/", "/imports", {"POST": uploads.post_upload}))
+            pairs.append(("/v1/accounts/", "/imports/", get(uploads.get_run)))
+        routes = Routes({"/healthz": get(healthz), "/readyz": get(readyz)}, named, idle, pairs)
         # The dispatcher itself, bound to this API: no coroutine of ours in between.
         self.handle = functools.partial(routes.dispatch, self)
 
 
 def build_server(
-    receiver: Receiver, idle: dict[web.RequestHandler, float] | None = None, **kwargs: Any
+    receiver: Receiver,
+    idle: dict[web.RequestHandler, float] | None = None,
+    importer: Importer | None = None,
+    **kwargs: Any,
 ) -> web.Server:
     """aiohttp's low-level server for the API, noting busy connections in `idle` (an
-    `IdleReaper.since`); `kwargs`: its connection settings."""
-    return web.Server(Api(receiver, idle).handle, **kwargs)
+    `IdleReaper.since`), taking import uploads when given an `importer`; `kwargs`: its
+    connection settings."""
+    return web.Server(Api(receiver, idle, importer).handle, **kwargs)
 
 
 async def post_signals(api: Api, request: web.BaseRequest, name: str) -> web.Response:
@@ -53,11 +65,7 @@ async def post_signals(api: Api, request: web.BaseRequest, name: str) -> web.Res
     if not auth.authorized(
         account.tokens if account else None, auth.bearer(request.headers.get("Authorization"))
     ):
-        return answer(
-            401,
-            {"error": "missing or invalid bearer token for this account"},
-            **{"WWW-Authenticate": 'Bearer realm="firehosed"'},
-        )
+        return auth.unauthorized()
     assert account is not None
     if refusal := receiver.refusal(name):
         return answer(503, {"error": refusal}, **{"Retry-After": RETRY_AFTER})

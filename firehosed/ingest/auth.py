@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import hmac
 
+from aiohttp import web
+
+from firehosed.ingest.routes import answer
+
 _DUMMY = [b"\0" * 32]
 
 
@@ -28,3 +32,12 @@ def authorized(tokens: list[bytes] | None, given: bytes | None) -> bool:
     for token in tokens or _DUMMY:
         ok |= hmac.compare_digest(token, given or b"")
     return ok and tokens is not None and given is not None
+
+
+def unauthorized() -> web.Response:
+    """401: the token is missing, wrong, or for another (or no) account."""
+    return answer(
+        401,
+        {"error": "missing or invalid bearer token for this account"},
+        **{"WWW-Authenticate": 'Bearer realm="firehosed"'},
+    )

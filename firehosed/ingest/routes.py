@@ -57,10 +57,14 @@ class Routes:
         exact: dict[str, Methods],
         named: Sequence[tuple[str, str, Methods]] = (),
         idle: dict[web.RequestHandler, float] | None = None,
+        pairs: Sequence[tuple[str, str, Methods]] = (),
     ) -> None:
         self._exact = exact
         self._named = tuple(named)
         self._idle = idle
+        # (prefix, middle, methods): two variable segments, `prefix{a}middle{b}`; the
+        # handler gets "a/b" (each part decoded; a part holding "/" does not match).
+        self._pairs = tuple(pairs)
 
     async def dispatch(self, api: object, request: web.BaseRequest) -> web.StreamResponse:
         """Answer `request` with the handler its path and method name, given `api`."""
@@ -95,4 +99,15 @@ class Routes:
                 name = path[len(prefix) : len(path) - len(suffix)]
                 if name and "/" not in name:
                     return named, unquote(name)
+        for prefix, middle, paired in self._pairs:
+            if path.startswith(prefix):
+                first, found, second = path[len(prefix) :].partition(middle)
+                parts = (unquote(first), unquote(second))
+                if (
+                    found
+                    and first
+                    and second
+                    and not any("/" in p for p in (first, second, *parts))
+                ):
+                    return paired, "/".join(parts)
         return None, ""

@@ -174,6 +174,11 @@ class Queue(Protocol):
     def figures(self, now: float) -> QueueFigures:
         """What the queue holds."""
 
+    def recovered_ids(self) -> list[tuple[str, float]]:
+        """(id, received) of the records found undelivered when the queue was opened,
+        received within a minute of the newest: for dedupe, so that a retry of a request
+        whose answer a crash cut off is a duplicate. Given once; then empty."""
+
     async def recount(self) -> None:
         """Measure again what it keeps out of delivery (an operator may have removed
         dead letters or quarantined records by hand)."""

@@ -443,6 +443,9 @@ class LocalQueue:
             dead_bytes=self._dead_bytes,
         )
 
+    def recovered_ids(self) -> list[tuple[str, float]]:
+        return self._store.take_recovered()
+
     async def recount(self) -> None:
         """Measure the dead-letter and quarantine directories again (thread)."""
         dirs = [d for d in (self._dead_dir, self._quarantine_dir) if d is not None]

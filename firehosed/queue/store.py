@@ -63,6 +63,11 @@ log = structlog.get_logger(__name__)
 # A segment frame whose payload starts with one of these is a mark, not a record (a
 # record's msgpack array never starts with a bare small integer): a stream batch cut
 # with the group commit that made its records durable, or such a batch delivered.
+# Records recovered at open that were received this close (seconds) to the newest one
+# are handed to dedupe (`recovered_ids`): a client's or an import's retry of a request
+# whose answer a crash cut off is then a duplicate, not a second copy.
+RECOVERED_WINDOW = 10.0
+RECOVERED_MAX = 1_000_000  # at most this many (a full dedupe's count)
 CUT_MARK = 0x43  # b"C" + the batch's msgpack Manifest
 DONE_MARK = 0x44  # b"D" + the batch's msgpack number
 
@@ -126,6 +131,9 @@ class SegmentStore:
         # Where the oldest batch held in a segment starts: segments from there on are
         # kept, and state.json's cursor never passes it (recovery reads its mark).
         self.held: Position | None = None
+        # (id, received) of the undelivered records found at open in the last two
+        # segments, newest last; handed once to dedupe (`take_recovered`).
+        self.recovered: deque[tuple[str, float]] = deque(maxlen=RECOVERED_MAX)
         self._fd: int | None = None
 
     # -- recovery -------------------------------------------------------------------
@@ -203,6 +211,7 @@ class SegmentStore:
             dropped: list[tuple[int, int]] = []  # torn or corrupt spans, cut out below
             removed = 0  # their bytes so far: a position in the file as rewritten
             bad = 0
+            recent = number >= self.segments[-1] - 1  # older segments: older records
             for span in scan(data, start):
                 payload = span.payload
                 if payload is None:
@@ -220,7 +229,7 @@ class SegmentStore:
                         self._recover_cut(found, payload, (number, span.start - removed))
                     found.passed(payload, (number, span.end - removed))
                 else:
-                    self._count_staged(payload)
+                    self._count_staged(payload, recent)
             size = len(data) - removed
             if dropped:
                 write_durably(path, _without(data, dropped), self.sync)
@@ -232,6 +241,13 @@ class SegmentStore:
             self.batches.append(manifest)
             self.batch_bytes += manifest.size
         self.hold()
+
+    def take_recovered(self) -> list[tuple[str, float]]:
+        """The recovered records' (id, received) for dedupe, once: those received
+        within RECOVERED_WINDOW of the newest."""
+        recovered, self.recovered = self.recovered, deque(maxlen=RECOVERED_MAX)
+        newest = max((received for _, received in recovered), default=0.0)
+        return [r for r in recovered if r[1] >= newest - RECOVERED_WINDOW]
 
     def _recover_cut(self, found: _Found, payload: memoryview, at: Position) -> None:
         """A cut mark at `at`: every record before it is in a batch (a group commit's
@@ -250,9 +266,14 @@ class SegmentStore:
         )
         found.cut(manifest, at)
 
-    def _count_staged(self, payload: memoryview) -> None:
-        if self.staged_records == 0:
-            self.staged_since = decoder.decode(payload).received
+    def _count_staged(self, payload: memoryview, recent: bool) -> None:
+        """A record past the cursor (undelivered): counted; noted for dedupe if `recent`."""
+        if recent or self.staged_records == 0:
+            record = decoder.decode(payload)
+            if recent:
+                self.recovered.append((record.id, record.received))
+            if self.staged_records == 0:
+                self.staged_since = record.received
         self.staged_records += 1
         self.staged_bytes += HEADER.size + len(payload)
 

@@ -1,0 +1,283 @@
+"""Imports: a CSV of 1M rows pulled from a directory, SFTP and S3, end to end.
+
+    .venv/bin/python -m bench.imports [--rows 1000000] [--sources directory,sftp,s3]
+
+Writes a CSV of `--rows` rows (about 300 B each, 1% of them bad) and the ceiling: Python's
+`csv` reader over the same bytes, in memory. Then, per source, a fresh daemon (pinned to
+the server CPU) whose config gains a one-time import task by a reload: the run is timed
+from its fetch starting to its processing ending (the rows durable in the firehose's
+queue), its peak RSS above the daemon's idle RSS sampled every 20 ms, and single-signal
+POSTs (100/s from the load CPU) are timed before and during the import, so that the
+import's cost to ingest shows as the p99 ratio, and the event loop's longest stall as
+the slowest POST. Targets (issue 16): rows/s >= 0.3x the ceiling, peak RSS <= 100 MiB
+above idle, POST p99 during the import <= 2x without.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import http.client
+import io
+import json
+import random
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from bench.procs import ACCOUNT, TOKEN, Daemon, firehose_toml, rss_kib
+from bench.servers import Missing, Moto, Sshd
+
+HEADER = [
+    "event",
+    "event_id",
+    "customer_id",
+    "session_id",
+    "timestamp",
+    "sku",
+    "name",
+    "price",
+    "url",
+]
+RATIO_TARGET, RSS_TARGET, P99_TARGET = 0.3, 100 << 20, 2.0
+POST_RATE = 100  # single-signal POSTs per second while measuring latency
+QUIET = 3.0  # seconds of POSTs measured before the import starts
+TASK = """
+[imports.bench]
+account = "{account}"
+source = "{source}"
+pattern = "{pattern}"
+once = true
+
+[imports.bench.columns]
+type = "event"
+id = "event_id"
+person = "customer_id"
+session = "session_id"
+time = "timestamp"
+"""
+
+
+def write_csv(path: Path, rows: int) -> int:
+    """The benchmark's CSV: `rows` rows (about 300 B), 1% bad (no person or session);
+    its bytes."""
+    pick = random.Random(16)
+    with path.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f, lineterminator="\r\n")
+        writer.writerow(HEADER)
+        for n in range(rows):
+            sku = pick.randrange(5000)
+            writer.writerow(
+                [
+                    ("purchase", "add to cart", "view")[n % 3],
+                    f"{n:024x}",
+                    "" if n % 100 == 99 else f"customer-{pick.randrange(100_000):06d}@example.com",
+                    "" if n % 100 == 99 else f"session-{n // 7:012x}",
+                    f"2026-12-04T{n % 24:02d}:{n % 60:02d}:{n % 59:02d}.{n % 1000:03d}Z",
+                    f"sku-{sku:05d}",
+                    f"Catalogue product {sku} in graphite black, size {sku % 13}, with a long "
+                    "name as catalogues write them, and a description of what it is for",
+                    f"{pick.uniform(1, 500):.2f}",
+                    f"https://shop.example/p/{sku:05d}?ref=mail&utm_campaign=cart-{n % 40}",
+                ]
+            )
+    return path.stat().st_size
+
+
+def ceiling(path: Path) -> tuple[float, int]:
+    """Seconds for `csv.reader` to read the file's bytes from memory; the rows."""
+    text = path.read_bytes().decode("utf-8")
+    started = time.perf_counter()
+    rows = sum(1 for _ in csv.reader(io.StringIO(text, newline=""))) - 1
+    return time.perf_counter() - started, rows
+
+
+class Poster(threading.Thread):
+    """Single-signal POSTs at POST_RATE from this process; latencies by phase."""
+
+    def __init__(self, port: int) -> None:
+        super().__init__(daemon=True)
+        self.port = port
+        self.phase = "before"
+        self.latencies: dict[str, list[float]] = {"before": [], "during": []}
+        self.stopping = False
+
+    def run(self) -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+        headers = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
+        n = 0
+        next_at = time.perf_counter()
+        while not self.stopping:
+            body = json.dumps(
+                {"signal_id": {"$oid": f"f{n:023x}"}, "type": "pd", "did": f"live{n % 50}"}
+            )
+            started = time.perf_counter()
+            conn.request("POST", f"/v1/accounts/{ACCOUNT}/signals", body, headers)
+            response = conn.getresponse()
+            response.read()
+            if response.status == 202 and self.phase in self.latencies:
+                self.latencies[self.phase].append(time.perf_counter() - started)
+            n += 1
+            next_at += 1 / POST_RATE
+            time.sleep(max(0.0, next_at - time.perf_counter()))
+
+
+def p99(values: list[float]) -> float:
+    return statistics.quantiles(values, n=100)[98] if len(values) >= 100 else max(values)
+
+
+def run_import(work: Path, source: str, channel: str, pattern: str) -> dict[str, Any]:
+    """One daemon importing the CSV from `channel`: the run's figures."""
+    daemon = Daemon(work / f"daemon-{source}", channel + firehose_toml("all", format="ndjson"))
+    daemon.start()
+    poster = Poster(daemon.port)
+    try:
+        poster.start()
+        time.sleep(QUIET)
+        idle = rss_kib(daemon.pid) * 1024
+        lag_before = lags(daemon)
+        text = daemon.config_path.read_text()
+        daemon.write_config(text + TASK.format(account=ACCOUNT, source=source, pattern=pattern))
+        poster.phase = "during"
+        daemon.proc.send_signal(1) if daemon.proc else None  # SIGHUP: reload, the task runs
+        peak, document = idle, None
+        while document is None:
+            peak = max(peak, rss_kib(daemon.pid) * 1024)
+            document = finished(daemon)
+            time.sleep(0.02)
+        poster.phase = "after"
+        lag_after = lags(daemon)
+        daemon.check_no_errors()
+    finally:
+        poster.stopping = True
+        poster.join(5)
+        daemon.stop()
+    started, ended = document["fetch"]["started"], document["processing"]["ended"]
+    seconds = _epoch(ended) - _epoch(started)
+    return {
+        "document": document,
+        "seconds": seconds,
+        "rss_growth": peak - idle,
+        "stalls": {le: lag_after[le] - lag_before.get(le, 0) for le in lag_after},
+        "before": poster.latencies["before"],
+        "during": poster.latencies["during"],
+    }
+
+
+def lags(daemon: Daemon) -> dict[float, float]:
+    """The loop-lag histogram's cumulative counts, by upper bound (seconds)."""
+    prefix = "firehosed_event_loop_lag_seconds_bucket{le="
+    return {
+        float(name[len(prefix) + 1 : -2]): value
+        for name, value in daemon.metrics().items()
+        if name.startswith(prefix) and "+Inf" not in name
+    }
+
+
+def worst_lag(stalls: dict[float, float]) -> str:
+    """The loop's worst lag during the import, as the bucket that holds it."""
+    bounds = sorted(stalls)
+    total = max(stalls.values(), default=0)
+    for bound in bounds:
+        if stalls[bound] >= total:
+            return f"<= {bound * 1e3:.0f} ms"
+    return f"> {bounds[-1] * 1e3:.0f} ms"
+
+
+def finished(daemon: Daemon) -> dict[str, Any] | None:
+    """The benchmark task's run once it ended, else None."""
+    conn = http.client.HTTPConnection("127.0.0.1", daemon.admin_port, timeout=10)
+    conn.request("GET", "/v1/status")
+    status = json.loads(conn.getresponse().read())
+    task = status.get("imports", {}).get("bench")
+    if not task or not task["runs"]:
+        return None
+    run: dict[str, Any] = task["runs"][0]
+    if run["fetch"]["status"] == "failed":
+        raise RuntimeError(f"fetch failed: {run['fetch']}")
+    return run if run["processing"]["status"] in ("processed", "failed") else None
+
+
+def _epoch(iso: str) -> float:
+    return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--sources", default="directory,sftp,s3")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="firehosed-imports-") as tmp:
+        work = Path(tmp)
+        inbox = work / "inbox"
+        inbox.mkdir()
+        csv_path = inbox / "users-2026-12-04.csv"
+        size = write_csv(csv_path, args.rows)
+        ceiling_seconds, rows = ceiling(csv_path)
+        ceiling_rate = rows / ceiling_seconds
+        print(f"file: {rows:,} rows, {size / 1e6:,.0f} MB ({size / rows:.0f} B a row), 1% bad")
+        print(f"ceiling (csv.reader over the same bytes, in memory): {ceiling_rate:,.0f} rows/s")
+        results = []
+        for source in args.sources.split(","):
+            try:
+                channel, cleanup = _source(work, source, csv_path)
+            except Missing as exc:
+                print(f"{source}: not measured ({exc})")
+                continue
+            try:
+                figures = run_import(work, source, channel, csv_path.name)
+            finally:
+                cleanup()
+            results.append((source, figures))
+        for source, f in results:
+            processing = f["document"]["processing"]
+            rate = processing["rows"] / f["seconds"]
+            ratio = rate / ceiling_rate
+            before, during = f["before"], f["during"]
+            p99_ratio = p99(during) / p99(before)
+            print(
+                f"\n{source}: {processing['rows']:,} rows in {f['seconds']:.1f} s "
+                f"(fetch and processing), {rate:,.0f} rows/s; {processing['imported']:,} "
+                f"imported, {processing['errored']:,} errored"
+            )
+            verdict = _v(ratio >= RATIO_TARGET)
+            print(f"  ratio: {ratio:.2f} x the ceiling (target >= {RATIO_TARGET}): {verdict}")
+            growth = f["rss_growth"]
+            verdict = _v(growth <= RSS_TARGET)
+            print(f"  peak RSS above idle: {growth / 2**20:.1f} MiB (target <= 100): {verdict}")
+            print(
+                f"  POST p99: {p99(before) * 1e3:.1f} ms before, {p99(during) * 1e3:.1f} ms "
+                f"during ({p99_ratio:.2f}x, target <= {P99_TARGET}): "
+                f"{_v(p99_ratio <= P99_TARGET)}; slowest POST during: "
+                f"{max(during) * 1e3:.0f} ms ({len(during)} POSTs)"
+            )
+            print(f"  event loop's worst lag during the import: {worst_lag(f['stalls'])}")
+    return 0
+
+
+def _v(ok: bool) -> str:
+    return "pass" if ok else "miss"
+
+
+def _source(work: Path, source: str, csv_path: Path) -> tuple[str, Any]:
+    """A `[channels.NAME]` table serving the CSV from `source`, and its cleanup."""
+    if source == "directory":
+        table = f'\n[channels.directory]\ntype = "directory"\npath = "{csv_path.parent}"\n'
+        return table, lambda: None
+    if source == "sftp":
+        sshd = Sshd.start(work / "sshd")
+        return sshd.channel_toml("sftp", csv_path.parent), sshd.stop
+    if source == "s3":
+        moto = Moto.start()
+        moto.create_bucket("bench", {csv_path.name: csv_path.read_bytes()})
+        return moto.channel_toml("s3", "bench"), moto.stop
+    raise SystemExit(f"unknown source {source!r}: directory, sftp or s3")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Imports: files of past events pulled or uploaded into an account's pipeline."""

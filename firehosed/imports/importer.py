@@ -1,0 +1,532 @@
+"""Import tasks: scheduled pulls and uploads, fed through the receiver like POSTs.
+
+Each `[imports.NAME]` task with a source has a loop that waits for its cron `schedule`
+(in its `timezone`) and starts a run: list the source's files matching the pattern of
+the run's day (the slot's day plus `offset`) that the task's ledger does not hold, fetch
+each to local disk (durably), then process them. A slot missed while the daemon was
+down runs once on start, for the latest missed slot only. An upload is a run whose file
+arrived over HTTP (ingest/app.py) and is durable before its 202.
+
+Processing reads a file's rows in a worker thread, CHUNK at a time, turns each valid
+row into a signal (rows.py), and hands the chunk to the same `Receiver.accept` as an
+HTTP request: dedupe, catch-up, routing, durable before counted. A chunk the receiver
+cannot keep now (503: disk budget, shutting down) is offered again after a pause, never
+dropped. The run's progress is saved after each chunk (runs.py), so a crash resumes it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+from collections.abc import AsyncIterator, Iterator
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import structlog
+from cronsim import CronSim
+
+from firehosed import metrics
+from firehosed.channels import Channel
+from firehosed.config import Config, ImportConfig, import_offset
+from firehosed.errors import DeliveryError
+from firehosed.fileio import fsync_dir
+from firehosed.imports import pattern as patterns
+from firehosed.imports.rows import FileError, RowError, RowMaker, read_rows
+from firehosed.imports.runs import Fetch, File, Run, TaskStore, now
+from firehosed.ingest.receiver import Answer, IngestAccount, Receiver
+
+log = structlog.get_logger(__name__)
+
+CHUNK = 1000  # rows read at a time (in a worker thread)
+PIECE = 250  # rows per Receiver.accept (<= MAX_REJECTED_LISTED); a chunk's go together
+# Seconds between saves of a run's progress: 0, every chunk. A resumed run sends again
+# the rows after its last save; those still in a queue are duplicates (dedupe takes the
+# queues' recent records at start), those already delivered would arrive twice: so the
+# save follows each chunk's 202 at once, before a batch holding its rows can be cut.
+SAVE_EVERY = 0.0
+WAKE = 5.0  # seconds: a waiting task looks at the wall clock at least this often
+MISSED_LOOKBACK = 7 * 86400  # seconds: how far back a restart looks for a missed slot
+FETCH_ATTEMPTS = 3
+RETRY_FIRST, RETRY_MAX = 1.0, 30.0  # seconds: pauses while the receiver refuses
+
+
+class UploadError(Exception):
+    """An upload that cannot be taken: the HTTP status and message for the client."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+class Importer:
+    """Every import task of the running config, its schedule loop and its runs."""
+
+    def __init__(self, root: Path, receiver: Receiver, sync: bool) -> None:
+        self.root = root
+        self.receiver = receiver
+        self.sync = sync
+        self.tasks: dict[str, ImportConfig] = {}
+        self.stores: dict[str, TaskStore] = {}
+        self.channels: dict[str, Channel] = {}
+        self.fields: dict[str, Any] = {}  # account: FieldsConfig
+        self._loops: dict[str, asyncio.Task[None]] = {}
+        self._active: dict[str, asyncio.Task[None]] = {}  # run id: its processing
+        self._live: dict[str, Run] = {}  # run id: the run in memory while it runs
+
+    # -- config ---------------------------------------------------------------------
+
+    async def configure(self, config: Config, channels: dict[str, Channel]) -> None:
+        """Apply a (re)loaded config: a task whose settings changed restarts its loop
+        (its runs in flight go on); a task gone stops scheduling."""
+        old = self.tasks
+        self.tasks = dict(config.imports)
+        self.channels = channels
+        self.fields = {name: account.fields for name, account in config.accounts.items()}
+        for name in list(self._loops):
+            if self.tasks.get(name) != old.get(name):
+                await self._cancel(self._loops.pop(name))
+        for name in self.tasks:
+            if name not in self.stores:
+                root = self.root / name
+                self.stores[name] = await asyncio.to_thread(TaskStore, root, self.sync)
+            if name not in self._loops:
+                self._loops[name] = asyncio.create_task(self._loop(name), name=f"import:{name}")
+
+    async def stop(self) -> None:
+        """Stop every loop and run (a run resumes where it was at the next start)."""
+        for task in [*self._loops.values(), *self._active.values()]:
+            await self._cancel(task)
+        self._loops.clear()
+
+    @staticmethod
+    async def _cancel(task: asyncio.Task[None]) -> None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    # -- the schedule -----------------------------------------------------------------
+
+    async def _loop(self, name: str) -> None:
+        """Resume the task's unfinished runs, then run it on its schedule."""
+        try:
+            store = self.stores[name]
+            for run in await asyncio.to_thread(store.runs):
+                if not run.finished and run.id not in self._active:
+                    log.info("import.resuming", task=name, run=run.id)
+                    await self._start(store, run)
+            while (slot := await self._next_slot(name)) is not None:
+                when, trigger = slot
+                await self._pull(name, when, trigger)
+        except Exception:
+            log.exception("import.loop_failed", task=name)
+            raise
+
+    async def _next_slot(self, name: str) -> tuple[float, str] | None:
+        """Wait for the task's next run: (its slot, its trigger); None when the task does
+        not run on its own (uploads only, draft, paused, completed)."""
+        task, store = self.tasks[name], self.stores[name]
+        if task.source is None or task.status != "launched" or store.state.completed:
+            return None
+        if task.once:
+            return time.time(), "once"
+        assert task.schedule is not None  # checked at load
+        zone = ZoneInfo(task.timezone)
+        at = time.time()
+        if store.state.last_slot is None:  # a new task: from now on, not before
+            store.state.last_slot = at
+            await asyncio.to_thread(store.save_state)
+        while True:
+            at = time.time()
+            until = at if task.ends is None else min(at, task.ends.timestamp())
+            if (due := _latest_slot(task.schedule, zone, store.state.last_slot, until)) is not None:
+                return due, "missed" if at - due > 60 else "schedule"
+            if task.ends is not None and at >= task.ends.timestamp():
+                store.state.completed = True
+                await asyncio.to_thread(store.save_state)
+                log.info("import.completed", task=name, ends=task.ends.isoformat())
+                return None
+            after = datetime.fromtimestamp(at, zone)
+            upcoming = next(iter(CronSim(task.schedule, after))).timestamp()
+            # Sleep in short steps: the wall clock may jump (NTP, a test's faked clock).
+            await asyncio.sleep(min(WAKE, max(0.01, upcoming - at)))
+
+    async def _pull(self, name: str, slot: float, trigger: str) -> None:
+        """Start a run of task `name` for `slot` and wait for it to end."""
+        task, store = self.tasks[name], self.stores[name]
+        zone = ZoneInfo(task.timezone)
+        day = datetime.fromtimestamp(slot, zone).date() + timedelta(
+            days=import_offset(task.offset) or 0
+        )
+        run = store.new_run(
+            task=name,
+            account=task.account,
+            trigger=trigger,
+            slot=slot,
+            day=day,
+            format=task.format,
+            fetch=Fetch(started=now()),
+        )
+        await asyncio.to_thread(store.save, run)  # the run first: a crash resumes it
+        store.state.last_slot = slot
+        store.state.completed = task.once
+        await asyncio.to_thread(store.save_state)
+        log.info("import.run_started", task=name, run=run.id, trigger=trigger, day=str(day))
+        await self._start(store, run)
+
+    async def _start(self, store: TaskStore, run: Run) -> None:
+        """Run `run` to its end (fetch if need be, then process); a cancelled wait
+        (a reload restarting the loop) leaves the run going."""
+        await asyncio.shield(self._spawn(store, run))
+
+    def _spawn(self, store: TaskStore, run: Run) -> asyncio.Task[None]:
+        task = asyncio.create_task(self._execute(store, run), name=f"import-run:{run.id}")
+        self._active[run.id] = task
+        self._live[run.id] = run
+
+        def ended(_: asyncio.Task[None]) -> None:
+            self._active.pop(run.id, None)
+            self._live.pop(run.id, None)
+
+        task.add_done_callback(ended)
+        return task
+
+    # -- a run ------------------------------------------------------------------------
+
+    async def _execute(self, store: TaskStore, run: Run) -> None:
+        started = time.monotonic()
+        if run.fetch.status == "fetching":
+            await self._fetch(store, run)
+        if run.fetch.status == "fetched" and not run.finished:
+            await self._process(store, run)
+        await asyncio.to_thread(store.drop_data, run)
+        await asyncio.to_thread(store.prune)
+        metrics.import_run_seconds.labels(run.task).observe(time.monotonic() - started)
+        if run.processing.status == "processed":
+            metrics.import_last_success.labels(run.task).set(time.time())
+        log.info(
+            "import.run_ended",
+            task=run.task,
+            run=run.id,
+            fetch=run.fetch.status,
+            processing=run.processing.status,
+            rows=run.processing.rows,
+            imported=run.processing.imported,
+            errored=run.processing.errored,
+        )
+
+    async def _fetch(self, store: TaskStore, run: Run) -> None:
+        """List the source (once per run) and copy each new file to local disk."""
+        task = self.tasks.get(run.task)
+        if run.trigger == "upload" or task is None or task.source is None or run.day is None:
+            run.fetch.status, run.fetch.error = "failed", "the upload or task is gone"
+            run.fetch.ended = now()
+            await asyncio.to_thread(store.save, run)
+            return
+        channel = self.channels[task.source]
+        expanded = patterns.expand(task.pattern or "", run.day)
+        for attempt in range(1, FETCH_ATTEMPTS + 1):
+            try:
+                if not run.files:
+                    listed = await channel.list_files(expanded, account=task.account)
+                    run.files = [
+                        File(
+                            name=f.name,
+                            size=f.size,
+                            version=f.version,
+                            data=f"{n}.gz" if f.name.endswith(".gz") else str(n),
+                            gzip=f.name.endswith(".gz"),
+                        )
+                        for n, f in enumerate(listed)
+                        if (f.name, f.size, f.version) not in store.ledger
+                    ]
+                    await asyncio.to_thread(store.save, run)
+                for file in run.files:
+                    if not file.fetched:
+                        target = store.data(run, file)
+                        await channel.fetch(file.name, target, account=task.account)
+                        if self.sync:
+                            await asyncio.to_thread(fsync_dir, target.parent)
+                        file.fetched = True
+                        await asyncio.to_thread(store.save, run)
+                break
+            except DeliveryError as exc:
+                log.warning("import.fetch_failed", task=run.task, run=run.id, error=str(exc))
+                if attempt == FETCH_ATTEMPTS:
+                    run.fetch.status, run.fetch.error = "failed", str(exc)
+                    run.fetch.ended = now()
+                    await asyncio.to_thread(store.save, run)
+                    return
+                await asyncio.sleep(RETRY_FIRST * 5**attempt)
+        await asyncio.to_thread(store.ledger.add, run.files, run.id)
+        run.fetch.status, run.fetch.ended = "fetched", now()
+        await asyncio.to_thread(store.save, run)
+
+    async def _process(self, store: TaskStore, run: Run) -> None:
+        """Feed every file's valid rows to the receiver; note the others."""
+        task = self.tasks.get(run.task)
+        processing = run.processing
+        processing.status = "processing"
+        processing.started = processing.started or now()
+        await asyncio.to_thread(store.save, run)
+        columns = task.columns if task is not None else {}
+        maker = RowMaker(run.task, columns, self.fields[run.account])
+        for file in run.files:
+            if file.done:
+                continue
+            try:
+                await self._rows(store, run, file, maker)
+            except FileError as exc:
+                file.error = str(exc)
+                log.warning(
+                    "import.file_failed", task=run.task, run=run.id, file=file.name, error=str(exc)
+                )
+            file.done = True
+            await asyncio.to_thread(store.save, run)
+        failed = [f for f in run.files if f.error]
+        processing.status = "failed" if failed else "processed"
+        if failed:
+            processing.error = f"{failed[0].name}: {failed[0].error}"
+        processing.ended = now()
+        await asyncio.to_thread(store.save, run)
+
+    async def _rows(self, store: TaskStore, run: Run, file: File, maker: RowMaker) -> None:
+        """One file's rows, CHUNK at a time, from where the run last got to. A chunk goes
+        to the receiver as concurrent pieces of PIECE rows: they share group commits,
+        and the event loop serves other requests between them. Progress (with the
+        errored rows met) is saved at most every SAVE_EVERY seconds and at the end."""
+        rows = read_rows(store.data(run, file), run.format)
+        key = f"{file.name}@{file.version}"
+        processing = run.processing
+        unsaved: list[tuple[str, int, str, str]] = []  # errored rows met since the save
+        saved = time.monotonic()
+        while True:
+            chunk = await asyncio.to_thread(_take, rows, maker, key, file.rows_done)
+            account = await self._account(run)
+            unsaved += [(file.name, e.row, e.column, e.reason) for e in chunk.errors]
+            errored = len(chunk.errors)
+            pieces = range(0, len(chunk.raws), PIECE)
+            answers = await asyncio.gather(
+                *(self._accept(account, chunk.raws[at : at + PIECE], run) for at in pieces)
+            )
+            imported = duplicates = 0
+            for at, answer in zip(pieces, answers, strict=True):
+                for rejected in answer.body.get("rejected", []):
+                    row = chunk.numbers[at + rejected["index"]]
+                    unsaved.append((file.name, row, "", rejected["error"]))
+                    errored += 1
+                imported += answer.body.get("accepted", 0)
+                duplicates += answer.body.get("duplicates", 0)
+            if chunk.last:
+                processing.rows += chunk.last - file.rows_done
+                processing.imported += imported
+                processing.duplicates += duplicates
+                processing.errored += errored
+                file.rows_done = chunk.last
+                _count(run.task, imported, duplicates, errored)
+            if chunk.ended or time.monotonic() - saved >= SAVE_EVERY:
+                if unsaved:
+                    unsaved.sort(key=lambda e: e[1])
+                    await asyncio.to_thread(store.add_errors, run, unsaved)
+                    unsaved = []
+                await asyncio.to_thread(store.save, run)
+                saved = time.monotonic()
+            if chunk.ended:
+                return
+
+    async def _account(self, run: Run) -> IngestAccount:
+        """The run's account as the receiver has it (waiting while a reload removed it)."""
+        pause = RETRY_FIRST
+        while (account := self.receiver.accounts.get(run.account)) is None:
+            log.warning("import.account_missing", task=run.task, account=run.account)
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, RETRY_MAX)
+        return account
+
+    async def _accept(self, account: IngestAccount, raws: list[bytes], run: Run) -> Answer:
+        """`Receiver.accept`, offered again after a pause while the receiver refuses
+        (the disk budget, a failed commit): a row is never dropped for it."""
+        pause = RETRY_FIRST
+        while True:
+            refusal = self.receiver.refusal(account.name)
+            if refusal is None:
+                answer = await self.receiver.accept(account, raws)
+                if answer.status != 503:
+                    return answer
+                refusal = answer.body.get("error", "not kept")
+            log.warning("import.waiting", task=run.task, run=run.id, reason=refusal, seconds=pause)
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, RETRY_MAX)
+
+    # -- uploads ----------------------------------------------------------------------
+
+    def upload_task(self, account: str, name: str) -> ImportConfig:
+        """The task an upload names; UploadError when the account has no such task."""
+        task = self.tasks.get(name)
+        if task is None or task.account != account:
+            raise UploadError(404, f"account {account} has no import task {name!r}")
+        if task.status != "launched":
+            raise UploadError(409, f"import task {name} is {task.status}: launch it first")
+        return task
+
+    async def upload(
+        self, name: str, chunks: AsyncIterator[bytes], *, gzip: bool, limit: int
+    ) -> Run:
+        """Take an upload for task `name`: its bytes durable on disk, then a run that
+        processes them (started here). UploadError(413) past `limit` bytes."""
+        task, store = self.tasks[name], self.stores[name]
+        run = await asyncio.to_thread(
+            store.new_run,
+            task=name,
+            account=task.account,
+            trigger="upload",
+            format=task.format,
+            fetch=Fetch(started=now()),
+        )
+        file = File(name="upload", size=0, version=run.id, data="0.gz" if gzip else "0", gzip=gzip)
+        run.files.append(file)
+        target = store.data(run, file)
+        try:
+            file.size = await _receive(chunks, target, limit, self.sync)
+        except BaseException:
+            await asyncio.to_thread(store.drop_run, run)
+            raise
+        file.fetched = True
+        run.fetch.status, run.fetch.ended = "fetched", now()
+        await asyncio.to_thread(store.save, run)
+        log.info("import.uploaded", task=name, run=run.id, bytes=file.size)
+        self._spawn(store, run)
+        return run
+
+    # -- what operators see -----------------------------------------------------------
+
+    def run_document(self, account: str | None, run_id: str) -> dict[str, Any] | None:
+        """A run's statuses, counts and first errored rows; None if `account` (None:
+        any) has no such run."""
+        for name, store in self.stores.items():
+            task = self.tasks.get(name)
+            if account is not None and (task is None or task.account != account):
+                continue
+            run = self._live.get(run_id) or store.load(run_id)
+            if run is not None and run.task == name:
+                return run.document(store.errors(run))
+        return None
+
+    def status(self, recent: int = 5) -> dict[str, Any]:
+        """Per task: its settings in short, its state, next run, and recent runs."""
+        out = {}
+        for name, task in sorted(self.tasks.items()):
+            store = self.stores.get(name)
+            if store is None:
+                continue
+            runs = [self._live.get(r.id, r) for r in store.runs()[-recent:]]
+            state = "completed" if store.state.completed else task.status
+            out[name] = {
+                "account": task.account,
+                "source": task.source,
+                "schedule": task.schedule,
+                "timezone": task.timezone,
+                "status": state,
+                "next_run": self._next_run(task, store),
+                "runs": [r.document() for r in reversed(runs)],
+            }
+        return out
+
+    @staticmethod
+    def _next_run(task: ImportConfig, store: TaskStore) -> str | None:
+        if task.schedule is None or task.status != "launched" or store.state.completed:
+            return None
+        zone = ZoneInfo(task.timezone)
+        at = next(iter(CronSim(task.schedule, datetime.now(zone))))
+        if task.ends is not None and at > task.ends:
+            return None
+        return at.isoformat()
+
+
+class _Chunk:
+    """Up to CHUNK rows of a file, read in a worker thread."""
+
+    __slots__ = ("ended", "errors", "last", "numbers", "raws")
+
+    def __init__(self) -> None:
+        self.raws: list[bytes] = []
+        self.numbers: list[int] = []  # the row number of each of `raws`
+        self.errors: list[RowError] = []
+        self.last = 0  # the number of the last row read (0: none)
+        self.ended = False
+
+
+def _take(
+    rows: Iterator[tuple[int, dict[str, Any]] | RowError],
+    maker: RowMaker,
+    key: str,
+    done: int,
+) -> _Chunk:
+    """The next CHUNK rows after row `done` (rows up to it were settled before a
+    restart, and are read past)."""
+    chunk = _Chunk()
+    at = now()
+    for item in rows:
+        number = item.row if isinstance(item, RowError) else item[0]
+        if number <= done:
+            continue
+        chunk.last = number
+        if isinstance(item, RowError):
+            chunk.errors.append(item)
+        else:
+            made = maker.record(item[1], number, key, at)
+            if isinstance(made, RowError):
+                chunk.errors.append(made)
+            else:
+                chunk.raws.append(made)
+                chunk.numbers.append(number)
+        if len(chunk.raws) + len(chunk.errors) >= CHUNK:
+            return chunk
+    chunk.ended = True
+    return chunk
+
+
+def _latest_slot(schedule: str, zone: ZoneInfo, after: float, until: float) -> float | None:
+    """The latest slot of `schedule` in (after, until], or None."""
+    start = max(after, until - MISSED_LOOKBACK)
+    latest = None
+    for slot in CronSim(schedule, datetime.fromtimestamp(start, zone)):
+        at = slot.timestamp()
+        if at > until:
+            break
+        latest = at
+    return latest
+
+
+async def _receive(chunks: AsyncIterator[bytes], target: Path, limit: int, sync: bool) -> int:
+    """Write an upload's body to `target` (durably); its size. 413 past `limit`."""
+    size = 0
+    out = await asyncio.to_thread(target.open, "wb")
+    try:
+        async for data in chunks:
+            size += len(data)
+            if size > limit:
+                raise UploadError(413, f"upload over server.max_upload ({limit} bytes)")
+            await asyncio.to_thread(out.write, data)
+        await asyncio.to_thread(_sync_file, out, sync)
+    finally:
+        await asyncio.to_thread(out.close)
+    if sync:
+        await asyncio.to_thread(fsync_dir, target.parent)
+    return size
+
+
+def _sync_file(out: Any, sync: bool) -> None:
+    out.flush()
+    if sync:
+        os.fsync(out.fileno())
+
+
+def _count(task: str, imported: int, duplicates: int, errored: int) -> None:
+    for outcome, n in (("imported", imported), ("duplicate", duplicates), ("errored", errored)):
+        if n:
+            metrics.import_rows.labels(task, outcome).inc(n)

@@ -1,0 +1,586 @@
+"""Read an import file into rows, and make each valid row a signal.
+
+An import file (CSV, NDJSON or a JSON array; gunzipped on the fly when its name ends in
+`.gz`) is read as a stream: memory holds one row and the readers' buffers, whatever the
+size of the file. Each row becomes a signal, the JSON object an HTTP POST would have
+brought, so that every row `RowMaker` accepts is one `EnvelopeReader` accepts.
+
+Two kinds of fault, kept apart because a run treats them apart: a `RowError` is one row
+that cannot be imported (it is listed, the file goes on at the next row); a `FileError`
+is a file that cannot be read at all (the run fails with its reason). Row numbers count
+data rows from 1: neither a CSV header nor a blank line is a row.
+"""
+
+from __future__ import annotations
+
+import codecs
+import csv
+import gzip
+import hashlib
+import io
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import IO, Any
+
+import ijson
+import msgspec
+
+from firehosed.config import FieldsConfig
+from firehosed.envelope import (
+    MAX_FIELD_BYTES,
+    RecordError,
+    _check_length,
+    _check_type,
+    parse_time,
+)
+
+FORMATS = ("csv", "ndjson", "json")
+ENVELOPE_FIELDS = ("type", "id", "session", "person", "time")
+# The fields held as strings of at most MAX_FIELD_BYTES (type and time have their own rules).
+BOUNDED_FIELDS = ("id", "session", "person")
+MAX_CELL = 1 << 20  # characters in one CSV cell
+MAX_ROW = 16 << 20  # bytes in one NDJSON line or JSON array element (about, for JSON)
+READ_CHUNK = 1 << 16  # bytes read at a time where no line is wanted
+ID_DIGEST = 12  # bytes of blake2b in a made id: 24 hex digits, the size of an ObjectId
+# A str of at most this many characters is within MAX_FIELD_BYTES whatever it holds (4
+# UTF-8 bytes per character at most), so most values cost one len() to check.
+SURELY_SHORT = MAX_FIELD_BYTES // 4
+# Column names and event types remembered as checked, per RowMaker: a file has few of
+# each, and a hostile one with millions of distinct names must not grow memory.
+REMEMBERED = 10_000
+REMEMBERED_SHAPES = 1_000  # the same for the sets of columns of a row
+
+Row = tuple[int, dict[str, Any]]
+_Stream = gzip.GzipFile | io.BufferedReader  # a file open for reading bytes
+
+
+class FileError(Exception):
+    """The whole file cannot be read (the run fails with this reason): empty file (no
+    header), not a JSON array, truncated gzip, a CSV quote never closed, ..."""
+
+
+@dataclass(frozen=True, slots=True)
+class RowError:
+    """One row that cannot be imported; the file goes on at the next row."""
+
+    row: int  # 1-based data row number (a CSV header is not a row)
+    column: str  # the column at fault, "" when the row as a whole is
+    reason: str  # short, specific, for a person
+
+
+def read_rows(
+    path: Path, fmt: str, *, max_cell: int = MAX_CELL, max_row: int = MAX_ROW
+) -> Iterator[Row | RowError]:
+    """Rows of a local file, in order: (row number, {column: value}) or a RowError for a
+    row that cannot be read; raises FileError for a file that cannot be read at all.
+
+    `fmt` is "csv", "ndjson" or "json"; a name ending in ".gz" is gunzipped on the fly.
+    A CSV cell holds at most `max_cell` characters, an NDJSON line or a JSON element at
+    most `max_row` bytes (a JSON element over it is a FileError: the array cannot be
+    resumed after it). CSV values are strings, an empty cell is left out of its row;
+    NDJSON and JSON values keep their JSON types, a number with a fraction or an
+    exponent as a Decimal (exact).
+    """
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown import format {fmt!r}, expected one of {FORMATS}")
+    try:
+        with _open(path) as stream:
+            if fmt == "csv":
+                yield from _csv_rows(stream, max_cell)
+            elif fmt == "ndjson":
+                yield from _ndjson_rows(stream, max_row)
+            else:
+                yield from _json_rows(stream, max_row)
+    # Everything the file system or gzip can say about the file, in one place.
+    except EOFError as exc:
+        raise FileError(f"truncated gzip: {exc}") from None
+    except gzip.BadGzipFile as exc:
+        raise FileError(f"not a valid gzip file: {exc}") from None
+    except zlib.error as exc:
+        raise FileError(f"corrupt gzip data: {exc}") from None
+    except OSError as exc:
+        raise FileError(f"cannot read the file: {exc.strerror or exc}") from None
+
+
+def _open(path: Path) -> _Stream:
+    if path.name.lower().endswith(".gz"):
+        return gzip.open(path, "rb")
+    return path.open("rb")
+
+
+# CSV
+
+
+def _csv_rows(stream: _Stream, max_cell: int) -> Iterator[Row | RowError]:
+    """RFC 4180 rows under the header row's names. Bytes that are not UTF-8 are kept as
+    surrogates by the decoder (never an exception part-way), so that the row holding
+    them is the one refused."""
+    csv_limits = _allow_cells(max_cell)
+    text = io.TextIOWrapper(stream, encoding="utf-8-sig", errors="surrogateescape", newline="")
+    with text:
+        lines = _Lines(text)
+        reader = csv.reader(lines.feed, strict=True)
+        header = _header(reader, lines)
+        yield from _csv_records(reader, lines, header, None if csv_limits else max_cell)
+
+
+def _allow_cells(max_cell: int) -> bool:
+    """Let csv read cells of `max_cell` characters; True if that is its limit (else it
+    reads longer ones, to be refused here). csv's limit is process-wide: it is only ever
+    raised, since another reader may need it as high as it is."""
+    if csv.field_size_limit() < max_cell:
+        csv.field_size_limit(max_cell)
+    return csv.field_size_limit() == max_cell
+
+
+class _Lines:
+    """The text lines csv parses, watched on the way: how many quote characters went by
+    (a row cut short by an error ends where its quotes balance) and whether a line held
+    bytes that are not UTF-8. The csv reader consumes exactly one row's lines per row, so
+    both can be read between two rows."""
+
+    def __init__(self, text: IO[str]) -> None:
+        self.quotes = 0
+        self.invalid = False
+        self.feed = self._watch(text)
+
+    def _watch(self, text: IO[str]) -> Iterator[str]:
+        for line in text:
+            self.quotes += line.count('"')
+            if not line.isascii() and not _is_utf8(line):
+                self.invalid = True
+            yield line
+
+    def skip_quoted(self, quotes: int) -> bool:
+        """Skip lines until the quotes counted since `quotes` balance; False at the end
+        of the file first."""
+        while (self.quotes - quotes) % 2:
+            if next(self.feed, None) is None:
+                return False
+        return True
+
+
+def _is_utf8(text: str) -> bool:
+    """False if `text` holds surrogates: bytes the decoder could not read as UTF-8."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _header(reader: Iterator[list[str]], lines: _Lines) -> list[str]:
+    """The first non-blank row, as column names: each named, none twice."""
+    try:
+        header = next((cells for cells in reader if cells), None)
+    except csv.Error as exc:
+        raise FileError(f"unreadable header row: {exc}") from None
+    if header is None:
+        raise FileError("empty file: no header row")
+    if lines.invalid:
+        raise FileError("the header row is not valid UTF-8")
+    seen: set[str] = set()
+    for index, name in enumerate(header, 1):
+        if not name:
+            raise FileError(f"column {index} of the header row has no name")
+        if name in seen:
+            raise FileError(f"column {name!r} appears twice in the header row")
+        seen.add(name)
+    return header
+
+
+def _csv_records(
+    reader: Iterator[list[str]], lines: _Lines, header: list[str], max_cell: int | None
+) -> Iterator[Row | RowError]:
+    """The data rows; `max_cell` when the cells' length is to be checked here."""
+    width = len(header)
+    number = 0
+    while True:
+        quotes = lines.quotes
+        lines.invalid = False
+        try:
+            cells = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            # csv drops the rest of the line; a quoted cell may go on over more lines.
+            number += 1
+            if not lines.skip_quoted(quotes):
+                raise FileError(f"a quote opened in row {number} is never closed") from None
+            yield RowError(number, "", f"bad CSV: {exc}")
+            continue
+        if not cells:  # a blank line
+            continue
+        number += 1
+        if len(cells) != width:
+            yield RowError(number, "", f"{len(cells)} cells, the header has {width}")
+        elif lines.invalid:
+            yield _invalid_cell(number, header, cells)
+        elif max_cell is None and "" not in cells:  # the common row, made the quickest way
+            yield number, dict(zip(header, cells))  # noqa: B905 - counted; strict= costs 40%
+        else:
+            yield _csv_row(number, header, cells, max_cell)
+
+
+def _csv_row(
+    number: int, header: list[str], cells: list[str], max_cell: int | None
+) -> Row | RowError:
+    """A row of valid UTF-8 cells, one per column, as {column: cell}, empty cells left
+    out; a RowError if a cell is over `max_cell` characters."""
+    if max_cell is not None:
+        for name, cell in zip(header, cells, strict=True):
+            if len(cell) > max_cell:
+                return RowError(number, name, f"cell over {max_cell} characters")
+    return number, {name: cell for name, cell in zip(header, cells, strict=True) if cell}
+
+
+def _invalid_cell(number: int, header: list[str], cells: list[str]) -> RowError:
+    column = next(name for name, cell in zip(header, cells, strict=True) if not _is_utf8(cell))
+    return RowError(number, column, "not valid UTF-8")
+
+
+# NDJSON
+
+
+# A number with a fraction or an exponent is read as a Decimal, as ijson reads them: kept
+# exactly as written (no float rounding, no 1e400 turned into infinity) and written back
+# as the same JSON number by `_encode`.
+_decode_json = msgspec.json.Decoder(float_hook=Decimal).decode
+_encode = msgspec.json.Encoder(decimal_format="number").encode
+
+
+def _ndjson_rows(stream: _Stream, max_row: int) -> Iterator[Row | RowError]:
+    """One JSON object per line, read a line at a time; blank lines are skipped."""
+    number = 0
+    line = stream.readline(max_row + 1).removeprefix(codecs.BOM_UTF8)
+    while line:
+        if len(line) > max_row:
+            number += 1
+            _skip_line(stream, line)
+            yield RowError(number, "", f"line over {max_row} bytes")
+        elif not line.isspace():
+            number += 1
+            yield _ndjson_row(number, line)
+        line = stream.readline(max_row + 1)
+
+
+def _skip_line(stream: _Stream, line: bytes) -> None:
+    while line and not line.endswith(b"\n"):
+        line = stream.readline(READ_CHUNK)
+
+
+def _ndjson_row(number: int, line: bytes) -> Row | RowError:
+    try:
+        value = _decode_json(line)
+    except msgspec.DecodeError as exc:
+        return RowError(number, "", f"not JSON: {exc}")
+    except RecursionError:
+        return RowError(number, "", "not JSON: nested too deeply")
+    if not isinstance(value, dict):
+        return RowError(number, "", f"a JSON {_json_kind(value)}, not an object")
+    return number, value
+
+
+def _json_kind(value: Any) -> str:
+    kinds = ((dict, "object"), (list, "array"), (str, "string"), (bool, "boolean"))
+    if value is None:
+        return "null"
+    return next((name for kind, name in kinds if isinstance(value, kind)), "number")
+
+
+# JSON array
+
+
+class _RowTooLong(Exception):
+    """Raised through ijson to stop at an element over the row limit."""
+
+
+def _json_rows(stream: _Stream, max_row: int) -> Iterator[Row | RowError]:
+    """The elements of a top-level array, parsed incrementally by ijson's C backend:
+    one element is in memory at a time. A JSON syntax error cannot be resumed after,
+    so it fails the file."""
+    source = _ArraySource(stream, max_row)
+    number = 0
+    try:
+        # Not `use_float=True`: with it ijson's C backend fails on integers over 64 bits.
+        for value in ijson.items(source, "item"):
+            number += 1
+            source.row_read()
+            if isinstance(value, dict):
+                yield number, value
+            else:
+                yield RowError(number, "", f"a JSON {_json_kind(value)}, not an object")
+    except ijson.JSONError as exc:
+        where = f"after row {number}, in the first {source.offset} bytes"
+        raise FileError(f"malformed JSON {where}: {_first_line(exc)}") from None
+    except _RowTooLong:
+        raise FileError(f"row {number + 1} is over {max_row} bytes") from None
+
+
+class _ArraySource:
+    """The file's bytes for ijson, checked on the way: the top level must be an array
+    (ijson would find no element in an object and say nothing), and the bytes read since
+    the last element (about one element's size) stay under the row limit."""
+
+    def __init__(self, stream: _Stream, max_row: int) -> None:
+        self._stream = stream
+        self._max_row = max_row
+        self._head = _array_start(stream)
+        self.offset = 0  # bytes handed to ijson
+        self._since_row = 0
+
+    def read(self, size: int = -1) -> bytes:
+        if self._head:
+            data = self._head if size < 0 else self._head[:size]
+            self._head = self._head[len(data) :]
+        else:
+            data = self._stream.read(size)
+        self.offset += len(data)
+        self._since_row += len(data)
+        if self._since_row > self._max_row + READ_CHUNK:
+            raise _RowTooLong
+        return data
+
+    def row_read(self) -> None:
+        self._since_row = 0
+
+
+def _array_start(stream: _Stream) -> bytes:
+    """The file's first bytes from its first non-blank one, which must open an array."""
+    data = stream.read(READ_CHUNK).removeprefix(codecs.BOM_UTF8)
+    while data and not data.strip():
+        data = stream.read(READ_CHUNK)
+    data = data.lstrip()
+    if not data:
+        raise FileError("not a JSON array: the file is empty")
+    if not data.startswith(b"["):
+        kind = "an object" if data.startswith(b"{") else f"{data[:1].decode('latin-1')!r}"
+        raise FileError(f"not a JSON array: it starts with {kind}")
+    return data
+
+
+def _first_line(exc: Exception) -> str:
+    message = exc.args[0] if exc.args else ""
+    if isinstance(message, bytes):
+        message = message.decode(errors="replace")
+    return str(message).split("\n", 1)[0]
+
+
+# Signals
+
+
+class _Fault(Exception):
+    """A row is refused: the column at fault and why (becomes a RowError)."""
+
+    def __init__(self, column: str, reason: str) -> None:
+        super().__init__(reason)
+        self.column = column
+        self.reason = reason
+
+
+class RowMaker:
+    """Turns rows of one task into signals (JSON bytes), each one `EnvelopeReader`
+    accepts.
+
+    `columns` maps an envelope field (type, id, session, person, time) to the column
+    that holds it; a field not mapped is read from a column of its own name (one column
+    for two fields is a ValueError). Each envelope value goes at the account's path for
+    its field (`fields`); every other column becomes a payload key, a dotted name
+    nesting (`cart.total` gives `{"cart": {"total": ...}}`). A payload column where an
+    envelope value goes (`did` when sessions are at `did`), or inside another column's
+    value (`a.b` beside `a`), makes a RowError: it would change or lose a value.
+
+    A row needs a type (1 to 64 characters, no ".", not all digits) and a person or a
+    session. Its time must be ISO 8601 as Python reads it (`datetime.fromisoformat`:
+    a date alone, `Z` or an offset, fractions of a second; no offset means UTC), the
+    same rule as an HTTP POST's; it is kept as written. A row without a time gets the
+    import's (`now`). A row without an id gets one made from the task, the file's
+    version and the row number, so that importing the same file again adds nothing
+    (signals are deduplicated by id).
+    """
+
+    def __init__(self, task: str, columns: dict[str, str], fields: FieldsConfig) -> None:
+        self._task = task
+        self._sources = _sources(columns)
+        self._paths = {name: getattr(fields, name).split(".") for name in ENVELOPE_FIELDS}
+        # Each field's path as (the dicts on the way, the key in the last one).
+        self._places = {name: (path[:-1], path[-1]) for name, path in self._paths.items()}
+        self._plain: set[str] = set()  # payload columns known to stay at the top level
+        # The moves that nest the columns of rows of one shape (their keys, in order).
+        self._shapes: dict[tuple[str, ...], list[tuple[str, list[str], str]]] = {}
+        self._types: set[str] = set()  # event types known to be valid
+        self._now = float("nan")
+        self._now_text = ""
+
+    def record(
+        self, row: dict[str, Any], number: int, file_key: str, now: float
+    ) -> bytes | RowError:
+        """The signal of data row `number` of the file version `file_key`, imported at
+        `now` (unix seconds); a RowError naming the column at fault if it has none."""
+        try:
+            signal = row.copy()
+            envelope = self._envelope(signal, number, file_key, now)
+            if not signal.keys() <= self._plain:
+                self._nest(signal)
+            self._place(signal, envelope)
+            return _encode(signal)
+        except _Fault as fault:
+            return RowError(number, fault.column, fault.reason)
+        except UnicodeEncodeError:
+            return RowError(number, "", "a string is not valid Unicode")
+        except RecursionError:
+            return RowError(number, "", "nested too deeply")
+
+    def _envelope(
+        self, signal: dict[str, Any], number: int, file_key: str, now: float
+    ) -> dict[str, str]:
+        """The row's envelope values, taken out of `signal`, checked, completed."""
+        values = self._take(signal)
+        kind = values.get("type")
+        if kind not in self._types:
+            self._check_kind(kind)
+        if "session" not in values and "person" not in values:
+            raise _Fault(self._column("person"), "no person or session identifier")
+        if "id" not in values:
+            values["id"] = self._made_id(file_key, number)
+        if "time" not in values:
+            values["time"] = self._import_time(now)
+        else:
+            try:
+                parse_time(values["time"])
+            except RecordError as exc:
+                raise _Fault(self._column("time"), str(exc)) from None
+        return values
+
+    def _take(self, signal: dict[str, Any]) -> dict[str, str]:
+        """The envelope values present and not empty, removed from `signal`; a JSON
+        integer as its text. Those of id, session and person are checked for length."""
+        values = {}
+        for name, column in self._sources.items():
+            value = signal.pop(column, None)
+            if not isinstance(value, str):
+                if value is None:
+                    continue
+                value = self._text(name, value)
+            if value:
+                if len(value) > SURELY_SHORT and name in BOUNDED_FIELDS:
+                    try:
+                        _check_length(name, value)
+                    except RecordError as exc:
+                        raise _Fault(self._column(name), str(exc)) from None
+                values[name] = value
+        return values
+
+    def _text(self, name: str, value: Any) -> str:
+        if isinstance(value, int) and not isinstance(value, bool) and name != "time":
+            return str(value)
+        expected = "an ISO 8601 string" if name == "time" else "a string"
+        raise _Fault(self._column(name), f"{name} must be {expected}, not a {_json_kind(value)}")
+
+    def _check_kind(self, kind: str | None) -> None:
+        """Check an event type not seen before, and remember it."""
+        if kind is None:
+            raise _Fault(self._column("type"), "no type")
+        try:
+            _check_type(kind)
+        except RecordError as exc:
+            raise _Fault(self._column("type"), str(exc)) from None
+        if len(self._types) < REMEMBERED:
+            self._types.add(kind)
+
+    def _column(self, name: str) -> str:
+        return self._sources[name]
+
+    def _made_id(self, file_key: str, number: int) -> str:
+        key = f"{self._task}\0{file_key}\0{number}".encode()
+        return hashlib.blake2b(key, digest_size=ID_DIGEST).hexdigest()
+
+    def _import_time(self, now: float) -> str:
+        """`now` in ISO 8601 UTC with milliseconds and `Z`, rendered once per value."""
+        if now != self._now:
+            moment = datetime.fromtimestamp(now, UTC)
+            self._now_text = moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+            self._now = now
+        return self._now_text
+
+    def _place(self, signal: dict[str, Any], envelope: dict[str, str]) -> None:
+        """Set each envelope value at its field's path, making the dicts on the way."""
+        for name, value in envelope.items():
+            parents, key = self._places[name]
+            node = signal
+            for segment in parents:
+                node = node.setdefault(segment, {})
+            node[key] = value
+
+    def _nest(self, signal: dict[str, Any]) -> None:
+        """Move the dotted payload columns of `signal` to their nested places."""
+        shape = tuple(signal)
+        moves = self._shapes.get(shape)
+        if moves is None:
+            moves = self._plan(shape)
+            if len(self._shapes) < REMEMBERED_SHAPES:
+                self._shapes[shape] = moves
+        for column, parents, key in moves:
+            node = signal
+            for segment in parents:
+                node = node.setdefault(segment, {})
+            node[key] = signal.pop(column)
+
+    def _plan(self, columns: tuple[str, ...]) -> list[tuple[str, list[str], str]]:
+        """The moves (column, the dicts on the way, key) that nest payload `columns`; a
+        fault for a column at an envelope field's place, or inside another column's
+        value: a column never merges into another, so whether a row's columns fit
+        together depends on their names alone."""
+        paths = {column: self._path(column) for column in columns}
+        ends = {tuple(path): column for column, path in paths.items()}
+        moves = []
+        for column, path in paths.items():
+            for depth in range(1, len(path)):
+                other = ends.get(tuple(path[:depth]))
+                if other is not None:
+                    raise _Fault(column, f"would be inside column {other!r}")
+            if len(path) > 1:
+                moves.append((column, path[:-1], path[-1]))
+            elif len(self._plain) < REMEMBERED:
+                self._plain.add(column)
+        return moves
+
+    def _path(self, column: str) -> list[str]:
+        """Where payload `column` goes: its dotted name split (kept whole if a part is
+        empty); a fault if that is an envelope field's place (where an envelope value
+        is, or could be)."""
+        segments = column.split(".")
+        path = segments if all(segments) else [column]
+        for name, envelope_path in self._paths.items():
+            depth = min(len(path), len(envelope_path))
+            if path[:depth] == envelope_path[:depth]:
+                where = ".".join(envelope_path)
+                reason = f"lands on the {name} field ({where}): map it as {name} or rename it"
+                raise _Fault(column, reason)
+        return path
+
+
+def columns_problem(columns: dict[str, str]) -> str | None:
+    """Why a task's `columns` cannot be used (RowMaker raises ValueError with it), or
+    None: each key must be an envelope field, and no column may hold two fields once the
+    fields not mapped are read from columns of their own names."""
+    unknown = sorted(columns.keys() - set(ENVELOPE_FIELDS))
+    if unknown:
+        return f"unknown envelope fields {unknown}, expected {ENVELOPE_FIELDS}"
+    named = [columns.get(name, name) for name in ENVELOPE_FIELDS]
+    twice = sorted({column for column in named if named.count(column) > 1})
+    if twice:
+        return f"columns {twice} would each hold more than one envelope field"
+    return None
+
+
+def _sources(columns: dict[str, str]) -> dict[str, str]:
+    """The column of each envelope field: as mapped, else the field's own name."""
+    problem = columns_problem(columns)
+    if problem is not None:
+        raise ValueError(problem)
+    return {name: columns.get(name, name) for name in ENVELOPE_FIELDS}
