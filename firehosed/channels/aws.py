@@ -23,6 +23,7 @@ from botocore.exceptions import (
     BotoCoreError,
     ClientError,
     CredentialRetrievalError,
+    DataNotFoundError,
     NoCredentialsError,
     ParamValidationError,
     PartialCredentialsError,
@@ -137,7 +138,11 @@ class Client:
         """The client, created now if this is the first call (or the first after close)."""
         async with self._lock:
             if self._client is None:
-                self._client = await self._stack.enter_async_context(self._create())
+                session = AioSession()
+                # botocore reads its JSON models while creating a client: a tenth of a
+                # second of the event loop, unless they are read (and cached) here first.
+                await asyncio.to_thread(_load_models, session, self.service)
+                self._client = await self._stack.enter_async_context(self._create(session))
                 log.info(
                     "channel.client_created",
                     channel=self.channel,
@@ -147,7 +152,7 @@ class Client:
                 )
             return self._client
 
-    def _create(self) -> Any:
+    def _create(self, session: AioSession) -> Any:
         config = self.config
         botocore_config = AioConfig(
             connect_timeout=float(config.connect_timeout),
@@ -159,7 +164,7 @@ class Client:
             request_checksum_calculation="when_required",
             **self.options,
         )
-        return AioSession().create_client(
+        return session.create_client(
             self.service,
             region_name=self.region,
             endpoint_url=config.endpoint_url or None,
@@ -174,6 +179,18 @@ class Client:
         async with self._lock:
             self._client = None
             await self._stack.aclose()
+
+
+def _load_models(session: AioSession, service: str) -> None:
+    """Read what creating a `service` client reads, into the session's loader cache
+    (blocking: a worker thread)."""
+    loader = session.get_component("data_loader")
+    for model in ("service-2", "endpoint-rule-set-1", "paginators-1"):
+        with contextlib.suppress(DataNotFoundError):
+            loader.load_service_model(service, model)
+    for name in ("endpoints", "partitions", "sdk-default-configuration", "_retry"):
+        with contextlib.suppress(DataNotFoundError):
+            loader.load_data(name)
 
 
 def delivery_error(
