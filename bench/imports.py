@@ -45,6 +45,7 @@ HEADER = [
     "url",
 ]
 RATIO_TARGET, RSS_TARGET, P99_TARGET = 0.3, 100 << 20, 2.0
+FILE = "4MiB"  # the firehose's files: the cut's own memory is its business, not the import's
 POST_RATE = 100  # single-signal POSTs per second while measuring latency
 QUIET = 3.0  # seconds of POSTs measured before the import starts
 TASK = """
@@ -131,9 +132,17 @@ def p99(values: list[float]) -> float:
     return statistics.quantiles(values, n=100)[98] if len(values) >= 100 else max(values)
 
 
-def run_import(work: Path, source: str, channel: str, pattern: str) -> dict[str, Any]:
-    """One daemon importing the CSV from `channel`: the run's figures."""
-    daemon = Daemon(work / f"daemon-{source}", channel + firehose_toml("all", format="ndjson"))
+def run_import(
+    work: Path, source: str, channel: str, pattern: str, memory: str | None
+) -> dict[str, Any]:
+    """One daemon importing the CSV from `channel`: the run's figures. With `memory`,
+    the account's dedupe and the catch-up rings are held to it (they grow with any
+    million signals, imported or posted: this shows the import's own share)."""
+    limits: dict[str, Any] = {}
+    if memory is not None:
+        limits = {"catch_up_memory": memory, "account_keys": {"dedupe_max_memory": memory}}
+    tables = channel + firehose_toml("all", format="ndjson", max_file=FILE)
+    daemon = Daemon(work / f"daemon-{source}", tables, **limits)
     daemon.start()
     poster = Poster(daemon.port)
     try:
@@ -211,6 +220,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--sources", default="directory,sftp,s3")
+    parser.add_argument(
+        "--pipeline-memory",
+        help='hold dedupe and catch-up memory to this ("16MiB"): the import\'s own RSS',
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="firehosed-imports-") as tmp:
         work = Path(tmp)
@@ -230,7 +243,7 @@ def main() -> int:
                 print(f"{source}: not measured ({exc})")
                 continue
             try:
-                figures = run_import(work, source, channel, csv_path.name)
+                figures = run_import(work, source, channel, csv_path.name, args.pipeline_memory)
             finally:
                 cleanup()
             results.append((source, figures))
