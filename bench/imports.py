@@ -54,7 +54,7 @@ account = "{account}"
 source = "{source}"
 pattern = "{pattern}"
 once = true
-
+{limit}
 [imports.bench.columns]
 type = "event"
 id = "event_id"
@@ -132,8 +132,8 @@ def p99(values: list[float]) -> float:
     return statistics.quantiles(values, n=100)[98] if len(values) >= 100 else max(values)
 
 
-def run_import(
-    work: Path, source: str, channel: str, pattern: str, memory: str | None
+def run_import(  # noqa: PLR0917 - one call, each argument named where it is made
+    work: Path, source: str, channel: str, pattern: str, memory: str | None, rate: int | None
 ) -> dict[str, Any]:
     """One daemon importing the CSV from `channel`: the run's figures. With `memory`,
     the account's dedupe and the catch-up rings are held to it (they grow with any
@@ -151,7 +151,9 @@ def run_import(
         idle = rss_kib(daemon.pid) * 1024
         lag_before = lags(daemon)
         text = daemon.config_path.read_text()
-        daemon.write_config(text + TASK.format(account=ACCOUNT, source=source, pattern=pattern))
+        limit = f"rows_per_second = {rate}\n" if rate else ""
+        task = TASK.format(account=ACCOUNT, source=source, pattern=pattern, limit=limit)
+        daemon.write_config(text + task)
         poster.phase = "during"
         daemon.proc.send_signal(1) if daemon.proc else None  # SIGHUP: reload, the task runs
         peak, document = idle, None
@@ -221,6 +223,9 @@ def main() -> int:
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--sources", default="directory,sftp,s3")
     parser.add_argument(
+        "--rows-per-second", type=int, help="the task's rows_per_second (default: no limit)"
+    )
+    parser.add_argument(
         "--pipeline-memory",
         help='hold dedupe and catch-up memory to this ("16MiB"): the import\'s own RSS',
     )
@@ -243,7 +248,9 @@ def main() -> int:
                 print(f"{source}: not measured ({exc})")
                 continue
             try:
-                figures = run_import(work, source, channel, csv_path.name, args.pipeline_memory)
+                figures = run_import(
+                    work, source, channel, csv_path.name, args.pipeline_memory, args.rows_per_second
+                )
             finally:
                 cleanup()
             results.append((source, figures))

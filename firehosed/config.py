@@ -191,6 +191,9 @@ class ImportConfig(_Section):
     status: Literal["draft", "launched", "paused"] = "launched"
     ends: datetime | None = None  # no run starts after this
     once: bool = False  # a one-time task: completed after its first run
+    # At most this many rows a second (None: as fast as the pipeline takes them): an
+    # import writes to the same disk as ingest's fsyncs, and slows them (README).
+    rows_per_second: int | None = None
 
 
 IMPORT_FIELDS = ("type", "id", "session", "person", "time")
@@ -671,6 +674,8 @@ def _validate_import(
         report.add((*key, "timezone"), f"unknown time zone {task.timezone!r} (IANA name)")
     if import_offset(task.offset) is None:
         report.add((*key, "offset"), 'must be whole days, like "-1d" or "0d"')
+    if task.rows_per_second is not None and task.rows_per_second < 1:
+        report.add((*key, "rows_per_second"), "must be at least 1 (leave it out: no limit)")
     if task.ends is not None and task.ends.tzinfo is None:
         report.add((*key, "ends"), 'must name its zone: "2027-06-30T00:00:00Z"')
     for field, column in task.columns.items():

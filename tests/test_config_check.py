@@ -567,6 +567,12 @@ CASES: dict[str, tuple[str, str, str, str]] = {
         "imports.i.columns",
         "would hold two envelope fields",
     ),
+    "import: a rate of 0": (
+        IMPORT + 'pattern = "x.csv"\nonce = true\nrows_per_second = 0',
+        "rows_per_second",
+        "imports.i.rows_per_second",
+        "at least 1",
+    ),
     "alerts allow_plaintext_login without a login": (
         "[catch_up]|[alerts]\nallow_plaintext_login = true\n\n[catch_up]",
         "allow_plaintext_login",

@@ -12,6 +12,7 @@ import io
 import os
 import time
 from collections import Counter
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -361,5 +362,20 @@ def test_a_file_is_taken_once_unless_it_changes(tmp_path: Path) -> None:
         # Changed (its mtime): taken again; its rows' ids were seen, so they are dropped.
         assert third["processing"]["duplicates"] == 10
         assert third["processing"]["imported"] == 0
+    finally:
+        daemon.close()
+
+
+def test_rows_per_second_holds_a_run_to_its_rate(tmp_path: Path) -> None:
+    valid, _ = write_csv(tmp_path / "inbox" / "users-1.csv", 3_000, bad_every=1000)
+    task = ONCE.replace("once = true", "once = true\nrows_per_second = 1000")
+    daemon = Daemon(tmp_path, imports_config(tmp_path, task))
+    try:
+        daemon.start()
+        run = finished_run(daemon, "users")
+        started = datetime.fromisoformat(run["fetch"]["started"].replace("Z", "+00:00"))
+        ended = datetime.fromisoformat(run["processing"]["ended"].replace("Z", "+00:00"))
+        assert (ended - started).total_seconds() >= 2.5, "3000 rows at 1000 a second"
+        assert delivered_ids(daemon, len(valid)) == Counter(valid)
     finally:
         daemon.close()

@@ -42,6 +42,7 @@ from firehosed.ingest.receiver import Answer, IngestAccount, Receiver
 log = structlog.get_logger(__name__)
 
 CHUNK = 1000  # rows read at a time (in a worker thread)
+RATE_STEPS = 50  # bursts a second of a task with rows_per_second
 PIECE = 250  # rows per Receiver.accept (<= MAX_REJECTED_LISTED); a chunk's go together
 # Seconds between saves of a run's progress: 0, every chunk. A resumed run sends again
 # the rows after its last save; those still in a queue are duplicates (dedupe takes the
@@ -303,9 +304,15 @@ class Importer:
         key = f"{file.name}@{file.version}"
         processing = run.processing
         unsaved: list[tuple[str, int, str, str]] = []  # errored rows met since the save
-        saved = time.monotonic()
+        saved = started = time.monotonic()
+        task = self.tasks.get(run.task)
+        rate = task.rows_per_second if task is not None else None
+        # Limited, the rows go in RATE_STEPS small bursts a second: a burst is what a
+        # request arriving meanwhile waits behind.
+        size = CHUNK if rate is None else max(1, min(CHUNK, rate // RATE_STEPS))
+        sent = 0
         while True:
-            chunk = await asyncio.to_thread(_take, rows, maker, key, file.rows_done)
+            chunk = await asyncio.to_thread(_take, rows, maker, key, file.rows_done, size)
             account = await self._account(run)
             unsaved += [(file.name, e.row, e.column, e.reason) for e in chunk.errors]
             errored = len(chunk.errors)
@@ -337,6 +344,9 @@ class Importer:
                 saved = time.monotonic()
             if chunk.ended:
                 return
+            sent += len(chunk.raws) + len(chunk.errors)
+            if rate is not None:  # ahead of `rows_per_second`: wait until on time
+                await asyncio.sleep(max(0.0, started + sent / rate - time.monotonic()))
 
     async def _account(self, run: Run) -> IngestAccount:
         """The run's account as the receiver has it (waiting while a reload removed it)."""
@@ -465,8 +475,9 @@ def _take(
     maker: RowMaker,
     key: str,
     done: int,
+    size: int = CHUNK,
 ) -> _Chunk:
-    """The next CHUNK rows after row `done` (rows up to it were settled before a
+    """The next `size` rows after row `done` (rows up to it were settled before a
     restart, and are read past)."""
     chunk = _Chunk()
     at = now()
@@ -484,7 +495,7 @@ def _take(
             else:
                 chunk.raws.append(made)
                 chunk.numbers.append(number)
-        if len(chunk.raws) + len(chunk.errors) >= CHUNK:
+        if len(chunk.raws) + len(chunk.errors) >= size:
             return chunk
     chunk.ended = True
     return chunk
