@@ -24,6 +24,7 @@ from firehosed.queue.base import Ticket
 # Bookkeeping of one remembered id beyond its characters: the str header, a dict slot
 # and two deque slots (measured with tracemalloc: 49 + ~40 + 16 + 24 bytes).
 ID_OVERHEAD = 130
+_RECOVERED = Ticket()  # `remember`'s ids pass through `seen` under this, then settle
 
 
 class Dedupe:
@@ -59,14 +60,8 @@ class Dedupe:
     def remember(self, record_id: str, accepted: float) -> None:
         """Note `record_id` as kept, accepted at `accepted` (a record found in a queue
         at start: its request's answer may never have reached the client)."""
-        if record_id in self._seen:
-            return
-        self._seen[record_id] = accepted
-        self._ids.append(record_id)
-        self._times.append(accepted)
-        self.memory += len(record_id) + ID_OVERHEAD
-        if len(self._seen) > self.limit or self.memory > self.max_memory:
-            self._drop_oldest()
+        if not self.seen(record_id, accepted, _RECOVERED):
+            del self._inflight[record_id]
 
     def original(self, record_id: str) -> Ticket | None:
         """The ticket of the request still committing `record_id`, if any."""

@@ -17,7 +17,6 @@ from typing import Any
 import boto3
 import msgspec
 import pytest
-import trustme
 from aiobotocore.config import AioConfig
 from aiobotocore.session import AioSession
 
@@ -29,16 +28,18 @@ from tests.servers.ftp import (
     PASSWORD,
     USERNAME,
     PyftpdServer,
-    ServerCert,
+    ca,
     ca_pem,
     pyftpd_server,
     require_vsftpd,
+    server_cert,
     vsftpd_server,
 )
 from tests.servers.moto import moto_server
 from tests.servers.sftp import ClientKey, OpensshServer, openssh_server
 
-__all__ = ["moto_server", "openssh_server"]  # fixtures: imported so pytest finds them
+# fixtures: imported so pytest finds them
+__all__ = ["ca", "moto_server", "openssh_server", "server_cert"]
 
 MiB = 1 << 20
 ACCOUNT = "acme"
@@ -74,16 +75,6 @@ class Place:
     def path(self, name: str) -> Path:
         assert self.root is not None
         return self.root / name
-
-
-@pytest.fixture(scope="module")
-def ca() -> trustme.CA:
-    return trustme.CA()
-
-
-@pytest.fixture(scope="module")
-def server_cert(ca: trustme.CA, tmp_path_factory: pytest.TempPathFactory) -> ServerCert:
-    return ServerCert.issue(ca, tmp_path_factory.mktemp("ftp-tls"))
 
 
 def _directory(tmp_path: Path) -> Place:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import time
 from collections.abc import AsyncIterator, Iterator
 from datetime import datetime, timedelta
@@ -31,6 +30,7 @@ from cronsim import CronSim
 
 from firehosed import metrics
 from firehosed.channels import Channel
+from firehosed.channels.base import sync_file
 from firehosed.config import Config, ImportConfig, import_offset
 from firehosed.errors import DeliveryError
 from firehosed.fileio import fsync_dir
@@ -426,14 +426,14 @@ class Importer:
                 return run.document(store.errors(run))
         return None
 
-    def status(self, recent: int = 5) -> dict[str, Any]:
+    def status(self) -> dict[str, Any]:
         """Per task: its settings in short, its state, next run, and recent runs."""
         out = {}
         for name, task in sorted(self.tasks.items()):
             store = self.stores.get(name)
             if store is None:
                 continue
-            runs = [self._live.get(r.id, r) for r in store.runs()[-recent:]]
+            runs = list(store.latest.values())  # (a run being processed: its live state)
             state = "completed" if store.state.completed else task.status
             out[name] = {
                 "account": task.account,
@@ -523,18 +523,13 @@ async def _receive(chunks: AsyncIterator[bytes], target: Path, limit: int, sync:
             if size > limit:
                 raise UploadError(413, f"upload over server.max_upload ({limit} bytes)")
             await asyncio.to_thread(out.write, data)
-        await asyncio.to_thread(_sync_file, out, sync)
+        if sync:
+            await asyncio.to_thread(sync_file, out)
     finally:
         await asyncio.to_thread(out.close)
     if sync:
         await asyncio.to_thread(fsync_dir, target.parent)
     return size
-
-
-def _sync_file(out: Any, sync: bool) -> None:
-    out.flush()
-    if sync:
-        os.fsync(out.fileno())
 
 
 def _count(task: str, imported: int, duplicates: int, errored: int) -> None:

@@ -32,6 +32,7 @@ import msgspec
 from firehosed.fileio import fsync_dir, make_dirs, write_durably
 
 KEEP_RUNS = 100  # finished runs kept per task (their run.json and errors.csv)
+LATEST = 5  # runs per task that status shows (kept in memory)
 LISTED_ERRORS = 100  # errored rows a run's status lists
 ERRORS_READ = 1 << 20  # bytes of errors.csv read to list them
 
@@ -186,6 +187,10 @@ class TaskStore:
             if state.exists()
             else TaskState()
         )
+        # The newest LATEST runs by id, as last saved: what status shows, read on the
+        # event loop without touching the disk. Replaced whole on each save (a worker
+        # thread saves; the loop reads), never changed in place.
+        self.latest: dict[str, Run] = {run.id: run for run in self.runs()[-LATEST:]}
 
     def save_state(self) -> None:
         write_durably(self.root / "state.json", msgspec.json.encode(self.state), self.sync)
@@ -202,6 +207,8 @@ class TaskStore:
 
     def save(self, run: Run) -> None:
         write_durably(self.run_dir(run.id) / "run.json", msgspec.json.encode(run), self.sync)
+        latest = {**self.latest, run.id: run}
+        self.latest = {k: latest[k] for k in sorted(latest)[-LATEST:]}
 
     def load(self, run: str) -> Run | None:
         """Run `run` from disk, or None (no such run; an id is never a path)."""
@@ -213,6 +220,7 @@ class TaskStore:
     def drop_run(self, run: Run) -> None:
         """Forget a run that never started (an upload that did not arrive whole)."""
         shutil.rmtree(self.run_dir(run.id), ignore_errors=True)
+        self.latest = {k: v for k, v in self.latest.items() if k != run.id}
 
     def runs(self) -> list[Run]:
         """Every run on disk, oldest first."""

@@ -27,12 +27,16 @@ from tests.servers.ftp import (
     PyftpdServer,
     ServerCert,
     VsftpdServer,
+    ca,
     ca_pem,
     free_port,
     pyftpd_server,
     require_vsftpd,
+    server_cert,
     vsftpd_server,
 )
+
+__all__ = ["ca", "server_cert"]  # fixtures: imported so pytest finds them
 
 NAME = "acme/Firehose/firehose-2024-05-01-10-00-00-000000.json"
 
@@ -58,16 +62,6 @@ async def wait_until(condition: Callable[[], bool], seconds: float = 5.0) -> Non
     while not condition():
         assert time.monotonic() < deadline, "condition not met in time"
         await asyncio.sleep(0.02)
-
-
-@pytest.fixture(scope="module")
-def ca() -> trustme.CA:
-    return trustme.CA()
-
-
-@pytest.fixture(scope="module")
-def server_cert(ca: trustme.CA, tmp_path_factory: pytest.TempPathFactory) -> ServerCert:
-    return ServerCert.issue(ca, tmp_path_factory.mktemp("ftp-tls"))
 
 
 @pytest.fixture

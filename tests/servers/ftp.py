@@ -66,6 +66,18 @@ class ServerCert:
         return cls(cert=cert, key=key)
 
 
+@pytest.fixture(scope="module")
+def ca() -> trustme.CA:
+    """A test certificate authority (fixture; import it into a test module)."""
+    return trustme.CA()
+
+
+@pytest.fixture(scope="module")
+def server_cert(ca: trustme.CA, tmp_path_factory: pytest.TempPathFactory) -> ServerCert:
+    """A server certificate from `ca` for 127.0.0.1 (fixture)."""
+    return ServerCert.issue(ca, tmp_path_factory.mktemp("ftp-tls"))
+
+
 def ca_pem(ca: trustme.CA) -> str:
     """The CA certificate as PEM text, as the config loader puts it in `ca`."""
     return ca.cert_pem.bytes().decode()
