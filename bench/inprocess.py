@@ -48,6 +48,11 @@ class Ingest:
 
     def accept(self, raw: bytes, received: float) -> None:
         """Read the envelope and route the record (dedupe and the 202 left out)."""
-        routing = self.router.begin(ACCOUNT, Ticket())
-        routing.route(self.reader.read(raw, received), raw, received)
-        routing.flush()
+        self.accept_all([raw], received)
+
+    def accept_all(self, raws: list[bytes], received: float) -> None:
+        """Read the envelopes and route one request's records (dedupe and the 202 left
+        out; every record must be readable)."""
+        envs, rejected = self.reader.read_all(raws, received)
+        assert not rejected, rejected
+        self.router.begin(ACCOUNT, Ticket()).route(envs, received)

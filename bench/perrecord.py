@@ -1,15 +1,18 @@
 """What the daemon's work costs per record, in-process, step by step.
 
-Records (cart-abandon, distinct ids) go through the daemon's own code, one at a time as
-single-signal POSTs bring them: envelope decode and routing into a firehose queue
-(`bench.inprocess.Ingest`), a group commit of every 32 (write and fdatasync, as under
+Records (cart-abandon, distinct ids) go through the daemon's own code in two forms:
+one at a time as single-signal POSTs bring them (a group commit of every 32), and as
+NDJSON requests of BATCH (the body split into lines, dedupe, one group commit per
+request). Each: envelope decode and routing into a firehose queue
+(`bench.inprocess.Ingest`), the group commit (write and fdatasync, as under
 load), then one file batch cut the way a file firehose's worker makes it:
 `SegmentStore.read`, NDJSON `formats.encode`, `SegmentStore.persist_batch`. Each step's
 CPU per record is this thread's CPU clock (user and kernel, to the nanosecond), so the
 kernel's share (syncs, reading the segments back, writing the batch) is counted. No
 HTTP, no event loop, one thread.
 
-Alone: `python -m bench.perrecord [RECORDS]` (in a temp dir under /tmp).
+Alone: `python -m bench.perrecord [RECORDS]` (in a temp dir under /tmp). The batch
+form's total is the figure of the batch-speed target (at most 4 µs).
 """
 
 from __future__ import annotations
@@ -27,10 +30,14 @@ import msgspec
 from bench import fixtures
 from bench.inprocess import Ingest
 from firehosed import formats
+from firehosed.dedupe import Dedupe
+from firehosed.ingest.body import split
+from firehosed.queue.base import Ticket
 from firehosed.queue.store import SegmentStore
 
 T = TypeVar("T")
 GROUP = 32  # requests per fsync round in the single-signal figure
+BATCH = 1000  # records per request in the batch figure
 
 
 class Steps:
@@ -46,22 +53,41 @@ class Steps:
         return out
 
 
-def steps(work: Path, count: int) -> list[tuple[str, float]]:
-    """(step, CPU µs per record), for `count` records."""
-    queue = SegmentStore(work / "perrecord", "perrecord", 1 << 30, sync=True)
+def steps(work: Path, count: int, batch: int = 1) -> list[tuple[str, float]]:
+    """(step, CPU µs per record), for `count` records, `batch` per request."""
+    queue = SegmentStore(work / f"perrecord-{batch}", "perrecord", 1 << 30, sync=True)
     queue.open()
     ingest = Ingest([("perrecord", queue, {"format": "ndjson"})])
     template = msgspec.json.encode(fixtures.cart_abandon(anonymous=False))
-    raws = [template.replace(fixtures.OID.encode(), b"%024x" % i) for i in range(count)]
+    raws = [
+        template.replace(fixtures.OID.encode(), b"%024x" % i).replace(
+            fixtures.SID.encode(), b"%08x" % (i // fixtures.SIGNALS_PER_SESSION)
+        )
+        for i in range(count)
+    ]
     spent = Steps()
+    dedupe = Dedupe(3600.0, 10 * count, 1 << 40)
 
     def accept(group: list[bytes]) -> None:
         now = time.time()
         for raw in group:
             ingest.accept(raw, now)
 
-    for start in range(0, count, GROUP):
-        spent.run("envelope and routing", functools.partial(accept, raws[start : start + GROUP]))
+    def accept_all(body: bytes) -> None:
+        now = time.time()
+        lines = split(body, "ndjson")
+        envs, _ = ingest.reader.read_all(lines, now)
+        assert not dedupe.admit(envs.ids, now, Ticket())
+        ingest.router.begin("bench", Ticket()).route(envs, now)
+
+    group = GROUP if batch == 1 else batch
+    for start in range(0, count, group):
+        some = raws[start : start + group]
+        if batch == 1:
+            spent.run("envelope and routing", functools.partial(accept, some))
+        else:
+            body = b"\n".join([*some, b""])
+            spent.run("body, envelope, dedupe and routing", functools.partial(accept_all, body))
         queue.committed = spent.run(
             "group commit", lambda: queue.write(queue.take_pending(), sync=True)
         )
@@ -83,17 +109,25 @@ def steps(work: Path, count: int) -> list[tuple[str, float]]:
 
 def line(work: Path, count: int) -> str:
     """One sentence for the report."""
-    costs = steps(work, count)
-    total = sum(cpu for _, cpu in costs)
-    parts = "; ".join(f"{step} {cpu:.1f}" for step, cpu in costs)
+    forms = []
+    for batch in (1, BATCH):
+        costs = steps(work, count, batch)
+        total = sum(cpu for _, cpu in costs)
+        parts = "; ".join(f"{step} {cpu:.1f}" for step, cpu in costs)
+        label = "single signals" if batch == 1 else f"NDJSON requests of {batch}"
+        forms.append(f"{label}: {total:.1f} µs of CPU ({parts})")
     return (
         f"The daemon's own work per record, in-process ({count:,} records, no HTTP, "
-        f"`bench/perrecord.py`): {total:.1f} µs of CPU ({parts})."
+        f"`bench/perrecord.py`): {'. '.join(forms)}."
     )
 
 
 if __name__ == "__main__":
     count = int(sys.argv[1]) if len(sys.argv) > 1 else 75_000
     with tempfile.TemporaryDirectory(prefix="firehosed-perrecord-") as tmp:
-        for step, cpu in steps(Path(tmp), count):
-            print(f"{step}: {cpu:.2f} µs of CPU per record")
+        for batch in (1, BATCH):
+            costs = steps(Path(tmp), count, batch)
+            print(f"{'single signals' if batch == 1 else f'requests of {batch}'}:")
+            for step, cpu in costs:
+                print(f"  {step}: {cpu:.2f} µs of CPU per record")
+            print(f"  total: {sum(cpu for _, cpu in costs):.2f} µs")

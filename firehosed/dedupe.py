@@ -18,12 +18,14 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Iterable
+from itertools import repeat
 
 from firehosed.queue.base import Ticket
 
 # Bookkeeping of one remembered id beyond its characters: the str header, a dict slot
 # and two deque slots (measured with tracemalloc: 49 + ~40 + 16 + 24 bytes).
 ID_OVERHEAD = 130
+BULK = 8  # `admit` takes at least this many ids in bulk (fewer: one by one is faster)
 _RECOVERED = Ticket()  # `remember`'s ids pass through `seen` under this, then settle
 
 
@@ -56,6 +58,28 @@ class Dedupe:
         if len(self._seen) > self.limit or self.memory > self.max_memory:
             self._drop_oldest()
         return False
+
+    def admit(self, record_ids: list[str], now: float, ticket: Ticket) -> list[int]:
+        """`seen` for a request's ids, in order: the indexes of the duplicates (a repeat
+        within `record_ids` included). A request of new ids (the usual one) is
+        remembered in a few bulk operations, not id by id."""
+        seen = self._seen
+        if (
+            len(record_ids) < BULK
+            or not seen.keys().isdisjoint(record_ids)
+            or len(set(record_ids)) != len(record_ids)
+        ):
+            return [
+                i for i, record_id in enumerate(record_ids) if self.seen(record_id, now, ticket)
+            ]
+        seen.update(zip(record_ids, repeat(now)))
+        self._inflight.update(zip(record_ids, repeat(ticket)))
+        self._ids.extend(record_ids)
+        self._times.extend(repeat(now, len(record_ids)))
+        self.memory += sum(map(len, record_ids)) + ID_OVERHEAD * len(record_ids)
+        if len(seen) > self.limit or self.memory > self.max_memory:
+            self._drop_oldest()
+        return []
 
     def remember(self, record_id: str, accepted: float) -> None:
         """Note `record_id` as kept, accepted at `accepted` (a record found in a queue

@@ -17,13 +17,16 @@ import itertools
 import operator
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
 from datetime import UTC, datetime
+from itertools import compress, repeat
 from typing import Any, Union
 
 import msgspec
 
 from firehosed.config import FieldsConfig
+from firehosed.record import Block
 
 _LEAF_TYPES: dict[str, Any] = {
     "type": str,
@@ -32,7 +35,11 @@ _LEAF_TYPES: dict[str, Any] = {
     "person": Union[str, int, None],  # noqa: UP007
     "time": Union[str, int, float],  # noqa: UP007
 }
+# Reading a whole request at once, msgspec parses times (RFC 3339) in C; a request with
+# a time only `datetime.fromisoformat` takes is read record by record with the above.
+_BATCH_LEAF_TYPES = {**_LEAF_TYPES, "time": Union[datetime, int, float]}  # noqa: UP007
 _WRAPPERS = ("$oid", "$date")
+_TEXT = {str, type(None)}
 
 # Longest id, session and person, and longest time string, in UTF-8 bytes. A person may
 # be an e-mail address (254 at most); ISO 8601 with nanoseconds and an offset is 35.
@@ -58,6 +65,75 @@ class RecordError(ValueError):
     """A record is rejected; the message says why (it goes back to the client)."""
 
 
+@dataclass(slots=True)
+class Envelopes:
+    """The envelopes of a request's readable records, as columns, in order."""
+
+    types: list[str]
+    ids: list[str]
+    sessions: list[str | None]
+    persons: list[str | None]
+    times: list[float]
+    raws: list[bytes]
+    # Per record, whether its id was assigned here (None: no record's was).
+    assigned: list[bool] | None = None
+
+    @classmethod
+    def empty(cls) -> Envelopes:
+        return cls([], [], [], [], [], [])
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def append(self, env: Envelope, raw: bytes) -> None:
+        """One record read on its own."""
+        if env.id_assigned and self.assigned is None:
+            self.assigned = [False] * len(self.ids)
+        self.types.append(env.type)
+        self.ids.append(env.id)
+        self.sessions.append(env.session)
+        self.persons.append(env.person)
+        self.times.append(env.time)
+        self.raws.append(raw)
+        if self.assigned is not None:
+            self.assigned.append(env.id_assigned)
+
+    def without(self, drop: Collection[int]) -> Envelopes:
+        """These envelopes but those at the indexes `drop`."""
+        keep = [True] * len(self.ids)
+        for index in drop:
+            keep[index] = False
+        return Envelopes(
+            list(compress(self.types, keep)),
+            list(compress(self.ids, keep)),
+            list(compress(self.sessions, keep)),
+            list(compress(self.persons, keep)),
+            list(compress(self.times, keep)),
+            list(compress(self.raws, keep)),
+            None if self.assigned is None else list(compress(self.assigned, keep)),
+        )
+
+    def block(self, received: float, start: int, stop: int) -> Block:
+        """Records `start` to `stop` as a queue's Block."""
+        if start == 0 and stop == len(self.ids):
+            return Block(
+                received, self.types, self.ids, self.sessions, self.persons, self.times, self.raws
+            )
+        return Block(
+            received,
+            self.types[start:stop],
+            self.ids[start:stop],
+            self.sessions[start:stop],
+            self.persons[start:stop],
+            self.times[start:stop],
+            self.raws[start:stop],
+        )
+
+
+class _Irregular(Exception):
+    """A request the batch read does not take: read it record by record."""
+
+
 _Accessor = Callable[[Any], Any]
 
 
@@ -66,12 +142,90 @@ class EnvelopeReader:
 
     def __init__(self, fields: FieldsConfig) -> None:
         self.paths = {name: getattr(fields, name).split(".") for name in _LEAF_TYPES}
-        root_type, get = _build(self.paths)
+        root_type, get = _build(self.paths, _LEAF_TYPES)
         self._decoder: msgspec.json.Decoder[Any] = msgspec.json.Decoder(root_type)
+        batch_type, _ = _build(self.paths, _BATCH_LEAF_TYPES)
+        self._batch: msgspec.json.Decoder[Any] = msgspec.json.Decoder(batch_type)
         self._type, self._id, self._session = get["type"], get["id"], get["session"]
         self._person, self._time = get["person"], get["time"]
+        self._columns = {name: _column(get[name]) for name in _LEAF_TYPES}
         self._valid_types: set[str] = set()
         self._ids = _id_source()
+
+    def read_all(
+        self, raws: list[bytes], received: float
+    ) -> tuple[Envelopes, list[tuple[int, str]]]:
+        """The envelopes of the readable records of `raws`, and (index, why) of the rest.
+
+        The whole request in one msgspec call and a few passes over its columns; a
+        request with anything unusual (a rejected record, a time only Python parses,
+        a record spanning lines) is read again record by record, with the same result.
+        """
+        if len(raws) == 1:  # a single signal: the common request, kept short
+            try:
+                env = self.read(raws[0], received)
+            except RecordError as exc:
+                return Envelopes.empty(), [(0, str(exc))]
+            return Envelopes(
+                [env.type],
+                [env.id],
+                [env.session],
+                [env.person],
+                [env.time],
+                [raws[0]],
+                [True] if env.id_assigned else None,
+            ), []
+        try:
+            return self._read_batch(raws, received), []
+        except (_Irregular, RecordError, msgspec.DecodeError, RecursionError):
+            pass
+        envelopes, rejected = Envelopes.empty(), []
+        for index, raw in enumerate(raws):
+            try:
+                envelopes.append(self.read(raw, received), raw)
+            except RecordError as exc:
+                rejected.append((index, str(exc)))
+        return envelopes, rejected
+
+    def _read_batch(self, raws: list[bytes], received: float) -> Envelopes:
+        """`read_all` when every record is regular; _Irregular or RecordError if not."""
+        # Each record must be one object: `decode_lines` takes any whitespace between
+        # values, so a record cut in two (`{"a":1,` then `"b":2}`) would read as one
+        # and a line of two as two. `}`, newline, `{` is never inside a JSON value: when
+        # every record starts with `{` and ends with `}`, and they are as many as the
+        # values, each is one.
+        if not braced(raws):
+            raise _Irregular
+        roots = self._batch.decode_lines(b"\n".join(raws))
+        if len(roots) != len(raws):
+            raise _Irregular
+        columns = self._columns
+        types = columns["type"](roots)
+        if not self._valid_types.issuperset(types):
+            for kind in set(types) - self._valid_types:
+                if kind is None:
+                    raise _Irregular
+                _check_type(kind)
+                if len(self._valid_types) < 10_000:
+                    self._valid_types.add(kind)
+        ids = _texts(columns["id"](roots), "id")
+        sessions = _texts(columns["session"](roots), "session")
+        persons = _texts(columns["person"](roots), "person")
+        if "" in persons:
+            persons = [person or None for person in persons]
+        assigned = None
+        if None in ids:
+            assigned = [ident is None for ident in ids]
+            ids = [self._ids() if ident is None else ident for ident in ids]
+        return Envelopes(
+            types,
+            ids,  # type: ignore[arg-type]  # (no None left)
+            sessions,
+            persons,
+            _times(columns["time"](roots), received),
+            raws,
+            assigned,
+        )
 
     def read(self, raw: bytes, received: float) -> Envelope:
         """Decode `raw` (one JSON object); raise RecordError naming what is wrong."""
@@ -110,6 +264,48 @@ class EnvelopeReader:
             time=parse_time(moment) if moment is not None else received,
             id_assigned=ident is None,
         )
+
+
+_first, _last = operator.itemgetter(0), operator.itemgetter(-1)
+_tzinfo = operator.attrgetter("tzinfo")
+
+
+def braced(raws: list[bytes]) -> bool:
+    """Whether every record of `raws` starts with `{` and ends with `}` (two C passes)."""
+    try:
+        firsts, lasts = bytes(map(_first, raws)), bytes(map(_last, raws))
+    except IndexError:  # an empty one
+        return False
+    return firsts.count(b"{") == len(raws) and lasts.count(b"}") == len(raws)
+
+
+def _texts(values: list[Any], field: str) -> list[str | None]:
+    """A column of ids, sessions or persons as text, each checked for length."""
+    if not _TEXT.issuperset(map(type, values)):  # JSON integers
+        values = [value if value is None else str(value) for value in values]
+    if max(map(len, filter(None, values)), default=0) > _SURELY_SHORT:
+        for value in values:
+            if value is not None:
+                _check_length(field, value)
+    return values
+
+
+def _times(moments: list[Any], received: float) -> list[float]:
+    """A column of times as unix seconds (decoded as datetime, epoch ms or absent)."""
+    kinds = set(map(type, moments))
+    if kinds == {datetime} and None not in set(map(_tzinfo, moments)):
+        return list(map(datetime.timestamp, moments))
+    if kinds == {type(None)}:
+        return list(repeat(received, len(moments)))
+    return [_moment(moment, received) for moment in moments]
+
+
+def _moment(value: Any, received: float) -> float:
+    if value is None:
+        return received
+    if isinstance(value, datetime):
+        return (value if value.tzinfo else value.replace(tzinfo=UTC)).timestamp()
+    return parse_time(value)
 
 
 def _check_length(field: str, value: str, limit: int = MAX_FIELD_BYTES) -> None:
@@ -152,8 +348,11 @@ def _id_source() -> Callable[[], str]:
     return lambda: f"{prefix}{next(counter):08x}"
 
 
-def _build(paths: dict[str, list[str]]) -> tuple[type, dict[str, _Accessor]]:
-    """The Struct type for these paths, and one accessor per envelope field."""
+def _build(
+    paths: dict[str, list[str]], leaves: dict[str, Any]
+) -> tuple[type, dict[str, _Accessor]]:
+    """The Struct type for these paths (with these leaf types), and one accessor per
+    envelope field (for a record; `_column` makes one for a request's records)."""
     tree: dict[str, Any] = {}
     for name, segments in paths.items():
         node = tree
@@ -163,33 +362,50 @@ def _build(paths: dict[str, list[str]]) -> tuple[type, dict[str, _Accessor]]:
                 break
         else:
             node.setdefault(segments[-1], name)
-    root = _struct_for(tree, "Envelope")
+    root = _struct_for(tree, "Envelope", leaves)
     return root, {name: _accessor(tree, segments) for name, segments in paths.items()}
 
 
 _counter = itertools.count()
 
 
-def _struct_for(node: dict[str, Any], label: str) -> type:
+def _struct_for(node: dict[str, Any], label: str, leaves: dict[str, Any]) -> type:
     """A Struct with one optional field per key of `node`, nested for sub-paths."""
     fields: list[tuple[str, Any, Any]] = []
     rename: dict[str, str] = {}
     for index, (segment, child) in enumerate(node.items()):
         attr = f"f{index}"
         rename[attr] = segment
-        fields.append((attr, _field_type(child, segment, label), None))
+        fields.append((attr, _field_type(child, label, leaves), None))
     return msgspec.defstruct(f"{label}{next(_counter)}", fields, rename=rename, gc=False)
 
 
-def _field_type(child: Any, segment: str, label: str) -> Any:
+def _field_type(child: Any, label: str, leaves: dict[str, Any]) -> Any:
     if isinstance(child, str):
-        return _LEAF_TYPES[child]
-    sub = _struct_for(child, label)
+        return leaves[child]
+    sub = _struct_for(child, label, leaves)
     wrapped = [leaf for key, leaf in child.items() if key in _WRAPPERS and isinstance(leaf, str)]
     if len(child) == 1 and wrapped:
         # `{"$oid": x}` or the plain value x itself
-        return Union[_LEAF_TYPES[wrapped[0]], sub, None]  # noqa: UP007
+        return Union[leaves[wrapped[0]], sub, None]  # noqa: UP007
     return Union[sub, None]  # noqa: UP007
+
+
+def _column(get: _Accessor) -> Callable[[list[Any]], list[Any]]:
+    """A field's values for a list of decoded records: one `map` of a single
+    attrgetter when every record has the path as Structs all the way (the usual case),
+    else `get` record by record."""
+    whole = getattr(get, "whole", None)
+
+    def column(roots: list[Any]) -> list[Any]:
+        if whole is not None:
+            try:
+                return list(map(whole, roots))
+            except AttributeError:  # a None or a plain `$oid`/`$date` value on the way
+                pass
+        return list(map(get, roots))
+
+    return column
 
 
 def _accessor(tree: dict[str, Any], segments: list[str]) -> _Accessor:
@@ -222,4 +438,5 @@ def _accessor(tree: dict[str, Any], segments: list[str]) -> _Accessor:
             return value
         return leaf(value)
 
+    get.whole = operator.attrgetter(".".join(attrs))  # type: ignore[attr-defined]
     return get

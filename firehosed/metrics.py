@@ -54,7 +54,7 @@ batches_dead_lettered = Counter(
 )
 records_quarantined = Counter(
     "firehosed_records_quarantined",
-    "Corrupt queue records set aside at recovery",
+    "Corrupt queue frames (one record, or a request's records) set aside at recovery",
     ["firehose"],
     registry=REGISTRY,
 )

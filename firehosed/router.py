@@ -18,11 +18,11 @@ import msgspec
 from firehosed import metrics
 from firehosed.catchup import CatchUp
 from firehosed.config import FieldsConfig
-from firehosed.envelope import Envelope
+from firehosed.envelope import Envelopes
 from firehosed.firehose import Firehose
 from firehosed.mapping import set_path
 from firehosed.queue.base import Queue, Ticket
-from firehosed.queue.frames import frame
+from firehosed.queue.frames import frame, frame_block
 from firehosed.record import Record, decoder, encode
 
 
@@ -65,14 +65,13 @@ class Router:
         self.accounts: dict[str, AccountRoutes] = {}
 
     def begin(self, account: str, ticket: Ticket) -> Routing:
-        """Routing for one request's records, whose commits go on `ticket`; `flush()` it
-        before awaiting the ticket."""
+        """Routing for one request's records, whose commits go on `ticket`."""
         return Routing(self, self.accounts.get(account), account, ticket)
 
 
 class Routing:
-    """Stages one request's records: consecutive records bound for the same queues are
-    joined and appended once per queue (`flush`), not once per record and queue.
+    """Stages one request's records: each run of records bound for the same queues goes
+    to each of them as one Block (one frame), not a frame per record and queue.
 
     Catch-up state changed for the request is noted, so that `rollback` can undo it
     when the request is not acknowledged: its client will send the records again.
@@ -85,51 +84,137 @@ class Routing:
         self.routes = routes
         self.account = account
         self.ticket = ticket
-        self._queues: tuple[Queue, ...] = ()
-        self._frames: list[bytes] = []
         self._buffered: list[tuple[str, bytes]] = []  # (session, ring entry)
         self._identified: list[tuple[str, tuple[bytes, ...]]] = []  # (session, its ring)
+        self._known: dict[tuple[str, str], None] = {}  # (session, person) identified here
 
-    def route(self, env: Envelope, raw: bytes, received: float) -> None:
-        """Stage one signal (and any catch-up it triggers)."""
+    def route(self, envs: Envelopes, received: float) -> None:
+        """Append the records (and any catch-up they trigger) to their queues (durable
+        after the next group commit).
+
+        The hot path: per record only what catch-up needs and a lookup of its queues.
+        A record whose session was identified gets the person (its entries in `envs`
+        change); catch-up replays go in before the identifying record.
+        """
         routes = self.routes
         if routes is None or not routes.firehoses:
             return
-        catch_up, account = self.router.catch_up, self.account
-        person, session = env.person, env.session
-        if person is None and session is not None:
-            person = catch_up.person_of(account, session, received)
-            if person is not None:
-                raw = _with_person(raw, routes.fields.person, person, catch_up=False)
-        record = Record(env.type, env.id, session, person, env.time, received, raw)
-        encoded = encode(record)
-        if person is None:
-            if session is not None and routes.wants_catch_up:
-                catch_up.buffer(account, session, encoded, received)
-                self._buffered.append((session, encoded))
-        elif session is not None and env.person is not None:
+        if len(envs) == 1:  # a single signal: the common request, kept short
+            session, person, ring = envs.sessions[0], envs.persons[0], None
+            if session is not None:
+                person, ring = self._session(routes, envs, 0, session, received)
+            if ring is not None:
+                self._replay(routes, ring, _record(envs, 0, received))
+            self._append(routes.targets(envs.types[0], person is None), envs, received, 0, 1)
+            return
+        replays = None
+        if None not in envs.persons:  # every record names its person
+            replays = self._identify_all(routes, envs, received)
+            if not replays and len(kinds := set(envs.types)) == 1:  # the usual request
+                self._append(routes.targets(kinds.pop(), False), envs, received, 0, len(envs))
+                return
+        self._route_each(routes, envs, received, replays)
+
+    def _identify_all(
+        self, routes: AccountRoutes, envs: Envelopes, received: float
+    ) -> dict[int, tuple[bytes, ...]]:
+        """Identify the sessions of records that all name their person, once per
+        (session, person), in order; the rings to replay, by the index of the record
+        they go before."""
+        catch_up, account, known = self.router.catch_up, self.account, self._known
+        replays: dict[int, tuple[bytes, ...]] = {}
+        pairs = list(zip(envs.sessions, envs.persons, strict=True))
+        for pair in dict.fromkeys(pairs):
+            session, person = pair
+            if session is None or person is None or (session, person) in known:
+                continue
+            known[(session, person)] = None
             ring = catch_up.identify(account, session, person, received)
             if ring is not None:
                 self._identified.append((session, ring))
             if ring or (ring is not None and routes.wants_pi):
-                self.flush()  # the replayed ring goes before the identifying signal
-                self._replay(routes, ring, record)
-        queues = routes.targets(env.type, person is None)
-        if queues is not self._queues:
-            self.flush()
-            self._queues = queues
-        self._frames.append(frame(encoded))  # once, whatever the number of firehoses
+                replays[pairs.index(pair)] = ring
+        return replays
 
-    def flush(self) -> None:
-        """Append the staged run to its queues (durable after the next group commit)."""
-        frames = self._frames
-        if not frames:
+    def _route_each(
+        self,
+        routes: AccountRoutes,
+        envs: Envelopes,
+        received: float,
+        replays: dict[int, tuple[bytes, ...]] | None,
+    ) -> None:
+        """`route` record by record: anonymous records, several types, or replays. With
+        `replays`, the sessions were identified already (`_identify_all`)."""
+        types, sessions, persons = envs.types, envs.sessions, envs.persons
+        targets: dict[tuple[str, bool], tuple[Queue, ...]] = {}
+        queues: tuple[Queue, ...] = ()
+        start = 0
+        for index, session in enumerate(sessions):
+            if replays is not None:
+                person, ring = persons[index], replays.get(index)
+            elif session is None:
+                person, ring = persons[index], None
+            else:
+                person, ring = self._session(routes, envs, index, session, received)
+            if ring is not None:
+                self._append(queues, envs, received, start, index)
+                start = index  # the replayed ring goes before the identifying signal
+                self._replay(routes, ring, _record(envs, index, received))
+            key = (types[index], person is None)
+            found = targets.get(key)
+            if found is None:
+                found = targets[key] = routes.targets(*key)
+            if found is not queues:
+                self._append(queues, envs, received, start, index)
+                queues, start = found, index
+        self._append(queues, envs, received, start, len(sessions))
+
+    def _session(
+        self, routes: AccountRoutes, envs: Envelopes, index: int, session: str, received: float
+    ) -> tuple[str | None, tuple[bytes, ...] | None]:
+        """Catch-up for record `index`, of `session`: its person (an anonymous signal of
+        an identified session gets it), and the ring to replay before it, if any."""
+        catch_up, account = self.router.catch_up, self.account
+        person = envs.persons[index]
+        if person is None:
+            person = catch_up.person_of(account, session, received)
+            if person is not None:
+                self._adopt(envs, index, person)
+            elif routes.wants_catch_up:
+                entry = encode(_record(envs, index, received))
+                catch_up.buffer(account, session, entry, received)
+                self._buffered.append((session, entry))
+            return person, None
+        if (session, person) in self._known:
+            return person, None
+        self._known[(session, person)] = None
+        ring = catch_up.identify(account, session, person, received)
+        if ring is None:
+            return person, None
+        self._identified.append((session, ring))
+        return person, ring if ring or routes.wants_pi else None
+
+    def _append(
+        self, queues: tuple[Queue, ...], envs: Envelopes, received: float, start: int, stop: int
+    ) -> None:
+        """Records `start` to `stop` of `envs` into each of `queues`, as one frame."""
+        if stop <= start or not queues:
             return
-        chunk = frames[0] if len(frames) == 1 else b"".join(frames)
+        if stop - start == 1:  # (a single signal: a Record frame is smaller and quicker)
+            framed: bytes | bytearray = frame(encode(_record(envs, start, received)))
+        else:
+            framed = frame_block(envs.block(received, start, stop))
         add = self.ticket.add
-        for queue in self._queues:
-            add(queue.append(chunk, len(frames)))
-        frames.clear()
+        for queue in queues:
+            add(queue.append(framed, stop - start))
+
+    def _adopt(self, envs: Envelopes, index: int, person: str) -> None:
+        """Record `index` belongs to an identified session: it gets the person."""
+        assert self.routes is not None
+        envs.persons[index] = person
+        envs.raws[index] = _with_person(
+            envs.raws[index], self.routes.fields.person, person, catch_up=False
+        )
 
     def rollback(self) -> None:
         """Undo the request's catch-up changes, newest first (it was answered 503)."""
@@ -161,6 +246,18 @@ class Routing:
         for firehose in routes.firehoses:
             if firehose.config.send_person_identified:
                 self._stage(firehose.queue, pi)
+
+
+def _record(envs: Envelopes, index: int, received: float) -> Record:
+    return Record(
+        envs.types[index],
+        envs.ids[index],
+        envs.sessions[index],
+        envs.persons[index],
+        envs.times[index],
+        received,
+        envs.raws[index],
+    )
 
 
 def _with_person(raw: bytes, path: str, person: str, *, catch_up: bool) -> bytes:

@@ -375,7 +375,7 @@ async def test_a_batch_cut_with_its_commit_is_a_mark_in_the_segment(tmp_path: Pa
     await append(queue, range(5, 8))
     first, second = queue.batches
     assert (ns(first), ns(second)) == ([0, 1, 2, 3, 4], [5, 6, 7])
-    assert first.start == (0, 0) and second.start is not None and second.start > first.end
+    assert first.start == (0, 0, 0) and second.start is not None and second.start > first.end
     assert queue.staged_records == 0 and queue.uncut == 0
     assert not list(queue.batches_dir.iterdir())
     queue.close()

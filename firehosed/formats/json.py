@@ -7,13 +7,13 @@ from collections.abc import Sequence
 import msgspec
 
 from firehosed.mapping import Mapping
-from firehosed.record import Record
+from firehosed.record import Record, raws
 
 
 def encode(records: Sequence[Record], mapping: Mapping | None) -> bytes:
     """`[rec,rec,...]` with each record's raw bytes unchanged (unless mapped)."""
     if mapping is None:
-        return b"[" + b",".join(r.raw for r in records) + b"]"
+        return b"".join((b"[", b",".join(raws(records)), b"]"))
     return b"[" + b",".join(with_mapped_fields(r.raw, mapping) for r in records) + b"]"
 
 

@@ -13,13 +13,17 @@ import msgspec
 
 from firehosed.formats.json import with_mapped_fields
 from firehosed.mapping import Mapping
-from firehosed.record import Record
+from firehosed.record import Record, raws
 
 
 def encode(records: Sequence[Record], mapping: Mapping | None) -> bytes:
     """Each record's raw bytes (or mapped form) on its own line."""
     if mapping is None:
-        lines = [one_line(r.raw) for r in records]
+        lines = raws(records)
+        data = b"\n".join([*lines, b""])
+        if data.count(b"\n") == len(lines) and b"\r" not in data:
+            return data  # no record spans lines (the usual case): one join, two scans
+        lines = [one_line(raw) for raw in lines]
     else:
         lines = [with_mapped_fields(r.raw, mapping) for r in records]
     lines.append(b"")  # the last line ends with a newline too

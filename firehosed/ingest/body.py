@@ -12,6 +12,8 @@ import zlib
 import msgspec
 from aiohttp import web
 
+from firehosed.envelope import braced
+
 JSON_TYPES = frozenset({"", "application/json", "text/json"})
 NDJSON_TYPES = frozenset({"application/x-ndjson", "application/ndjson", "application/jsonl"})
 _BOM = b"\xef\xbb\xbf"
@@ -145,12 +147,18 @@ def split(body: bytes, kind: str) -> list[bytes]:
         body = body[len(_BOM) :]
     if not body.strip():
         raise BodyError(400, "empty body: send a JSON object, an array of objects, or NDJSON")
-    try:
-        body.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise BodyError(400, f"body is not valid UTF-8 (byte {exc.start})") from None
+    if not body.isascii():  # (a scan, where decoding would also build a str)
+        try:
+            body.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise BodyError(400, f"body is not valid UTF-8 (byte {exc.start})") from None
     if kind == "ndjson":
-        return [line for line in body.split(b"\n") if line.strip()]
+        lines = body.split(b"\n")
+        if not lines[-1]:
+            lines.pop()  # the newline ending the last line
+        if braced(lines):  # no blank line (the usual body): nothing to drop
+            return lines
+        return [line for line in lines if line and not line.isspace()]
     try:
         if body.lstrip()[:1] == b"[":
             return [bytes(raw) for raw in _records.decode(body)]

@@ -24,7 +24,7 @@ import structlog
 from firehosed import metrics
 from firehosed.config import AccountConfig, ServerConfig
 from firehosed.dedupe import Dedupe
-from firehosed.envelope import Envelope, EnvelopeReader, RecordError
+from firehosed.envelope import EnvelopeReader, Envelopes
 from firehosed.errors import StorageError
 from firehosed.faults import crash_point
 from firehosed.queue.base import Ticket
@@ -77,7 +77,7 @@ class _Request:
     originals: list[Ticket] = field(default_factory=list)  # of duplicates still in flight
     rejected: list[dict[str, Any]] = field(default_factory=list)
     rejected_total: int = 0
-    tapped: list[Envelope] | None = None  # the fresh records' envelopes, while tailed
+    tapped: list[Envelopes] | None = None  # the fresh records' envelopes, while tailed
 
     def rejections(self) -> dict[str, Any]:
         """The `rejected` list (at most MAX_REJECTED_LISTED), with the full count when cut."""
@@ -122,17 +122,13 @@ class Receiver:
         request = _Request(tapped=[] if self.tap.listening else None)
         account.dedupe.expire(received)
         routing = self.router.begin(account.name, request.ticket)
-        try:
-            # Records in runs of YIELD_EVERY, pausing between runs (the loop stays free).
-            for start in range(0, len(raws), YIELD_EVERY):
-                if start:
-                    routing.flush()
-                    await asyncio.sleep(YIELD_PAUSE)
-                self._sort(account, raws, received, request, routing, start=start)
-        finally:
-            # Even when cancelled part-way: what was routed must reach the queues, and
-            # be settled below, or dedupe would hold its ids in flight for ever.
-            routing.flush()
+        # Records in runs of YIELD_EVERY, pausing between runs (the loop stays free). A
+        # run is routed whole or not at all, so a request cancelled at a pause has its
+        # routed runs settled below.
+        for start in range(0, len(raws), YIELD_EVERY):
+            if start:
+                await asyncio.sleep(YIELD_PAUSE)
+            self._sort(account, raws, received, request, routing, start=start)
         if request.rejected_total:
             account.rejected.inc(request.rejected_total)
         if request.duplicates:
@@ -171,44 +167,60 @@ class Receiver:
         start: int,
     ) -> None:
         """Read, dedupe and route the records from `start`, YIELD_EVERY at most (the hot
-        path: no per-record allocation beyond the record's own)."""
-        dedupe, reader, ticket = account.dedupe, account.reader, request.ticket
-        fresh, originals, tapped = request.fresh, request.originals, request.tapped
-        for index in range(start, min(start + YIELD_EVERY, len(raws))):
-            raw = raws[index]
-            try:
-                env = reader.read(raw, received)
-            except RecordError as exc:
-                request.rejected_total += 1
-                if len(request.rejected) < MAX_REJECTED_LISTED:  # answer and memory bounded
-                    request.rejected.append({"index": index, "error": str(exc)})
-                continue
-            if not env.id_assigned and dedupe.seen(env.id, received, ticket):
-                request.duplicates += 1
-                original = dedupe.original(env.id)
-                if original is not None and original is not ticket and original not in originals:
-                    originals.append(original)
-                continue
-            routing.route(env, raw, received)
-            fresh.append(env.id)
-            if tapped is not None:
-                tapped.append(env)
+        path: whole-run operations, per record only what routing needs)."""
+        envs, rejected = account.reader.read_all(raws[start : start + YIELD_EVERY], received)
+        if rejected:
+            request.rejected_total += len(rejected)
+            room = MAX_REJECTED_LISTED - len(request.rejected)  # answer and memory bounded
+            request.rejected += [
+                {"index": start + index, "error": error} for index, error in rejected[:room]
+            ]
+        duplicates = Receiver._duplicates(account.dedupe, envs, received, request)
+        if duplicates:
+            envs = envs.without(duplicates)
+        routing.route(envs, received)
+        request.fresh += envs.ids
+        if request.tapped is not None:
+            request.tapped.append(envs)
 
-    def _publish(self, account: str, envelopes: list[Envelope], received: float) -> None:
+    @staticmethod
+    def _duplicates(
+        dedupe: Dedupe, envs: Envelopes, received: float, request: _Request
+    ) -> list[int]:
+        """The indexes of the records dedupe has seen (the rest it now remembers as this
+        request's); a duplicate of a record still in flight waits for its request."""
+        if envs.assigned is None:
+            found = dedupe.admit(envs.ids, received, request.ticket)
+        else:  # records that brought no id are never duplicates
+            found = [
+                index
+                for index, (ident, assigned) in enumerate(zip(envs.ids, envs.assigned, strict=True))
+                if not assigned and dedupe.seen(ident, received, request.ticket)
+            ]
+        ticket, originals = request.ticket, request.originals
+        for index in found:
+            original = dedupe.original(envs.ids[index])
+            if original is not None and original is not ticket and original not in originals:
+                originals.append(original)
+        request.duplicates += len(found)
+        return found
+
+    def _publish(self, account: str, runs: list[Envelopes], received: float) -> None:
         """Tell the tail what was accepted (only while someone follows it)."""
         routes = self.router.accounts.get(account)
-        for env in envelopes:
-            queues = routes.targets(env.type, env.person is None) if routes else ()
-            self.tap.publish(
-                {
-                    "event": "accepted",
-                    "time": received,
-                    "account": account,
-                    "type": env.type,
-                    "id": env.id,
-                    "firehoses": [q.name for q in queues],
-                }
-            )
+        for envs in runs:
+            for kind, ident, person in zip(envs.types, envs.ids, envs.persons, strict=True):
+                queues = routes.targets(kind, person is None) if routes else ()
+                self.tap.publish(
+                    {
+                        "event": "accepted",
+                        "time": received,
+                        "account": account,
+                        "type": kind,
+                        "id": ident,
+                        "firehoses": [q.name for q in queues],
+                    }
+                )
 
     @staticmethod
     def _kept(request: _Request) -> Awaitable[None]:

@@ -18,16 +18,24 @@ the delivery that confirms them. The contract every backend keeps (and the suite
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 import msgspec
 
-from firehosed.record import Record
+from firehosed.record import Rows
 
-Position = tuple[int, int]  # where in a backend's log: (segment, offset) on local disk
+# Where in a backend's log. On local disk (segment, offset, skip): the frame at `offset`
+# of segment `segment`, past its first `skip` records (a cut may end inside a request's
+# block). Written before blocks existed as (segment, offset): read as skip 0.
+Position = tuple[int, ...]
+
+
+def position(at: Position) -> Position:
+    """`at` as (segment, offset, skip)."""
+    return at if len(at) == 3 else (at[0], at[1], 0)
 
 
 class Manifest(msgspec.Struct, kw_only=True):
@@ -54,6 +62,11 @@ class Manifest(msgspec.Struct, kw_only=True):
     # `end`), and it has no .json file unless one is written for it later.
     start: Position | None = None
 
+    def __post_init__(self) -> None:
+        self.end = position(self.end)
+        if self.start is not None:
+            self.start = position(self.start)
+
 
 @dataclass(frozen=True, slots=True)
 class Encoded:
@@ -68,7 +81,7 @@ class Encoded:
 
 
 # Encodes a batch's records (in a worker thread): the firehose's format and naming.
-Encoder = Callable[[Sequence[Record]], Encoded]
+Encoder = Callable[[Rows], Encoded]
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,7 +151,7 @@ class Queue(Protocol):
     def configure(self, rules: CutRules, encoder: Encoder) -> None:
         """How batches are cut from now on (start and reload)."""
 
-    def append(self, framed: bytes, records: int) -> Commit:
+    def append(self, framed: bytes | bytearray, records: int) -> Commit:
         """Stage framed records (event loop); the commit that will make them durable."""
 
     async def next_batch(self, *, flush: bool = False) -> Manifest | None:

@@ -31,7 +31,7 @@ from firehosed.faults import crash_point
 from firehosed.queue.base import CutRules, Encoded, Encoder, Manifest, Position, QueueFigures
 from firehosed.queue.commit import Committer, Round
 from firehosed.queue.store import Pending, SegmentStore
-from firehosed.record import Record
+from firehosed.record import Rows
 
 log = structlog.get_logger(__name__)
 
@@ -86,7 +86,7 @@ class LocalQueue:
 
     # -- appending (event loop) and the group commit ----------------------------------
 
-    def append(self, framed: bytes, records: int) -> Round:
+    def append(self, framed: bytes | bytearray, records: int) -> Round:
         """Stage framed records; the round that will make them durable."""
         if self._store.append(framed, records):
             return self._committer.mark(self)
@@ -152,7 +152,7 @@ class LocalQueue:
             and not self._numbering.locked()
         )
 
-    def cut_round(self, records: list[Record], end: Position, frame_bytes: int) -> Manifest:
+    def cut_round(self, records: Rows, end: Position, frame_bytes: int) -> Manifest:
         """The batch of `records`, which end at `end` (commit thread)."""
         manifest, _ = self._manifest(records, end)
         self._round_batch = (manifest, frame_bytes)
@@ -319,7 +319,7 @@ class LocalQueue:
         manifest, data = self._manifest(records, end)
         return manifest, store.persist_batch(manifest, data), frame_bytes
 
-    def _manifest(self, records: list[Record], end: Position) -> tuple[Manifest, bytes]:
+    def _manifest(self, records: Rows, end: Position) -> tuple[Manifest, bytes]:
         """The manifest of a batch of `records`, and its bytes (a thread: it encodes)."""
         store, stream = self._store, self._rules.stream
         encoded = self._encoder(records)
@@ -330,12 +330,12 @@ class LocalQueue:
             suffix=store.state.name_suffix,
             records=len(records),
             size=len(encoded.data),
-            opened=records[0].received,
+            opened=records.received[0],
             cut=time.time(),
             end=end,
             content_type=encoded.content_type,
             content_encoding=encoded.content_encoding,
-            keys=[(r.id, r.session) for r in records] if stream else [],
+            keys=records.keys() if stream else [],
             data=encoded.data if stream else None,
         )
         return manifest, encoded.data

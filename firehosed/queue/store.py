@@ -43,8 +43,10 @@ import os
 import threading
 import time
 import uuid
+from bisect import bisect_left
 from collections import deque
 from dataclasses import dataclass, field
+from itertools import accumulate, islice, repeat
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
@@ -54,9 +56,9 @@ import structlog
 from firehosed import metrics
 from firehosed.faults import crash_point, fail_point
 from firehosed.fileio import fsync_dir, make_dirs, write_all, write_durably, write_synced
-from firehosed.queue.base import Manifest, Position
+from firehosed.queue.base import Manifest, Position, position
 from firehosed.queue.frames import HEADER, frame, scan
-from firehosed.record import Record, decoder
+from firehosed.record import BLOCK, Block, Rows, block_decoder, decoder
 
 log = structlog.get_logger(__name__)
 
@@ -76,17 +78,20 @@ class RoundCutter(Protocol):
     """Cuts a stream batch in a group commit: that commit's records, and any committed
     before them not yet in a batch."""
 
-    def cut_round(self, records: list[Record], end: Position, frame_bytes: int) -> Manifest:
+    def cut_round(self, records: Rows, end: Position, frame_bytes: int) -> Manifest:
         """The batch of `records`, which end at `end` (commit thread)."""
 
 
 class State(msgspec.Struct, kw_only=True):
     """What `state.json` holds."""
 
-    cursor: Position = (0, 0)
+    cursor: Position = (0, 0, 0)
     next_batch: int = 1
     last_name: str = ""
     name_suffix: int = 0
+
+    def __post_init__(self) -> None:
+        self.cursor = position(self.cursor)
 
 
 @dataclass(slots=True)
@@ -117,7 +122,7 @@ class SegmentStore:
         self._newest_tombstone: int | None = None
         self.segments: list[int] = []
         self.pending = Pending()
-        self.committed: Position = (0, 0)
+        self.committed: Position = (0, 0, 0)
         self.staged_records = 0
         self.staged_bytes = 0
         # Committed records not yet in a batch: what a cut can take now.
@@ -187,7 +192,7 @@ class SegmentStore:
         """The cursor and naming state after `manifest`, if newer than what we have."""
         if manifest.no >= self.state.next_batch:  # newer than state.json
             self.state = State(
-                cursor=max(self.state.cursor, (manifest.end[0], manifest.end[1])),
+                cursor=max(self.state.cursor, manifest.end),
                 next_batch=manifest.no + 1,
                 last_name=manifest.base,
                 name_suffix=manifest.suffix,
@@ -207,7 +212,7 @@ class SegmentStore:
                 self.disk_bytes += path.stat().st_size
                 continue
             data = path.read_bytes()
-            start = self.state.cursor[1] if number == self.state.cursor[0] else 0
+            start, skip = self.state.cursor[1:] if number == self.state.cursor[0] else (0, 0)
             dropped: list[tuple[int, int]] = []  # torn or corrupt spans, cut out below
             removed = 0  # their bytes so far: a position in the file as rewritten
             bad = 0
@@ -226,17 +231,17 @@ class SegmentStore:
                         self._quarantine(number, data[span.start : span.end])
                 elif payload[0] in _MARKS:
                     if payload[0] == CUT_MARK:
-                        self._recover_cut(found, payload, (number, span.start - removed))
-                    found.passed(payload, (number, span.end - removed))
+                        self._recover_cut(found, payload, (number, span.start - removed, 0))
+                    found.passed(payload, (number, span.end - removed, 0))
                 else:
-                    self._count_staged(payload, recent)
+                    self._count_staged(payload, recent, skip if span.start == start else 0)
             size = len(data) - removed
             if dropped:
                 write_durably(path, _without(data, dropped), self.sync)
             if bad:
                 metrics.records_quarantined.labels(self.firehose).inc(bad)
             self.disk_bytes += size
-            self.committed = (number, size)
+            self.committed = (number, size, 0)
         for manifest in found.held:  # (their bytes on disk are the segments')
             self.batches.append(manifest)
             self.batch_bytes += manifest.size
@@ -262,20 +267,28 @@ class SegmentStore:
             )
         # past the mark (`at` is where it starts): the records before it are its batch's
         self.state = msgspec.structs.replace(
-            state, cursor=(at[0], at[1] + HEADER.size + len(payload))
+            state, cursor=(at[0], at[1] + HEADER.size + len(payload), 0)
         )
         found.cut(manifest, at)
 
-    def _count_staged(self, payload: memoryview, recent: bool) -> None:
-        """A record past the cursor (undelivered): counted; noted for dedupe if `recent`."""
-        if recent or self.staged_records == 0:
-            record = decoder.decode(payload)
-            if recent:
-                self.recovered.append((record.id, record.received))
-            if self.staged_records == 0:
-                self.staged_since = record.received
-        self.staged_records += 1
+    def _count_staged(self, payload: memoryview, recent: bool, skip: int) -> None:
+        """Records past the cursor (undelivered; a block's after its first `skip`):
+        counted; noted for dedupe if `recent`."""
         self.staged_bytes += HEADER.size + len(payload)
+        if payload[0] == BLOCK:
+            block = block_decoder.decode(payload[1:])
+            ids, received = block.ids[skip:], block.received
+        elif recent or self.staged_records == 0:
+            record = decoder.decode(payload)
+            ids, received = [record.id], record.received
+        else:  # an older single record: only counted (recovery reads whole queues)
+            self.staged_records += 1
+            return
+        if recent:
+            self.recovered.extend(zip(ids, repeat(received)))
+        if self.staged_records == 0 and ids:
+            self.staged_since = received
+        self.staged_records += len(ids)
 
     def _quarantine(self, segment: int, data: bytes) -> None:
         target = self.root.parent.parent / "quarantine" / self.firehose
@@ -288,7 +301,7 @@ class SegmentStore:
 
     # -- appending (event loop) and group commit (committer thread) ---------------
 
-    def append(self, framed: bytes, records: int) -> bool:
+    def append(self, framed: bytes | bytearray, records: int) -> bool:
         """Stage `records` framed Records (durable after the next group commit).
 
         True when this made the queue dirty, i.e. the committer must be told.
@@ -321,7 +334,7 @@ class SegmentStore:
         before = os.lseek(self._fd, 0, os.SEEK_END)
         manifest = None
         if cutter is not None:
-            manifest = self._cut_round(cutter, pending, (number, before + len(pending.data)))
+            manifest = self._cut_round(cutter, pending, (number, before + len(pending.data), 0))
         if manifest is not None:
             pending.data += frame(bytes([CUT_MARK]) + msgspec.msgpack.encode(manifest))
         try:
@@ -336,21 +349,22 @@ class SegmentStore:
         end = before + len(pending.data)
         if manifest is not None:
             self.state = msgspec.structs.replace(
-                self.state, cursor=(number, end), next_batch=manifest.no + 1
+                self.state, cursor=(number, end, 0), next_batch=manifest.no + 1
             )
         if end >= self.segment_size:
             try:
                 self._open_segment(number + 1)
             except OSError as exc:  # the records are durable: go on in this segment
                 log.error("queue.rotate_failed", firehose=self.firehose, error=str(exc))
-        return (number, end)
+        return (number, end, 0)
 
     def _cut_round(self, cutter: RoundCutter, pending: Pending, end: Position) -> Manifest | None:
         """The batch of the committed records not yet cut, if any, and `pending`'s."""
         records, frame_bytes = _records(memoryview(pending.data))
         if self.uncut:  # a stream catching up after a cut or a pause
             earlier, _, framed = self.read(1 << 62, 1 << 62)
-            records, frame_bytes = earlier + records, framed + frame_bytes
+            earlier.extend(records)
+            records, frame_bytes = earlier, framed + frame_bytes
         try:
             manifest = cutter.cut_round(records, end, frame_bytes)
         except Exception:  # a bug must not stop the group commit: the records wait for a cut
@@ -416,25 +430,27 @@ class SegmentStore:
 
     # -- cutting batches (worker) -------------------------------------------------
 
-    def read(self, limit_bytes: int, limit_records: int) -> tuple[list[Record], Position, int]:
-        """Committed records from the cursor, up to the limits: records, end, frame bytes.
+    def read(self, limit_bytes: int, limit_records: int) -> tuple[Rows, Position, int]:
+        """Committed records from the cursor, up to the limits: records, end, frame bytes
+        (of the frames read to their end: a block cut part-way is counted by the cut
+        that takes its last record).
 
         Runs in a thread; reads only what the committer has made durable.
         """
         batch = _Reading(limit_bytes, limit_records)
-        position: Position = self.state.cursor
+        at: Position = self.state.cursor
         end = self.committed
         for number in list(self.segments):
-            if number < position[0] or (number, 0) > end:
+            if number < at[0] or (number, 0, 0) > end:
                 continue
-            start = position[1] if number == position[0] else 0
+            start, skip = at[1:] if number == at[0] else (0, 0)
             stop = end[1] if number == end[0] else self.sealed.get(number)
             with open(self.segments_dir / f"{number}.seg", "rb") as f:
-                offset = batch.take(f, start, stop)
-            position = (number, offset)
+                offset, skip = batch.take(f, start, skip, stop)
+            at = (number, offset, skip)
             if batch.full():
                 break
-        return batch.records, position, batch.framed
+        return batch.records, at, batch.framed
 
     def persist_batch(self, manifest: Manifest, data: bytes) -> int:
         """Write a cut batch durably and move the cursor past it; return bytes freed (thread).
@@ -527,7 +543,7 @@ class SegmentStore:
         while len(self.segments) > 1 and (self.held is None or self.segments[0] < self.held[0]):
             path = self.segments_dir / f"{self.segments[0]}.seg"
             size = path.stat().st_size
-            if (self.segments[0], size) > self.state.cursor:
+            if (self.segments[0], size, 0) > self.state.cursor:
                 break
             freed += size
             path.unlink()
@@ -712,13 +728,18 @@ def _without(data: bytes, spans: list[tuple[int, int]]) -> bytes:
     return b"".join(kept)
 
 
-def _records(data: memoryview) -> tuple[list[Record], int]:
+def _records(data: memoryview) -> tuple[Rows, int]:
     """The records framed in `data` (marks skipped), and their framed size."""
-    records, framed = [], 0
+    records, framed = Rows(), 0
     for start, end, payload in scan(data):
-        if payload is not None and payload[0] not in _MARKS:
+        if payload is None or payload[0] in _MARKS:
+            continue
+        if payload[0] == BLOCK:
+            block = block_decoder.decode(payload[1:])
+            records.add_block(block, 0, len(block.ids))
+        else:
             records.append(decoder.decode(payload))
-            framed += end - start
+        framed += end - start
     return records, framed
 
 
@@ -726,35 +747,44 @@ class _Reading:
     """Records read for one cut, up to its limits, a chunk of a segment at a time.
 
     Reading in chunks keeps a small stream batch from reading a whole segment of backlog.
+    A block is taken part-way when a limit falls inside it: the cut then ends at that
+    block with the number of its records taken (the next cut's `skip`).
     """
 
     CHUNK = 1 << 20
 
     def __init__(self, limit_bytes: int, limit_records: int) -> None:
         self.limit_bytes, self.limit_records = limit_bytes, limit_records
-        self.records: list[Record] = []
+        self.records = Rows()
         self.size = self.framed = 0
 
     def full(self) -> bool:
         return self.size >= self.limit_bytes or len(self.records) >= self.limit_records
 
-    def take(self, f: BinaryIO, offset: int, stop: int | None) -> int:
-        """Read frames from `offset` until the limits, `stop` or the end; the offset reached."""
+    def take(self, f: BinaryIO, offset: int, skip: int, stop: int | None) -> tuple[int, int]:
+        """Read frames from `offset` (past `skip` records of the block there) until the
+        limits, `stop` or the end; the (offset, skip) reached."""
         want = self.CHUNK
         while not self.full():
             f.seek(offset)
             data = f.read(want if stop is None else min(want, stop - offset))
-            used = self._frames(data)
+            used, inside = self._frames(data, skip)
+            if inside:
+                return offset + used, inside  # the limits fell inside the block there
             if used == 0 and len(data) < want and (stop is None or offset + len(data) >= stop):
-                return offset + len(data)  # only an unreadable tail is left: skip it
+                return offset + len(data), 0  # only an unreadable tail is left: skip it
             offset += used
+            if used:
+                skip = 0
             want = self.CHUNK if used else want * 2  # a frame larger than a chunk
             if not data:
                 break
-        return offset
+        return offset, skip
 
-    def _frames(self, data: bytes) -> int:
-        """Decode whole frames from `data` until full; the bytes used."""
+    def _frames(self, data: bytes, skip: int) -> tuple[int, int]:
+        """Decode whole frames from `data` (the first past `skip` records) until full;
+        the bytes used, and 0, or where a limit fell inside a block: its start and the
+        number of its records taken by now."""
         used = 0
         records, decode = self.records, decoder.decode  # per record: keep lookups out
         for start, end, payload in scan(data):
@@ -763,14 +793,34 @@ class _Reading:
                     break  # an incomplete frame at the chunk's end: read on from it
                 used = end  # corrupt bytes (quarantined at recovery): skip
                 continue
-            if payload[0] in _MARKS:
+            tag = payload[0]
+            if tag in _MARKS:
                 used = end
                 continue
-            record = decode(payload)
-            records.append(record)
-            self.size += len(record.raw)
+            if tag == BLOCK:
+                taken = self._block(block_decoder.decode(payload[1:]), skip)
+                if taken:
+                    return start, taken
+                skip = 0
+            else:
+                record = decode(payload)
+                records.append(record)
+                self.size += len(record.raw)
             self.framed += end - start
             used = end
-            if self.size >= self.limit_bytes or len(records) >= self.limit_records:
+            if self.full():
                 break
-        return used
+        return used, 0
+
+    def _block(self, block: Block, skip: int) -> int:
+        """Take `block`'s records from `skip` on, up to the limits: 0 when all were
+        taken, else how many of the block's records are now in this or earlier cuts."""
+        count = len(block.ids)
+        stop = min(count, skip + self.limit_records - len(self.records))
+        sizes = list(accumulate(map(len, islice(block.raws, skip, stop))))
+        room = self.limit_bytes - self.size
+        if sizes and sizes[-1] >= room:  # the record that reaches the limit is the last
+            stop = skip + bisect_left(sizes, room) + 1
+        self.records.add_block(block, skip, stop)
+        self.size += sizes[stop - skip - 1] if stop > skip else 0
+        return 0 if stop == count else stop
