@@ -77,6 +77,8 @@ class Envelopes:
     raws: list[bytes]
     # Per record, whether its id was assigned here (None: no record's was).
     assigned: list[bool] | None = None
+    # No record holds a newline or carriage return: joined by newlines they are NDJSON.
+    plain: bool = False
 
     @classmethod
     def empty(cls) -> Envelopes:
@@ -111,13 +113,21 @@ class Envelopes:
             list(compress(self.times, keep)),
             list(compress(self.raws, keep)),
             None if self.assigned is None else list(compress(self.assigned, keep)),
+            self.plain,
         )
 
     def block(self, received: float, start: int, stop: int) -> Block:
         """Records `start` to `stop` as a queue's Block."""
         if start == 0 and stop == len(self.ids):
             return Block(
-                received, self.types, self.ids, self.sessions, self.persons, self.times, self.raws
+                received,
+                self.types,
+                self.ids,
+                self.sessions,
+                self.persons,
+                self.times,
+                self.raws,
+                self.plain,
             )
         return Block(
             received,
@@ -127,6 +137,7 @@ class Envelopes:
             self.persons[start:stop],
             self.times[start:stop],
             self.raws[start:stop],
+            self.plain,
         )
 
 
@@ -191,12 +202,13 @@ class EnvelopeReader:
         """`read_all` when every record is regular; _Irregular or RecordError if not."""
         # Each record must be one object: `decode_lines` takes any whitespace between
         # values, so a record cut in two (`{"a":1,` then `"b":2}`) would read as one
-        # and a line of two as two. `}`, newline, `{` is never inside a JSON value: when
+        # and a line of two as two. `}`, space, `{` is never inside a JSON value: when
         # every record starts with `{` and ends with `}`, and they are as many as the
         # values, each is one.
         if not braced(raws):
             raise _Irregular
-        roots = self._batch.decode_lines(b"\n".join(raws))
+        joined = b" ".join(raws)
+        roots = self._batch.decode_lines(joined)
         if len(roots) != len(raws):
             raise _Irregular
         columns = self._columns
@@ -225,6 +237,7 @@ class EnvelopeReader:
             _times(columns["time"](roots), received),
             raws,
             assigned,
+            b"\n" not in joined and b"\r" not in joined,
         )
 
     def read(self, raw: bytes, received: float) -> Envelope:

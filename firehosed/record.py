@@ -42,6 +42,7 @@ class Block(msgspec.Struct, array_like=True, gc=False):
     persons: list[str | None]
     times: list[float]
     raws: list[bytes]
+    plain: bool = False  # no record holds a newline or carriage return
 
 
 # A segment frame's payload is a Block when it starts with this byte (a Record's
@@ -72,7 +73,7 @@ class Rows(Sequence[Record]):
     themselves serve formats that need only the raw bytes.
     """
 
-    __slots__ = ("ids", "persons", "raws", "received", "sessions", "times", "types")
+    __slots__ = ("ids", "persons", "plain", "raws", "received", "sessions", "times", "types")
 
     def __init__(self) -> None:
         self.types: list[str] = []
@@ -82,6 +83,8 @@ class Rows(Sequence[Record]):
         self.times: list[float] = []
         self.received: list[float] = []
         self.raws: list[bytes] = []
+        # No record holds a newline or carriage return: joined by newlines, NDJSON.
+        self.plain = True
 
     @classmethod
     def of(cls, records: Iterable[Record]) -> Rows:
@@ -98,6 +101,7 @@ class Rows(Sequence[Record]):
         self.times.append(record.time)
         self.received.append(record.received)
         self.raws.append(record.raw)
+        self.plain = self.plain and b"\n" not in record.raw and b"\r" not in record.raw
 
     def add_block(self, block: Block, start: int, stop: int) -> None:
         """Records `start` to `stop` of `block`."""
@@ -116,10 +120,16 @@ class Rows(Sequence[Record]):
             self.times += block.times[start:stop]
             self.raws += block.raws[start:stop]
         self.received += repeat(block.received, stop - start)
+        self.plain = self.plain and block.plain
 
     def extend(self, other: Rows) -> None:
-        for name in self.__slots__:
-            getattr(self, name).extend(getattr(other, name))
+        for column in self._columns():
+            getattr(self, column).extend(getattr(other, column))
+        self.plain = self.plain and other.plain
+
+    @classmethod
+    def _columns(cls) -> tuple[str, ...]:
+        return tuple(name for name in cls.__slots__ if name != "plain")
 
     def keys(self) -> list[tuple[str, str | None]]:
         """(id, session) of each record."""
@@ -135,8 +145,9 @@ class Rows(Sequence[Record]):
     def __getitem__(self, index: int | slice) -> Record | Rows:
         if isinstance(index, slice):
             rows = Rows()
-            for name in self.__slots__:
-                setattr(rows, name, getattr(self, name)[index])
+            for column in self._columns():
+                setattr(rows, column, getattr(self, column)[index])
+            rows.plain = self.plain
             return rows
         return Record(
             self.types[index],

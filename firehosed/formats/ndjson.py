@@ -13,17 +13,15 @@ import msgspec
 
 from firehosed.formats.json import with_mapped_fields
 from firehosed.mapping import Mapping
-from firehosed.record import Record, raws
+from firehosed.record import Record, Rows, raws
 
 
 def encode(records: Sequence[Record], mapping: Mapping | None) -> bytes:
     """Each record's raw bytes (or mapped form) on its own line."""
     if mapping is None:
-        lines = raws(records)
-        data = b"\n".join([*lines, b""])
-        if data.count(b"\n") == len(lines) and b"\r" not in data:
-            return data  # no record spans lines (the usual case): one join, two scans
-        lines = [one_line(raw) for raw in lines]
+        if isinstance(records, Rows) and records.plain:  # known at ingest: one join
+            return b"\n".join([*records.raws, b""])
+        lines = [one_line(raw) for raw in raws(records)]
     else:
         lines = [with_mapped_fields(r.raw, mapping) for r in records]
     lines.append(b"")  # the last line ends with a newline too
