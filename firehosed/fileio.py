@@ -21,6 +21,23 @@ def write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
         view = view[os.write(fd, view) :]
 
 
+IOV_MAX = 1024  # buffers per writev (Linux's limit)
+
+
+def write_chunks(fd: int, chunks: list[bytes | bytearray]) -> None:
+    """`write_all` of the chunks one after another, with as few system calls as
+    writev allows (a short write goes on where it stopped)."""
+    views = [memoryview(chunk) for chunk in chunks if chunk]
+    at = 0
+    while at < len(views):
+        written = os.writev(fd, views[at : at + IOV_MAX])
+        while at < len(views) and written >= len(views[at]):
+            written -= len(views[at])
+            at += 1
+        if written:
+            views[at] = views[at][written:]
+
+
 def fsync_path(path: Path) -> None:
     """fsync a file, or a directory (to make a rename or create in it durable)."""
     fd = os.open(path, os.O_RDONLY)

@@ -22,7 +22,7 @@ from firehosed.envelope import Envelopes
 from firehosed.firehose import Firehose
 from firehosed.mapping import set_path
 from firehosed.queue.base import Queue, Ticket
-from firehosed.queue.frames import frame, frame_block
+from firehosed.queue.frames import Framed, Unsealed, frame
 from firehosed.record import Record, decoder, encode
 
 
@@ -201,9 +201,9 @@ class Routing:
         if stop <= start or not queues:
             return
         if stop - start == 1:  # (a single signal: a Record frame is smaller and quicker)
-            framed: bytes | bytearray = frame(encode(_record(envs, start, received)))
+            framed: Framed = frame(encode(_record(envs, start, received)))
         else:
-            framed = frame_block(envs.block(received, start, stop))
+            framed = Unsealed(envs.block(received, start, stop))
         add = self.ticket.add
         for queue in queues:
             add(queue.append(framed, stop - start))

@@ -25,6 +25,7 @@ from typing import Protocol
 
 import msgspec
 
+from firehosed.queue.frames import Framed
 from firehosed.record import Rows
 
 # Where in a backend's log. On local disk (segment, offset, skip): the frame at `offset`
@@ -151,7 +152,7 @@ class Queue(Protocol):
     def configure(self, rules: CutRules, encoder: Encoder) -> None:
         """How batches are cut from now on (start and reload)."""
 
-    def append(self, framed: bytes | bytearray, records: int) -> Commit:
+    def append(self, framed: Framed, records: int) -> Commit:
         """Stage framed records (event loop); the commit that will make them durable."""
 
     async def next_batch(self, *, flush: bool = False) -> Manifest | None:

@@ -10,6 +10,7 @@ torn or flipped record from an intact one.
 from __future__ import annotations
 
 import struct
+import threading
 import zlib
 from collections.abc import Iterator
 from typing import NamedTuple
@@ -41,7 +42,7 @@ class Span(NamedTuple):
     payload: memoryview | None
 
 
-def scan(data: bytes | memoryview, start: int = 0) -> Iterator[Span]:
+def scan(data: bytes | bytearray | memoryview, start: int = 0) -> Iterator[Span]:
     """Split `data[start:]` into intact frames and corrupt spans.
 
     A trailing span that is neither (a write cut short by a crash) is yielded as corrupt
@@ -84,12 +85,44 @@ def _next_frame(view: memoryview, pos: int) -> int:
         pos += 1
 
 
+class Unsealed:
+    """A Block encoded behind room for its frame header. The header, and the CRC over
+    the payload it holds, are filled in by the first committer thread that writes the
+    frame (`sealed`): the event loop encodes a request's records once and goes on, and
+    the CRC of a large block (zlib lets go of the GIL for it) is not on its path.
+    Several queues may share one (a request's records bound for several firehoses)."""
+
+    __slots__ = ("_lock", "_sealed", "data")
+
+    def __init__(self, block: Block) -> None:
+        data = bytearray(HEADER.size + 1)
+        data[HEADER.size] = BLOCK
+        block_encoder.encode_into(block, data, HEADER.size + 1)
+        self.data = data
+        self._lock = threading.Lock()
+        self._sealed = False
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def payload(self) -> memoryview:
+        return memoryview(self.data)[HEADER.size :]
+
+    def sealed(self) -> bytearray:
+        """The whole frame, header and CRC in place (a committer thread)."""
+        with self._lock:
+            if not self._sealed:
+                with self.payload() as payload:
+                    crc = zlib.crc32(payload)
+                HEADER.pack_into(self.data, 0, MAGIC, len(self.data) - HEADER.size, crc)
+                self._sealed = True
+        return self.data
+
+
+# What a queue is given to append: framed bytes, or a Block to be sealed as it is written.
+Framed = bytes | bytearray | Unsealed
+
+
 def frame_block(block: Block) -> bytearray:
-    """The framed bytes of a Block: encoded in place behind its header, one copy."""
-    out = bytearray(HEADER.size + 1)
-    out[HEADER.size] = BLOCK
-    block_encoder.encode_into(block, out, HEADER.size + 1)
-    with memoryview(out) as view:
-        crc = zlib.crc32(view[HEADER.size :])
-    HEADER.pack_into(out, 0, MAGIC, len(out) - HEADER.size, crc)
-    return out
+    """The framed bytes of a Block (tests, tools: the queue seals its own)."""
+    return Unsealed(block).sealed()

@@ -30,6 +30,7 @@ from firehosed import metrics
 from firehosed.faults import crash_point
 from firehosed.queue.base import CutRules, Encoded, Encoder, Manifest, Position, QueueFigures
 from firehosed.queue.commit import Committer, Round
+from firehosed.queue.frames import Framed
 from firehosed.queue.store import Pending, SegmentStore
 from firehosed.record import Rows
 
@@ -86,7 +87,7 @@ class LocalQueue:
 
     # -- appending (event loop) and the group commit ----------------------------------
 
-    def append(self, framed: bytes | bytearray, records: int) -> Round:
+    def append(self, framed: Framed, records: int) -> Round:
         """Stage framed records; the round that will make them durable."""
         if self._store.append(framed, records):
             return self._committer.mark(self)
@@ -106,7 +107,7 @@ class LocalQueue:
     def write_round(self, pending: Pending, sync: bool) -> Position:
         """Write and sync a round's bytes (committer thread); cut them too when taken."""
         store = self._store
-        if not pending.data:
+        if not pending.chunks:
             return store.committed
         return store.write(pending, sync, self if self._round_cut is not None else None)
 

@@ -55,9 +55,9 @@ import structlog
 
 from firehosed import metrics
 from firehosed.faults import crash_point, fail_point
-from firehosed.fileio import fsync_dir, make_dirs, write_all, write_durably, write_synced
+from firehosed.fileio import fsync_dir, make_dirs, write_chunks, write_durably, write_synced
 from firehosed.queue.base import Manifest, Position, position
-from firehosed.queue.frames import HEADER, frame, scan
+from firehosed.queue.frames import HEADER, Framed, Unsealed, frame, scan
 from firehosed.record import BLOCK, Block, Rows, block_decoder, decoder
 
 log = structlog.get_logger(__name__)
@@ -96,11 +96,27 @@ class State(msgspec.Struct, kw_only=True):
 
 @dataclass(slots=True)
 class Pending:
-    """Records appended since the last group commit (event loop side only)."""
+    """Frames appended since the last group commit, in order: small ones (single
+    records, marks) joined in bytearrays of their own, blocks as they came."""
 
-    data: bytearray = field(default_factory=bytearray)
+    chunks: list[bytearray | Unsealed] = field(default_factory=list)
+    size: int = 0  # bytes in `chunks`
     records: int = 0
-    framed: int = 0  # the records' bytes in `data` (the rest is marks)
+    framed: int = 0  # the records' bytes (the rest is marks)
+
+    def add(self, framed: Framed) -> None:
+        chunks = self.chunks
+        if isinstance(framed, Unsealed):
+            chunks.append(framed)
+        elif chunks and isinstance(chunks[-1], bytearray):
+            chunks[-1] += framed
+        else:
+            chunks.append(bytearray(framed))
+        self.size += len(framed)
+
+    def sealed(self) -> list[bytes | bytearray]:
+        """The chunks to write, every block's header in place (committer thread)."""
+        return [c.sealed() if isinstance(c, Unsealed) else c for c in self.chunks]
 
 
 class SegmentStore:
@@ -301,13 +317,13 @@ class SegmentStore:
 
     # -- appending (event loop) and group commit (committer thread) ---------------
 
-    def append(self, framed: bytes | bytearray, records: int) -> bool:
-        """Stage `records` framed Records (durable after the next group commit).
+    def append(self, framed: Framed, records: int) -> bool:
+        """Stage `records` framed records (durable after the next group commit).
 
         True when this made the queue dirty, i.e. the committer must be told.
         """
         pending = self.pending
-        pending.data += framed
+        pending.add(framed)
         pending.framed += len(framed)
         if self.staged_records == 0:
             self.staged_since = time.time()
@@ -334,19 +350,19 @@ class SegmentStore:
         before = os.lseek(self._fd, 0, os.SEEK_END)
         manifest = None
         if cutter is not None:
-            manifest = self._cut_round(cutter, pending, (number, before + len(pending.data), 0))
+            manifest = self._cut_round(cutter, pending, (number, before + pending.size, 0))
         if manifest is not None:
-            pending.data += frame(bytes([CUT_MARK]) + msgspec.msgpack.encode(manifest))
+            pending.add(frame(bytes([CUT_MARK]) + msgspec.msgpack.encode(manifest)))
         try:
             fail_point("queue.commit_bug")
-            write_all(self._fd, pending.data)
+            write_chunks(self._fd, pending.sealed())
             if sync:
                 fail_point("queue.fsync")
                 os.fdatasync(self._fd)
         except Exception:  # the disk (OSError) or a bug: nothing more goes to this file
             self._abandon_segment(number, before)
             raise
-        end = before + len(pending.data)
+        end = before + pending.size
         if manifest is not None:
             self.state = msgspec.structs.replace(
                 self.state, cursor=(number, end, 0), next_batch=manifest.no + 1
@@ -360,7 +376,7 @@ class SegmentStore:
 
     def _cut_round(self, cutter: RoundCutter, pending: Pending, end: Position) -> Manifest | None:
         """The batch of the committed records not yet cut, if any, and `pending`'s."""
-        records, frame_bytes = _records(memoryview(pending.data))
+        records, frame_bytes = _records(pending.chunks)
         if self.uncut:  # a stream catching up after a cut or a pause
             earlier, _, framed = self.read(1 << 62, 1 << 62)
             earlier.extend(records)
@@ -376,7 +392,7 @@ class SegmentStore:
     def mark_done(self, manifest: Manifest) -> None:
         """Record that a batch held in a segment left the queue, with the next group
         commit (event loop). Until then a crash sends it again, under the same id."""
-        self.pending.data += frame(bytes([DONE_MARK]) + msgspec.msgpack.encode(manifest.no))
+        self.pending.add(frame(bytes([DONE_MARK]) + msgspec.msgpack.encode(manifest.no)))
 
     def settle(self, pending: Pending, end: Position | None) -> None:
         """Account for a group commit's `pending` bytes (event loop side): written and
@@ -387,7 +403,7 @@ class SegmentStore:
             return
         self.committed = end
         self.uncut += pending.records
-        self.disk_bytes += len(pending.data)
+        self.disk_bytes += pending.size
 
     def _abandon_segment(self, number: int, size: int) -> None:
         """After a failed write or sync, cut the segment back and move to a new one.
@@ -728,18 +744,25 @@ def _without(data: bytes, spans: list[tuple[int, int]]) -> bytes:
     return b"".join(kept)
 
 
-def _records(data: memoryview) -> tuple[Rows, int]:
-    """The records framed in `data` (marks skipped), and their framed size."""
+def _records(chunks: list[bytearray | Unsealed]) -> tuple[Rows, int]:
+    """The records of a group commit's frames (marks skipped), and their framed size."""
     records, framed = Rows(), 0
-    for start, end, payload in scan(data):
-        if payload is None or payload[0] in _MARKS:
-            continue
-        if payload[0] == BLOCK:
-            block = block_decoder.decode(payload[1:])
+    for chunk in chunks:
+        if isinstance(chunk, Unsealed):
+            with chunk.payload() as view:
+                block = block_decoder.decode(view[1:])
             records.add_block(block, 0, len(block.ids))
-        else:
-            records.append(decoder.decode(payload))
-        framed += end - start
+            framed += len(chunk)
+            continue
+        for start, end, payload in scan(chunk):
+            if payload is None or payload[0] in _MARKS:
+                continue
+            if payload[0] == BLOCK:
+                block = block_decoder.decode(payload[1:])
+                records.add_block(block, 0, len(block.ids))
+            else:
+                records.append(decoder.decode(payload))
+            framed += end - start
     return records, framed
 
 
