@@ -9,9 +9,12 @@ order is kept in deques, not the dict's own order: popping a dict's first key ag
 again rescans the deleted slots before it, quadratic under load. `memory` counts the live
 and the stale entries alike (a stale entry still holds its string until popped).
 
-An id accepted by a request that is not yet answered is *in flight*: `_inflight` maps it
-to that request's ticket, so a duplicate arriving meanwhile waits for the same commits
-and shares their outcome instead of being acknowledged before the original is kept.
+An id accepted by a request that is not yet answered is *in flight*: `_inflight` holds,
+per unanswered request's ticket, the set of ids it accepted, so a duplicate arriving
+meanwhile waits for the same commits and shares their outcome instead of being
+acknowledged before the original is kept. (Per request, not per id: the set of a
+request's ids is built anyway to find repeats within it, and settling drops it whole;
+only a duplicate looks through the few requests in flight.)
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ class Dedupe:
         self._seen: dict[str, float] = {}
         self._ids: deque[str] = deque()
         self._times: deque[float] = deque()
-        self._inflight: dict[str, Ticket] = {}
+        self._inflight: dict[Ticket, set[str]] = {}
 
     def seen(self, record_id: str, now: float, ticket: Ticket) -> bool:
         """True if `record_id` was accepted inside the window; else remember it as
@@ -51,7 +54,11 @@ class Dedupe:
         if record_id in self._seen:
             return True
         self._seen[record_id] = now
-        self._inflight[record_id] = ticket
+        flying = self._inflight.get(ticket)
+        if flying is None:
+            self._inflight[ticket] = {record_id}
+        else:
+            flying.add(record_id)
         self._ids.append(record_id)
         self._times.append(now)
         self.memory += len(record_id) + ID_OVERHEAD
@@ -64,16 +71,15 @@ class Dedupe:
         within `record_ids` included). A request of new ids (the usual one) is
         remembered in a few bulk operations, not id by id."""
         seen = self._seen
-        if (
-            len(record_ids) < BULK
-            or not seen.keys().isdisjoint(record_ids)
-            or len(set(record_ids)) != len(record_ids)
-        ):
-            return [
-                i for i, record_id in enumerate(record_ids) if self.seen(record_id, now, ticket)
-            ]
+        unique = set(record_ids) if len(record_ids) >= BULK else None
+        if unique is None or len(unique) != len(record_ids) or not seen.keys().isdisjoint(unique):
+            return [i for i, one in enumerate(record_ids) if self.seen(one, now, ticket)]
         seen.update(zip(record_ids, repeat(now)))
-        self._inflight.update(zip(record_ids, repeat(ticket)))
+        flying = self._inflight.get(ticket)
+        if flying is None:
+            self._inflight[ticket] = unique
+        else:
+            flying |= unique
         self._ids.extend(record_ids)
         self._times.extend(repeat(now, len(record_ids)))
         self.memory += sum(map(len, record_ids)) + ID_OVERHEAD * len(record_ids)
@@ -84,20 +90,24 @@ class Dedupe:
     def remember(self, record_id: str, accepted: float) -> None:
         """Note `record_id` as kept, accepted at `accepted` (a record found in a queue
         at start: its request's answer may never have reached the client)."""
-        if not self.seen(record_id, accepted, _RECOVERED):
-            del self._inflight[record_id]
+        self.seen(record_id, accepted, _RECOVERED)
+        self._inflight.pop(_RECOVERED, None)
 
     def original(self, record_id: str) -> Ticket | None:
         """The ticket of the request still committing `record_id`, if any."""
-        return self._inflight.get(record_id)
+        for ticket, ids in self._inflight.items():
+            if record_id in ids:
+                return ticket
+        return None
 
-    def settled(self, record_ids: Iterable[str], kept: bool) -> None:
-        """The request that accepted `record_ids` was answered: 202 (`kept`) or not, in
-        which case the ids are forgotten, so that the client's retry is accepted."""
-        inflight, seen = self._inflight, self._seen
-        for record_id in record_ids:
-            inflight.pop(record_id, None)
-            if not kept:
+    def settled(self, ticket: Ticket, record_ids: Iterable[str], kept: bool) -> None:
+        """The request holding `ticket`, that accepted `record_ids`, was answered: 202
+        (`kept`) or not, in which case the ids are forgotten, so that the client's retry
+        is accepted."""
+        self._inflight.pop(ticket, None)
+        if not kept:
+            seen = self._seen
+            for record_id in record_ids:
                 seen.pop(record_id, None)
 
     def expire(self, now: float) -> None:

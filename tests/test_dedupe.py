@@ -17,7 +17,7 @@ def test_window_limit_and_settled_not_kept() -> None:
     dedupe, ticket = Dedupe(window=10.0, limit=3, max_memory=BIG), Ticket()
     assert not dedupe.seen("a", 0.0, ticket)
     assert dedupe.seen("a", 1.0, ticket)
-    dedupe.settled(["a"], kept=False)
+    dedupe.settled(ticket, ["a"], kept=False)
     assert not dedupe.seen("a", 2.0, ticket)  # a request that failed may be retried
     for record_id in "bcd":
         dedupe.seen(record_id, 3.0, ticket)
@@ -30,7 +30,7 @@ def test_an_id_is_in_flight_until_its_request_is_settled() -> None:
     dedupe, first, second = Dedupe(10.0, 100, BIG), Ticket(), Ticket()
     dedupe.seen("a", 0.0, first)
     assert dedupe.seen("a", 0.1, second) and dedupe.original("a") is first
-    dedupe.settled(["a"], kept=True)
+    dedupe.settled(first, ["a"], kept=True)
     assert dedupe.original("a") is None and dedupe.seen("a", 0.2, second)
 
 

@@ -247,7 +247,7 @@ class Receiver:
 
     @staticmethod
     def _settle(account: IngestAccount, routing: Routing, request: _Request, kept: bool) -> None:
-        account.dedupe.settled(request.fresh, kept)
+        account.dedupe.settled(request.ticket, request.fresh, kept)
         if not kept:
             routing.rollback()
 
