@@ -110,8 +110,10 @@ class Routing:
         replays = None
         if None not in envs.persons:  # every record names its person
             replays = self._identify_all(routes, envs, received)
-            if not replays and len(kinds := set(envs.types)) == 1:  # the usual request
-                self._append(routes.targets(kinds.pop(), False), envs, received, 0, len(envs))
+            # (the same queues for every type: one tuple, `targets` interns them)
+            targets = {routes.targets(kind, False) for kind in set(envs.types)}
+            if not replays and len(targets) == 1:  # the usual request: one run
+                self._append(targets.pop(), envs, received, 0, len(envs))
                 return
         self._route_each(routes, envs, received, replays)
 

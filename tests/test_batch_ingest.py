@@ -197,3 +197,34 @@ def test_routing_a_request_whole_is_routing_its_records_one_by_one(
     assert [record_id for _, record_id, _, _ in expected["pd"]] == ["id3", "id4", "id5", "id7"]
     replayed = [person for kind, _, person, _ in expected["all"][4:6]]
     assert replayed == ["p1", "p1"] and expected["all"][7][2] == "p1"
+
+
+IDENTIFIED = [
+    signal(1, did="s1", pid="p1"),
+    signal(2, did="s1", pid="p1", type="view"),  # another type: not for firehose pd
+    signal(3, did="s2", pid="p2"),
+    signal(4, pid="p4"),  # no session
+    signal(5, did="s1", pid="p1"),
+]
+
+
+@pytest.mark.parametrize("split", [[5], [2, 3], [1] * 5])
+def test_identified_records_of_several_types_route_as_one_by_one(
+    tmp_path: Path, split: list[int]
+) -> None:
+    """Every record names its person (the path that identifies sessions up front): runs
+    split where the types' firehoses differ, and a pi goes before each first signal."""
+    one_each = Pipeline(tmp_path / "one")
+    for raw in IDENTIFIED:
+        one_each.post([raw])
+    grouped = Pipeline(tmp_path / "grouped")
+    start = 0
+    for size in split:
+        grouped.post(IDENTIFIED[start : start + size])
+        start += size
+    expected = one_each.queued()
+    assert grouped.queued() == expected
+    assert [record_id for _, record_id, _, _ in expected["all"]] == [
+        *("id1-pi", "id1", "id2", "id3-pi", "id3", "id4", "id5")
+    ]
+    assert [record_id for _, record_id, _, _ in expected["pd"]] == ["id1", "id3", "id4", "id5"]
