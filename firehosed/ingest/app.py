@@ -77,9 +77,10 @@ async def post_signals(api: Api, request: web.BaseRequest, name: str) -> web.Res
         else:
             async with asyncio.timeout(limits.body_timeout):
                 data = await body.read(request, limits.max_body)
-        if len(data) > BIG_BODY:  # millions of tiny records take a while to split
+        raws = body.quick_split(data, kind)
+        if raws is None and len(data) > BIG_BODY:  # millions of tiny records: a while
             raws = await asyncio.to_thread(body.split, data, kind)
-        else:
+        elif raws is None:
             raws = body.split(data, kind)
     except body.BodyError as exc:
         return answer(exc.status, {"error": exc.message})
