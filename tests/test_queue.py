@@ -61,6 +61,24 @@ def test_scan_finds_frames_and_resyncs_after_corruption() -> None:
     assert spans[1].start == len(frames[0]) and spans[1].end == len(frames[0]) + len(frames[1])
 
 
+def test_a_chunk_ending_inside_a_frame_is_cut_short_not_searched() -> None:
+    """Reading a segment in chunks, a frame running past the chunk is read again with
+    the next chunk; a frame whose length was damaged, in the whole file, is skipped to
+    the next intact frame all the same."""
+    frames = [frame(b"a" * 10), frame(b"b" * 200), frame(b"c" * 30)]
+    data = b"".join(frames)
+    cut = len(frames[0]) + 50
+    spans = list(scan(data[:cut], more=True))
+    assert [(s.start, s.end, s.payload) for s in spans] == [
+        (0, len(frames[0]), b"a" * 10),
+        (len(frames[0]), cut, None),
+    ]
+    damaged = bytearray(data)
+    damaged[len(frames[0]) + 2 : len(frames[0]) + 6] = (1 << 20).to_bytes(4, "little")
+    spans = list(scan(bytes(damaged)))
+    assert [s.payload for s in spans] == [b"a" * 10, None, b"c" * 30]
+
+
 async def test_records_survive_reopen_and_are_read_in_order(tmp_path: Path) -> None:
     queue = open_queue(tmp_path)
     await append(queue, range(100))

@@ -42,11 +42,15 @@ class Span(NamedTuple):
     payload: memoryview | None
 
 
-def scan(data: bytes | bytearray | memoryview, start: int = 0) -> Iterator[Span]:
+def scan(
+    data: bytes | bytearray | memoryview, start: int = 0, *, more: bool = False
+) -> Iterator[Span]:
     """Split `data[start:]` into intact frames and corrupt spans.
 
     A trailing span that is neither (a write cut short by a crash) is yielded as corrupt
-    with `end == len(data)`; the caller decides whether that is a torn tail.
+    with `end == len(data)`; the caller decides whether that is a torn tail. With `more`
+    (`data` is a chunk of a file that goes on), a frame whose header says it ends past
+    the data is that trailing span at once, without looking for a frame inside it.
     """
     view = memoryview(data)
     pos, size = start, len(view)
@@ -57,6 +61,9 @@ def scan(data: bytes | bytearray | memoryview, start: int = 0) -> Iterator[Span]
             yield Span(pos, end, payload)
             pos = end
             continue
+        if more and _cut_short(view, pos):
+            yield Span(pos, size, None)
+            return
         resume = _next_frame(view, pos + 1)
         yield Span(pos, resume, None)
         pos = resume
@@ -73,11 +80,20 @@ def _frame_at(view: memoryview, pos: int) -> memoryview | None:
     return payload if zlib.crc32(payload) == crc else None
 
 
+def _cut_short(view: memoryview, pos: int) -> bool:
+    """Whether the data ends inside what looks like a frame's header or payload."""
+    if pos + HEADER.size > len(view):
+        return bool(view[pos : pos + len(MAGIC)] == MAGIC[: len(view) - pos])
+    magic, length, _ = HEADER.unpack_from(view, pos)
+    return bool(magic == MAGIC and length <= MAX_PAYLOAD and pos + HEADER.size + length > len(view))
+
+
 def _next_frame(view: memoryview, pos: int) -> int:
     """Offset of the next intact frame at or after `pos`, or the end of the data."""
-    raw = view.obj if isinstance(view.obj, bytes) else bytes(view)
+    raw = view.obj if isinstance(view.obj, bytes) and len(view.obj) == len(view) else None
+    raw = raw or bytes(view)
     while True:
-        pos = raw.find(MAGIC, pos)
+        pos = raw.find(MAGIC, pos, len(view))
         if pos < 0:
             return len(view)
         if _frame_at(view, pos) is not None:
