@@ -70,6 +70,8 @@ class Dedupe:
         """`seen` for a request's ids, in order: the indexes of the duplicates (a repeat
         within `record_ids` included). A request of new ids (the usual one) is
         remembered in a few bulk operations, not id by id."""
+        if len(record_ids) == 1:  # a single signal: the common request, kept short
+            return [0] if self.seen(record_ids[0], now, ticket) else []
         seen = self._seen
         unique = set(record_ids) if len(record_ids) >= BULK else None
         if unique is None or len(unique) != len(record_ids) or not seen.keys().isdisjoint(unique):
