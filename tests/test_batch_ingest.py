@@ -122,6 +122,9 @@ def test_dedupe_admits_a_request_as_seen_would_one_by_one() -> None:
     assert bulk.original("new1") is ticket
 
 
+Queued = dict[str, list[tuple[str, str, str | None, bytes]]]
+
+
 class Pipeline:
     """One account routing to a catch-up firehose (anonymous included, `pi` sent) and a
     firehose of identified `pd` signals only, each over a real segment store."""
@@ -138,7 +141,7 @@ class Pipeline:
         ):
             store = self.stores[name] = SegmentStore(root / name, name, 1 << 20, sync=False)
             store.open()
-            config = FirehoseConfig(account="acme", channel="c", **keys)  # type: ignore[arg-type]
+            config = FirehoseConfig(account="acme", channel="c", **keys)
             firehoses.append(Firehose(name, config, LocalQueue(store, committer, root), None))
         self.router.accounts["acme"] = AccountRoutes(FieldsConfig(), firehoses)
 
@@ -147,7 +150,7 @@ class Pipeline:
         assert not rejected
         self.router.begin("acme", Ticket()).route(envs, NOW)
 
-    def queued(self) -> dict[str, list[tuple[str, str, str | None, bytes]]]:
+    def queued(self) -> Queued:
         """Each firehose's staged records: (type, id, person, raw), in order."""
         out = {}
         for name, store in self.stores.items():
@@ -157,6 +160,22 @@ class Pipeline:
             records, _, _ = store.read(1 << 62, 1 << 62)
             out[name] = [(r.type, r.id, r.person, r.raw) for r in records]
         return out
+
+
+def routed_both_ways(tmp_path: Path, records: list[bytes], split: list[int]) -> Queued:
+    """What the firehoses hold after `records` are posted one per request, checked to
+    be what they hold after the same records are posted in requests of `split` sizes."""
+    one_each = Pipeline(tmp_path / "one")
+    for raw in records:
+        one_each.post([raw])
+    grouped = Pipeline(tmp_path / "grouped")
+    start = 0
+    for size in split:
+        grouped.post(records[start : start + size])
+        start += size
+    expected = one_each.queued()
+    assert grouped.queued() == expected
+    return expected
 
 
 SESSIONS = [
@@ -177,16 +196,7 @@ def test_routing_a_request_whole_is_routing_its_records_one_by_one(
 ) -> None:
     """Catch-up replays, `pi` records, persons given to later signals and type filters
     come out the same, in the same order, however the records are grouped in requests."""
-    one_each = Pipeline(tmp_path / "one")
-    for raw in SESSIONS:
-        one_each.post([raw])
-    grouped = Pipeline(tmp_path / "grouped")
-    start = 0
-    for size in split:
-        grouped.post(SESSIONS[start : start + size])
-        start += size
-    expected = one_each.queued()
-    assert grouped.queued() == expected
+    expected = routed_both_ways(tmp_path, SESSIONS, split)
     assert [record_id for _, record_id, _, _ in expected["all"]] == [
         *("id1", "id2"),  # anonymous
         *("id3-pi", "id3"),  # s2 identified: nothing buffered, a pi
@@ -214,16 +224,7 @@ def test_identified_records_of_several_types_route_as_one_by_one(
 ) -> None:
     """Every record names its person (the path that identifies sessions up front): runs
     split where the types' firehoses differ, and a pi goes before each first signal."""
-    one_each = Pipeline(tmp_path / "one")
-    for raw in IDENTIFIED:
-        one_each.post([raw])
-    grouped = Pipeline(tmp_path / "grouped")
-    start = 0
-    for size in split:
-        grouped.post(IDENTIFIED[start : start + size])
-        start += size
-    expected = one_each.queued()
-    assert grouped.queued() == expected
+    expected = routed_both_ways(tmp_path, IDENTIFIED, split)
     assert [record_id for _, record_id, _, _ in expected["all"]] == [
         *("id1-pi", "id1", "id2", "id3-pi", "id3", "id4", "id5")
     ]
