@@ -1,8 +1,8 @@
 """Restart recovery with a large queue, and idle memory after start.
 
 Restart recovery: a queue of `recovery_bytes` is written with firehosed's own
-`SegmentStore` (the records a router would stage: identified cart-abandon signals,
-msgpack Records in CRC frames, 64 MiB segments), then a real daemon starts on it with
+`SegmentStore` (the records a router would stage: identified cart-abandon signals, one
+CRC-framed block per 1000-signal request, 64 MiB segments), then a real daemon starts on it with
 the firehose paused, takes one more POST, and is killed with SIGKILL: that crashed
 storage dir is the snapshot. Each repetition copies the snapshot, evicts the copy from
 the page cache (fdatasync + POSIX_FADV_DONTNEED on every file: a cold start, as after a
@@ -77,11 +77,11 @@ def build(storage: Path, firehose: str, size: int) -> dict[str, float]:
     while written < size:
         body, counter = template.render(prefix, counter)
         now = time.time()
-        for raw in body.splitlines():
-            ingest.accept(raw, now)
-            records += 1
-        if len(queue.pending.data) >= WRITE_CHUNK:
-            written += len(queue.pending.data)
+        lines = body.splitlines()
+        ingest.accept_all(lines, now)  # one request's block, as the daemon stages it
+        records += len(lines)
+        if queue.pending.size >= WRITE_CHUNK:
+            written += queue.pending.size
             queue.write(queue.take_pending(), sync=False)
     queue.write(queue.take_pending(), sync=False)
     queue.close()

@@ -63,8 +63,8 @@ class Load:
         self.record_bytes = len(lines[0])
         self.records = math.ceil(size / (self.record_bytes + 1))
         self.file_bytes = self.records * (self.record_bytes + 1)
-        framed = _framed_size(lines[0])
-        self.max_file = self.records * framed - framed // 2
+        framed = _framed_size(lines)
+        self.max_file = int(self.records * framed - framed / 2)
 
     def bodies(self) -> list[bytes]:
         prefix, counter, out = fixtures.new_prefix(), 0, []
@@ -80,11 +80,12 @@ class Load:
         return out
 
 
-def _framed_size(raw: bytes) -> int:
-    """Bytes one record takes in a firehose queue: route it in-process and look."""
+def _framed_size(request: list[bytes]) -> float:
+    """Bytes one record takes in a firehose queue when it comes in a request like
+    `request` (one block per request): route it in-process and look."""
     queue = SegmentStore(Path("/nonexistent"), "probe", 64 << 20, sync=True)  # never opened
-    Ingest([("probe", queue, {})]).accept(raw, time.time())
-    return queue.staged_bytes
+    Ingest([("probe", queue, {})]).accept_all(request, time.time())
+    return queue.staged_bytes / len(request)
 
 
 def _post_all(daemon: Daemon, bodies: list[bytes]) -> float:
