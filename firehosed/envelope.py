@@ -13,6 +13,7 @@ a cut id would collide, a cut session would merge visitors.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import operator
 import os
@@ -186,10 +187,8 @@ class EnvelopeReader:
                 [raws[0]],
                 [True] if env.id_assigned else None,
             ), []
-        try:
+        with contextlib.suppress(_Irregular, RecordError, msgspec.DecodeError, RecursionError):
             return self._read_batch(raws, received), []
-        except (_Irregular, RecordError, msgspec.DecodeError, RecursionError):
-            pass
         envelopes, rejected = Envelopes.empty(), []
         for index, raw in enumerate(raws):
             try:
@@ -412,10 +411,9 @@ def _column(get: _Accessor) -> Callable[[list[Any]], list[Any]]:
 
     def column(roots: list[Any]) -> list[Any]:
         if whole is not None:
-            try:
+            # (AttributeError: a None or a plain `$oid`/`$date` value on the way)
+            with contextlib.suppress(AttributeError):
                 return list(map(whole, roots))
-            except AttributeError:  # a None or a plain `$oid`/`$date` value on the way
-                pass
         return list(map(get, roots))
 
     return column

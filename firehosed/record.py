@@ -8,7 +8,7 @@ batch is a join of raw bytes, and a `Record` is made only where a format asks fo
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from itertools import repeat
 from typing import overload
 
@@ -85,13 +85,6 @@ class Rows(Sequence[Record]):
         self.raws: list[bytes] = []
         # No record holds a newline or carriage return: joined by newlines, NDJSON.
         self.plain = True
-
-    @classmethod
-    def of(cls, records: Iterable[Record]) -> Rows:
-        rows = cls()
-        for record in records:
-            rows.append(record)
-        return rows
 
     def append(self, record: Record) -> None:
         self.types.append(record.type)
