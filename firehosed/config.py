@@ -73,10 +73,35 @@ class AdminConfig(_Section):
 class StorageConfig(_Section):
     """`[storage]`: the durable queues, batches and dead letters."""
 
+    backend: Literal["local", "jetstream"] = "local"
     dir: str = "./var"
     durability: Literal["fsync", "write", "memory"] = "fsync"
     max_disk: Size = Size(10 * 1024 * MiB)
     segment_size: Size = Size(64 * MiB)
+
+
+class JetStreamConfig(_Section):
+    """`[jetstream]`: the NATS JetStream cluster of `storage.backend = "jetstream"`."""
+
+    servers: list[str] = msgspec.field(default_factory=lambda: ["nats://127.0.0.1:4222"])
+    creds_file: str | None = None
+    user: str | None = None
+    password: str | None = None
+    password_env: str | None = None
+    password_file: str | None = None
+    token: str | None = None
+    token_env: str | None = None
+    token_file: str | None = None
+    replicas: int = 3
+    partitions: int = 16
+    # A process that has not renewed a lease (partition, firehose cutter) this long
+    # loses it to another.
+    lease_ttl: Duration = Duration(10.0)
+    # Names of the streams and buckets: `<prefix>_SIGNALS`, `<prefix>-leases`, ...
+    # (several deployments may share a cluster).
+    prefix: str = "firehosed"
+    # An unanswered publish or request to the cluster fails after this (503 at ingest).
+    timeout: Duration = Duration(5.0)
 
 
 class CatchUpConfig(_Section):
@@ -218,6 +243,7 @@ class Config(msgspec.Struct, kw_only=True):
     server: ServerConfig
     admin: AdminConfig = msgspec.field(default_factory=AdminConfig)
     storage: StorageConfig
+    jetstream: JetStreamConfig = msgspec.field(default_factory=JetStreamConfig)
     catch_up: CatchUpConfig
     alerts: AlertsConfig
     fallback: FallbackConfig
@@ -252,6 +278,7 @@ _SECTIONS: dict[str, type[_Section]] = {
     "server": ServerConfig,
     "admin": AdminConfig,
     "storage": StorageConfig,
+    "jetstream": JetStreamConfig,
     "catch_up": CatchUpConfig,
     "alerts": AlertsConfig,
     "fallback": FallbackConfig,
@@ -413,11 +440,13 @@ def _resolve_secrets(config: Config, report: _Report) -> None:
     """Fill `X` from `X_env` / `X_file` on every table that offers them."""
     tables: list[tuple[tuple[str, ...], msgspec.Struct]] = [(("alerts",), config.alerts)]
     tables.append((("admin",), config.admin))
+    if config.storage.backend == "jetstream":
+        tables.append((("jetstream",), config.jetstream))
     tables += [(("accounts", k), v) for k, v in config.accounts.items()]
     tables += [(("channels", k), v) for k, v in config.channels.items()]
     for key, table in tables:
         for field in msgspec.structs.fields(table):
-            if field.name.endswith(("_env", "_file")):
+            if field.name.endswith(("_env", "_file")) and field.name != "creds_file":
                 _resolve_one(table, field.name, key, report)
 
 
@@ -579,6 +608,28 @@ def _validate_server(config: Config, report: _Report) -> None:
         report.add(("catch_up", "signals_per_session"), "must be at least 1")
     if config.storage.segment_size < MiB:
         report.add(("storage", "segment_size"), "must be at least 1MiB")
+    _validate_jetstream(config, report)
+
+
+def _validate_jetstream(config: Config, report: _Report) -> None:
+    jetstream = config.jetstream
+    if config.storage.backend != "jetstream":
+        if ("jetstream",) in report.lines:
+            report.warn(("jetstream",), 'only read with storage.backend = "jetstream"')
+        return
+    if not jetstream.servers:
+        report.add(("jetstream", "servers"), "needs at least one server URL")
+    for url in jetstream.servers:
+        if not re.fullmatch(r"(nats|tls)://[^\s/]+", url):
+            report.add(("jetstream", "servers"), f'expected "nats://host:port", got {url!r}')
+    if not 1 <= jetstream.replicas <= 5:
+        report.add(("jetstream", "replicas"), "must be 1 to 5")
+    if not 1 <= jetstream.partitions <= 1024:
+        report.add(("jetstream", "partitions"), "must be 1 to 1024")
+    if jetstream.lease_ttl < 1:
+        report.add(("jetstream", "lease_ttl"), "must be at least 1s")
+    if not re.fullmatch(r"[A-Za-z0-9_-]{1,32}", jetstream.prefix):
+        report.add(("jetstream", "prefix"), "letters, digits, '_' and '-', at most 32")
 
 
 def _validate_admin(config: Config, report: _Report) -> None:

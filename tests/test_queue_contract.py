@@ -16,11 +16,18 @@ import msgspec
 import pytest
 
 from firehosed import faults
+from firehosed.config import JetStreamConfig
 from firehosed.errors import StorageError
+from firehosed.jetstream.cluster import Cluster, process_id
+from firehosed.jetstream.queue import JetStreamBackend
 from firehosed.queue.base import Backend, CutRules, Encoded, Queue, Ticket
 from firehosed.queue.frames import frame
 from firehosed.queue.local import LocalBackend
 from firehosed.record import Record, encode
+from firehosed.units import Duration
+from tests.servers.nats import NatsCluster, nats_cluster
+
+__all__ = ["nats_cluster"]  # (a fixture, used through `request`)
 
 FILES = CutRules(stream=False, max_records=1 << 62, max_bytes=1 << 30, interval=3600.0)
 STREAM = CutRules(stream=True, max_records=50, max_bytes=1 << 20, interval=0.0)
@@ -71,17 +78,50 @@ class Harness:
             queue.close()
         self.backend, self.task, self.queues = None, None, []
 
+    def fail_next_commit(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Make the next commit's durable write fail (the group commit's sync: one)."""
+        monkeypatch.setattr(faults, "_FAILS", faults._parse("queue.fsync:1:1"))
+        monkeypatch.setattr(faults, "_calls", {"queue.fsync": itertools.count(1)})
 
-async def local(root: Path) -> AsyncIterator[Harness]:
+
+class JetStreamHarness(Harness):
+    """A crash drops the process's connection too (what it had not published is gone)."""
+
+    async def crash(self) -> None:
+        backend = self.backend
+        await super().crash()
+        if isinstance(backend, JetStreamBackend):
+            await backend.cluster.close()
+
+    def fail_next_commit(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Each append is a publish of its own: the two of the next commit fail."""
+        monkeypatch.setattr(faults, "_FAILS", faults._parse("queue.fsync:1:2"))
+        monkeypatch.setattr(faults, "_calls", {"queue.fsync": itertools.count(1)})
+
+
+async def local(request: pytest.FixtureRequest, root: Path) -> AsyncIterator[Harness]:
     yield Harness(lambda: LocalBackend(root, 1 << 16, "fsync"))
 
 
-BACKENDS = {"local": local}
+_prefixes = itertools.count()
+
+
+async def jetstream(request: pytest.FixtureRequest, root: Path) -> AsyncIterator[Harness]:
+    """A deployment of its own (a fresh prefix) on the session's three-server cluster,
+    three replicas per stream as in production."""
+    cluster: NatsCluster = request.getfixturevalue("nats_cluster")
+    config = JetStreamConfig(
+        servers=cluster.urls, prefix=f"contract{next(_prefixes)}", lease_ttl=Duration(3.0)
+    )
+    yield JetStreamHarness(lambda: JetStreamBackend(Cluster(config, process_id(root)), root))
+
+
+BACKENDS = {"local": local, "jetstream": jetstream}
 
 
 @pytest.fixture(params=sorted(BACKENDS))
 async def harness(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Harness]:
-    async for made in BACKENDS[request.param](tmp_path):
+    async for made in BACKENDS[request.param](request, tmp_path):
         yield made
         await made.crash()
 
@@ -187,8 +227,7 @@ async def test_a_failed_commit_raises_for_every_request_in_it_and_keeps_nothing(
     ticket = Ticket()
     ticket.add(queue.append(framed(range(3)), 3))
     await ticket.wait()  # the first part is durable
-    monkeypatch.setattr(faults, "_FAILS", faults._parse("queue.fsync:1:1"))  # the next sync
-    monkeypatch.setattr(faults, "_calls", {"queue.fsync": itertools.count(1)})
+    harness.fail_next_commit(monkeypatch)
     ticket.add(queue.append(framed(range(3, 6)), 3))
     other = queue.append(framed(range(6, 8)), 2)  # another request in the same commit
     with pytest.raises(StorageError):

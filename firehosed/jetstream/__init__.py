@@ -1,0 +1,1 @@
+"""The NATS JetStream backend (`storage.backend = "jetstream"`): DESIGN.md §7, scale-out."""

@@ -1,0 +1,374 @@
+"""The connection to a NATS JetStream cluster, its streams and buckets, and leases.
+
+What lives in the cluster (names after `[jetstream] prefix`, "firehosed" here):
+
+    firehosed_SIGNALS   stream   in.<partition>      accepted signals, a block per
+                                                     request and partition (ingest)
+    firehosed_QUEUES    stream   q.<firehose>        records routed to each firehose
+    firehosed-leases    KV, TTL  part.<p>, cut.<f>   who owns a partition or cuts a
+                                 member.<process>    firehose; who is alive
+    firehosed-state     KV       part.<p>            how far a partition is routed
+                                 <f>.m.<no>          a cut batch's manifest
+                                 <f>.d.<no>          a dead-lettered batch's manifest
+                                 <f>.cursor          where a firehose's next cut starts
+    firehosed-batches   objects  <f>/<no>            a file batch's bytes
+
+A lease is a key in a bucket whose entries live `lease_ttl`: its holder renews it
+(`update` on the revision it holds) every third of that; a process that stops renewing
+loses it when the entry ages out, and anyone may `create` it then. The process id is
+kept in `storage.dir`, so a restarted process takes its own leases back at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+import socket
+from collections.abc import Awaitable, Coroutine
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import nats
+import structlog
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+from nats.js.api import KeyValueConfig, ObjectStoreConfig, StorageType, StreamConfig
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.kv import KeyValue
+
+from firehosed.config import JetStreamConfig
+from firehosed.errors import FirehosedError
+from firehosed.fileio import write_durably
+
+log = structlog.get_logger(__name__)
+
+DUPLICATE_WINDOW = 120.0  # seconds JetStream remembers a message id (de-duplication)
+
+
+_background: set[asyncio.Future[Any]] = set()
+
+
+def background(work: Coroutine[Any, Any, Any]) -> None:
+    """Run `work` beside the caller (clean-ups that need not be waited for), held until
+    it ends so that it is not collected half-way."""
+    task = asyncio.ensure_future(work)
+    _background.add(task)
+    task.add_done_callback(_background.discard)
+
+
+class ClusterError(FirehosedError):
+    """The cluster cannot be used as configured (unreachable, or unsafe settings)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Names:
+    """What the streams and buckets of one deployment are called."""
+
+    prefix: str
+
+    @property
+    def signals(self) -> str:
+        return f"{self.prefix}_SIGNALS"
+
+    @property
+    def queues(self) -> str:
+        return f"{self.prefix}_QUEUES"
+
+    def signal_subject(self, partition: int) -> str:
+        return f"{self.prefix}.in.{partition}"
+
+    def queue_subject(self, firehose: str) -> str:
+        return f"{self.prefix}.q.{firehose}"
+
+    @property
+    def leases(self) -> str:
+        return f"{self.prefix}-leases"
+
+    @property
+    def state(self) -> str:
+        return f"{self.prefix}-state"
+
+    @property
+    def batches(self) -> str:
+        return f"{self.prefix}-batches"
+
+
+def process_id(storage: Path) -> str:
+    """This process's name in the cluster: host, and a random part kept in `storage`
+    (a restart of the same process is the same member, and takes its leases back)."""
+    path = storage / "jetstream-id"
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        made = f"{socket.gethostname()}-{secrets.token_hex(4)}"
+        write_durably(path, made.encode(), sync=True)
+        return made
+
+
+class Cluster:
+    """One process's connection to the cluster, and the streams and buckets it uses."""
+
+    def __init__(self, config: JetStreamConfig, me: str) -> None:
+        self.config = config
+        self.me = me
+        self.names = Names(config.prefix)
+        self.nc: NATS | None = None
+        self._js: JetStreamContext | None = None
+        self.leases_kv: KeyValue | None = None
+        self.state_kv: KeyValue | None = None
+        self.objects: Any = None
+        self.connected = asyncio.Event()
+
+    @property
+    def js(self) -> JetStreamContext:
+        assert self._js is not None, "cluster used before connect()"
+        return self._js
+
+    @property
+    def leases(self) -> KeyValue:
+        assert self.leases_kv is not None
+        return self.leases_kv
+
+    @property
+    def state(self) -> KeyValue:
+        assert self.state_kv is not None
+        return self.state_kv
+
+    async def connect(self) -> None:
+        """Connect (reconnecting for ever after), then create or check the streams and
+        buckets with the configured replicas."""
+        config = self.config
+        options: dict[str, Any] = {
+            "servers": config.servers,
+            "name": f"firehosed {self.me}",
+            "connect_timeout": config.timeout,
+            "max_reconnect_attempts": -1,
+            "reconnect_time_wait": 0.5,
+            "error_cb": self._error,
+            "disconnected_cb": self._disconnected,
+            "reconnected_cb": self._reconnected,
+        }
+        if config.creds_file:
+            options["user_credentials"] = config.creds_file
+        if config.user is not None:
+            options["user"], options["password"] = config.user, config.password
+        if config.token is not None:
+            options["token"] = config.token
+        try:
+            self.nc = await nats.connect(**options)
+        except Exception as exc:  # nats-py raises several kinds, all meaning "no"
+            raise ClusterError(f"cannot reach {', '.join(config.servers)}: {exc}") from exc
+        self._js = self.nc.jetstream(timeout=config.timeout)
+        self.connected.set()
+        await self._ensure()
+
+    async def _ensure(self) -> None:
+        names, replicas, js = self.names, self.config.replicas, self.js
+        try:
+            await self._stream(names.signals, [f"{names.prefix}.in.*"])
+            await self._stream(names.queues, [f"{names.prefix}.q.>"])
+            self.leases_kv = await js.create_key_value(
+                KeyValueConfig(
+                    bucket=names.leases, ttl=self.config.lease_ttl, history=1, replicas=replicas
+                )
+            )
+            self.state_kv = await js.create_key_value(
+                KeyValueConfig(bucket=names.state, history=1, replicas=replicas)
+            )
+            self.objects = await js.create_object_store(
+                names.batches, ObjectStoreConfig(replicas=replicas)
+            )
+        except nats.errors.Error as exc:
+            raise ClusterError(f"cannot set up streams on {self.config.servers}: {exc}") from exc
+
+    async def _stream(self, name: str, subjects: list[str]) -> None:
+        """Create the stream, or check that the existing one has our replicas."""
+        wanted = StreamConfig(
+            name=name,
+            subjects=subjects,
+            num_replicas=self.config.replicas,
+            storage=StorageType.FILE,
+            duplicate_window=DUPLICATE_WINDOW,
+        )
+        try:
+            info = await self.js.stream_info(name)
+        except nats.js.errors.NotFoundError:
+            await self.js.add_stream(wanted)
+            return
+        if info.config.num_replicas != self.config.replicas:
+            raise ClusterError(
+                f"stream {name} has {info.config.num_replicas} replicas, the config says"
+                f" {self.config.replicas}: change one of them"
+            )
+
+    async def close(self) -> None:
+        if self.nc is not None and not self.nc.is_closed:
+            with contextlib.suppress(Exception):
+                await self.nc.close()
+
+    async def _error(self, exc: Exception) -> None:
+        log.warning("jetstream.error", error=str(exc) or type(exc).__name__)
+
+    async def _disconnected(self) -> None:
+        self.connected.clear()
+        log.warning("jetstream.disconnected")
+
+    async def _reconnected(self) -> None:
+        self.connected.set()
+        log.info("jetstream.reconnected", server=str(self.nc.connected_url) if self.nc else "")
+
+
+class Lease:
+    """One lease this process may hold; `held` is set while it does."""
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+        self.revision = 0
+        self.held = asyncio.Event()
+        self.lost = asyncio.Event()  # set when it goes; cleared when taken again
+        self.lost.set()
+
+    def set_held(self, revision: int) -> None:
+        self.revision = revision
+        if not self.held.is_set():
+            self.held.set()
+            self.lost.clear()
+
+    def set_lost(self) -> None:
+        self.revision = 0
+        if self.held.is_set():
+            self.held.clear()
+            self.lost.set()
+
+
+class Leases:
+    """Takes and renews this process's leases: a fair share of each group's keys.
+
+    A group (the partitions, the firehose cutters) has keys; every process alive (a
+    `member.<id>` key it renews) takes at most its share, `ceil(keys / members)`, and
+    gives up what is over it, so a process that joins gets work within a few renewals.
+    """
+
+    def __init__(self, cluster: Cluster) -> None:
+        self.cluster = cluster
+        self.groups: dict[str, dict[str, Lease]] = {}
+        self.members = 1
+        self._wake = asyncio.Event()
+
+    def want(self, group: str, key: str) -> Lease:
+        leases = self.groups.setdefault(group, {})
+        lease = leases.get(key)
+        if lease is None:
+            lease = leases[key] = Lease(key)
+            self._wake.set()
+        return lease
+
+    def drop(self, group: str, key: str) -> None:
+        """Stop wanting a lease (a firehose left the config); it is given up."""
+        lease = self.groups.get(group, {}).pop(key, None)
+        if lease is not None and lease.held.is_set():
+            background(self._give_up(lease))
+
+    def owner_of(self, key: str) -> Awaitable[str | None]:
+        return self._owner(key)
+
+    async def _owner(self, key: str) -> str | None:
+        try:
+            entry = await self.cluster.leases.get(key)
+        except (KeyNotFoundError, nats.errors.Error):
+            return None
+        return entry.value.decode() if entry.value else None
+
+    async def run(self) -> None:
+        """Renew, take and give up leases every third of the TTL, until cancelled."""
+        every = self.cluster.config.lease_ttl / 3
+        while True:
+            self._wake.clear()
+            try:
+                await self._round()
+            except (nats.errors.Error, TimeoutError) as exc:
+                log.warning("jetstream.lease_round_failed", error=str(exc) or type(exc).__name__)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), every)
+
+    async def _round(self) -> None:
+        await self._renew_member()
+        for leases in list(self.groups.values()):
+            share = -(-len(leases) // max(1, self.members))
+            held = [lease for lease in leases.values() if lease.held.is_set()]
+            for lease in held:
+                await self._renew(lease)
+            held = [lease for lease in leases.values() if lease.held.is_set()]
+            for lease in held[share:]:
+                await self._give_up(lease)
+            for lease in leases.values():
+                if sum(1 for x in leases.values() if x.held.is_set()) >= share:
+                    break
+                if not lease.held.is_set():
+                    await self._take(lease)
+
+    async def _renew_member(self) -> None:
+        kv, me = self.cluster.leases, self.cluster.me
+        await kv.put(f"member.{me}", me.encode())
+        self.members = max(1, len(await entries(kv, "member.*")))
+
+    async def _take(self, lease: Lease) -> None:
+        kv, me = self.cluster.leases, self.cluster.me.encode()
+        try:
+            lease.set_held(await kv.create(lease.key, me))
+            log.info("jetstream.lease_taken", lease=lease.key)
+            return
+        except KeyWrongLastSequenceError:
+            pass
+        try:
+            entry = await kv.get(lease.key)
+        except KeyNotFoundError:
+            return  # it went between the two calls: the next round takes it
+        if entry.value == me and entry.revision is not None:  # ours, from before a restart
+            with contextlib.suppress(KeyWrongLastSequenceError):
+                lease.set_held(await kv.update(lease.key, me, last=entry.revision))
+                log.info("jetstream.lease_taken", lease=lease.key, again=True)
+
+    async def _renew(self, lease: Lease) -> None:
+        kv, me = self.cluster.leases, self.cluster.me.encode()
+        try:
+            lease.set_held(await kv.update(lease.key, me, last=lease.revision))
+        except (KeyWrongLastSequenceError, KeyNotFoundError):
+            lease.set_lost()
+            log.warning("jetstream.lease_lost", lease=lease.key)
+
+    async def _give_up(self, lease: Lease) -> None:
+        revision = lease.revision
+        lease.set_lost()
+        with contextlib.suppress(nats.errors.Error, KeyWrongLastSequenceError):
+            await self.cluster.leases.delete(lease.key, last=revision)
+        log.info("jetstream.lease_given_up", lease=lease.key)
+
+    async def release_all(self) -> None:
+        """A clean stop: give every lease up so others take over at once."""
+        for leases in self.groups.values():
+            for lease in leases.values():
+                if lease.held.is_set():
+                    await self._give_up(lease)
+        with contextlib.suppress(nats.errors.Error):
+            await self.cluster.leases.delete(f"member.{self.cluster.me}")
+
+
+async def entries(kv: KeyValue, pattern: str) -> list[KeyValue.Entry]:
+    """The live entries of `kv` whose keys match the subject pattern `pattern`.
+
+    (nats-py's `keys(filters=...)` matches substrings, not patterns: a watch does.)
+    """
+    watcher = await kv.watch(pattern, ignore_deletes=True)
+    found: list[KeyValue.Entry] = []
+    try:
+        async for entry in watcher:
+            if entry is None:  # the end of what is stored now
+                break
+            if entry.value is not None and entry.operation is None:
+                found.append(entry)
+    finally:
+        await watcher.stop()  # type: ignore[no-untyped-call]
+    return found
