@@ -15,6 +15,7 @@ by the same amount that `size` would, so removing a session subtracts exactly it
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from sys import getsizeof
 
 import msgspec
@@ -179,6 +180,12 @@ class CatchUp:
             del self._sessions[key]
         self.memory -= freed
         metrics.catchup_evictions.inc(len(evicted))
+
+    def forget(self, gone: Callable[[str], bool]) -> None:
+        """Drop the sessions for which `gone(session)` holds (a partition this process
+        no longer owns: another process keeps them now)."""
+        for key in [k for k in self._sessions if gone(k.partition("\0")[2])]:
+            self.memory -= self._sessions.pop(key).size(key)
 
     def __len__(self) -> int:
         return len(self._sessions)

@@ -39,10 +39,13 @@ from firehosed.imports.importer import Importer
 from firehosed.ingest import app as ingest_app
 from firehosed.ingest import idle
 from firehosed.ingest.receiver import Receiver
+from firehosed.jetstream.cluster import Cluster, process_id
+from firehosed.jetstream.partitions import Owners, Partitioner
+from firehosed.jetstream.queue import JetStreamBackend
 from firehosed.mapping import Mapping
-from firehosed.queue.base import Manifest, QueueFigures
+from firehosed.queue.base import Backend, Manifest, QueueFigures
 from firehosed.queue.local import LocalBackend
-from firehosed.router import AccountRoutes, Router
+from firehosed.router import AccountRoutes, Router, Routes
 from firehosed.systemd import Notifier
 from firehosed.tap import Tap
 
@@ -64,14 +67,23 @@ class Daemon:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.storage = Path(config.storage.dir)
-        self.backend = LocalBackend(
-            self.storage, config.storage.segment_size, config.storage.durability
-        )
         self.catch_up = CatchUp(config.catch_up)
         self.router = Router(self.catch_up)
         self.tap = Tap()  # live events for the admin listener's tail
         self.history = History()  # the status page's last hour
-        self.receiver = Receiver(self.router, config.server, self.refusal, self.tap)
+        routes: Routes = self.router
+        self.cluster: Cluster | None = None  # storage.backend = "jetstream"
+        self.backend: Backend
+        if config.storage.backend == "jetstream":
+            self.cluster = Cluster(config.jetstream, me="")  # (named at start)
+            self.backend = JetStreamBackend(self.cluster, self.storage)
+            self.owners: Owners | None = None
+            routes = Partitioner(self.cluster, self.router)
+        else:
+            self.backend = LocalBackend(
+                self.storage, config.storage.segment_size, config.storage.durability
+            )
+        self.receiver = Receiver(routes, config.server, self.refusal, self.tap)
         sync = config.storage.durability == "fsync"
         self.importer = Importer(self.storage / "imports", self.receiver, sync)
         self.alerts = Alerts(config.alerts)
@@ -103,8 +115,14 @@ class Daemon:
         started = time.monotonic()
         make_dirs(self.storage, self.config.storage.durability == "fsync")
         self._lock_storage()
+        if isinstance(self.backend, JetStreamBackend):
+            self.backend.cluster.me = process_id(self.storage)
+            await self.backend.connect()
         self._track("committer", self.backend.run())
         await self._apply(self.config)
+        if isinstance(self.backend, JetStreamBackend):
+            self.owners = Owners(self.backend.cluster, self.backend.leases, self.router)
+            self._track("partitions", self.owners.run())
         self._warn_orphans()
         await self._listen()
         self._install_signals()
@@ -417,6 +435,8 @@ class Daemon:
             return self.broken
         if not self.accepting:
             return "not accepting signals: starting or shutting down"
+        if self.cluster is not None and not self.cluster.connected.is_set():
+            return "the JetStream cluster is unreachable"
         now = time.monotonic()
         if now >= self._budget_until:
             self._budget = self._measure_budget()

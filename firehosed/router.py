@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 import msgspec
 
@@ -64,9 +64,32 @@ class Router:
         self.catch_up = catch_up
         self.accounts: dict[str, AccountRoutes] = {}
 
-    def begin(self, account: str, ticket: Ticket) -> Routing:
+    def begin(self, account: str, ticket: Ticket, *, dry: bool = False) -> Routing:
+        """Routing for one request's records, whose commits go on `ticket`. A `dry`
+        routing changes catch-up state only, appending nothing (a partition's new owner
+        replays what was routed before, to rebuild its rings)."""
+        return Routing(self, self.accounts.get(account), account, ticket, dry=dry)
+
+
+class RequestRouting(Protocol):
+    """What the receiver does with one request's records."""
+
+    def route(self, envs: Envelopes, received: float) -> None:
+        """Stage the records (durable once the request's ticket is)."""
+
+    def rollback(self) -> None:
+        """The request was not kept (503): undo what routing changed."""
+
+
+class Routes(Protocol):
+    """Where the receiver sends requests: the router, or the JetStream partitioner."""
+
+    @property
+    def accounts(self) -> dict[str, AccountRoutes]:
+        """Each account's firehoses (what the tail says a signal went to)."""
+
+    def begin(self, account: str, ticket: Ticket) -> RequestRouting:
         """Routing for one request's records, whose commits go on `ticket`."""
-        return Routing(self, self.accounts.get(account), account, ticket)
 
 
 class Routing:
@@ -78,9 +101,16 @@ class Routing:
     """
 
     def __init__(
-        self, router: Router, routes: AccountRoutes | None, account: str, ticket: Ticket
+        self,
+        router: Router,
+        routes: AccountRoutes | None,
+        account: str,
+        ticket: Ticket,
+        *,
+        dry: bool = False,
     ) -> None:
         self.router = router
+        self.dry = dry
         self.routes = routes
         self.account = account
         self.ticket = ticket
@@ -200,7 +230,7 @@ class Routing:
         self, queues: tuple[Queue, ...], envs: Envelopes, received: float, start: int, stop: int
     ) -> None:
         """Records `start` to `stop` of `envs` into each of `queues`, as one frame."""
-        if stop <= start or not queues:
+        if stop <= start or not queues or self.dry:
             return
         if stop - start == 1:  # (a single signal: a Record frame is smaller and quicker)
             framed: Framed = frame(encode(_record(envs, start, received)))
@@ -227,7 +257,8 @@ class Routing:
             catch_up.unbuffer(account, session, entry)
 
     def _stage(self, queue: Queue, framed: bytes) -> None:
-        self.ticket.add(queue.append(framed, 1))
+        if not self.dry:
+            self.ticket.add(queue.append(framed, 1))
 
     def _replay(self, routes: AccountRoutes, ring: tuple[bytes, ...], identifying: Record) -> None:
         """Re-send a session's buffered signals with the person, then the `pi` record."""
@@ -241,7 +272,8 @@ class Routing:
             for firehose in routes.firehoses:
                 if firehose.config.catch_up and firehose.admits(old.type):
                     self._stage(firehose.queue, framed)
-                    metrics.catchup_replayed.labels(firehose.name).inc()
+                    if not self.dry:
+                        metrics.catchup_replayed.labels(firehose.name).inc()
         if not routes.wants_pi:
             return
         pi = frame(_person_identified(identifying))

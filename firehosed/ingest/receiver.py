@@ -28,7 +28,7 @@ from firehosed.envelope import EnvelopeReader, Envelopes
 from firehosed.errors import StorageError
 from firehosed.faults import crash_point
 from firehosed.queue.base import Ticket
-from firehosed.router import Router, Routing
+from firehosed.router import RequestRouting, Routes
 from firehosed.tap import Tap
 
 log = structlog.get_logger(__name__)
@@ -91,7 +91,7 @@ class Receiver:
 
     def __init__(
         self,
-        router: Router,
+        router: Routes,
         server: ServerConfig,
         refusal: Callable[[str | None], str | None],
         tap: Tap | None = None,
@@ -162,7 +162,7 @@ class Receiver:
         raws: list[bytes],
         received: float,
         request: _Request,
-        routing: Routing,
+        routing: RequestRouting,
         *,
         start: int,
     ) -> None:
@@ -246,13 +246,15 @@ class Receiver:
             await asyncio.sleep(0)
 
     @staticmethod
-    def _settle(account: IngestAccount, routing: Routing, request: _Request, kept: bool) -> None:
+    def _settle(
+        account: IngestAccount, routing: RequestRouting, request: _Request, kept: bool
+    ) -> None:
         account.dedupe.settled(request.ticket, request.fresh, kept)
         if not kept:
             routing.rollback()
 
     async def _settle_later(
-        self, account: IngestAccount, routing: Routing, request: _Request
+        self, account: IngestAccount, routing: RequestRouting, request: _Request
     ) -> None:
         """A cancelled request (shutdown): settle it once its commits are done."""
         try:

@@ -251,7 +251,10 @@ class JetStreamQueue:
         self._pending.append(_Message(seq, records, size, meta.timestamp.timestamp()))
         self._pending_records += records
         self._pending_bytes += size
-        if self._rules.stream or self._pending_bytes >= self._rules.max_bytes:
+        # A waiting consumer wakes for what changes its wait: a stream cuts at once; a
+        # file's clock starts with its first record, or it is full.
+        rules = self._rules
+        if rules.stream or len(self._pending) == 1 or self._pending_bytes >= rules.max_bytes:
             self._news.set()
 
     def _unload(self) -> None:

@@ -1,0 +1,147 @@
+"""Scale-out on NATS JetStream: firehosed processes sharing one real three-server cluster.
+
+Each test is a deployment of its own (`[jetstream] prefix`) on the session's cluster,
+with daemons that are real `firehosed run` processes, and counts from the client's side:
+every id acknowledged with a 202 is delivered, once, whichever process took it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.daemon import Daemon, signal_record, wait_until
+from tests.servers.nats import NatsCluster, nats_cluster
+
+__all__ = ["nats_cluster"]
+
+_prefixes = itertools.count()
+
+BASE = """
+[server]
+listen = "127.0.0.1:{{port}}"
+drain_timeout = "10s"
+
+[storage]
+backend = "jetstream"
+dir = "{{dir}}/var"
+
+[jetstream]
+servers = {servers}
+prefix = "{prefix}"
+partitions = 4
+lease_ttl = "2s"
+
+[accounts.acme]
+tokens = ["{{token}}"]
+
+[channels.local]
+type = "directory"
+path = "{export}"
+
+[firehoses.all]
+account = "acme"
+channel = "local"
+format = "ndjson"
+minutes_between_files = 0.01
+catch_up = true
+include_anonymous = true
+"""
+
+
+class Deployment:
+    """Daemons of one deployment: the same config, one export directory."""
+
+    def __init__(self, root: Path, cluster: NatsCluster) -> None:
+        self.root = root
+        self.export = root / "export"
+        self.base = BASE.format(
+            servers=json.dumps(cluster.urls), prefix=f"t{next(_prefixes)}", export=self.export
+        )
+        self.daemons: list[Daemon] = []
+
+    def daemon(self, name: str) -> Daemon:
+        root = self.root / name
+        root.mkdir()
+        made = Daemon(root, base=self.base)
+        self.daemons.append(made)
+        return made
+
+    def delivered(self) -> list[dict[str, object]]:
+        records = []
+        for path in sorted(self.export.rglob("*.ndjson")):
+            records += [json.loads(line) for line in path.read_text().splitlines()]
+        return records
+
+    def delivered_ids(self) -> Counter[str]:
+        return Counter(str(r["signal_id"]["$oid"]) for r in self.delivered())  # type: ignore[index]
+
+    def close(self) -> None:
+        for daemon in self.daemons:
+            daemon.close()
+
+
+@pytest.fixture
+def deployment(tmp_path: Path, nats_cluster: NatsCluster) -> Iterator[Deployment]:
+    made = Deployment(tmp_path, nats_cluster)
+    yield made
+    made.close()
+
+
+def test_two_processes_deliver_every_acknowledged_signal_once(deployment: Deployment) -> None:
+    first, second = deployment.daemon("a").start(), deployment.daemon("b").start()
+    acknowledged = []
+    for n in range(200):
+        daemon = first if n % 2 else second
+        answer = daemon.post([signal_record(n, session=f"s{n % 17}", person=f"p{n % 17}")])
+        assert answer.status_code == 202, answer.text
+        acknowledged.append(f"{n:024x}")
+    batch = [signal_record(n, session=f"s{n % 5}", person="px") for n in range(200, 700)]
+    answer = first.post(batch)
+    assert answer.status_code == 202 and answer.json()["accepted"] == 500
+    acknowledged += [f"{n:024x}" for n in range(200, 700)]
+    wait_until(lambda: set(deployment.delivered_ids()) >= set(acknowledged), timeout=60)
+    counts = deployment.delivered_ids()
+    assert sorted(counts) == sorted(acknowledged)
+    assert set(counts.values()) == {1}
+    names = [p.name for p in deployment.export.rglob("*.ndjson")]
+    assert len(names) == len(set(names))
+
+
+def test_a_retried_request_is_stored_once_whichever_process_takes_it(
+    deployment: Deployment,
+) -> None:
+    first, second = deployment.daemon("a").start(), deployment.daemon("b").start()
+    body = [signal_record(n, session="s1", person="p1") for n in range(20)]
+    assert first.post(body).status_code == 202
+    assert second.post(body).status_code == 202  # the client timed out and retried there
+    wait_until(lambda: len(deployment.delivered_ids()) == 20, timeout=60)
+    deployment.daemons[0].stop()
+    deployment.daemons[1].stop()
+    assert set(deployment.delivered_ids().values()) == {1}
+
+
+def test_catch_up_survives_the_death_of_the_process_that_held_the_ring(
+    deployment: Deployment,
+) -> None:
+    first = deployment.daemon("a").start()
+    for n in range(3):
+        assert first.post([signal_record(n, session="visit")]).status_code == 202
+    wait_until(lambda: len(deployment.delivered_ids()) == 3, timeout=60)
+    first.kill()  # kill -9: its rings are gone with it
+    second = deployment.daemon("b").start()
+    assert second.post([signal_record(9, session="visit", person="ann")]).status_code == 202
+
+    def replayed() -> list[dict[str, object]]:
+        return [r for r in deployment.delivered() if r.get("catch_up")]
+
+    copies = wait_until(lambda: len(replayed()) == 3 and replayed(), timeout=60)
+    assert {r["pid"] for r in copies} == {"ann"}
+    assert sorted(str(r["signal_id"]["$oid"]) for r in copies) == [  # type: ignore[index]
+        f"{n:024x}" for n in range(3)
+    ]
