@@ -9,17 +9,25 @@ from tests.daemon import Daemon, signal_record
 
 
 class Load:
-    """Threads posting small batches of unique ids; remembers which ids got a 202."""
+    """Threads posting small batches of unique ids; remembers which ids got a 202.
 
-    def __init__(self, daemon: Daemon, threads: int = 4, per_request: int = 5) -> None:
-        self.daemon = daemon
+    Given several daemons (processes sharing a cluster), thread i posts to daemon i mod n.
+    """
+
+    def __init__(
+        self, daemon: Daemon | list[Daemon], threads: int = 4, per_request: int = 5
+    ) -> None:
+        self.daemons = daemon if isinstance(daemon, list) else [daemon]
         self.per_request = per_request
         self.acked: set[str] = set()
         self.failures: list[str] = []
         self.next_id = 0
         self.lock = threading.Lock()
         self.running = True
-        self.threads = [threading.Thread(target=self._post) for _ in range(threads)]
+        self.threads = [
+            threading.Thread(target=self._post, args=(self.daemons[i % len(self.daemons)],))
+            for i in range(threads)
+        ]
 
     def _ids(self) -> list[int]:
         with self.lock:
@@ -27,12 +35,12 @@ class Load:
             self.next_id += self.per_request
         return list(range(start, start + self.per_request))
 
-    def _post(self) -> None:
+    def _post(self, daemon: Daemon) -> None:
         while self.running:
             ids = self._ids()
             body = [signal_record(n, session=f"s{n % 7}") for n in ids]
             try:
-                response = self.daemon.post(body)
+                response = daemon.post(body)
             except Exception as exc:  # refused or reset while the daemon is down
                 self.failures.append(type(exc).__name__)
                 time.sleep(0.01)

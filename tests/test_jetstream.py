@@ -14,11 +14,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import requests
 
 from tests.daemon import Daemon, signal_record, wait_until
-from tests.servers.nats import NatsCluster, nats_cluster
+from tests.servers.nats import NatsCluster, nats_cluster, own_nats_cluster
 
-__all__ = ["nats_cluster"]
+__all__ = ["nats_cluster", "own_nats_cluster"]
 
 _prefixes = itertools.count()
 
@@ -145,3 +146,33 @@ def test_catch_up_survives_the_death_of_the_process_that_held_the_ring(
     assert sorted(str(r["signal_id"]["$oid"]) for r in copies) == [  # type: ignore[index]
         f"{n:024x}" for n in range(3)
     ]
+
+
+def test_an_unreachable_cluster_gets_503_never_202_and_delivery_resumes(
+    tmp_path: Path, own_nats_cluster: NatsCluster
+) -> None:
+    deployment = Deployment(tmp_path, own_nats_cluster)
+    try:
+        daemon = deployment.daemon("a").start()
+        assert daemon.post([signal_record(1, session="s")]).status_code == 202
+        own_nats_cluster.stop()
+        acknowledged, attempts = {f"{1:024x}"}, itertools.count(100)
+
+        def refused() -> list[requests.Response]:
+            n = next(attempts)
+            answer = daemon.post([signal_record(n)])
+            if answer.status_code == 202:  # (taken before the servers went)
+                acknowledged.add(f"{n:024x}")
+                return []
+            return [answer]  # (a Response is falsy when it is not 2xx)
+
+        [answer] = wait_until(refused)
+        assert answer.status_code == 503
+        assert answer.headers["Retry-After"]
+        assert "JetStream" in answer.json()["error"]
+        own_nats_cluster.start()
+        wait_until(lambda: daemon.post([signal_record(3)]).status_code == 202, timeout=60)
+        acknowledged.add(f"{3:024x}")
+        wait_until(lambda: acknowledged <= set(deployment.delivered_ids()), timeout=60)
+    finally:
+        deployment.close()

@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import secrets
 import socket
+import time
 from collections.abc import Awaitable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
@@ -226,12 +227,14 @@ class Lease:
     def __init__(self, key: str) -> None:
         self.key = key
         self.revision = 0
+        self.renewed = 0.0  # monotonic time of the last take or renewal
         self.held = asyncio.Event()
         self.lost = asyncio.Event()  # set when it goes; cleared when taken again
         self.lost.set()
 
     def set_held(self, revision: int) -> None:
         self.revision = revision
+        self.renewed = time.monotonic()
         if not self.held.is_set():
             self.held.set()
             self.lost.clear()
@@ -290,8 +293,19 @@ class Leases:
                 await self._round()
             except (nats.errors.Error, TimeoutError) as exc:
                 log.warning("jetstream.lease_round_failed", error=str(exc) or type(exc).__name__)
+            self._expire()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), every)
+
+    def _expire(self) -> None:
+        """A lease not renewed for its TTL (the cluster unreachable) may be another's by
+        now: stop acting on it. (Every write it guards is fenced as well.)"""
+        stale = time.monotonic() - self.cluster.config.lease_ttl
+        for leases in self.groups.values():
+            for lease in leases.values():
+                if lease.held.is_set() and lease.renewed < stale:
+                    lease.set_lost()
+                    log.warning("jetstream.lease_expired", lease=lease.key)
 
     async def _round(self) -> None:
         await self._renew_member()

@@ -16,7 +16,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import IO
@@ -167,6 +167,18 @@ def nats_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsClust
         # (in a thread of its own: the fixture may be set up from inside a running loop)
         with ThreadPoolExecutor(1) as thread:
             thread.submit(asyncio.run, cluster.wait_ready()).result()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+async def own_nats_cluster(tmp_path: Path) -> AsyncIterator[NatsCluster]:
+    """A three-server cluster for one test alone (one it may kill servers of)."""
+    cluster = NatsCluster(tmp_path / "nats")
+    try:
+        cluster.start()
+        await cluster.wait_ready()
         yield cluster
     finally:
         cluster.stop()
