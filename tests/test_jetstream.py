@@ -8,83 +8,17 @@ every id acknowledged with a 202 is delivered, once, whichever process took it.
 from __future__ import annotations
 
 import itertools
-import json
-from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import requests
 
-from tests.daemon import Daemon, signal_record, wait_until
+from tests.daemon import signal_record, wait_until
+from tests.deployment import Deployment
 from tests.servers.nats import NatsCluster, nats_cluster, own_nats_cluster
 
 __all__ = ["nats_cluster", "own_nats_cluster"]
-
-_prefixes = itertools.count()
-
-BASE = """
-[server]
-listen = "127.0.0.1:{{port}}"
-drain_timeout = "10s"
-
-[storage]
-backend = "jetstream"
-dir = "{{dir}}/var"
-
-[jetstream]
-servers = {servers}
-prefix = "{prefix}"
-partitions = 4
-lease_ttl = "2s"
-
-[accounts.acme]
-tokens = ["{{token}}"]
-
-[channels.local]
-type = "directory"
-path = "{export}"
-
-[firehoses.all]
-account = "acme"
-channel = "local"
-format = "ndjson"
-minutes_between_files = 0.01
-catch_up = true
-include_anonymous = true
-"""
-
-
-class Deployment:
-    """Daemons of one deployment: the same config, one export directory."""
-
-    def __init__(self, root: Path, cluster: NatsCluster) -> None:
-        self.root = root
-        self.export = root / "export"
-        self.base = BASE.format(
-            servers=json.dumps(cluster.urls), prefix=f"t{next(_prefixes)}", export=self.export
-        )
-        self.daemons: list[Daemon] = []
-
-    def daemon(self, name: str) -> Daemon:
-        root = self.root / name
-        root.mkdir()
-        made = Daemon(root, base=self.base)
-        self.daemons.append(made)
-        return made
-
-    def delivered(self) -> list[dict[str, object]]:
-        records = []
-        for path in sorted(self.export.rglob("*.ndjson")):
-            records += [json.loads(line) for line in path.read_text().splitlines()]
-        return records
-
-    def delivered_ids(self) -> Counter[str]:
-        return Counter(str(r["signal_id"]["$oid"]) for r in self.delivered())  # type: ignore[index]
-
-    def close(self) -> None:
-        for daemon in self.daemons:
-            daemon.close()
 
 
 @pytest.fixture
