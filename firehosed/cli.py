@@ -19,6 +19,7 @@ from firehosed.admin import client as admin_client
 from firehosed.admin import commands
 from firehosed.channels import open_channel
 from firehosed.errors import ConfigError, DeliveryError, FirehosedError
+from firehosed.jetstream.cluster import Cluster, ClusterError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -123,6 +124,8 @@ def _check(cfg: config.Config, *, connect: bool) -> int:
 
 async def _connect_all(cfg: config.Config) -> int:
     failed = 0
+    if cfg.storage.backend == "jetstream":
+        failed += await _connect_cluster(cfg)
     for name, channel_config in cfg.channels.items():
         channel = open_channel(name, channel_config)
         try:
@@ -133,6 +136,20 @@ async def _connect_all(cfg: config.Config) -> int:
         finally:
             await channel.close()
     return 1 if failed else 0
+
+
+async def _connect_cluster(cfg: config.Config) -> int:
+    """Reach the JetStream cluster, set up or check its streams: 0 if it can be used."""
+    cluster = Cluster(cfg.jetstream, me="check")
+    try:
+        await cluster.connect()
+        print(f"jetstream: ok: {await cluster.describe()}")
+        return 0
+    except ClusterError as exc:
+        print(f"jetstream: FAILED: {exc}")
+        return 1
+    finally:
+        await cluster.close()
 
 
 def _replay(cfg: config.Config, only: list[str] | None) -> int:

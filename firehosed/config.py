@@ -94,6 +94,9 @@ class JetStreamConfig(_Section):
     token_file: str | None = None
     replicas: int = 3
     partitions: int = 16
+    # The servers' monitoring endpoints (`http: 8222` in their config): needed with
+    # replicas = 1, to check that every server syncs each write (sync_interval: always).
+    monitor: list[str] = msgspec.field(default_factory=list)
     # A process that has not renewed a lease (partition, firehose cutter) this long
     # loses it to another.
     lease_ttl: Duration = Duration(10.0)
@@ -611,6 +614,16 @@ def _validate_server(config: Config, report: _Report) -> None:
     _validate_jetstream(config, report)
 
 
+def _validate_urls(jetstream: JetStreamConfig, report: _Report) -> None:
+    """The servers' and monitoring endpoints' URLs."""
+    for url in jetstream.servers:
+        if not re.fullmatch(r"(nats|tls)://[^\s/]+", url):
+            report.add(("jetstream", "servers"), f'expected "nats://host:port", got {url!r}')
+    for url in jetstream.monitor:
+        if not re.fullmatch(r"https?://[^\s/]+/?", url):
+            report.add(("jetstream", "monitor"), f'expected "http://host:port", got {url!r}')
+
+
 def _validate_jetstream(config: Config, report: _Report) -> None:
     jetstream = config.jetstream
     if config.storage.backend != "jetstream":
@@ -619,11 +632,15 @@ def _validate_jetstream(config: Config, report: _Report) -> None:
         return
     if not jetstream.servers:
         report.add(("jetstream", "servers"), "needs at least one server URL")
-    for url in jetstream.servers:
-        if not re.fullmatch(r"(nats|tls)://[^\s/]+", url):
-            report.add(("jetstream", "servers"), f'expected "nats://host:port", got {url!r}')
+    _validate_urls(jetstream, report)
     if not 1 <= jetstream.replicas <= 5:
         report.add(("jetstream", "replicas"), "must be 1 to 5")
+    elif jetstream.replicas == 1 and not jetstream.monitor:
+        report.add(
+            ("jetstream", "replicas"),
+            "1 replica is safe only on servers with sync_interval: always; set monitor to"
+            ' their monitoring URLs (e.g. ["http://127.0.0.1:8222"]) so that it is checked',
+        )
     if not 1 <= jetstream.partitions <= 1024:
         report.add(("jetstream", "partitions"), "must be 1 to 1024")
     if jetstream.lease_ttl < 1:

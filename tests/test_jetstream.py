@@ -8,6 +8,7 @@ every id acknowledged with a 202 is delivered, once, whichever process took it.
 from __future__ import annotations
 
 import itertools
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -110,3 +111,45 @@ def test_an_unreachable_cluster_gets_503_never_202_and_delivery_resumes(
         wait_until(lambda: acknowledged <= set(deployment.delivered_ids()), timeout=60)
     finally:
         deployment.close()
+
+
+def test_check_connect_reaches_the_cluster_and_sets_up_its_streams(
+    deployment: Deployment,
+) -> None:
+    result = deployment.daemon("a").cli("check", "--connect")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "jetstream: ok" in result.stdout
+    assert "_SIGNALS: 3 replicas, 3 up" in result.stdout
+
+
+@pytest.mark.parametrize("sync", [True, False])
+async def test_one_replica_needs_servers_that_sync_every_write(tmp_path: Path, sync: bool) -> None:
+    server = NatsCluster(tmp_path / "nats", size=1, sync=sync)
+    server.start()
+    try:
+        await server.wait_ready()
+        deployment = Deployment(tmp_path, server)
+        deployment.base = deployment.base.replace(
+            "partitions = 4",
+            f"partitions = 4\nreplicas = 1\nmonitor = {json.dumps(server.monitors)}",
+        )
+        result = deployment.daemon("a").cli("check", "--connect")
+        if sync:
+            assert result.returncode == 0, result.stdout
+            assert "_SIGNALS: 1 replicas" in result.stdout
+        else:
+            assert result.returncode == 1
+            assert "server n1 syncs only every 120 s: a 202 would not mean kept" in result.stdout
+    finally:
+        server.stop()
+
+
+def test_one_replica_without_monitoring_urls_is_a_config_error(deployment: Deployment) -> None:
+    deployment.base = deployment.base.replace("partitions = 4", "partitions = 4\nreplicas = 1")
+    daemon = deployment.daemon("a")
+    result = daemon.cli("check")
+    assert result.returncode != 0
+    line = daemon.config_path.read_text().splitlines().index("replicas = 1") + 1
+    assert f"{daemon.config_path}:{line}: jetstream.replicas: 1 replica is safe only" in (
+        result.stderr + result.stdout
+    )

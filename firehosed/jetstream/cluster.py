@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import nats
 import structlog
 from nats.aio.client import Client as NATS
@@ -163,7 +164,48 @@ class Cluster:
             raise ClusterError(f"cannot reach {', '.join(config.servers)}: {exc}") from exc
         self._js = self.nc.jetstream(timeout=config.timeout)
         self.connected.set()
+        if config.replicas == 1:
+            await self._check_sync()
         await self._ensure()
+
+    async def _check_sync(self) -> None:
+        """With one replica a write is kept only if its server synced it: refuse servers
+        that sync on a timer (nats-server's default: every two minutes)."""
+        timeout = aiohttp.ClientTimeout(total=self.config.timeout)
+        async with aiohttp.ClientSession(timeout=timeout) as http:
+            for url in self.config.monitor:
+                try:
+                    async with http.get(f"{url.rstrip('/')}/varz") as answer:
+                        varz = await answer.json()
+                except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+                    raise ClusterError(f"cannot read {url}/varz: {exc}") from exc
+                jetstream = varz.get("jetstream", {}).get("config", {})
+                if not jetstream.get("sync_always"):
+                    every = jetstream.get("sync_interval", 0) / 1e9
+                    raise ClusterError(
+                        f"replicas = 1, but server {varz.get('server_name', url)} syncs only"
+                        f" every {every:g} s: a 202 would not mean kept; set"
+                        " `sync_interval: always` in its jetstream block, or use 3 replicas"
+                    )
+
+    async def describe(self) -> str:
+        """What `firehosed check --connect` says of the cluster (after `connect`)."""
+        assert self.nc is not None
+        info = await self.js.account_info()
+        parts = [
+            f"{self.nc.connected_url.netloc if self.nc.connected_url else '?'}"
+            f" (nats-server {self.nc.connected_server_version})",
+            f"{info.streams} streams",
+        ]
+        for name in (self.names.signals, self.names.queues):
+            stream = await self.js.stream_info(name)
+            cluster = stream.cluster
+            peers = len(cluster.replicas or []) + 1 if cluster else 1
+            parts.append(
+                f"{name}: {stream.config.num_replicas} replicas, {peers} up,"
+                f" {stream.state.messages} messages"
+            )
+        return "; ".join(parts)
 
     async def _ensure(self) -> None:
         names, replicas, js = self.names, self.config.replicas, self.js

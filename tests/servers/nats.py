@@ -42,9 +42,12 @@ def nats_server_binary() -> str:
 class NatsServer:
     """One cluster member: its ports, store and process."""
 
-    def __init__(self, name: str, root: Path, cluster_ports: list[int], index: int) -> None:
+    def __init__(
+        self, name: str, root: Path, cluster_ports: list[int], index: int, *, sync: bool = True
+    ) -> None:
         self.name = name
         self.port = free_port()
+        self.monitor_port = free_port()
         self.cluster_port = cluster_ports[index]
         self.store = root / name
         self.conf = root / f"{name}.conf"
@@ -52,13 +55,19 @@ class NatsServer:
         routes = ", ".join(
             f"nats://127.0.0.1:{p}" for i, p in enumerate(cluster_ports) if i != index
         )
+        sync_interval = "sync_interval: always, " if sync else ""
+        cluster = (
+            f"cluster {{ name: firehosed, listen: 127.0.0.1:{self.cluster_port},"
+            f" routes: [{routes}] }}\n"
+            if len(cluster_ports) > 1
+            else ""
+        )
         self.conf.write_text(
             f"server_name: {name}\n"
             f"listen: 127.0.0.1:{self.port}\n"
-            f'jetstream {{ store_dir: "{self.store}", sync_interval: always,'
-            " max_memory_store: 256MB, max_file_store: 4GB }\n"
-            f"cluster {{ name: firehosed, listen: 127.0.0.1:{self.cluster_port},"
-            f" routes: [{routes}] }}\n"
+            f"http: 127.0.0.1:{self.monitor_port}\n"
+            f'jetstream {{ store_dir: "{self.store}", {sync_interval}'
+            "max_memory_store: 256MB, max_file_store: 4GB }\n" + cluster
         )
         self.process: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
@@ -104,14 +113,21 @@ class NatsServer:
 class NatsCluster:
     """Three JetStream servers clustered on loopback."""
 
-    def __init__(self, root: Path, size: int = 3) -> None:
+    def __init__(self, root: Path, size: int = 3, *, sync: bool = True) -> None:
         root.mkdir(parents=True, exist_ok=True)
         cluster_ports = [free_port() for _ in range(size)]
-        self.servers = [NatsServer(f"n{i + 1}", root, cluster_ports, i) for i in range(size)]
+        self.servers = [
+            NatsServer(f"n{i + 1}", root, cluster_ports, i, sync=sync) for i in range(size)
+        ]
 
     @property
     def urls(self) -> list[str]:
         return [s.url for s in self.servers]
+
+    @property
+    def monitors(self) -> list[str]:
+        """The servers' monitoring endpoints (/varz)."""
+        return [f"http://127.0.0.1:{s.monitor_port}" for s in self.servers]
 
     def start(self) -> None:
         """Start every server (then `await wait_ready()`)."""
