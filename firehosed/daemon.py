@@ -511,12 +511,24 @@ class Daemon:
             "catch_up_max_bytes": int(self.config.catch_up.max_memory),
             "firehoses": {name: w.status() for name, w in sorted(self.workers.items())},
             "imports": self.importer.status(),
+            **self._cluster_status(),
         }
+
+    def _cluster_status(self) -> dict[str, Any]:
+        if not isinstance(self.backend, JetStreamBackend):
+            return {}
+        return {"cluster": self.backend.leases.status()}
 
     def update_metrics(self) -> None:
         """Refresh gauges read at scrape time."""
         self.catch_up.update_metrics()
         metrics.disk_bytes.set(self.disk_used())
+        if isinstance(self.backend, JetStreamBackend):
+            cluster = self.backend.leases.status()
+            metrics.cluster_connected.set(cluster["connected"])
+            metrics.cluster_members.set(len(cluster["members"]))
+            held = cluster["held_here"]
+            metrics.cluster_partitions.set(sum(1 for key in held if key.startswith("part.")))
 
     def queue_figures(self) -> list[metrics.QueueFigures]:
         """Per-firehose queue figures for the Prometheus collector."""

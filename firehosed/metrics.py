@@ -88,6 +88,18 @@ alerts_failed = Counter(
     "firehosed_alerts_failed", "Alert e-mails the SMTP server did not take", registry=REGISTRY
 )
 disk_bytes = Gauge("firehosed_storage_bytes", "Bytes held in storage.dir", registry=REGISTRY)
+# storage.backend = "jetstream": this process's view of the cluster.
+cluster_connected = Gauge(
+    "firehosed_jetstream_connected", "1 while connected to the JetStream cluster", registry=REGISTRY
+)
+cluster_members = Gauge(
+    "firehosed_jetstream_members", "firehosed processes alive in the deployment", registry=REGISTRY
+)
+cluster_partitions = Gauge(
+    "firehosed_jetstream_partitions_owned",
+    "Session partitions this process owns (routes, keeps the catch-up rings of)",
+    registry=REGISTRY,
+)
 archive_late = Gauge(
     "firehosed_archive_late",
     "1 while a daily archive is past its deliver_by time and not delivered",

@@ -153,3 +153,26 @@ def test_one_replica_without_monitoring_urls_is_a_config_error(deployment: Deplo
     assert f"{daemon.config_path}:{line}: jetstream.replicas: 1 replica is safe only" in (
         result.stderr + result.stdout
     )
+
+
+def test_status_shows_which_process_owns_what(deployment: Deployment) -> None:
+    first = deployment.daemon("a").start()
+    deployment.daemon("b").start()
+
+    def shared() -> dict[str, object]:
+        cluster = first.status()["cluster"]
+        owners = set(cluster["partitions"].values())
+        return cluster if len(cluster["members"]) == 2 and len(owners) == 2 else {}
+
+    cluster = wait_until(shared, timeout=30)
+    assert sorted(cluster["partitions"]) == ["0", "1", "2", "3"]  # type: ignore[call-overload]
+    assert set(cluster["cutters"]) == {"all"}  # type: ignore[call-overload]
+    mine = [k for k in cluster["held_here"] if k.startswith("part.")]  # type: ignore[attr-defined]
+    assert len(mine) == 2  # a fair share: half of four
+    page = first.admin("/").text
+    assert "2 processes, this one connected" in page and "(this process)" in page
+    metrics = first.admin("/metrics").text
+    assert "firehosed_jetstream_partitions_owned 2.0" in metrics
+    assert "firehosed_jetstream_members 2.0" in metrics
+    status = first.cli("status")
+    assert "cluster: 2 processes" in status.stdout and "owns 2 of 4 partitions" in status.stdout

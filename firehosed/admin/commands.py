@@ -86,6 +86,8 @@ def table(document: dict[str, Any], now: float, *, colour: bool) -> str:
         lines.append("  ".join(cells).rstrip())
     storage = view.size(document["storage_bytes"])
     lines.append(f"\naccepting: {'yes' if document['accepting'] else 'no'}, storage: {storage}")
+    if cluster := document.get("cluster"):
+        lines.append(cluster_line(cluster))
     if archives:
         lines += ["daily archives:", *archives]
     if tasks := document.get("imports"):
@@ -93,6 +95,17 @@ def table(document: dict[str, Any], now: float, *, colour: bool) -> str:
     if errors:
         lines += ["last errors:", *errors]
     return "\n".join(lines)
+
+
+def cluster_line(cluster: dict[str, Any]) -> str:
+    """With the JetStream backend: what this process owns in the deployment."""
+    me = cluster["process"]
+    partitions = sum(1 for owner in cluster["partitions"].values() if owner == me)
+    cuts = ", ".join(k for k, v in sorted(cluster["cutters"].items()) if v == me) or "-"
+    return (
+        f"cluster: {len(cluster['members'])} processes; this one ({me}) owns {partitions}"
+        f" of {len(cluster['partitions'])} partitions and cuts {cuts}"
+    )
 
 
 def pause(path: str, name: str, paused: bool) -> int:

@@ -78,6 +78,28 @@ async def get_page(api: AdminApi, request: web.BaseRequest, name: str) -> web.Re
     )
 
 
+def _cluster(cluster: dict[str, Any] | None) -> str:
+    """With the JetStream backend: the deployment's processes and who owns what."""
+    if cluster is None:
+        return ""
+    me = cluster["process"]
+    owned: dict[str, list[str]] = {member: [] for member in cluster["members"]}
+    for partition, owner in sorted(cluster["partitions"].items(), key=lambda p: int(p[0])):
+        owned.setdefault(owner, []).append(f"partition {partition}")
+    for firehose, owner in sorted(cluster["cutters"].items()):
+        owned.setdefault(owner, []).append(f"cuts {firehose}")
+    rows = "".join(
+        f"<tr><td>{escape(member)}{' (this process)' if member == me else ''}</td>"
+        f"<td>{escape(', '.join(work) or '-')}</td></tr>"
+        for member, work in sorted(owned.items())
+    )
+    state = "connected" if cluster["connected"] else "NOT connected"
+    return (
+        f'<h2>Cluster</h2><p class="muted" id="cluster">{len(cluster["members"])} processes,'
+        f" this one {state}</p><table><tr><th>process</th><th>owns</th></tr>{rows}</table>"
+    )
+
+
 def render(status: dict[str, Any], history: History, now: float) -> str:
     """The whole page for a `/v1/status` document."""
     firehoses = status["firehoses"]
@@ -95,6 +117,7 @@ def render(status: dict[str, Any], history: History, now: float) -> str:
 <body>
 <h1>firehosed</h1>
 <p class="muted" id="summary">{escape(summary)} · {escape(view.clock_epoch(now))} UTC</p>
+{_cluster(status.get("cluster"))}
 <h2>Firehoses</h2>
 <div class="grid">{cards}</div>
 <h2>Resources</h2>

@@ -300,6 +300,8 @@ class Leases:
         self.cluster = cluster
         self.groups: dict[str, dict[str, Lease]] = {}
         self.members = 1
+        # Every lease of the deployment and its holder, as last read (for the status).
+        self.holders: dict[str, str] = {}
         self._wake = asyncio.Event()
 
     def want(self, group: str, key: str) -> Lease:
@@ -366,9 +368,32 @@ class Leases:
                     await self._take(lease)
 
     async def _renew_member(self) -> None:
+        """Say this process is alive; read who holds what (members among them)."""
         kv, me = self.cluster.leases, self.cluster.me
         await kv.put(f"member.{me}", me.encode())
-        self.members = max(1, len(await entries(kv, "member.*")))
+        self.holders = {e.key: (e.value or b"").decode() for e in await entries(kv, ">")}
+        self.members = max(1, sum(1 for key in self.holders if key.startswith("member.")))
+
+    def status(self) -> dict[str, Any]:
+        """Who owns what in the deployment, as this process last read it."""
+        holders = self.holders
+        return {
+            "process": self.cluster.me,
+            "connected": self.cluster.connected.is_set(),
+            "members": sorted(v for k, v in holders.items() if k.startswith("member.")),
+            "partitions": {
+                k.removeprefix("part."): v for k, v in holders.items() if k.startswith("part.")
+            },
+            "cutters": {
+                k.removeprefix("cut."): v for k, v in holders.items() if k.startswith("cut.")
+            },
+            "held_here": sorted(
+                lease.key
+                for leases in self.groups.values()
+                for lease in leases.values()
+                if lease.held.is_set()
+            ),
+        }
 
     async def _take(self, lease: Lease) -> None:
         kv, me = self.cluster.leases, self.cluster.me.encode()
