@@ -647,6 +647,13 @@ def _validate_jetstream(config: Config, report: _Report) -> None:
         report.add(("jetstream", "lease_ttl"), "must be at least 1s")
     if not re.fullmatch(r"[A-Za-z0-9_-]{1,32}", jetstream.prefix):
         report.add(("jetstream", "prefix"), "letters, digits, '_' and '-', at most 32")
+    for name, firehose in config.firehoses.items():
+        if firehose.format == "zip-csv":
+            report.add(
+                ("firehoses", name, "format"),
+                "the daily archive keeps its days on local disk: not with storage.backend ="
+                ' "jetstream" yet',
+            )
 
 
 def _validate_admin(config: Config, report: _Report) -> None:

@@ -415,6 +415,8 @@ class Daemon:
         await self.alerts.close()
         for firehose in self.firehoses.values():
             firehose.queue.close()
+        if isinstance(self.backend, JetStreamBackend):
+            await self.backend.close()
         log.info(
             "daemon.stopped",
             queued=sum(f.records for f in self._figures()),
@@ -448,6 +450,8 @@ class Daemon:
 
     def _measure_budget(self) -> tuple[str | None, dict[str, str]]:
         """(why every account is refused, or None; why each refused account is)."""
+        if self.cluster is not None:  # the cluster's own limits apply (a publish fails)
+            return None, {}
         now = time.time()
         figures = {name: f.queue.figures(now) for name, f in self.firehoses.items()}
         # A daily archive's spilled days are queued records too, out of the queue.

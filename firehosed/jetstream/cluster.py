@@ -122,6 +122,7 @@ class Cluster:
         self.state_kv: KeyValue | None = None
         self.objects: Any = None
         self.connected = asyncio.Event()
+        self._closing = False
 
     @property
     def js(self) -> JetStreamContext:
@@ -192,9 +193,10 @@ class Cluster:
         """What `firehosed check --connect` says of the cluster (after `connect`)."""
         assert self.nc is not None
         info = await self.js.account_info()
+        version = self.nc.connected_server_version
         parts = [
             f"{self.nc.connected_url.netloc if self.nc.connected_url else '?'}"
-            f" (nats-server {self.nc.connected_server_version})",
+            f" (nats-server {version.major}.{version.minor}.{version.patch})",
             f"{info.streams} streams",
         ]
         for name in (self.names.signals, self.names.queues):
@@ -247,6 +249,7 @@ class Cluster:
             )
 
     async def close(self) -> None:
+        self._closing = True
         if self.nc is not None and not self.nc.is_closed:
             with contextlib.suppress(Exception):
                 await self.nc.close()
@@ -256,7 +259,8 @@ class Cluster:
 
     async def _disconnected(self) -> None:
         self.connected.clear()
-        log.warning("jetstream.disconnected")
+        if not self._closing:
+            log.warning("jetstream.disconnected")
 
     async def _reconnected(self) -> None:
         self.connected.set()

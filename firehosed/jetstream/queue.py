@@ -663,3 +663,10 @@ class JetStreamBackend:
 
     async def flush(self) -> None:
         """Publishes are waited for by the requests that made them: nothing is pending."""
+
+    async def close(self) -> None:
+        """A clean stop: give the leases up (others take over at once), disconnect."""
+        if self.cluster.nc is not None and self.cluster.connected.is_set():
+            with contextlib.suppress(nats.errors.Error, TimeoutError):
+                await self.leases.release_all()
+        await self.cluster.close()
