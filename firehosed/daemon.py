@@ -413,10 +413,10 @@ class Daemon:
         for channel in self.channels.values():
             await channel.close()
         await self.alerts.close()
+        if isinstance(self.backend, JetStreamBackend):
+            await self.backend.close()  # (its leases given up at once, before the queues)
         for firehose in self.firehoses.values():
             firehose.queue.close()
-        if isinstance(self.backend, JetStreamBackend):
-            await self.backend.close()
         log.info(
             "daemon.stopped",
             queued=sum(f.records for f in self._figures()),

@@ -9,6 +9,11 @@ from pathlib import Path
 import pytest
 
 from tests.daemon import Daemon
+from tests.servers.nats import nats_cluster, own_nats_cluster
+
+# The JetStream cluster fixtures, for every module: one session-wide cluster, not one
+# per module that imports the fixture.
+__all__ = ["nats_cluster", "own_nats_cluster"]
 
 
 @pytest.fixture(autouse=True)

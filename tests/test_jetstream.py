@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,9 +18,7 @@ import requests
 
 from tests.daemon import signal_record, wait_until
 from tests.deployment import Deployment
-from tests.servers.nats import NatsCluster, nats_cluster, own_nats_cluster
-
-__all__ = ["nats_cluster", "own_nats_cluster"]
+from tests.servers.nats import NatsCluster
 
 
 @pytest.fixture
@@ -176,3 +175,26 @@ def test_status_shows_which_process_owns_what(deployment: Deployment) -> None:
     assert "firehosed_jetstream_members 2.0" in metrics
     status = first.cli("status")
     assert "cluster: 2 processes" in status.stdout and "owns 2 of 4 partitions" in status.stdout
+
+
+def test_a_killed_process_leases_move_within_the_ttl_and_its_work_goes_on(
+    deployment: Deployment,
+) -> None:
+    first, second = deployment.daemon("a").start(), deployment.daemon("b").start()
+    wait_until(lambda: len(set(second.status()["cluster"]["partitions"].values())) == 2)
+    for n in range(40):
+        assert first.post([signal_record(n, session=f"s{n}", person="p")]).status_code == 202
+    first.kill()
+    killed = time.monotonic()
+    me = second.status()["cluster"]["process"]
+
+    def everything_moved() -> bool:
+        cluster = second.status()["cluster"]
+        return set(cluster["partitions"].values()) == {me} and cluster["cutters"] == {"all": me}
+
+    wait_until(everything_moved, timeout=30)
+    moved = time.monotonic() - killed
+    assert moved < 2 * 2.0 + 2.0  # lease_ttl 2 s: gone after it, taken at the next round
+    for n in range(40, 60):
+        assert second.post([signal_record(n, session=f"s{n}", person="p")]).status_code == 202
+    wait_until(lambda: len(deployment.delivered_ids()) == 60, timeout=60)

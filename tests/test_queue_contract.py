@@ -25,9 +25,7 @@ from firehosed.queue.frames import frame
 from firehosed.queue.local import LocalBackend
 from firehosed.record import Record, encode
 from firehosed.units import Duration
-from tests.servers.nats import NatsCluster, nats_cluster
-
-__all__ = ["nats_cluster"]  # (a fixture, used through `request`)
+from tests.servers.nats import NatsCluster
 
 FILES = CutRules(stream=False, max_records=1 << 62, max_bytes=1 << 30, interval=3600.0)
 STREAM = CutRules(stream=True, max_records=50, max_bytes=1 << 20, interval=0.0)

@@ -306,6 +306,7 @@ class Leases:
         self.members = 1
         # Every lease of the deployment and its holder, as last read (for the status).
         self.holders: dict[str, str] = {}
+        self.rounds = 0  # rounds completed: after one, a lease not held is another's
         self._wake = asyncio.Event()
 
     def want(self, group: str, key: str) -> Lease:
@@ -317,10 +318,12 @@ class Leases:
         return lease
 
     def drop(self, group: str, key: str) -> None:
-        """Stop wanting a lease (a firehose left the config); it is given up."""
+        """Stop wanting a lease (a firehose left the config): it is no longer renewed,
+        and another process may take it after the TTL (a clean stop gives every lease up
+        at once: `release_all`)."""
         lease = self.groups.get(group, {}).pop(key, None)
-        if lease is not None and lease.held.is_set():
-            background(self._give_up(lease))
+        if lease is not None:
+            lease.set_lost()
 
     def owner_of(self, key: str) -> Awaitable[str | None]:
         return self._owner(key)
@@ -339,6 +342,7 @@ class Leases:
             self._wake.clear()
             try:
                 await self._round()
+                self.rounds += 1
             except (nats.errors.Error, TimeoutError) as exc:
                 log.warning("jetstream.lease_round_failed", error=str(exc) or type(exc).__name__)
             self._expire()

@@ -271,6 +271,8 @@ class JetStreamQueue:
     # -- cutting ---------------------------------------------------------------------
 
     async def next_batch(self, *, flush: bool = False) -> Manifest | None:
+        if flush and not self._lease.held.is_set() and self._backend.leases.rounds:
+            return None  # (a drain: another process cuts this firehose)
         try:
             while await self._owned():
                 if self._batches:
@@ -613,7 +615,9 @@ class JetStreamQueue:
         return None
 
     def close(self) -> None:
+        """Stop cutting (the firehose left the config, or the process stops)."""
         self._unload()
+        self._backend.leases.drop("cut", self._lease.key)
 
 
 def _spool(path: Path, data: bytes) -> None:

@@ -21,9 +21,7 @@ from tests.daemon import Daemon, wait_until
 from tests.deployment import Deployment
 from tests.faults.report import full, report
 from tests.load import Load
-from tests.servers.nats import NatsCluster, own_nats_cluster
-
-__all__ = ["own_nats_cluster"]
+from tests.servers.nats import NatsCluster
 
 
 def delivered(deployment: Deployment) -> Counter[str]:
