@@ -182,7 +182,7 @@ class ImportConfig(_Section):
     # A file channel (directory, sftp, ftp, ftpes, s3) to pull from; None: uploads only.
     source: str | None = None
     pattern: str | None = None  # the files a run takes (imports/pattern.py)
-    format: Literal["csv", "ndjson", "json"] = "csv"
+    format: Literal["csv", "ndjson", "json", "avro"] = "csv"
     # Envelope field (type, id, session, person, time) -> the column that holds it.
     columns: dict[str, str] = msgspec.field(default_factory=dict)
     schedule: str | None = None  # cron, 5 fields, in `timezone`
