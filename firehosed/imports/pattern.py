@@ -10,8 +10,8 @@ Three spellings, all of them a path relative to the source channel's root:
 
 A pattern holding a single quote is read as a quoted date pattern, any other as
 strftime; `firehosed check` says which for each task. Only the file name may hold glob
-characters; the directories are literal, so a run
-lists one directory of the source, never walks a tree.
+characters; the directories are literal, so a run lists one directory of the source,
+never walks a tree.
 """
 
 from __future__ import annotations
