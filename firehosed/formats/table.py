@@ -1,5 +1,6 @@
 """A batch as the columns of a typed file (avro, parquet): the mapping's, each a text
-cell or null; or, without a mapping, the envelope's and the signal as JSON text.
+cell or null; or, without a mapping, the envelope's (`ENVELOPE`) and the signal as JSON
+text, which a batch's Rows hold as columns already.
 
 A mapped cell is what its CSV cell would be (a string itself, a number or boolean its
 JSON text, an object or array its compact JSON), except that a missing path or a JSON
@@ -10,7 +11,6 @@ since the epoch, UTC.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from typing import NamedTuple
 
 import msgspec
 
@@ -32,26 +32,16 @@ def _cell(value: object) -> str | None:
     return None if value is MISSING or value is None else cell(value)
 
 
-class Envelope(NamedTuple):
-    """The ENVELOPE columns of a batch, in order."""
-
-    types: list[str]
-    ids: list[str]
-    sessions: list[str | None]
-    persons: list[str | None]
-    times: list[int]  # microseconds since the epoch, UTC
-    signals: list[bytes]  # each record's JSON, as received (UTF-8)
-
-
-def envelope_columns(records: Sequence[Record]) -> Envelope:
-    """The batch's envelope columns (Rows hold them as columns already)."""
-    rows = records if isinstance(records, Rows) else _rows(records)
-    times = [round(moment * 1_000_000) for moment in rows.times]
-    return Envelope(rows.types, rows.ids, rows.sessions, rows.persons, times, rows.raws)
-
-
-def _rows(records: Sequence[Record]) -> Rows:
+def as_rows(records: Sequence[Record]) -> Rows:
+    """The batch as columns (a cut's batch is Rows already)."""
+    if isinstance(records, Rows):
+        return records
     rows = Rows()
     for record in records:
         rows.append(record)
     return rows
+
+
+def micros(seconds: float) -> int:
+    """Unix seconds as whole microseconds (rounded half to even)."""
+    return round(seconds * 1_000_000)
