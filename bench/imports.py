@@ -53,6 +53,7 @@ TASK = """
 account = "{account}"
 source = "{source}"
 pattern = "{pattern}"
+format = "{fmt}"
 once = true
 {limit}
 [imports.bench.columns]
@@ -133,11 +134,17 @@ def p99(values: list[float]) -> float:
 
 
 def run_import(  # noqa: PLR0917 - one call, each argument named where it is made
-    work: Path, source: str, channel: str, pattern: str, memory: str | None, rate: int | None
+    work: Path,
+    source: str,
+    channel: str,
+    pattern: str,
+    memory: str | None,
+    rate: int | None,
+    fmt: str = "csv",
 ) -> dict[str, Any]:
-    """One daemon importing the CSV from `channel`: the run's figures. With `memory`,
-    the account's dedupe and the catch-up rings are held to it (they grow with any
-    million signals, imported or posted: this shows the import's own share)."""
+    """One daemon importing the file (in `fmt`) from `channel`: the run's figures. With
+    `memory`, the account's dedupe and the catch-up rings are held to it (they grow with
+    any million signals, imported or posted: this shows the import's own share)."""
     limits: dict[str, Any] = {}
     if memory is not None:
         limits = {"catch_up_memory": memory, "account_keys": {"dedupe_max_memory": memory}}
@@ -152,7 +159,7 @@ def run_import(  # noqa: PLR0917 - one call, each argument named where it is mad
         lag_before = lags(daemon)
         text = daemon.config_path.read_text()
         limit = f"rows_per_second = {rate}\n" if rate else ""
-        task = TASK.format(account=ACCOUNT, source=source, pattern=pattern, limit=limit)
+        task = TASK.format(account=ACCOUNT, source=source, pattern=pattern, limit=limit, fmt=fmt)
         daemon.write_config(text + task)
         poster.phase = "during"
         daemon.proc.send_signal(1) if daemon.proc else None  # SIGHUP: reload, the task runs
@@ -242,18 +249,11 @@ def main() -> int:
         print(f"ceiling (csv.reader over the same bytes, in memory): {ceiling_rate:,.0f} rows/s")
         results = []
         for source in args.sources.split(","):
-            try:
-                channel, cleanup = _source(work, source, csv_path)
-            except Missing as exc:
-                print(f"{source}: not measured ({exc})")
-                continue
-            try:
-                figures = run_import(
-                    work, source, channel, csv_path.name, args.pipeline_memory, args.rows_per_second
-                )
-            finally:
-                cleanup()
-            results.append((source, figures))
+            figures = measure_source(
+                work, source, csv_path, args.pipeline_memory, args.rows_per_second
+            )
+            if figures is not None:
+                results.append((source, figures))
         for source, f in results:
             processing = f["document"]["processing"]
             rate = processing["rows"] / f["seconds"]
@@ -282,6 +282,22 @@ def main() -> int:
 
 def _v(ok: bool) -> str:
     return "pass" if ok else "miss"
+
+
+def measure_source(  # noqa: PLR0917 - as run_import
+    work: Path, source: str, path: Path, memory: str | None, rate: int | None, fmt: str = "csv"
+) -> dict[str, Any] | None:
+    """run_import of the file at `path` served by `source`; None (said) when the
+    source's server is not installed here."""
+    try:
+        channel, cleanup = _source(work, source, path)
+    except Missing as exc:
+        print(f"{source}: not measured ({exc})")
+        return None
+    try:
+        return run_import(work, source, channel, path.name, memory, rate, fmt=fmt)
+    finally:
+        cleanup()
 
 
 def _source(work: Path, source: str, csv_path: Path) -> tuple[str, Any]:

@@ -7,8 +7,10 @@ import argparse
 import asyncio
 import sys
 from collections.abc import Iterable
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import msgspec
 import structlog
@@ -19,6 +21,7 @@ from firehosed.admin import client as admin_client
 from firehosed.admin import commands
 from firehosed.channels import open_channel
 from firehosed.errors import ConfigError, DeliveryError, FirehosedError
+from firehosed.imports import pattern as import_pattern
 from firehosed.jetstream.cluster import Cluster, ClusterError
 
 
@@ -117,9 +120,22 @@ def _check(cfg: config.Config, *, connect: bool) -> int:
         print(warning, file=sys.stderr)
     counts = (len(cfg.accounts), len(cfg.channels), len(cfg.all_firehoses()))
     print(f"{cfg.path}: ok ({counts[0]} accounts, {counts[1]} channels, {counts[2]} firehoses)")
+    for name, task in sorted(cfg.imports.items()):
+        if task.pattern is not None:
+            print(f"imports.{name}.pattern: {_pattern_reading(task)}")
     if not connect:
         return 0
     return asyncio.run(_connect_all(cfg))
+
+
+def _pattern_reading(task: config.ImportConfig) -> str:
+    """How a task's pattern is read, and what it selects for the day a run started now
+    would take: the spelling is guessed from the pattern's characters, so say it."""
+    assert task.pattern is not None
+    offset = timedelta(days=config.import_offset(task.offset) or 0)
+    day = datetime.now(ZoneInfo(task.timezone)).date() + offset
+    expanded = import_pattern.expand(task.pattern, day)
+    return f"read as {import_pattern.style(task.pattern)}: on {day} it selects {expanded}"
 
 
 async def _connect_all(cfg: config.Config) -> int:

@@ -21,7 +21,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import msgspec
 from cronsim import CronSim, CronSimError
 
-from firehosed import channels
+from firehosed import channels, formats
 from firehosed.channels.base import control_character, path_problem
 from firehosed.errors import ConfigError
 from firehosed.imports import pattern as import_pattern
@@ -29,6 +29,8 @@ from firehosed.units import Duration, Size, dec_hook
 
 MiB = 1 << 20
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+AVRO_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+FILE_ONLY = ("zip-csv", "avro", "parquet")  # formats a stream channel cannot carry
 # The strftime directives a `filename_pattern` may use: each gives (UTC, C locale) only
 # digits, ASCII letters, "-" or "+". Refused: %D %x %c (slashes, spaces), %n %t (control
 # characters), %e %k %l (space padding), %s (local time), %T %R %r (colons), %E/%O forms.
@@ -171,9 +173,10 @@ class FirehoseConfig(_Section):
 
     account: str
     channel: str
-    format: Literal["json", "ndjson", "csv", "zip-csv"] = "json"
+    format: Literal["json", "ndjson", "csv", "avro", "parquet", "zip-csv"] = "json"
     mapping: str | None = None
-    compression: Literal["none", "gzip"] = "none"
+    # None: the format's default (formats.COMPRESSIONS): none, avro deflate, parquet snappy.
+    compression: Literal["none", "gzip", "deflate", "snappy", "zstd"] | None = None
     minutes_between_files: float = 5.0
     max_file: Size = Size(64 * MiB)
     filename_pattern: str = "firehose-%Y-%m-%d-%H-%M-%S-%f"
@@ -210,7 +213,7 @@ class ImportConfig(_Section):
     # A file channel (directory, sftp, ftp, ftpes, s3) to pull from; None: uploads only.
     source: str | None = None
     pattern: str | None = None  # the files a run takes (imports/pattern.py)
-    format: Literal["csv", "ndjson", "json"] = "csv"
+    format: Literal["csv", "ndjson", "json", "avro"] = "csv"
     # Envelope field (type, id, session, person, time) -> the column that holds it.
     columns: dict[str, str] = msgspec.field(default_factory=dict)
     schedule: str | None = None  # cron, 5 fields, in `timezone`
@@ -494,15 +497,32 @@ def _validate(config: Config, report: _Report, names: dict[str, set[str]]) -> No
     _validate_fallback(config.fallback, names, report)
     for name, firehose in config.firehoses.items():
         _validate_firehose(names, ("firehoses", name), firehose, report)
-        channel = config.channels.get(firehose.channel)
-        if firehose.format == "zip-csv" and channel is not None and _streams(channel):
-            report.add(
-                ("firehoses", name, "channel"),
-                f"channel {firehose.channel!r} streams records: a daily archive needs a file "
-                "channel (directory, sftp, ftp, ftpes or s3)",
-            )
+        _validate_file_format(config, ("firehoses", name), firehose, report)
     for name, task in config.imports.items():
         _validate_import(config, ("imports", name), task, report)
+
+
+def _validate_file_format(
+    config: Config, key: tuple[str, ...], firehose: FirehoseConfig, report: _Report
+) -> None:
+    """The formats only a file channel can take, and the column names Avro can take."""
+    channel = config.channels.get(firehose.channel)
+    if firehose.format in FILE_ONLY and channel is not None and _streams(channel):
+        what = "a daily archive needs" if firehose.format == "zip-csv" else "its files need"
+        report.add(
+            (*key, "channel"),
+            f"channel {firehose.channel!r} streams records: {what} a file channel "
+            "(directory, sftp, ftp, ftpes or s3)",
+        )
+    columns = config.mappings.get(firehose.mapping or "", {})
+    if firehose.format == "avro":
+        for column in columns:
+            if not AVRO_NAME.fullmatch(column):
+                report.add(
+                    (*key, "mapping"),
+                    f"column {column!r} of mapping {firehose.mapping!r} is not an Avro field "
+                    "name (a letter or '_', then letters, digits or '_')",
+                )
 
 
 def _streams(channel: Any) -> bool:
@@ -695,6 +715,7 @@ def _validate_firehose(
             report.add((*key, field), f"no {kind} named {ref!r}")
     if firehose.format == "csv" and firehose.mapping is None:
         report.add((*key, "format"), "csv needs a mapping (the columns)")
+    _validate_compression(key, firehose, report)
     if firehose.minutes_between_files <= 0:
         report.add((*key, "minutes_between_files"), "must be greater than 0")
     if firehose.max_file < 1024:
@@ -706,6 +727,25 @@ def _validate_firehose(
     _validate_archive(key, firehose, report)
 
 
+def _validate_compression(key: tuple[str, ...], firehose: FirehoseConfig, report: _Report) -> None:
+    """A compression the format takes (formats.COMPRESSIONS)."""
+    fmt, given = firehose.format, firehose.compression
+    allowed = formats.COMPRESSIONS[fmt]
+    if given is None or given in allowed:
+        return
+    if fmt == "zip-csv":
+        message = "zip-csv is compressed already (deflate)"
+    elif fmt in ("avro", "parquet"):
+        inside = "blocks" if fmt == "avro" else "pages"
+        message = (
+            f"{fmt} compresses its {inside} itself: use {allowed[0]} (the default) or "
+            f"{allowed[1]}, not {given}"
+        )
+    else:
+        message = f"{fmt} files take none (the default) or gzip, not {given}"
+    report.add((*key, "compression"), message)
+
+
 def _validate_archive(key: tuple[str, ...], firehose: FirehoseConfig, report: _Report) -> None:
     """The daily archive's keys: only with format "zip-csv", and each well formed."""
     archive = firehose.format == "zip-csv"
@@ -713,8 +753,6 @@ def _validate_archive(key: tuple[str, ...], firehose: FirehoseConfig, report: _R
         report.add((*key, "format"), 'zip-csv is a daily archive: set schedule = "daily"')
     if not archive and firehose.schedule is not None:
         report.add((*key, "schedule"), 'schedule = "daily" needs format = "zip-csv"')
-    if archive and firehose.compression != "none":
-        report.add((*key, "compression"), "zip-csv is compressed already (deflate)")
     try:
         ZoneInfo(firehose.timezone)
     except (ZoneInfoNotFoundError, ValueError):

@@ -86,7 +86,7 @@ def batch_encoder(config: FirehoseConfig, mapping: Mapping | None, channel: Chan
     if config.format == "zip-csv":
         return _spill_encoder
     fmt = channel.format or config.format
-    compression = "none" if channel.stream else config.compression
+    compression = "none" if channel.stream else formats.compression_for(fmt, config.compression)
     extension = formats.extension(fmt, compression)
     content_type = formats.CONTENT_TYPES[fmt]
     encoding = "gzip" if compression == "gzip" else None

@@ -209,6 +209,38 @@ def test_the_minimal_base_config_passes(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
 
 
+def test_check_says_how_each_import_pattern_is_read(tmp_path: Path) -> None:
+    tasks = {
+        "quoted": "'path/to/users'-YYYY-MM-dd'.avro'",  # Amperity's spelling
+        "strftime": "heap/users-%Y-%m-%d.csv",
+        "globbed": "heap/users-*.csv",
+    }
+    text = VALID
+    for name, pattern in tasks.items():
+        text += f'\n[imports.{name}]\naccount = "acme"\nsource = "local"\nformat = "avro"\n'
+        text += f'pattern = "{pattern}"\nonce = true\noffset = "-1d"\n'
+    result = check(write(tmp_path, text))
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()[1:]
+    assert len(lines) == 3
+    globbed, quoted, strftime = (line.split(": ", 1) for line in lines)
+    assert globbed[0] == "imports.globbed.pattern"
+    assert re.fullmatch(
+        r"read as a fixed path, with a glob: on \S+ it selects heap/users-\*\.csv", globbed[1]
+    )
+    assert quoted[0] == "imports.quoted.pattern"
+    day = re.fullmatch(
+        r"read as a quoted date pattern \(Amperity style: yyyy-MM-dd fields, 'literal text'\): "
+        r"on (\d{4}-\d\d-\d\d) it selects path/to/users-(\d{4}-\d\d-\d\d)\.avro",
+        quoted[1],
+    )
+    assert day is not None and day[1] == day[2]
+    assert strftime == [
+        "imports.strftime.pattern",
+        f"read as strftime: on {day[1]} it selects heap/users-{day[1]}.csv",
+    ]
+
+
 # -- one problem each: the right line, key and message --------------------------------
 
 # An import task after VALID's firehose: each case adds its own lines.

@@ -176,6 +176,22 @@ def test_every_valid_row_arrives_once_and_every_bad_row_is_listed_with_its_reaso
         daemon.close()
 
 
+def uploaded(
+    daemon: Daemon, task: str, body: bytes, headers: dict[str, str]
+) -> tuple[str, dict[str, Any]]:
+    """POST `body` as an upload for `task`: its run's id, and its document once processed."""
+    url = f"{daemon.url}/v1/accounts/acme/imports"
+    posted = daemon.session.post(url, params={"columns": task}, data=body, headers=headers)
+    assert posted.status_code == 202, posted.text
+    run: str = posted.json()["run"]
+
+    def processed() -> dict[str, Any] | None:
+        got: dict[str, Any] = daemon.session.get(f"{url}/{run}", headers=headers).json()
+        return got if got["processing"]["status"] == "processed" else None
+
+    return run, wait_until(processed, timeout=30)
+
+
 def test_an_upload_is_durable_before_its_202_and_processed_like_a_pulled_file(
     tmp_path: Path,
 ) -> None:
@@ -187,15 +203,7 @@ def test_an_upload_is_durable_before_its_202_and_processed_like_a_pulled_file(
     headers = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "text/csv"}
     try:
         daemon.start()
-        posted = daemon.session.post(url, params={"columns": "uploads"}, data=body, headers=headers)
-        assert posted.status_code == 202, posted.text
-        run = posted.json()["run"]
-
-        def processed() -> dict[str, Any] | None:
-            got = daemon.session.get(f"{url}/{run}", headers=headers).json()
-            return got if got["processing"]["status"] == "processed" else None
-
-        document = wait_until(processed, timeout=30)
+        run, document = uploaded(daemon, "uploads", body, headers)
         assert document["fetch"]["status"] == "fetched" and document["task"] == "uploads"
         assert document["processing"]["imported"] == len(valid)
         assert {e["row"]: e["column"] for e in document["errors"]} == bad
@@ -255,22 +263,29 @@ def test_an_upload_is_durable_before_its_202_and_processed_like_a_pulled_file(
         daemon.close()
 
 
+def killed_midway_and_resumed(daemon: Daemon, task: str, rows: int) -> dict[str, Any]:
+    """Start `daemon`, kill -9 it while its run of `task` is part-way through its `rows`
+    rows, start it again; the run once processed, every row counted."""
+    daemon.start()
+
+    def midway() -> bool:
+        runs = daemon.status()["imports"][task]["runs"]
+        return bool(runs) and 20_000 < runs[0]["processing"]["rows"] < rows * 0.8
+
+    wait_until(midway, timeout=60, interval=0.01)
+    daemon.kill()
+    daemon.start()
+    run = finished_run(daemon, task, timeout=120)
+    assert run["processing"]["status"] == "processed"
+    assert run["processing"]["rows"] == rows
+    return run
+
+
 def test_kill_9_mid_run_resumes_and_every_row_arrives_exactly_once(tmp_path: Path) -> None:
     valid, _ = write_csv(tmp_path / "inbox" / "users-1.csv", 300_000, bad_every=1000)
     daemon = Daemon(tmp_path, imports_config(tmp_path, ONCE))
     try:
-        daemon.start()
-
-        def midway() -> bool:
-            runs = daemon.status()["imports"]["users"]["runs"]
-            return bool(runs) and 20_000 < runs[0]["processing"]["rows"] < 250_000
-
-        wait_until(midway, timeout=60, interval=0.01)
-        daemon.kill()
-        daemon.start()
-        run = finished_run(daemon, "users", timeout=120)
-        assert run["processing"]["status"] == "processed"
-        assert run["processing"]["rows"] == 300_000
+        killed_midway_and_resumed(daemon, "users", 300_000)
         ids = delivered_ids(daemon, len(valid), timeout=120)
         assert ids == Counter(valid), "every valid row once: none lost, none doubled"
     finally:

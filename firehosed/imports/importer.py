@@ -300,7 +300,7 @@ class Importer:
         to the receiver as concurrent pieces of PIECE rows: they share group commits,
         and the event loop serves other requests between them. Progress (with the
         errored rows met) is saved at most every SAVE_EVERY seconds and at the end."""
-        rows = read_rows(store.data(run, file), run.format)
+        rows = read_rows(store.data(run, file), run.format, after=file.rows_done)
         key = f"{file.name}@{file.version}"
         processing = run.processing
         unsaved: list[tuple[str, int, str, str]] = []  # errored rows met since the save

@@ -8,8 +8,10 @@ Three spellings, all of them a path relative to the source channel's root:
   `YYYY`, `yy`, `MM`, `dd`, `HH`; text inside single quotes is literal, `''` a quote);
 - either with glob characters (`*`, `?`, `[...]`) in the file name: `heap/users-*.csv`.
 
-Only the file name may hold glob characters; the directories are literal, so a run
-lists one directory of the source, never walks a tree.
+A pattern holding a single quote is read as a quoted date pattern, any other as
+strftime; `firehosed check` says which for each task. Only the file name may hold glob
+characters; the directories are literal, so a run lists one directory of the source,
+never walks a tree.
 """
 
 from __future__ import annotations
@@ -26,6 +28,19 @@ _FIELDS = (("yyyy", "%Y"), ("YYYY", "%Y"), ("yy", "%y"), ("MM", "%m"), ("dd", "%
 def expand(pattern: str, day: date) -> str:
     """The pattern for a run whose day is `day`: date fields filled, globs kept."""
     return day.strftime(_strftime(pattern))
+
+
+def style(pattern: str) -> str:
+    """Which of the spellings `pattern` is read in, in words (`firehosed check`)."""
+    if "'" in pattern:
+        kind = "a quoted date pattern (Amperity style: yyyy-MM-dd fields, 'literal text')"
+    elif "%" in pattern:
+        kind = "strftime"
+    else:
+        kind = "a fixed path"
+    if any(glob in pattern.rsplit("/", 1)[-1] for glob in "*?["):
+        kind += ", with a glob"
+    return kind
 
 
 def problem(pattern: str) -> str | None:

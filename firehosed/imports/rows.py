@@ -5,10 +5,9 @@ An import file (CSV, NDJSON or a JSON array; gunzipped on the fly when its name 
 size of the file. Each row becomes a signal, the JSON object an HTTP POST would have
 brought, so that every row `RowMaker` accepts is one `EnvelopeReader` accepts.
 
-Two kinds of fault, kept apart because a run treats them apart: a `RowError` is one row
-that cannot be imported (it is listed, the file goes on at the next row); a `FileError`
-is a file that cannot be read at all (the run fails with its reason). Row numbers count
-data rows from 1: neither a CSV header nor a blank line is a row.
+Two kinds of fault (errors.py): a `RowError` is one row that cannot be imported, a
+`FileError` a file that cannot be read at all. Row numbers count data rows from 1:
+neither a CSV header nor a blank line is a row.
 """
 
 from __future__ import annotations
@@ -20,7 +19,6 @@ import hashlib
 import io
 import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -37,8 +35,12 @@ from firehosed.envelope import (
     _check_type,
     parse_time,
 )
+from firehosed.imports.avro import avro_rows
+from firehosed.imports.errors import FileError, RowError
 
-FORMATS = ("csv", "ndjson", "json")
+__all__ = ["FORMATS", "FileError", "Row", "RowError", "RowMaker", "columns_problem", "read_rows"]
+
+FORMATS = ("csv", "ndjson", "json", "avro")
 ENVELOPE_FIELDS = ("type", "id", "session", "person", "time")
 # The fields held as strings of at most MAX_FIELD_BYTES (type and time have their own rules).
 BOUNDED_FIELDS = ("id", "session", "person")
@@ -58,27 +60,15 @@ Row = tuple[int, dict[str, Any]]
 _Stream = gzip.GzipFile | io.BufferedReader  # a file open for reading bytes
 
 
-class FileError(Exception):
-    """The whole file cannot be read (the run fails with this reason): empty file (no
-    header), not a JSON array, truncated gzip, a CSV quote never closed, ..."""
-
-
-@dataclass(frozen=True, slots=True)
-class RowError:
-    """One row that cannot be imported; the file goes on at the next row."""
-
-    row: int  # 1-based data row number (a CSV header is not a row)
-    column: str  # the column at fault, "" when the row as a whole is
-    reason: str  # short, specific, for a person
-
-
 def read_rows(
-    path: Path, fmt: str, *, max_cell: int = MAX_CELL, max_row: int = MAX_ROW
+    path: Path, fmt: str, *, max_cell: int = MAX_CELL, max_row: int = MAX_ROW, after: int = 0
 ) -> Iterator[Row | RowError]:
     """Rows of a local file, in order: (row number, {column: value}) or a RowError for a
     row that cannot be read; raises FileError for a file that cannot be read at all.
 
-    `fmt` is "csv", "ndjson" or "json"; a name ending in ".gz" is gunzipped on the fly.
+    `fmt` is "csv", "ndjson", "json" or "avro" (imports/avro.py); a name ending in ".gz"
+    is gunzipped on the fly. Rows up to `after` may be left out (a resumed run settled
+    them): Avro passes over whole blocks of them undecoded.
     A CSV cell holds at most `max_cell` characters, an NDJSON line or a JSON element at
     most `max_row` bytes (a JSON element over it is a FileError: the array cannot be
     resumed after it). CSV values are strings, an empty cell is left out of its row;
@@ -93,6 +83,8 @@ def read_rows(
                 yield from _csv_rows(stream, max_cell)
             elif fmt == "ndjson":
                 yield from _ndjson_rows(stream, max_row)
+            elif fmt == "avro":
+                yield from avro_rows(stream, after)
             else:
                 yield from _json_rows(stream, max_row)
     # Everything the file system or gzip can say about the file, in one place.

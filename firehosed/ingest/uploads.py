@@ -28,6 +28,8 @@ FORMATS = {
     "text/csv": "csv",
     "application/csv": "csv",
     "application/json": "json",
+    "application/avro": "avro",
+    "avro/binary": "avro",
     **{mime: "ndjson" for mime in NDJSON_TYPES},
 }
 RETRY_AFTER = "5"
