@@ -204,7 +204,15 @@ class Partition:
                 except TimeoutError:
                     msgs = []
                 if not msgs:
-                    await self._purge()
+                    if await self._stored_past(self.routed):
+                        # Nothing came though there is more: the consumer is gone (its
+                        # server died); a new one starts where routing stands.
+                        await _unsubscribe(consumer)
+                        consumer = await self._consumer(
+                            DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=self.routed + 1
+                        )
+                    else:
+                        await self._purge()
                     continue
                 await self._route(msgs)
                 if not await self._note(int(msgs[-1].metadata.sequence.stream)):
@@ -212,6 +220,13 @@ class Partition:
         finally:
             with contextlib.suppress(Exception):
                 await consumer.unsubscribe()
+
+    async def _stored_past(self, seq: int) -> bool:
+        try:
+            last = await self.cluster.js.get_last_msg(self.cluster.names.signals, self.subject)
+        except nats.js.errors.NotFoundError:
+            return False
+        return int(last.seq or 0) > seq
 
     async def _read_routed(self) -> None:
         self.routed, self._revision = 0, 0
@@ -331,6 +346,11 @@ class Partition:
         partitions, number = self.cluster.config.partitions, self.number
         catch_up: CatchUp = self.router.catch_up
         catch_up.forget(lambda session: partition_of(session, partitions) == number)
+
+
+async def _unsubscribe(consumer: Any) -> None:
+    with contextlib.suppress(Exception):
+        await consumer.unsubscribe()
 
 
 def _decode(msg: Any) -> tuple[str, Rows]:

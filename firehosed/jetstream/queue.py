@@ -52,6 +52,7 @@ RECORDS = "Firehosed-Records"  # header: how many records a message holds
 INLINE_MAX = 256 << 10  # a stream batch's bytes up to this live in its manifest
 FETCH = 256  # messages asked for at once when a cut reads its records
 RETRY = 1.0  # seconds before a cut the cluster failed is tried again
+TAIL_CHECK = 5.0  # seconds between looks at whether the cutter's tail still follows
 
 
 class Publish:
@@ -154,6 +155,7 @@ class JetStreamQueue:
         self._pending_records = 0
         self._pending_bytes = 0
         self._tail: Any = None
+        self._watch: asyncio.Future[None] | None = None
         self._dead_bytes = 0
 
     def configure(self, rules: CutRules, encoder: Encoder) -> None:
@@ -213,7 +215,8 @@ class JetStreamQueue:
         self._next = (newest.end[0], newest.end[2]) if newest is not None else (1, 0)
         self._pending.clear()
         self._pending_records = self._pending_bytes = 0
-        await self._follow()
+        await self._follow(self._next[0])
+        self._watch = asyncio.ensure_future(self._watch_tail())
         log.info(
             "jetstream.cutter_ready",
             firehose=self.name,
@@ -221,21 +224,49 @@ class JetStreamQueue:
             next=self._next[0],
         )
 
-    async def _follow(self) -> None:
-        """Subscribe to the headers of the subject's messages from the cursor on."""
+    async def _follow(self, start: int) -> None:
+        """Subscribe to the headers of the subject's messages from `start` on."""
         if self._tail is not None:
-            with contextlib.suppress(Exception):
-                await self._tail.unsubscribe()
+            await _unsubscribe(self._tail)
         self._tail = await self._cluster.js.subscribe(
             self._subject,
             ordered_consumer=True,
             cb=self._heard,
             config=ConsumerConfig(
                 deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
-                opt_start_seq=self._next[0],
+                opt_start_seq=start,
                 headers_only=True,
             ),
         )
+
+    def _heard_up_to(self) -> int:
+        return self._pending[-1].seq if self._pending else self._next[0] - 1
+
+    async def _watch_tail(self) -> None:
+        """Follow the subject again when the tail stalls: nats-py's ordered consumer
+        stops for good when re-creating it fails (its server died, a leader was being
+        elected), and says nothing. Stalled: messages stored past what was heard, and
+        nothing heard since the last look."""
+        before = -1
+        while True:
+            await asyncio.sleep(TAIL_CHECK)
+            heard = self._heard_up_to()
+            try:
+                stored = await self._last_stored()
+                if stored > heard == before:
+                    log.warning("jetstream.tail_stalled", firehose=self.name, heard=heard)
+                    await self._follow(heard + 1)
+            except (nats.errors.Error, TimeoutError) as exc:
+                log.warning("jetstream.tail_check_failed", firehose=self.name, error=repr(exc))
+            before = heard
+
+    async def _last_stored(self) -> int:
+        """The sequence of the subject's newest message (0: none)."""
+        try:
+            last = await self._cluster.js.get_last_msg(self._cluster.names.queues, self._subject)
+        except nats.js.errors.NotFoundError:
+            return 0
+        return int(last.seq or 0)
 
     async def _heard(self, msg: Any) -> None:
         """One message's headers (records, size, time): it waits to be cut."""
@@ -267,6 +298,9 @@ class JetStreamQueue:
         tail, self._tail = self._tail, None
         if tail is not None:
             background(_unsubscribe(tail))
+        watch, self._watch = self._watch, None
+        if watch is not None:
+            watch.cancel()
 
     # -- cutting ---------------------------------------------------------------------
 
@@ -332,12 +366,7 @@ class JetStreamQueue:
 
     async def _caught_up(self) -> bool:
         """Every message the subject holds has been heard (a flush is complete)."""
-        try:
-            last = await self._cluster.js.get_last_msg(self._cluster.names.queues, self._subject)
-        except nats.js.errors.NotFoundError:
-            return True
-        heard = self._pending[-1].seq if self._pending else self._next[0] - 1
-        return int(last.seq or 0) <= heard
+        return await self._last_stored() <= self._heard_up_to()
 
     async def _cut_logged(self) -> Manifest | None:
         try:
@@ -354,9 +383,12 @@ class JetStreamQueue:
         if not taken:
             return None
         rows = await self._read(taken, end)
-        if not len(rows):  # purged under us (a stale cutter's delivery): skip them
-            self._consume(taken, end)
-            return None
+        expected = self._count(taken, end)
+        if len(rows) != expected:
+            if not len(rows) and await self._purged(taken[0].seq):
+                self._consume(taken, end)  # a stale cutter delivered them: skip them
+                return None
+            raise StorageError(f"read {len(rows)} of the batch's {expected} records")
         encoded = await asyncio.to_thread(self._encoder, rows)
         manifest = self._manifest(rows, encoded, taken[0].seq, end)
         if not await self._fix(manifest, encoded.data):
@@ -390,6 +422,19 @@ class JetStreamQueue:
             size += message.size
         return taken, (taken[-1].seq + 1, 0) if taken else self._next
 
+    def _count(self, taken: list[_Message], end: tuple[int, int]) -> int:
+        """How many records a cut of `taken` up to `end` holds."""
+        last = taken[-1]
+        tail = end[1] - self._skip(last) if end[0] == last.seq else last.records
+        return sum(m.records for m in taken[:-1]) + tail
+
+    async def _purged(self, seq: int) -> bool:
+        try:
+            await self._cluster.js.get_msg(self._cluster.names.queues, seq)
+        except nats.js.errors.NotFoundError:
+            return True
+        return False
+
     def _skip(self, message: _Message) -> int:
         return self._next[1] if message.seq == self._next[0] else 0
 
@@ -415,7 +460,7 @@ class JetStreamQueue:
             while reading:
                 try:
                     msgs = await consumer.fetch(batch=FETCH, timeout=self._cluster.config.timeout)
-                except TimeoutError:  # the rest was purged (delivered by a stale cutter)
+                except TimeoutError:  # (what was read is counted by the caller)
                     break
                 for msg in msgs:
                     seq = int(msg.metadata.sequence.stream)

@@ -37,7 +37,7 @@ FIXED_IN = {
     "requests": ("2.32.4", "CVE-2024-47081 (2.32.4), CVE-2024-35195 (2.32.0)"),
 }
 # Distribution name -> the module the package imports it as.
-MODULES = {"prometheus-client": "prometheus_client"}
+MODULES = {"prometheus-client": "prometheus_client", "nats-py": "nats"}
 
 
 def project() -> dict[str, list[Requirement]]:

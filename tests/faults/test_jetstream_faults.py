@@ -29,8 +29,10 @@ def delivered(deployment: Deployment) -> Counter[str]:
     return deployment.delivered_ids()
 
 
-def settle(deployment: Deployment, load: Load, daemons: list[Daemon]) -> tuple[int, int, int]:
-    """Wait for every acknowledged id; stop the daemons; (acked, lost, duplicates)."""
+def settle(
+    scenario: str, deployment: Deployment, load: Load, daemons: list[Daemon], **figures: object
+) -> None:
+    """Wait for every acknowledged id, stop the daemons, report; none may be lost."""
     acked = set(load.acked)
     wait_until(lambda: acked <= delivered(deployment).keys(), timeout=180)
     for daemon in daemons:
@@ -38,7 +40,15 @@ def settle(deployment: Deployment, load: Load, daemons: list[Daemon]) -> tuple[i
     got = delivered(deployment)
     lost = len(acked - got.keys())
     duplicates = sum(count - 1 for count in got.values() if count > 1)
-    return len(acked), lost, duplicates
+    report(
+        scenario,
+        **figures,
+        acked=len(acked),
+        lost=lost,
+        duplicates=duplicates,
+        refused=len(load.failures),
+    )
+    assert lost == 0, f"{lost} acknowledged signals lost"
 
 
 def test_kill_9_one_of_two_processes_again_and_again(
@@ -59,15 +69,7 @@ def test_kill_9_one_of_two_processes_again_and_again(
                 time.sleep(rng.choice([0.0, 3.0]))
                 victim.start()
             wait_until(lambda: len(load.acked) > 2000, timeout=120)
-        acked, lost, duplicates = settle(deployment, load, daemons)
-        report(
-            "jetstream_kill_9_firehosed",
-            kills=kills,
-            acked=acked,
-            lost=lost,
-            duplicates=duplicates,
-        )
-        assert lost == 0
+        settle("jetstream_kill_9_firehosed", deployment, load, daemons, kills=kills)
     finally:
         deployment.close()
 
@@ -89,16 +91,7 @@ def test_kill_9_one_nats_server_of_three_under_load(
                 wait_until(lambda t=target: len(load.acked) > t, timeout=60)  # it goes on
                 server.start()
                 time.sleep(2.0)
-        acked, lost, duplicates = settle(deployment, load, daemons)
-        report(
-            "jetstream_kill_9_nats_server",
-            kills=kills,
-            acked=acked,
-            lost=lost,
-            duplicates=duplicates,
-            refused=len(load.failures),
-        )
-        assert lost == 0
+        settle("jetstream_kill_9_nats_server", deployment, load, daemons, kills=kills)
     finally:
         deployment.close()
 
@@ -116,14 +109,6 @@ def test_restart_the_whole_cluster_under_load(
             own_nats_cluster.start()
             before = len(load.acked)
             wait_until(lambda: len(load.acked) > before + 1000, timeout=120)
-        acked, lost, duplicates = settle(deployment, load, daemons)
-        report(
-            "jetstream_cluster_restart",
-            acked=acked,
-            lost=lost,
-            duplicates=duplicates,
-            refused=len(load.failures),
-        )
-        assert lost == 0
+        settle("jetstream_cluster_restart", deployment, load, daemons)
     finally:
         deployment.close()

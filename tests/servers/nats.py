@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -140,7 +141,11 @@ class NatsCluster:
         for server in self.servers:
             if server.process is None:
                 continue
-            while not await _jetstream_answers(server.url, len(self.servers)):
+            # Up first by its monitoring port (a NATS client that fails to connect
+            # leaves a socket behind for the collector to warn about), then by JetStream.
+            while not _healthy(server.monitor_port) or not await _jetstream_answers(
+                server.url, len(self.servers)
+            ):
                 if server.process.poll() is not None or time.monotonic() > deadline:
                     details = "\n".join(f"--- {s.name}\n{s.output()}" for s in self.servers)
                     pytest.fail(f"NATS cluster did not come up:\n{details}")
@@ -149,6 +154,15 @@ class NatsCluster:
     def stop(self) -> None:
         for server in self.servers:
             server.stop()
+
+
+def _healthy(port: int) -> bool:
+    """The server's /healthz answers 200 (listening, JetStream on)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1) as answer:
+            return bool(answer.status == 200)
+    except OSError:  # not listening yet, or 503 (an HTTPError is an OSError)
+        return False
 
 
 async def _quiet(exc: Exception) -> None:
