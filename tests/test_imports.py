@@ -330,6 +330,7 @@ def test_cron_runs_in_its_time_zone_across_dst_and_a_missed_slot_runs_once(
         daemon.stop()
         # Down over the 9th's and 10th's slots: one run on start, for the latest slot.
         daemon.start(env=faked("2026-03-10 15:00:00"))
+        wait_until(lambda: len(daemon.status()["imports"]["users"]["runs"]) == 3)
         third = finished_run(daemon, "users")
         assert (third["trigger"], third["day"]) == ("missed", "2026-03-09")
         time.sleep(2)
