@@ -426,8 +426,10 @@ class FtpChannel(Channel):
                 await client.login(cfg.username, cfg.password or "")
                 if self.tls is not None:
                     await client.protect_data()
-        except BaseException:
+        except BaseException as exc:
             client.close()
+            if isinstance(exc, Exception):  # (not on cancellation: nothing more to await)
+                await _reaped(client)
             raise
         log.info(
             "channel.connected", channel=self.name, host=cfg.host, port=cfg.port, tls=bool(self.tls)
@@ -539,3 +541,15 @@ def _status(exc: aioftp.StatusCodeError) -> str:
 
 
 __all__ = ["FtpChannel", "FtpConfig", "FtpesConfig"]
+
+
+async def _reaped(client: _Client) -> None:
+    """Wait until a client closed after a failed connect or login has let go of its
+    socket: a TLS connection closes in steps, and a socket left to the collector warns
+    (and leaks) wherever the next collection happens to run."""
+    try:
+        writer = client.stream.writer
+    except (*_FAILURES, AttributeError):  # never connected ("Connect first")
+        return
+    with contextlib.suppress(*_FAILURES):
+        await asyncio.wait_for(writer.wait_closed(), client.socket_timeout)
