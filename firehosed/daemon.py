@@ -59,6 +59,7 @@ GC_THRESHOLDS = (10_000, 20, 20)
 
 LOOP_LAG_EVERY = 0.1  # seconds between the loop-lag watch's timers
 BUDGET_REFRESH = 0.01  # seconds: how stale the disk budget `refusal` reads may be
+STOP_GRACE = 5.0  # seconds the stop waits for cancelled tasks to end
 
 
 class Daemon:
@@ -409,7 +410,12 @@ class Daemon:
             await self.backend.flush()
         for task in self._tasks.values():
             task.cancel()
-        await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+        # Bounded: a task that lost its cancellation (asyncio.wait_for in Python 3.11 can
+        # drop one that races a result) must not hold the stop for ever.
+        if self._tasks:
+            _, left = await asyncio.wait(self._tasks.values(), timeout=STOP_GRACE)
+            if left:
+                log.warning("daemon.tasks_left", tasks=sorted(t.get_name() for t in left))
         for channel in self.channels.values():
             await channel.close()
         await self.alerts.close()

@@ -52,6 +52,7 @@ RECORDS = "Firehosed-Records"  # header: how many records a message holds
 INLINE_MAX = 256 << 10  # a stream batch's bytes up to this live in its manifest
 FETCH = 256  # messages asked for at once when a cut reads its records
 RETRY = 1.0  # seconds before a cut the cluster failed is tried again
+CLOSE_GRACE = 3.0  # seconds a clean stop spends giving leases up, and disconnecting
 TAIL_CHECK = 5.0  # seconds between looks at whether the cutter's tail still follows
 
 
@@ -714,8 +715,10 @@ class JetStreamBackend:
         """Publishes are waited for by the requests that made them: nothing is pending."""
 
     async def close(self) -> None:
-        """A clean stop: give the leases up (others take over at once), disconnect."""
+        """A clean stop: give the leases up (others take over at once; those not given
+        up within CLOSE_GRACE age out), disconnect."""
         if self.cluster.nc is not None and self.cluster.connected.is_set():
             with contextlib.suppress(nats.errors.Error, TimeoutError):
-                await self.leases.release_all()
-        await self.cluster.close()
+                await asyncio.wait_for(self.leases.release_all(), CLOSE_GRACE)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.cluster.close(), CLOSE_GRACE)

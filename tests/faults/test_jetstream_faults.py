@@ -17,6 +17,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import pytest
+
 from tests.daemon import Daemon, wait_until
 from tests.deployment import Deployment
 from tests.faults.report import full, report
@@ -51,6 +53,7 @@ def settle(
     assert lost == 0, f"{lost} acknowledged signals lost"
 
 
+@pytest.mark.timeout(600)  # (kills, restarts and a drain of both: slow on a loaded machine)
 def test_kill_9_one_of_two_processes_again_and_again(
     tmp_path: Path, own_nats_cluster: NatsCluster
 ) -> None:
@@ -74,6 +77,7 @@ def test_kill_9_one_of_two_processes_again_and_again(
         deployment.close()
 
 
+@pytest.mark.timeout(600)
 def test_kill_9_one_nats_server_of_three_under_load(
     tmp_path: Path, own_nats_cluster: NatsCluster
 ) -> None:
@@ -96,6 +100,7 @@ def test_kill_9_one_nats_server_of_three_under_load(
         deployment.close()
 
 
+@pytest.mark.timeout(600)
 def test_restart_the_whole_cluster_under_load(
     tmp_path: Path, own_nats_cluster: NatsCluster
 ) -> None:
