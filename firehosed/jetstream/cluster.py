@@ -26,7 +26,7 @@ import contextlib
 import secrets
 import socket
 import time
-from collections.abc import Awaitable, Coroutine
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -275,21 +275,15 @@ class Lease:
         self.revision = 0
         self.renewed = 0.0  # monotonic time of the last take or renewal
         self.held = asyncio.Event()
-        self.lost = asyncio.Event()  # set when it goes; cleared when taken again
-        self.lost.set()
 
     def set_held(self, revision: int) -> None:
         self.revision = revision
         self.renewed = time.monotonic()
-        if not self.held.is_set():
-            self.held.set()
-            self.lost.clear()
+        self.held.set()
 
     def set_lost(self) -> None:
         self.revision = 0
-        if self.held.is_set():
-            self.held.clear()
-            self.lost.set()
+        self.held.clear()
 
 
 class Leases:
@@ -324,16 +318,6 @@ class Leases:
         lease = self.groups.get(group, {}).pop(key, None)
         if lease is not None:
             lease.set_lost()
-
-    def owner_of(self, key: str) -> Awaitable[str | None]:
-        return self._owner(key)
-
-    async def _owner(self, key: str) -> str | None:
-        try:
-            entry = await self.cluster.leases.get(key)
-        except (KeyNotFoundError, nats.errors.Error):
-            return None
-        return entry.value.decode() if entry.value else None
 
     async def run(self) -> None:
         """Renew, take and give up leases every third of the TTL, until cancelled."""
@@ -405,12 +389,10 @@ class Leases:
 
     async def _take(self, lease: Lease) -> None:
         kv, me = self.cluster.leases, self.cluster.me.encode()
-        try:
+        with contextlib.suppress(KeyWrongLastSequenceError):  # (someone's: ours from before?)
             lease.set_held(await kv.create(lease.key, me))
             log.info("jetstream.lease_taken", lease=lease.key)
             return
-        except KeyWrongLastSequenceError:
-            pass
         try:
             entry = await kv.get(lease.key)
         except KeyNotFoundError:

@@ -148,9 +148,6 @@ class Owners:
             for p in range(cluster.config.partitions)
         ]
 
-    def owned(self) -> list[int]:
-        return [p.number for p in self.partitions if p.lease.held.is_set()]
-
     async def run(self) -> None:
         await asyncio.gather(*(p.run() for p in self.partitions))
 

@@ -646,11 +646,6 @@ class JetStreamQueue:
             dead_bytes=self._dead_bytes,
         )
 
-    @property
-    def cutting(self) -> bool:
-        """Whether this process cuts this firehose's batches now."""
-        return self._lease.held.is_set()
-
     def recovered_ids(self) -> list[tuple[str, float]]:
         return []  # JetStream's duplicate window and the partitions' dedupe do this
 
