@@ -6,7 +6,7 @@ NDJSON requests of BATCH (the body split into lines, dedupe, one group commit pe
 request). Each: envelope decode and routing into a firehose queue
 (`bench.inprocess.Ingest`), the group commit (write and fdatasync, as under
 load), then one file batch cut the way a file firehose's worker makes it:
-`SegmentStore.read`, NDJSON `formats.encode`, `SegmentStore.persist_batch`. Each step's
+`SegmentStore.read`, NDJSON `formats.encode_batch`, `SegmentStore.persist_batch`. Each step's
 CPU per record is this thread's CPU clock (user and kernel, to the nanosecond), so the
 kernel's share (syncs, reading the segments back, writing the batch) is counted. No
 HTTP, no event loop, one thread.
@@ -92,7 +92,7 @@ def steps(work: Path, count: int, batch: int = 1) -> list[tuple[str, float]]:
             "group commit", lambda: queue.write(queue.take_pending(), sync=True)
         )
     records, end, _ = spent.run("cut: read back", lambda: queue.read(1 << 62, 1 << 62))
-    data = spent.run("cut: NDJSON", lambda: formats.encode("ndjson", records, None, "none"))
+    data = spent.run("cut: NDJSON", lambda: formats.encode_batch("ndjson", records, None, "none"))
     manifest = queue.new_manifest(
         name="perrecord.ndjson",
         records=len(records),

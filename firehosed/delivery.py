@@ -92,7 +92,7 @@ def batch_encoder(config: FirehoseConfig, mapping: Mapping | None, channel: Chan
     encoding = "gzip" if compression == "gzip" else None
 
     def encode(records: Sequence[Record]) -> Encoded:
-        data = formats.encode(fmt, records, mapping, compression)
+        data = formats.encode_batch(fmt, records, mapping, compression)
         opened = datetime.fromtimestamp(records[0].received, UTC)
         base = opened.strftime(config.filename_pattern)
         return Encoded(data, base, config.prefix, extension, content_type, encoding)

@@ -1,16 +1,30 @@
 """Records as staged in a firehose's queue: envelope facts plus the raw bytes.
 
-A request's records go into a queue as one *block* (one frame, one CRC, one msgpack
-encode of columns), not a frame each; a catch-up replay or a `pi` record goes as a
-single `Record`. A cut reads both back into `Rows`: columns again, so an NDJSON or JSON
-batch is a join of raw bytes, and a `Record` is made only where a format asks for one.
+A request's records go into a queue as one *block* (one frame, one CRC), not a frame
+each; a catch-up replay or a `pi` record goes as a single `Record`. A block's frame
+holds the records' raw bytes as they will go into an NDJSON file, joined and each
+ended by a newline, after a head of their envelope columns and where each record ends:
+
+    | b"J" | head length (4, LE) | msgpack Head | b"\n" | each record's bytes + b"\n" |
+
+A cut reads both back into `Rows`: an NDJSON batch of blocks is then a copy of byte
+ranges, the envelope columns are decoded only when a format or a manifest asks for
+them, and a `Record` is made only where a format needs one at a time. Blocks written
+before this layout (b"B", the columns and a list of raws in one msgpack array) are
+still read, converted as they are read.
 """
 
 from __future__ import annotations
 
+import mmap
+import struct
+import sys
+from array import array
+from bisect import bisect_left
 from collections.abc import Iterator, Sequence
-from itertools import repeat
-from typing import overload
+from itertools import accumulate, chain, count, islice
+from operator import add
+from typing import Any, overload
 
 import msgspec
 
@@ -33,7 +47,8 @@ class Record(msgspec.Struct, array_like=True, gc=False):
 
 
 class Block(msgspec.Struct, array_like=True, gc=False):
-    """The records one request appended to one queue, in order, as columns."""
+    """The records one request appended to one queue, in order, as columns (what the
+    router appends; also the layout of blocks written before `JOINED`)."""
 
     received: float
     types: list[str]
@@ -45,13 +60,39 @@ class Block(msgspec.Struct, array_like=True, gc=False):
     plain: bool = False  # no record holds a newline or carriage return
 
 
-# A segment frame's payload is a Block when it starts with this byte (a Record's
-# msgpack array starts with 0x97, a mark with its own letter).
-BLOCK = 0x42
+# A segment frame's payload is a block when it starts with one of these bytes (a
+# Record's msgpack array starts with 0x97, a mark with its own letter).
+BLOCK = 0x42  # b"B": a msgpack Block (written by older versions; read, never written)
+JOINED = 0x4A  # b"J": a block as laid out above
+BLOCKS = (BLOCK, JOINED)
+
+
+class Columns(msgspec.Struct, array_like=True, gc=False):
+    """A block's envelope columns, one entry per record."""
+
+    types: list[str]
+    ids: list[str]
+    sessions: list[str | None]
+    persons: list[str | None]
+    times: list[float]
+
+
+class Head(msgspec.Struct, array_like=True, gc=False):
+    """What a joined block's frame holds before its records' bytes."""
+
+    received: float
+    plain: bool
+    sizes: bytes  # array("I"), little-endian: each record's size in bytes
+    columns: msgspec.Raw  # msgpack Columns, decoded when asked for
+
 
 encoder = msgspec.msgpack.Encoder()
 decoder = msgspec.msgpack.Decoder(Record)
 block_decoder = msgspec.msgpack.Decoder(Block)
+_head_decoder = msgspec.msgpack.Decoder(Head)
+_columns_decoder = msgspec.msgpack.Decoder(Columns)
+_HEAD_LENGTH = struct.Struct("<I")
+_SWAP = sys.byteorder != "little"
 _buffer = bytearray()
 
 
@@ -66,14 +107,114 @@ def encode(record: Record) -> bytes:
     return bytes(_buffer)
 
 
-class Rows(Sequence[Record]):
-    """Records as columns, oldest first: what a cut reads from a queue's frames.
-
-    Indexing makes a `Record` (formats that need one record at a time); the columns
-    themselves serve formats that need only the raw bytes.
+def encoded_block(block: Block, room: int = 0) -> bytearray:
+    """`block`'s payload as a `JOINED` frame holds it, behind `room` bytes left free
+    (a frame header's). One join copies the records' bytes, the usual case's only copy.
     """
+    raws = block.raws
+    sizes = array("I", map(len, raws))
+    if _SWAP:
+        sizes.byteswap()
+    columns = Columns(block.types, block.ids, block.sessions, block.persons, block.times)
+    head = encoder.encode(
+        Head(block.received, block.plain, sizes.tobytes(), msgspec.Raw(encoder.encode(columns)))
+    )
+    start = b"".join((bytes(room), b"J", _HEAD_LENGTH.pack(len(head)), head))
+    # start, b"\n", then each record followed by b"\n"
+    return bytearray(b"\n").join([start, *raws, b""])
 
-    __slots__ = ("ids", "persons", "plain", "raws", "received", "sessions", "times", "types")
+
+class Joined:
+    """One block read back: its records' bytes (each followed by a newline), their
+    sizes, and its columns, decoded the first time they are asked for."""
+
+    __slots__ = ("_columns", "_ends", "_raw_columns", "data", "plain", "received", "sizes")
+
+    def __init__(self, head: Head, data: memoryview) -> None:
+        self.received = head.received
+        self.plain = head.plain
+        self.sizes = array("I")
+        self.sizes.frombytes(head.sizes)
+        if _SWAP:
+            self.sizes.byteswap()
+        self.data = data
+        self._raw_columns = head.columns.copy()  # the decoded Raw is a view of the read
+        self._columns: Columns | None = None
+        self._ends: array[int] | None = None
+
+    @classmethod
+    def read(cls, payload: memoryview | bytes | bytearray, *, data: bool = True) -> Joined:
+        """The block in a frame's payload (tag included), either layout. Its records'
+        bytes are copied out of `payload` (a reused buffer) unless it is a view of
+        `bytes` or of a mapped file; without `data` they are left out (counting and noting
+        ids)."""
+        if payload[0] == BLOCK:  # older layout: converted
+            payload = encoded_block(block_decoder.decode(payload[1:]))
+        view = memoryview(payload)
+        (length,) = _HEAD_LENGTH.unpack_from(view, 1)
+        body = 1 + _HEAD_LENGTH.size + length
+        head = _head_decoder.decode(view[1 + _HEAD_LENGTH.size : body])
+        records = view[body + 1 :]
+        if not data:
+            records = memoryview(b"")
+        elif not isinstance(view.obj, (bytes, mmap.mmap)):
+            records = memoryview(bytes(records))
+        return cls(head, records)
+
+    def __len__(self) -> int:
+        return len(self.sizes)
+
+    def columns(self) -> Columns:
+        if self._columns is None:
+            self._columns = _columns_decoder.decode(self._raw_columns)
+        return self._columns
+
+    def ends(self) -> array[int]:
+        """Where each record's bytes end in `data`."""
+        if self._ends is None:
+            # Record i ends after the bytes of records 0..i and the i newlines between.
+            self._ends = array("I", map(add, accumulate(self.sizes), count()))
+        return self._ends
+
+    def start(self, index: int) -> int:
+        """Where record `index`'s bytes start."""
+        return self.ends()[index - 1] + 1 if index else 0
+
+    def size(self, start: int, stop: int) -> int:
+        """The raw bytes of records `start` to `stop` (newlines not counted)."""
+        if stop <= start:
+            return 0
+        if start == 0 and stop == len(self.sizes):
+            return len(self.data) - stop
+        return self.ends()[stop - 1] - self.start(start) - (stop - 1 - start)
+
+    def fitting(self, start: int, room: int) -> int:
+        """How many records from `start` on hold fewer than `room` raw bytes between
+        them, plus the one that reaches `room` (all of them if none does)."""
+        if self.size(start, len(self)) < room:
+            return len(self) - start
+        index = bisect_left(range(start, len(self)), room, key=lambda i: self.size(start, i + 1))
+        return index + 1
+
+    def raws(self, start: int, stop: int) -> list[bytes]:
+        data, ends = self.data, self.ends()
+        starts = chain((self.start(start),), map((1).__add__, islice(ends, start, stop - 1)))
+        views = map(data.__getitem__, map(slice, starts, islice(ends, start, stop)))
+        return list(map(bytes, views))
+
+    def text(self, start: int, stop: int) -> memoryview:
+        """Records `start` to `stop`, each followed by a newline."""
+        if stop <= start:
+            return self.data[:0]
+        if start == 0 and stop == len(self.sizes):
+            return self.data
+        return self.data[self.start(start) : self.ends()[stop - 1] + 1]
+
+
+class _Lists:
+    """Records as plain columns (appended one at a time, or a slice of Rows)."""
+
+    __slots__ = ("ids", "persons", "raws", "received", "sessions", "times", "types")
 
     def __init__(self) -> None:
         self.types: list[str] = []
@@ -83,53 +224,150 @@ class Rows(Sequence[Record]):
         self.times: list[float] = []
         self.received: list[float] = []
         self.raws: list[bytes] = []
-        # No record holds a newline or carriage return: joined by newlines, NDJSON.
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def column(self, name: str) -> list[Any]:
+        column: list[Any] = getattr(self, name)
+        return column
+
+    def text(self) -> bytes:
+        return b"\n".join([*self.raws, b""])
+
+
+class _Part:
+    """Records `start` to `stop` of a Joined block."""
+
+    __slots__ = ("block", "start", "stop")
+
+    def __init__(self, block: Joined, start: int, stop: int) -> None:
+        self.block, self.start, self.stop = block, start, stop
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def column(self, name: str) -> list[Any]:
+        block, start, stop = self.block, self.start, self.stop
+        if name == "raws":
+            return block.raws(start, stop)
+        if name == "received":
+            return [block.received] * (stop - start)
+        column: list[Any] = getattr(block.columns(), name)
+        return column if start == 0 and stop == len(column) else column[start:stop]
+
+    def text(self) -> memoryview:
+        return self.block.text(self.start, self.stop)
+
+
+COLUMNS = ("types", "ids", "sessions", "persons", "times", "received", "raws")
+
+
+class Rows(Sequence[Record]):
+    """Records, oldest first: what a cut reads from a queue's frames.
+
+    Held as the blocks (or parts of blocks) and single records read: `text` is the
+    records' bytes newline-ended without a copy per record, and a column is built the
+    first time it is asked for. Indexing makes a `Record` (formats that need one record
+    at a time). Rows are read, not edited: a column handed out is not kept in step with
+    records added after.
+    """
+
+    __slots__ = ("_cache", "_length", "_parts", "plain")
+
+    def __init__(self) -> None:
+        self._parts: list[_Part | _Lists] = []
+        self._cache: dict[str, list[Any]] = {}
+        self._length = 0
+        # No record holds a newline or carriage return: `text` is NDJSON.
         self.plain = True
 
     def append(self, record: Record) -> None:
-        self.types.append(record.type)
-        self.ids.append(record.id)
-        self.sessions.append(record.session)
-        self.persons.append(record.person)
-        self.times.append(record.time)
-        self.received.append(record.received)
-        self.raws.append(record.raw)
+        last = self._parts[-1] if self._parts else None
+        if not isinstance(last, _Lists):
+            last = _Lists()
+            self._parts.append(last)
+        last.types.append(record.type)
+        last.ids.append(record.id)
+        last.sessions.append(record.session)
+        last.persons.append(record.person)
+        last.times.append(record.time)
+        last.received.append(record.received)
+        last.raws.append(record.raw)
+        self._grew(1)
         self.plain = self.plain and b"\n" not in record.raw and b"\r" not in record.raw
 
-    def add_block(self, block: Block, start: int, stop: int) -> None:
+    def add_block(self, block: Joined, start: int, stop: int) -> None:
         """Records `start` to `stop` of `block`."""
-        if start == 0 and stop == len(block.ids):  # the usual case: no slicing
-            self.types += block.types
-            self.ids += block.ids
-            self.sessions += block.sessions
-            self.persons += block.persons
-            self.times += block.times
-            self.raws += block.raws
-        else:
-            self.types += block.types[start:stop]
-            self.ids += block.ids[start:stop]
-            self.sessions += block.sessions[start:stop]
-            self.persons += block.persons[start:stop]
-            self.times += block.times[start:stop]
-            self.raws += block.raws[start:stop]
-        self.received += repeat(block.received, stop - start)
+        if stop > start:
+            self._parts.append(_Part(block, start, stop))
+            self._grew(stop - start)
         self.plain = self.plain and block.plain
 
     def extend(self, other: Rows) -> None:
-        for column in self._columns():
-            getattr(self, column).extend(getattr(other, column))
+        self._parts += other._parts
+        self._grew(len(other))
         self.plain = self.plain and other.plain
 
-    @classmethod
-    def _columns(cls) -> tuple[str, ...]:
-        return tuple(name for name in cls.__slots__ if name != "plain")
+    def _grew(self, records: int) -> None:
+        self._length += records
+        if self._cache:
+            self._cache = {}
+
+    def _column(self, name: str) -> list[Any]:
+        column = self._cache.get(name)
+        if column is None:
+            if len(self._parts) == 1:
+                column = self._parts[0].column(name)
+            else:
+                column = []
+                for part in self._parts:
+                    column += part.column(name)
+            self._cache[name] = column
+        return column
+
+    @property
+    def types(self) -> list[str]:
+        return self._column("types")
+
+    @property
+    def ids(self) -> list[str]:
+        return self._column("ids")
+
+    @property
+    def sessions(self) -> list[str | None]:
+        return self._column("sessions")
+
+    @property
+    def persons(self) -> list[str | None]:
+        return self._column("persons")
+
+    @property
+    def times(self) -> list[float]:
+        return self._column("times")
+
+    @property
+    def received(self) -> list[float]:
+        return self._column("received")
+
+    @property
+    def raws(self) -> list[bytes]:
+        return self._column("raws")
+
+    def text(self) -> bytes:
+        """The records' bytes, each followed by a newline (NDJSON when `plain`)."""
+        return b"".join(self.pieces())
+
+    def pieces(self) -> list[memoryview | bytes]:
+        """`text` in pieces: a view of each block's bytes, the other records joined."""
+        return [part.text() for part in self._parts]
 
     def keys(self) -> list[tuple[str, str | None]]:
         """(id, session) of each record."""
         return list(zip(self.ids, self.sessions, strict=True))
 
     def __len__(self) -> int:
-        return len(self.ids)
+        return self._length
 
     @overload
     def __getitem__(self, index: int) -> Record: ...
@@ -137,32 +375,19 @@ class Rows(Sequence[Record]):
     def __getitem__(self, index: slice) -> Rows: ...
     def __getitem__(self, index: int | slice) -> Record | Rows:
         if isinstance(index, slice):
+            lists = _Lists()
+            for name in COLUMNS:
+                setattr(lists, name, self._column(name)[index])
             rows = Rows()
-            for column in self._columns():
-                setattr(rows, column, getattr(self, column)[index])
+            if len(lists):
+                rows._parts.append(lists)
+                rows._length = len(lists)
             rows.plain = self.plain
             return rows
-        return Record(
-            self.types[index],
-            self.ids[index],
-            self.sessions[index],
-            self.persons[index],
-            self.times[index],
-            self.received[index],
-            self.raws[index],
-        )
+        return Record(*(self._column(name)[index] for name in COLUMNS))
 
     def __iter__(self) -> Iterator[Record]:
-        return map(
-            Record,
-            self.types,
-            self.ids,
-            self.sessions,
-            self.persons,
-            self.times,
-            self.received,
-            self.raws,
-        )
+        return map(Record, *map(self._column, COLUMNS))
 
 
 def raws(records: Sequence[Record]) -> list[bytes]:

@@ -20,9 +20,10 @@ from firehosed import metrics
 from firehosed.queue.base import CutRules, Encoded, Manifest, Position
 from firehosed.queue.frames import HEADER, frame, frame_block
 from firehosed.queue.local import LocalBackend, LocalQueue
-from firehosed.queue.store import SegmentStore, _Reading
+from firehosed.queue.store import SegmentStore
 from firehosed.record import Block, Record, Rows, encode
 
+COLUMNS = ("types", "ids", "sessions", "persons", "times", "raws")
 RECEIVED = 2000.0  # when a test's blocks were received, unless it says otherwise
 EVERYTHING = 1 << 40  # a limit no test reaches
 
@@ -440,12 +441,9 @@ def big_block() -> Block:
     return block(BIG, pad=480)
 
 
-def test_a_block_larger_than_a_read_chunk_is_cut_part_way_and_then_the_rest(
-    tmp_path: Path,
-) -> None:
+def test_a_large_block_is_cut_part_way_and_then_the_rest(tmp_path: Path) -> None:
     queue = open_queue(tmp_path)
     big = big_block()
-    assert len(frame_block(big)) > 1.4 * _Reading.CHUNK
     commit(queue, 0, 1, big)  # the segment rotates after this commit
     commit(queue, 3002)
     assert len(queue.segments) == 2
@@ -468,7 +466,7 @@ def test_a_block_larger_than_a_read_chunk_is_cut_part_way_and_then_the_rest(
     assert queue.segments == [2]  # the first segment is wholly cut: freed
 
 
-def test_a_crash_with_the_cursor_inside_a_block_larger_than_a_chunk(tmp_path: Path) -> None:
+def test_a_crash_with_the_cursor_inside_a_large_block(tmp_path: Path) -> None:
     queue = open_queue(tmp_path)
     commit(queue, 0, 1, big_block())
     assert ns(cut(queue, limit_records=2500)[0]) == list(range(2500))
@@ -480,6 +478,56 @@ def test_a_crash_with_the_cursor_inside_a_block_larger_than_a_chunk(tmp_path: Pa
         list(range(start, min(start + 200, 3002))) for start in range(2500, 3002, 200)
     ]
     assert again.staged_records == 0 and again.staged_bytes == 0
+
+
+def test_rows_read_from_a_mapped_segment_outlive_the_segment(tmp_path: Path) -> None:
+    """A cut's blocks are views of the segment's mapping: deleting the segment once
+    the cut is persisted (a delivered batch frees it) must not change or fault them."""
+    queue = open_queue(tmp_path, segment_size=1024)  # rotates every block or two
+    for start in range(0, 200, 20):
+        commit(queue, block(range(start, start + 20)))
+    assert len(queue.segments) > 5
+    rows, _, _ = cut(queue)
+    assert queue.segments == [queue.segments[-1]]  # all but the one being written freed
+    assert not segment(queue, 1).exists()
+    assert ns(rows) == list(range(200)) and rows.raws == [raw(n) for n in range(200)]
+    assert rows.text() == b"".join(raw(n) + b"\n" for n in range(200))
+
+
+def legacy_frame(item: Block) -> bytes:
+    """A block framed as versions before the joined layout wrote it: b"B" and the
+    Block's msgpack (its raws a list)."""
+    return frame(b"B" + msgspec.msgpack.encode(item))
+
+
+def test_blocks_of_the_layout_before_joined_are_read_and_cut_beside_new_ones(
+    tmp_path: Path,
+) -> None:
+    older = [block(range(10)), block(range(10, 30), pad=40), block(range(30, 31))]
+    root = tmp_path / "queues" / "fh"
+    (root / "segments").mkdir(parents=True)
+    (root / "batches").mkdir()
+    (root / "segments" / "1.seg").write_bytes(b"".join(map(legacy_frame, older)))
+
+    queue = open_queue(tmp_path)
+    assert queue.staged_records == 31
+    assert [i for i, _ in queue.take_recovered()] == [f"id{n}" for n in range(31)]
+    commit(queue, block(range(31, 40)), 40)
+    rows, end, _ = cut(queue, limit_records=15)  # ends inside the second older block
+    assert end[2] == 5
+    expected = [b for item in older for b in zip(*(getattr(item, c) for c in COLUMNS), strict=True)]
+    got = zip(*(getattr(rows, c) for c in COLUMNS), strict=True)
+    assert list(got) == expected[:15] and rows.received == [RECEIVED] * 15
+    assert rows.text() == b"".join(r + b"\n" for r in rows.raws)
+    queue.close()
+
+    again = open_queue(tmp_path)  # recovery goes on from the skip inside the older block
+    assert again.staged_records == 26
+    assert cut_all(again, EVERYTHING, 10) == [
+        list(range(15, 25)),
+        list(range(25, 35)),
+        list(range(35, 41)),
+    ]
 
 
 # -- positions written before blocks -------------------------------------------------------

@@ -339,19 +339,6 @@ async def test_naming_survives_a_crash_before_state_is_saved(tmp_path: Path) -> 
     assert again.unique_name("x-2026") == "x-2026-2"
 
 
-async def test_reading_in_chunks_smaller_than_a_record(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr("firehosed.queue.store._Reading.CHUNK", 16)  # every frame spans chunks
-    queue = open_queue(tmp_path)
-    await append(queue, range(50))
-    first, end, _ = queue.read(1 << 30, 20)
-    assert [r.id for r in first] == [f"id{n}" for n in range(20)]
-    queue.state.cursor = end
-    rest, _, _ = queue.read(1 << 30, 1 << 30)
-    assert [r.id for r in rest] == [f"id{n}" for n in range(20, 50)]
-
-
 class EveryRound:
     """A RoundCutter that makes every group commit's records one stream batch, as the
     queue of a stream that keeps up does (its manifests numbered and named in turn)."""

@@ -11,9 +11,10 @@ import gzip
 import importlib
 from collections.abc import Sequence
 
+from firehosed.fileio import Data, Pieces
 from firehosed.formats import avro, csv, json, ndjson
 from firehosed.mapping import Mapping
-from firehosed.record import Record
+from firehosed.record import Record, Rows
 
 EXTENSIONS = {
     "json": ".json",
@@ -68,6 +69,17 @@ def encode(fmt: str, records: Sequence[Record], mapping: Mapping | None, compres
         # mtime=0: the same batch always gives the same bytes (idempotent retries)
         return gzip.compress(data, compresslevel=6, mtime=0)
     return data
+
+
+def encode_batch(
+    fmt: str, records: Sequence[Record], mapping: Mapping | None, compression: str
+) -> Data:
+    """`encode`, as a cut makes a batch's bytes: a plain NDJSON batch of a queue's Rows
+    is the pieces of the queue's blocks, written as they are (no copy)."""
+    plain = fmt == "ndjson" and mapping is None and compression == "none"
+    if plain and isinstance(records, Rows) and records.plain:
+        return Pieces(records.pieces())
+    return encode(fmt, records, mapping, compression)
 
 
 def extension(fmt: str, compression: str) -> str:

@@ -20,7 +20,7 @@ def encode(records: Sequence[Record], mapping: Mapping | None) -> bytes:
     """Each record's raw bytes (or mapped form) on its own line."""
     if mapping is None:
         if isinstance(records, Rows) and records.plain:  # known at ingest: one join
-            return b"\n".join([*records.raws, b""])
+            return records.text()
         lines = [one_line(raw) for raw in raws(records)]
     else:
         lines = [with_mapped_fields(r.raw, mapping) for r in records]

@@ -44,7 +44,7 @@ from firehosed.fileio import write_durably
 from firehosed.jetstream.cluster import Cluster, Lease, Leases, background, entries
 from firehosed.queue.base import CutRules, Encoded, Encoder, Manifest, QueueFigures
 from firehosed.queue.frames import Framed, Unsealed, scan
-from firehosed.record import BLOCK, Rows, block_decoder, decoder
+from firehosed.record import BLOCKS, Joined, Rows, decoder
 
 log = structlog.get_logger(__name__)
 
@@ -102,9 +102,9 @@ def add_records(rows: Rows, data: bytes, skip: int = 0, stop: int = -1) -> int:
         if span.payload is None:
             raise StorageError(f"corrupt frame at byte {span.start} of a JetStream message")
         payload = span.payload
-        if payload[0] == BLOCK:
-            block = block_decoder.decode(payload[1:])
-            size = len(block.ids)
+        if payload[0] in BLOCKS:
+            block = Joined.read(payload)
+            size = len(block)
         else:
             block, size = None, 1
         start = min(max(skip - count, 0), size)
@@ -392,7 +392,7 @@ class JetStreamQueue:
             raise StorageError(f"read {len(rows)} of the batch's {expected} records")
         encoded = await asyncio.to_thread(self._encoder, rows)
         manifest = self._manifest(rows, encoded, taken[0].seq, end)
-        if not await self._fix(manifest, encoded.data):
+        if not await self._fix(manifest, bytes(encoded.data)):
             return None
         self._consume(taken, end)
         self._batches.append(manifest)
@@ -502,7 +502,7 @@ class JetStreamQueue:
             keys=rows.keys() if stream else [],
             base=base,
             suffix=suffix,
-            data=encoded.data if inline else None,
+            data=bytes(encoded.data) if inline else None,
         )
 
     async def _fix(self, manifest: Manifest, data: bytes) -> bool:

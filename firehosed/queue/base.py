@@ -25,6 +25,7 @@ from typing import Protocol
 
 import msgspec
 
+from firehosed.fileio import Data
 from firehosed.queue.frames import Framed
 from firehosed.record import Rows
 
@@ -73,7 +74,7 @@ class Manifest(msgspec.Struct, kw_only=True):
 class Encoded:
     """One batch's bytes and how it is named, from the firehose's encoder."""
 
-    data: bytes
+    data: Data
     base: str  # the time-derived part of the name; the queue makes it unique
     prefix: str
     extension: str

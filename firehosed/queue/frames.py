@@ -1,5 +1,5 @@
 """Framing in segment files: magic, length and CRC-32 before every payload (a request's
-Block of records, a single Record, or a mark).
+block of records, laid out as record.py says, a single Record, or a mark).
 
     | magic (2) | length (4, LE) | crc32 (4, LE) | payload (length) |
 
@@ -9,20 +9,18 @@ torn or flipped record from an intact one.
 
 from __future__ import annotations
 
+import mmap
 import struct
 import threading
 import zlib
 from collections.abc import Iterator
 from typing import NamedTuple
 
-import msgspec
-
-from firehosed.record import BLOCK, Block
+from firehosed.record import Block, encoded_block
 
 MAGIC = b"\xfb\x1e"
 HEADER = struct.Struct("<2sII")
 MAX_PAYLOAD = 256 << 20
-block_encoder = msgspec.msgpack.Encoder()
 
 
 def frame(payload: bytes) -> bytes:
@@ -90,8 +88,9 @@ def _cut_short(view: memoryview, pos: int) -> bool:
 
 def _next_frame(view: memoryview, pos: int) -> int:
     """Offset of the next intact frame at or after `pos`, or the end of the data."""
-    raw = view.obj if isinstance(view.obj, bytes) and len(view.obj) == len(view) else None
-    raw = raw or bytes(view)
+    raw = view.obj
+    if not isinstance(raw, (bytes, mmap.mmap)) or len(raw) != len(view):
+        raw = bytes(view)
     while True:
         pos = raw.find(MAGIC, pos, len(view))
         if pos < 0:
@@ -111,10 +110,7 @@ class Unsealed:
     __slots__ = ("_lock", "_sealed", "data")
 
     def __init__(self, block: Block) -> None:
-        data = bytearray(HEADER.size + 1)
-        data[HEADER.size] = BLOCK
-        block_encoder.encode_into(block, data, HEADER.size + 1)
-        self.data = data
+        self.data = encoded_block(block, HEADER.size)
         self._lock = threading.Lock()
         self._sealed = False
 

@@ -28,6 +28,7 @@ import structlog
 
 from firehosed import metrics
 from firehosed.faults import crash_point
+from firehosed.fileio import Data
 from firehosed.queue.base import CutRules, Encoded, Encoder, Manifest, Position, QueueFigures
 from firehosed.queue.commit import Committer, Round
 from firehosed.queue.frames import Framed
@@ -320,7 +321,7 @@ class LocalQueue:
         manifest, data = self._manifest(records, end)
         return manifest, store.persist_batch(manifest, data), frame_bytes
 
-    def _manifest(self, records: Rows, end: Position) -> tuple[Manifest, bytes]:
+    def _manifest(self, records: Rows, end: Position) -> tuple[Manifest, Data]:
         """The manifest of a batch of `records`, and its bytes (a thread: it encodes)."""
         store, stream = self._store, self._rules.stream
         encoded = self._encoder(records)
@@ -337,7 +338,7 @@ class LocalQueue:
             content_type=encoded.content_type,
             content_encoding=encoded.content_encoding,
             keys=records.keys() if stream else [],
-            data=encoded.data if stream else None,
+            data=bytes(encoded.data) if stream else None,
         )
         return manifest, encoded.data
 

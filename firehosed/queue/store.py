@@ -39,15 +39,15 @@ never re-batches one that a manifest already holds.
 
 from __future__ import annotations
 
+import mmap
 import os
 import threading
 import time
 import uuid
-from bisect import bisect_left
 from collections import deque
 from dataclasses import dataclass, field
 from io import FileIO
-from itertools import accumulate, islice, repeat
+from itertools import repeat
 from pathlib import Path
 from typing import Protocol
 
@@ -56,10 +56,10 @@ import structlog
 
 from firehosed import metrics
 from firehosed.faults import crash_point, fail_point
-from firehosed.fileio import fsync_dir, make_dirs, write_chunks, write_durably, write_synced
+from firehosed.fileio import Data, fsync_dir, make_dirs, write_chunks, write_durably, write_synced
 from firehosed.queue.base import Manifest, Position, position
 from firehosed.queue.frames import HEADER, Framed, Unsealed, frame, scan
-from firehosed.record import BLOCK, Block, Rows, block_decoder, decoder
+from firehosed.record import BLOCKS, Joined, Rows, decoder
 
 log = structlog.get_logger(__name__)
 
@@ -292,9 +292,9 @@ class SegmentStore:
         """Records past the cursor (undelivered; a block's after its first `skip`):
         counted; noted for dedupe if `recent`."""
         self.staged_bytes += HEADER.size + len(payload)
-        if payload[0] == BLOCK:
-            block = block_decoder.decode(payload[1:])
-            ids, received = block.ids[skip:], block.received
+        if payload[0] in BLOCKS:
+            block = Joined.read(payload, data=False)
+            ids, received = block.columns().ids[skip:], block.received
         elif recent or self.staged_records == 0:
             record = decoder.decode(payload)
             ids, received = [record.id], record.received
@@ -469,7 +469,7 @@ class SegmentStore:
                 break
         return batch.records, at, batch.framed
 
-    def persist_batch(self, manifest: Manifest, data: bytes) -> int:
+    def persist_batch(self, manifest: Manifest, data: Data) -> int:
         """Write a cut batch durably and move the cursor past it; return bytes freed (thread).
 
         A file batch: three syncs (data, manifest, directory). A stream batch (its bytes
@@ -751,16 +751,16 @@ def _records(chunks: list[bytearray | Unsealed]) -> tuple[Rows, int]:
     for chunk in chunks:
         if isinstance(chunk, Unsealed):
             with chunk.payload() as view:
-                block = block_decoder.decode(view[1:])
-            records.add_block(block, 0, len(block.ids))
+                block = Joined.read(view)
+            records.add_block(block, 0, len(block))
             framed += len(chunk)
             continue
         for start, end, payload in scan(chunk):
             if payload is None or payload[0] in _MARKS:
                 continue
-            if payload[0] == BLOCK:
-                block = block_decoder.decode(payload[1:])
-                records.add_block(block, 0, len(block.ids))
+            if payload[0] in BLOCKS:
+                block = Joined.read(payload)
+                records.add_block(block, 0, len(block))
             else:
                 records.append(decoder.decode(payload))
             framed += end - start
@@ -768,91 +768,61 @@ def _records(chunks: list[bytearray | Unsealed]) -> tuple[Rows, int]:
 
 
 class _Reading:
-    """Records read for one cut, up to its limits, a chunk of a segment at a time.
+    """Records read for one cut, up to its limits, a segment at a time.
 
-    Reading in chunks keeps a small stream batch from reading a whole segment of backlog.
-    A block is taken part-way when a limit falls inside it: the cut then ends at that
-    block with the number of its records taken (the next cut's `skip`).
+    A segment is mapped, not read: its pages are the page cache's, touched only as far
+    as the cut goes, and a block's records are taken from the mapping without a copy
+    (the mapping lives as long as rows that hold them). A block is taken part-way when a
+    limit falls inside it: the cut then ends at that block with the number of its
+    records taken (the next cut's `skip`).
     """
-
-    CHUNK = 1 << 20
 
     def __init__(self, limit_bytes: int, limit_records: int) -> None:
         self.limit_bytes, self.limit_records = limit_bytes, limit_records
         self.records = Rows()
         self.size = self.framed = 0
-        # Chunks are read into one buffer, not each into new memory (whose first touch
-        # costs a page fault per 4 KiB: a third of reading a large block back).
-        self._buffer = bytearray()
 
     def full(self) -> bool:
         return self.size >= self.limit_bytes or len(self.records) >= self.limit_records
 
     def take(self, f: FileIO, offset: int, skip: int, stop: int | None) -> tuple[int, int]:
         """Read frames from `offset` (past `skip` records of the block there) until the
-        limits, `stop` or the end; the (offset, skip) reached."""
-        want = self.CHUNK
-        while not self.full():
-            f.seek(offset)
-            size = want if stop is None else min(want, stop - offset)
-            if len(self._buffer) < size:
-                self._buffer = bytearray(size)
-            with memoryview(self._buffer) as whole:
-                read = f.readinto(whole[:size]) or 0
-                with whole[:read] as data:
-                    used, inside = self._frames(data, skip, more=read == size)
-            if inside:
-                return offset + used, inside  # the limits fell inside the block there
-            if used == 0 and read < want and (stop is None or offset + read >= stop):
-                return offset + read, 0  # only an unreadable tail is left: skip it
-            offset += used
-            if used:
-                skip = 0
-            want = self.CHUNK if used else want * 2  # a frame larger than a chunk
-            if not read:
-                break
-        return offset, skip
-
-    def _frames(self, data: memoryview, skip: int, *, more: bool) -> tuple[int, int]:
-        """Decode whole frames from `data` (the first past `skip` records) until full;
-        the bytes used, and 0, or where a limit fell inside a block: its start and the
-        number of its records taken by now."""
-        used = 0
+        limits, `stop` or the end; the (offset, skip) reached. Bytes past the last
+        intact frame before the end (a torn tail, quarantined at recovery) are passed."""
+        size = os.fstat(f.fileno()).st_size
+        size = size if stop is None else min(stop, size)
+        if size <= offset or self.full():
+            return offset, skip
+        mapped = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_READ)
+        mapped.madvise(mmap.MADV_SEQUENTIAL)
+        data = memoryview(mapped)
         records, decode = self.records, decoder.decode  # per record: keep lookups out
-        for start, end, payload in scan(data, more=more):
-            if payload is None:
-                if end == len(data):
-                    break  # an incomplete frame at the chunk's end: read on from it
-                used = end  # corrupt bytes (quarantined at recovery): skip
-                continue
-            tag = payload[0]
-            if tag in _MARKS:
-                used = end
-                continue
-            if tag == BLOCK:
-                taken = self._block(block_decoder.decode(payload[1:]), skip)
+        for start, end, payload in scan(data, offset):
+            offset = end
+            if payload is None or payload[0] in _MARKS:
+                continue  # corrupt bytes (quarantined at recovery), or a mark
+            if payload[0] in BLOCKS:
+                taken = self._block(Joined.read(payload), skip)
                 if taken:
-                    return start, taken
+                    return start, taken  # the limits fell inside the block there
                 skip = 0
             else:
                 record = decode(payload)
                 records.append(record)
                 self.size += len(record.raw)
             self.framed += end - start
-            used = end
             if self.full():
                 break
-        return used, 0
+        return offset, skip
 
-    def _block(self, block: Block, skip: int) -> int:
+    def _block(self, block: Joined, skip: int) -> int:
         """Take `block`'s records from `skip` on, up to the limits: 0 when all were
         taken, else how many of the block's records are now in this or earlier cuts."""
-        count = len(block.ids)
+        count = len(block)
         stop = min(count, skip + self.limit_records - len(self.records))
-        sizes = list(accumulate(map(len, islice(block.raws, skip, stop))))
         room = self.limit_bytes - self.size
-        if sizes and sizes[-1] >= room:  # the record that reaches the limit is the last
-            stop = skip + bisect_left(sizes, room) + 1
+        if block.size(skip, stop) >= room:  # the record that reaches the limit is the last
+            stop = skip + block.fitting(skip, room)
         self.records.add_block(block, skip, stop)
-        self.size += sizes[stop - skip - 1] if stop > skip else 0
+        self.size += block.size(skip, stop)
         return 0 if stop == count else stop
