@@ -794,7 +794,6 @@ class _Reading:
         if size <= offset or self.full():
             return offset, skip
         mapped = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_READ)
-        mapped.madvise(mmap.MADV_SEQUENTIAL)
         data = memoryview(mapped)
         records, decode = self.records, decoder.decode  # per record: keep lookups out
         for start, end, payload in scan(data, offset):
