@@ -181,7 +181,8 @@ class Joined:
         return self.ends()[index - 1] + 1 if index else 0
 
     def size(self, start: int, stop: int) -> int:
-        """The raw bytes of records `start` to `stop` (newlines not counted)."""
+        """The raw bytes of records `start` to `stop` (newlines not counted; a block
+        read with its data)."""
         if stop <= start:
             return 0
         if start == 0 and stop == len(self.sizes):
@@ -254,7 +255,7 @@ class _Part:
         if name == "received":
             return [block.received] * (stop - start)
         column: list[Any] = getattr(block.columns(), name)
-        return column if start == 0 and stop == len(column) else column[start:stop]
+        return column[start:stop]  # a copy: whoever takes it may change it
 
     def text(self) -> memoryview:
         return self.block.text(self.start, self.stop)

@@ -16,7 +16,8 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from firehosed import metrics
+from firehosed import formats, metrics
+from firehosed.fileio import Data, Pieces
 from firehosed.queue.base import CutRules, Encoded, Manifest, Position
 from firehosed.queue.frames import HEADER, frame, frame_block
 from firehosed.queue.local import LocalBackend, LocalQueue
@@ -78,18 +79,20 @@ def commit(queue: SegmentStore, *items: Block | int) -> Position:
     return end
 
 
-def persist(queue: SegmentStore, rows: Rows, end: Position, frame_bytes: int) -> Manifest:
+def persist(
+    queue: SegmentStore, rows: Rows, end: Position, frame_bytes: int, data: Data = b"abc"
+) -> Manifest:
     """Fix what a read returned as the next file batch, as the worker does."""
     manifest = queue.new_manifest(
         name=f"b{queue.state.next_batch}",
         records=len(rows),
-        size=3,
+        size=len(data),
         opened=0.0,
         cut=0.0,
         end=end,
         content_type="x",
     )
-    queue.add_batch(manifest, queue.persist_batch(manifest, b"abc"), frame_bytes)
+    queue.add_batch(manifest, queue.persist_batch(manifest, data), frame_bytes)
     return manifest
 
 
@@ -492,6 +495,29 @@ def test_rows_read_from_a_mapped_segment_outlive_the_segment(tmp_path: Path) -> 
     assert not segment(queue, 1).exists()
     assert ns(rows) == list(range(200)) and rows.raws == [raw(n) for n in range(200)]
     assert rows.text() == b"".join(raw(n) + b"\n" for n in range(200))
+
+
+def test_an_ndjson_batch_of_plain_blocks_is_written_from_the_mapped_pieces(
+    tmp_path: Path,
+) -> None:
+    queue = open_queue(tmp_path)
+    plain = [block(range(0, 10)), block(range(10, 25), pad=30)]
+    for item in plain:
+        item.plain = True
+    commit(queue, plain[0], 25, plain[1])
+    rows, end, _ = queue.read(EVERYTHING, EVERYTHING)
+    data = formats.encode_batch("ndjson", rows, None, "none")
+    assert isinstance(data, Pieces) and len(data.pieces) == 3  # two views, one record
+    expected = b"".join(r + b"\n" for r in [*plain[0].raws, raw(25), *plain[1].raws])
+    assert bytes(data) == expected == formats.encode("ndjson", rows, None, "none")
+    manifest = persist(queue, rows, end, 0, data)
+    assert queue.batch_path(manifest).read_bytes() == expected
+
+    # Not plain (a record may hold a newline), gzip, or a mapping: one buffer, as before.
+    commit(queue, block(range(26, 30)))
+    rows, _, _ = queue.read(EVERYTHING, EVERYTHING)
+    assert isinstance(formats.encode_batch("ndjson", rows, None, "none"), bytes)
+    assert isinstance(formats.encode_batch("ndjson", rows[:0], None, "gzip"), bytes)
 
 
 def legacy_frame(item: Block) -> bytes:
