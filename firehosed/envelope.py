@@ -117,28 +117,38 @@ class Envelopes:
             self.plain,
         )
 
-    def block(self, received: float, start: int, stop: int) -> Block:
-        """Records `start` to `stop` as a queue's Block."""
-        if start == 0 and stop == len(self.ids):
-            return Block(
-                received,
-                self.types,
-                self.ids,
-                self.sessions,
-                self.persons,
-                self.times,
-                self.raws,
-                self.plain,
-            )
-        return Block(
-            received,
+    def part(self, start: int, stop: int) -> Envelopes:
+        """Records `start` to `stop` (these envelopes themselves when that is all)."""
+        if start <= 0 and stop >= len(self.ids):
+            return self
+        return self.copy(start, stop)
+
+    def copy(self, start: int = 0, stop: int | None = None) -> Envelopes:
+        """Records `start` to `stop` in lists of their own (routing changes those it is
+        given: a signal of an identified session gets its person)."""
+        return Envelopes(
             self.types[start:stop],
             self.ids[start:stop],
             self.sessions[start:stop],
             self.persons[start:stop],
             self.times[start:stop],
             self.raws[start:stop],
+            None if self.assigned is None else self.assigned[start:stop],
             self.plain,
+        )
+
+    def block(self, received: float, start: int, stop: int) -> Block:
+        """Records `start` to `stop` as a queue's Block."""
+        part = self.part(start, stop)
+        return Block(
+            received,
+            part.types,
+            part.ids,
+            part.sessions,
+            part.persons,
+            part.times,
+            part.raws,
+            part.plain,
         )
 
 

@@ -20,7 +20,7 @@ import mmap
 import struct
 import sys
 from array import array
-from bisect import bisect_left
+from bisect import bisect_left, bisect_right
 from collections.abc import Iterator, Sequence
 from itertools import accumulate, chain, count, islice
 from operator import add
@@ -236,6 +236,17 @@ class _Lists:
     def text(self) -> bytes:
         return b"\n".join([*self.raws, b""])
 
+    def record(self, index: int) -> Record:
+        return Record(
+            self.types[index],
+            self.ids[index],
+            self.sessions[index],
+            self.persons[index],
+            self.times[index],
+            self.received[index],
+            self.raws[index],
+        )
+
 
 class _Part:
     """Records `start` to `stop` of a Joined block."""
@@ -260,6 +271,19 @@ class _Part:
     def text(self) -> memoryview:
         return self.block.text(self.start, self.stop)
 
+    def record(self, index: int) -> Record:
+        block, at = self.block, self.start + index
+        columns = block.columns()
+        return Record(
+            columns.types[at],
+            columns.ids[at],
+            columns.sessions[at],
+            columns.persons[at],
+            columns.times[at],
+            block.received,
+            bytes(block.data[block.start(at) : block.ends()[at]]),
+        )
+
 
 COLUMNS = ("types", "ids", "sessions", "persons", "times", "received", "raws")
 
@@ -274,11 +298,12 @@ class Rows(Sequence[Record]):
     records added after.
     """
 
-    __slots__ = ("_cache", "_length", "_parts", "plain")
+    __slots__ = ("_cache", "_length", "_parts", "_starts", "plain")
 
     def __init__(self) -> None:
         self._parts: list[_Part | _Lists] = []
         self._cache: dict[str, list[Any]] = {}
+        self._starts: list[int] | None = None  # each part's first index
         self._length = 0
         # No record holds a newline or carriage return: `text` is NDJSON.
         self.plain = True
@@ -312,6 +337,7 @@ class Rows(Sequence[Record]):
 
     def _grew(self, records: int) -> None:
         self._length += records
+        self._starts = None
         if self._cache:
             self._cache = {}
 
@@ -385,7 +411,15 @@ class Rows(Sequence[Record]):
                 rows._length = len(lists)
             rows.plain = self.plain
             return rows
-        return Record(*(self._column(name)[index] for name in COLUMNS))
+        # One record: from its part, building no column.
+        if index < 0:
+            index += self._length
+        if not 0 <= index < self._length:
+            raise IndexError("Rows index out of range")
+        if self._starts is None:
+            self._starts = list(accumulate(map(len, self._parts), initial=0))
+        at = bisect_right(self._starts, index) - 1
+        return self._parts[at].record(index - self._starts[at])
 
     def __iter__(self) -> Iterator[Record]:
         return map(Record, *map(self._column, COLUMNS))

@@ -483,6 +483,28 @@ def test_a_crash_with_the_cursor_inside_a_large_block(tmp_path: Path) -> None:
     assert again.staged_records == 0 and again.staged_bytes == 0
 
 
+def test_one_record_of_rows_is_read_from_its_part_without_building_columns(
+    tmp_path: Path,
+) -> None:
+    """A cut's first record (its batch's opening time, the file's name) is read from its
+    part: asking for it must not copy every record's bytes into a column."""
+    queue = open_queue(tmp_path)
+    commit(queue, 0, block(range(1, 5), received=10.0), 5)
+    commit(queue, block(range(6, 9), received=20.0), 9, block(range(10, 15), received=30.0))
+    rows, _, _ = cut(queue)
+    records = [rows[index] for index in range(15)]
+    assert rows._cache == {}  # no column was built
+    assert records == list(rows)
+    assert [rows[-index] for index in range(1, 16)] == records[::-1]
+    assert rows[1] == Record("pd", "id1", "s1", None, 1.5, 10.0, raw(1))
+    for index in (15, -16):
+        with pytest.raises(IndexError):
+            rows[index]
+    mixed = rows[2:7]  # plain lists, then the blocks and records of the cut
+    mixed.extend(rows)
+    assert [mixed[index] for index in range(len(mixed))] == list(mixed)
+
+
 def test_rows_read_from_a_mapped_segment_outlive_the_segment(tmp_path: Path) -> None:
     """A cut's blocks are views of the segment's mapping: deleting the segment once
     the cut is persisted (a delivered batch frees it) must not change or fault them."""

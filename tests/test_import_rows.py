@@ -695,3 +695,47 @@ def test_every_valid_row_of_a_mixed_file_is_accepted_by_the_envelope_reader(
     assert accepted[3] == ("view", "e3", "s3", None)
     assert accepted[8] == ("purchase", "e8", "s8", "c8")
     assert sorted(accepted) == [1, 2, 3, 8]
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        FieldsConfig(),
+        FieldsConfig(
+            type="event.name", id="messageId", session="ctx.session", person="ctx.user", time="ts"
+        ),
+    ],
+)
+def test_the_envelope_given_with_a_signal_is_what_the_reader_reads_from_it(
+    fields: FieldsConfig,
+) -> None:
+    """The receiver takes an import's envelopes as given: each must be exactly what the
+    account's EnvelopeReader reads from the signal's bytes, record by record and as a
+    whole request."""
+    rows = [
+        {"event": "view", "event_id": "e1", "customer_id": "c1", "session_id": "s1"},
+        {"event": "buy", "customer_id": 42, "timestamp": "2024-03-01T10:00:01.123+01:00"},
+        {"event": "view", "event_id": 7, "session_id": "s3", "timestamp": "2024-03-02"},
+        {"event": "add", "session_id": "s4", "note": "two\nlines\r\n", "cart.total": 2},
+        {"event": "view", "customer_id": "é" * 60, "timestamp": "2024-03-01 10:00:00.5"},
+    ]
+    maker = RowMaker("task", COLUMNS, fields)
+    reader = EnvelopeReader(fields)
+    now = NOW + 0.0123456  # the import's time, which a signal holds to the millisecond
+    made = [maker.signal(row, number, "f@1", now) for number, row in enumerate(rows, 1)]
+    assert not [m for m in made if isinstance(m, RowError)]
+    signals = [m for m in made if not isinstance(m, RowError)]
+    for raw, given in signals:
+        assert given == reader.read(raw, NOW + 5)
+        assert b"\n" not in raw and b"\r" not in raw
+    # All of them (read record by record: a time msgspec does not parse), and those
+    # whose times it does (read as one batch, which also finds them plain).
+    for request, plain in ((signals, False), (signals[:2] + signals[3:4], True)):
+        read, rejected = reader.read_all([raw for raw, _ in request], NOW + 5)
+        assert rejected == []
+        assert read.types == [given.type for _, given in request]
+        assert read.ids == [given.id for _, given in request]
+        assert read.sessions == [given.session for _, given in request]
+        assert read.persons == [given.person for _, given in request]
+        assert read.times == [given.time for _, given in request]
+        assert read.plain is plain

@@ -32,6 +32,7 @@ from firehosed import metrics
 from firehosed.channels import Channel
 from firehosed.channels.base import sync_file
 from firehosed.config import Config, ImportConfig, import_offset
+from firehosed.envelope import Envelopes
 from firehosed.errors import DeliveryError
 from firehosed.fileio import fsync_dir
 from firehosed.imports import pattern as patterns
@@ -311,42 +312,56 @@ class Importer:
         # request arriving meanwhile waits behind.
         size = CHUNK if rate is None else max(1, min(CHUNK, rate // RATE_STEPS))
         sent = 0
-        while True:
-            chunk = await asyncio.to_thread(_take, rows, maker, key, file.rows_done, size)
-            account = await self._account(run)
-            unsaved += [(file.name, e.row, e.column, e.reason) for e in chunk.errors]
-            errored = len(chunk.errors)
-            pieces = range(0, len(chunk.raws), PIECE)
-            answers = await asyncio.gather(
-                *(self._accept(account, chunk.raws[at : at + PIECE], run) for at in pieces)
-            )
-            imported = duplicates = 0
-            for at, answer in zip(pieces, answers, strict=True):
-                for rejected in answer.body.get("rejected", []):
-                    row = chunk.numbers[at + rejected["index"]]
-                    unsaved.append((file.name, row, "", rejected["error"]))
-                    errored += 1
-                imported += answer.body.get("accepted", 0)
-                duplicates += answer.body.get("duplicates", 0)
-            if chunk.last:
-                processing.rows += chunk.last - file.rows_done
-                processing.imported += imported
-                processing.duplicates += duplicates
-                processing.errored += errored
-                file.rows_done = chunk.last
-                _count(run.task, imported, duplicates, errored)
-            if chunk.ended or time.monotonic() - saved >= SAVE_EVERY:
-                if unsaved:
-                    unsaved.sort(key=lambda e: e[1])
-                    await asyncio.to_thread(store.add_errors, run, unsaved)
-                    unsaved = []
-                await asyncio.to_thread(store.save, run)
-                saved = time.monotonic()
-            if chunk.ended:
-                return
-            sent += len(chunk.raws) + len(chunk.errors)
-            if rate is not None:  # ahead of `rows_per_second`: wait until on time
-                await asyncio.sleep(max(0.0, started + sent / rate - time.monotonic()))
+        # The next chunk is read while this one is accepted and its progress saved: the
+        # reading thread works while the commits' and the save's fsyncs are waited for.
+        reading = asyncio.ensure_future(
+            asyncio.to_thread(_take, rows, maker, key, file.rows_done, size)
+        )
+        try:
+            while True:
+                chunk = await reading
+                if not chunk.ended:
+                    reading = asyncio.ensure_future(
+                        asyncio.to_thread(_take, rows, maker, key, chunk.last, size)
+                    )
+                account = await self._account(run)
+                unsaved += [(file.name, e.row, e.column, e.reason) for e in chunk.errors]
+                errored = len(chunk.errors)
+                signals = chunk.signals
+                pieces = range(0, len(signals), PIECE)
+                answers = await asyncio.gather(
+                    *(self._accept(account, signals.part(at, at + PIECE), run) for at in pieces)
+                )
+                imported = duplicates = 0
+                for at, answer in zip(pieces, answers, strict=True):
+                    for rejected in answer.body.get("rejected", []):
+                        row = chunk.numbers[at + rejected["index"]]
+                        unsaved.append((file.name, row, "", rejected["error"]))
+                        errored += 1
+                    imported += answer.body.get("accepted", 0)
+                    duplicates += answer.body.get("duplicates", 0)
+                if chunk.last:
+                    processing.rows += chunk.last - file.rows_done
+                    processing.imported += imported
+                    processing.duplicates += duplicates
+                    processing.errored += errored
+                    file.rows_done = chunk.last
+                    _count(run.task, imported, duplicates, errored)
+                if chunk.ended or time.monotonic() - saved >= SAVE_EVERY:
+                    if unsaved:
+                        unsaved.sort(key=lambda e: e[1])
+                        await asyncio.to_thread(store.add_errors, run, unsaved)
+                        unsaved = []
+                    await asyncio.to_thread(store.save, run)
+                    saved = time.monotonic()
+                if chunk.ended:
+                    return
+                sent += len(chunk.signals) + len(chunk.errors)
+                if rate is not None:  # ahead of `rows_per_second`: wait until on time
+                    await asyncio.sleep(max(0.0, started + sent / rate - time.monotonic()))
+        finally:
+            if not reading.cancel() and not reading.cancelled():
+                reading.exception()  # retrieved: an error after a failure is not news
 
     async def _account(self, run: Run) -> IngestAccount:
         """The run's account as the receiver has it (waiting while a reload removed it)."""
@@ -357,14 +372,15 @@ class Importer:
             pause = min(pause * 2, RETRY_MAX)
         return account
 
-    async def _accept(self, account: IngestAccount, raws: list[bytes], run: Run) -> Answer:
+    async def _accept(self, account: IngestAccount, signals: Envelopes, run: Run) -> Answer:
         """`Receiver.accept`, offered again after a pause while the receiver refuses
         (the disk budget, a failed commit): a row is never dropped for it."""
         pause = RETRY_FIRST
         while True:
             refusal = self.receiver.refusal(account.name)
             if refusal is None:
-                answer = await self.receiver.accept(account, raws)
+                # A copy: what a refused attempt's routing changed is not offered again.
+                answer = await self.receiver.accept(account, signals.copy())
                 if answer.status != 503:
                     return answer
                 refusal = answer.body.get("error", "not kept")
@@ -460,11 +476,12 @@ class Importer:
 class _Chunk:
     """Up to CHUNK rows of a file, read in a worker thread."""
 
-    __slots__ = ("ended", "errors", "last", "numbers", "raws")
+    __slots__ = ("ended", "errors", "last", "numbers", "signals")
 
     def __init__(self) -> None:
-        self.raws: list[bytes] = []
-        self.numbers: list[int] = []  # the row number of each of `raws`
+        # The valid rows' signals, with their envelopes (JSON from msgspec: no newlines).
+        self.signals = Envelopes([], [], [], [], [], [], None, True)
+        self.numbers: list[int] = []  # the row number of each of `signals`
         self.errors: list[RowError] = []
         self.last = 0  # the number of the last row read (0: none)
         self.ended = False
@@ -489,13 +506,13 @@ def _take(
         if isinstance(item, RowError):
             chunk.errors.append(item)
         else:
-            made = maker.record(item[1], number, key, at)
+            made = maker.signal(item[1], number, key, at)
             if isinstance(made, RowError):
                 chunk.errors.append(made)
             else:
-                chunk.raws.append(made)
+                chunk.signals.append(made[1], made[0])
                 chunk.numbers.append(number)
-        if len(chunk.raws) + len(chunk.errors) >= size:
+        if len(chunk.signals) + len(chunk.errors) >= size:
             return chunk
     chunk.ended = True
     return chunk

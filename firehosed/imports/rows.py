@@ -3,7 +3,9 @@
 An import file (CSV, NDJSON or a JSON array; gunzipped on the fly when its name ends in
 `.gz`) is read as a stream: memory holds one row and the readers' buffers, whatever the
 size of the file. Each row becomes a signal, the JSON object an HTTP POST would have
-brought, so that every row `RowMaker` accepts is one `EnvelopeReader` accepts.
+brought, so that every row `RowMaker` accepts is one `EnvelopeReader` accepts; it also
+gives the envelope that reader would read from the signal, so the receiver need not read
+it again.
 
 Two kinds of fault (errors.py): a `RowError` is one row that cannot be imported, a
 `FileError` a file that cannot be read at all. Row numbers count data rows from 1:
@@ -30,6 +32,7 @@ import msgspec
 from firehosed.config import FieldsConfig
 from firehosed.envelope import (
     MAX_FIELD_BYTES,
+    Envelope,
     RecordError,
     _check_length,
     _check_type,
@@ -407,30 +410,49 @@ class RowMaker:
         self._types: set[str] = set()  # event types known to be valid
         self._now = float("nan")
         self._now_text = ""
+        self._now_moment = 0.0
 
     def record(
         self, row: dict[str, Any], number: int, file_key: str, now: float
     ) -> bytes | RowError:
         """The signal of data row `number` of the file version `file_key`, imported at
         `now` (unix seconds); a RowError naming the column at fault if it has none."""
+        made = self.signal(row, number, file_key, now)
+        return made if isinstance(made, RowError) else made[0]
+
+    def signal(
+        self, row: dict[str, Any], number: int, file_key: str, now: float
+    ) -> tuple[bytes, Envelope] | RowError:
+        """`record`, with the envelope `EnvelopeReader` reads from the signal (its JSON
+        holds no raw newline or carriage return: msgspec escapes them)."""
         try:
             signal = row.copy()
-            envelope = self._envelope(signal, number, file_key, now)
+            envelope, moment = self._envelope(signal, number, file_key, now)
             if not signal.keys() <= self._plain:
                 self._nest(signal)
             self._place(signal, envelope)
-            return _encode(signal)
+            raw = _encode(signal)
         except _Fault as fault:
             return RowError(number, fault.column, fault.reason)
         except UnicodeEncodeError:
             return RowError(number, "", "a string is not valid Unicode")
         except RecursionError:
             return RowError(number, "", "nested too deeply")
+        read = Envelope(
+            type=envelope["type"],
+            id=envelope["id"],
+            session=envelope.get("session"),
+            person=envelope.get("person"),
+            time=moment,
+            id_assigned=False,
+        )
+        return raw, read
 
     def _envelope(
         self, signal: dict[str, Any], number: int, file_key: str, now: float
-    ) -> dict[str, str]:
-        """The row's envelope values, taken out of `signal`, checked, completed."""
+    ) -> tuple[dict[str, str], float]:
+        """The row's envelope values, taken out of `signal`, checked, completed; and its
+        time in unix seconds."""
         values = self._take(signal)
         kind = values.get("type")
         if kind not in self._types:
@@ -441,12 +463,11 @@ class RowMaker:
             values["id"] = self._made_id(file_key, number)
         if "time" not in values:
             values["time"] = self._import_time(now)
-        else:
-            try:
-                parse_time(values["time"])
-            except RecordError as exc:
-                raise _Fault(self._column("time"), str(exc)) from None
-        return values
+            return values, self._now_moment
+        try:
+            return values, parse_time(values["time"])
+        except RecordError as exc:
+            raise _Fault(self._column("time"), str(exc)) from None
 
     def _take(self, signal: dict[str, Any]) -> dict[str, str]:
         """The envelope values present and not empty, removed from `signal`; a JSON
@@ -492,10 +513,12 @@ class RowMaker:
         return hashlib.blake2b(key, digest_size=ID_DIGEST).hexdigest()
 
     def _import_time(self, now: float) -> str:
-        """`now` in ISO 8601 UTC with milliseconds and `Z`, rendered once per value."""
+        """`now` in ISO 8601 UTC with milliseconds and `Z`, rendered once per value (and
+        read back as unix seconds: what a reader of the text gets)."""
         if now != self._now:
             moment = datetime.fromtimestamp(now, UTC)
             self._now_text = moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+            self._now_moment = parse_time(self._now_text)
             self._now = now
         return self._now_text
 

@@ -1,6 +1,7 @@
-"""The receiver: every source of signals (the HTTP API today) hands records to it.
+"""The receiver: every source of signals (the HTTP API, imports) hands records to it.
 
-It reads each record's envelope, drops duplicates, routes the rest to the queues of the
+It reads each record's envelope (or takes the envelopes a source read itself: an import
+makes each signal from its envelope values), drops duplicates, routes the rest to the queues of the
 account's firehoses and answers only once they are durable:
 
 - a request is kept only if every commit its records went into is (`Ticket`): a large
@@ -115,9 +116,9 @@ class Receiver:
             for name, account in accounts.items()
         }
 
-    async def accept(self, account: IngestAccount, raws: list[bytes]) -> Answer:
-        """Take one request's records: 202 once durable, 400 if all were rejected, 503
-        if they could not be kept."""
+    async def accept(self, account: IngestAccount, records: list[bytes] | Envelopes) -> Answer:
+        """Take one request's records (raw, or with the envelopes their source read):
+        202 once durable, 400 if all were rejected, 503 if they could not be kept."""
         received = time.time()
         request = _Request(tapped=[] if self.tap.listening else None)
         account.dedupe.expire(received)
@@ -125,10 +126,10 @@ class Receiver:
         # Records in runs of YIELD_EVERY, pausing between runs (the loop stays free). A
         # run is routed whole or not at all, so a request cancelled at a pause has its
         # routed runs settled below.
-        for start in range(0, len(raws), YIELD_EVERY):
+        for start in range(0, len(records), YIELD_EVERY):
             if start:
                 await asyncio.sleep(YIELD_PAUSE)
-            self._sort(account, raws, received, request, routing, start=start)
+            self._sort(account, records, received, request, routing, start=start)
         if request.rejected_total:
             account.rejected.inc(request.rejected_total)
         if request.duplicates:
@@ -159,7 +160,7 @@ class Receiver:
     @staticmethod
     def _sort(
         account: IngestAccount,
-        raws: list[bytes],
+        records: list[bytes] | Envelopes,
         received: float,
         request: _Request,
         routing: RequestRouting,
@@ -168,7 +169,12 @@ class Receiver:
     ) -> None:
         """Read, dedupe and route the records from `start`, YIELD_EVERY at most (the hot
         path: whole-run operations, per record only what routing needs)."""
-        envs, rejected = account.reader.read_all(raws[start : start + YIELD_EVERY], received)
+        stop = start + YIELD_EVERY
+        rejected: list[tuple[int, str]] = []
+        if isinstance(records, Envelopes):
+            envs = records.part(start, stop)
+        else:
+            envs, rejected = account.reader.read_all(records[start:stop], received)
         if rejected:
             request.rejected_total += len(rejected)
             room = MAX_REJECTED_LISTED - len(request.rejected)  # answer and memory bounded

@@ -493,7 +493,7 @@ class JetStreamQueue:
             name=encoded.prefix + unique + encoded.extension,
             records=len(rows),
             size=len(encoded.data),
-            opened=rows.received[0],
+            opened=rows[0].received,
             cut=time.time(),
             end=(end[0], 0, end[1]),
             start=(first, 0, self._next[1] if first == self._next[0] else 0),

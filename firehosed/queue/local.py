@@ -332,7 +332,7 @@ class LocalQueue:
             suffix=store.state.name_suffix,
             records=len(records),
             size=len(encoded.data),
-            opened=records.received[0],
+            opened=records[0].received,
             cut=time.time(),
             end=end,
             content_type=encoded.content_type,
