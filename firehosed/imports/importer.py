@@ -42,9 +42,9 @@ from firehosed.ingest.receiver import Answer, IngestAccount, Receiver
 
 log = structlog.get_logger(__name__)
 
-CHUNK = 1000  # rows read at a time (in a worker thread)
+CHUNK = 2000  # rows read at a time (in a worker thread)
 RATE_STEPS = 50  # bursts a second of a task with rows_per_second
-PIECE = 250  # rows per Receiver.accept (<= MAX_REJECTED_LISTED); a chunk's go together
+PIECE = 500  # rows per Receiver.accept (<= MAX_REJECTED_LISTED); a chunk's go together
 # Seconds between saves of a run's progress: 0, every chunk. A resumed run sends again
 # the rows after its last save; those still in a queue are duplicates (dedupe takes the
 # queues' recent records at start), those already delivered would arrive twice: so the
