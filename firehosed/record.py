@@ -389,6 +389,16 @@ class Rows(Sequence[Record]):
         """`text` in pieces: a view of each block's bytes, the other records joined."""
         return [part.text() for part in self._parts]
 
+    def spans(self) -> list[tuple[memoryview, array[int]] | list[bytes]]:
+        """The records as held: each block's bytes (`text`'s views) with its records'
+        sizes (a columnar format's offsets), or records read one by one, as a list."""
+        return [
+            (part.text(), part.block.sizes[part.start : part.stop])
+            if isinstance(part, _Part)
+            else part.raws
+            for part in self._parts
+        ]
+
     def keys(self) -> list[tuple[str, str | None]]:
         """(id, session) of each record."""
         return list(zip(self.ids, self.sessions, strict=True))

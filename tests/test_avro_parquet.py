@@ -22,7 +22,7 @@ import pytest
 from firehosed import formats
 from firehosed.formats import avro
 from firehosed.mapping import Mapping
-from firehosed.record import Record, Rows
+from firehosed.record import Block, Joined, Record, Rows, encoded_block
 from tests.daemon import signal_record, wait_until
 from tests.test_semantics import MAPPING, blocked_channel, files_of, firehose, post_ok
 
@@ -247,6 +247,40 @@ def test_parquet_is_one_row_group_and_the_same_bytes_for_the_same_batch() -> Non
     assert (metadata.num_row_groups, metadata.num_rows) == (1, 20_000)
     assert formats.encode("parquet", records(posted), None, "zstd") == data
     assert formats.encode("parquet", records(posted[1:]), None, "zstd") != data
+
+
+def test_parquet_of_a_cut_of_blocks_is_the_batch_of_the_same_records(tmp_path: Path) -> None:
+    """A cut holds a request's records as a block (views of the segment's bytes, each
+    record followed by a newline) and a single signal as a record of its own; the
+    signal column is read from those bytes: small blocks joined, large ones alone."""
+    posted = signals(2_000)
+    plain = records(posted)
+    cut, at = Rows(), 0
+    for size in (1, 3, 300, 2, 1, 1, 700, 5, 250, 260, 1, 476):
+        part = plain[at : at + size]
+        if size == 1:
+            cut.append(part[0])
+        else:
+            block = Block(
+                1_790_000_000.0,
+                part.types,
+                part.ids,
+                part.sessions,
+                part.persons,
+                part.times,
+                part.raws,
+                True,
+            )
+            joined = Joined.read(bytes(encoded_block(block)))
+            cut.add_block(joined, 0, len(joined))
+        at += size
+    assert at == len(posted) == len(cut)
+    for compression in ("snappy", "zstd"):
+        data = formats.encode("parquet", cut, None, compression)
+        assert data == formats.encode("parquet", plain, None, compression)
+        table = pq.read_table(io.BytesIO(data))
+        assert table.column("signal").to_pylist() == [raw.decode() for raw in plain.raws]
+        assert table.column("id").to_pylist() == plain.ids
 
 
 # -- through a daemon ---------------------------------------------------------------------

@@ -12,6 +12,7 @@ bytes (for the same pyarrow version, which the file names in `created_by`).
 from __future__ import annotations
 
 import io
+from array import array
 from collections.abc import Sequence
 from typing import Any
 
@@ -21,7 +22,7 @@ import pyarrow.parquet as pq
 
 from firehosed.formats.table import as_rows, mapped_rows
 from firehosed.mapping import Mapping
-from firehosed.record import Record
+from firehosed.record import Record, Rows
 
 TIME = pa.timestamp("us", tz="UTC")
 ENVELOPE_SCHEMA = pa.schema(
@@ -43,6 +44,9 @@ ENVELOPE_OPTIONS = {
     "use_dictionary": ["type", "session", "person"],
     "write_statistics": ["type", "id", "session", "person", "time"],
 }
+# Records: a span of fewer (a block of a small request) is joined with its neighbours
+# into one chunk of the signal column, since each chunk costs a few calls into pyarrow.
+SPAN = 256
 
 
 def encode(records: Sequence[Record], mapping: Mapping | None, compression: str) -> bytes:
@@ -63,7 +67,7 @@ def _envelope_table(records: Sequence[Record]) -> Any:
     rows = as_rows(records)
     seconds = pa.array(rows.times, pa.float64())
     time = pc.round(pc.multiply(seconds, 1_000_000)).cast(pa.int64()).cast(TIME)
-    signals = _text(pa.array(rows.raws, pa.binary()))
+    signals = _signals(rows)
     arrays = [
         pa.array(rows.types, pa.string()),
         pa.array(rows.ids, pa.string()),
@@ -75,13 +79,45 @@ def _envelope_table(records: Sequence[Record]) -> Any:
     return pa.Table.from_arrays(arrays, schema=ENVELOPE_SCHEMA)
 
 
-def _text(binary: Any) -> Any:
-    """The signals' bytes as text. A queued record is valid UTF-8 (checked at ingest, or
-    encoded by msgspec), so one array is viewed, not checked again; pyarrow makes
-    chunks of a batch over 2 GiB, which are cast."""
-    if isinstance(binary, pa.ChunkedArray):
-        return binary.cast(pa.string())
-    return binary.view(pa.string())
+def _signals(rows: Rows) -> Any:
+    """The signals' column, made from the batch's bytes as the cut holds them: a block's
+    records (views of the queue's segments, each followed by a newline) are read by
+    offsets that count the newlines, then copied once without them; records read one by
+    one are copied from their list. A queued record is valid UTF-8 (checked at ingest,
+    or encoded by msgspec), so it is not checked again."""
+    chunks: list[Any] = []
+    texts: list[memoryview] = []  # blocks of few records, joined into one chunk
+    sizes = array("I")
+    for span in rows.spans():
+        if isinstance(span, tuple) and len(span[1]) < SPAN:
+            texts.append(span[0])
+            sizes += span[1]
+            if len(sizes) < SPAN:
+                continue
+        if texts:
+            chunks.append(_chunk(b"".join(texts), sizes))
+            texts, sizes = [], array("I")
+        if isinstance(span, list):  # (pyarrow makes chunks of one over 2 GiB)
+            binary = pa.array(span, pa.binary())
+            parts = binary.chunks if isinstance(binary, pa.ChunkedArray) else [binary]
+            chunks += [part.view(pa.string()) for part in parts]
+        elif len(span[1]) >= SPAN:
+            chunks.append(_chunk(*span))
+    if texts:
+        chunks.append(_chunk(b"".join(texts), sizes))
+    return pa.chunked_array(chunks, pa.string())
+
+
+def _chunk(text: memoryview | bytes, sizes: array[int]) -> Any:
+    """Records of `sizes` bytes, each followed by a newline in `text`, as strings."""
+    count = len(sizes)
+    lengths = pa.Array.from_buffers(pa.uint32(), count, [None, pa.py_buffer(sizes)])
+    ends = pc.cumulative_sum(pc.add(lengths.cast(pa.int64()), 1))
+    offsets = pa.concat_arrays([pa.array([0], pa.int64()), ends])
+    lines = pa.Array.from_buffers(
+        pa.large_binary(), count, [None, offsets.buffers()[1], pa.py_buffer(text)]
+    )
+    return pc.binary_slice(lines, 0, -1).cast(pa.binary()).view(pa.string())
 
 
 def _mapped_table(records: Sequence[Record], mapping: Mapping) -> Any:
