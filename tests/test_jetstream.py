@@ -15,7 +15,12 @@ from pathlib import Path
 
 import pytest
 import requests
+from nats.js.errors import APIError
 
+from firehosed.config import JetStreamConfig
+from firehosed.jetstream import cluster as cluster_module
+from firehosed.jetstream.cluster import Cluster, ClusterError
+from firehosed.units import Duration
 from tests.daemon import signal_record, wait_until
 from tests.deployment import Deployment
 from tests.servers.nats import NatsCluster
@@ -198,3 +203,42 @@ def test_a_killed_process_leases_move_within_the_ttl_and_its_work_goes_on(
     for n in range(40, 60):
         assert second.post([signal_record(n, session=f"s{n}", person="p")]).status_code == 202
     wait_until(lambda: len(deployment.delivered_ids()) == 60, timeout=60)
+
+
+async def test_setting_up_streams_waits_while_the_cluster_cannot_place_them(
+    tmp_path: Path, nats_cluster: NatsCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cluster starting, or loaded, may answer for a moment that it has no peers for a
+    stream's replicas (JetStream error 10005). No real server does that on cue, so the
+    first tries are refused here as it would refuse them; the real setup follows."""
+    real = Cluster._set_up
+    refusals = iter(range(2))
+
+    async def refusing(self: Cluster) -> None:
+        if next(refusals, None) is not None:
+            raise APIError(code=400, err_code=10005, description="no suitable peers")
+        await real(self)
+
+    monkeypatch.setattr(Cluster, "_set_up", refusing)
+    config = JetStreamConfig(servers=nats_cluster.urls, prefix="patience", lease_ttl=Duration(3.0))
+    patient = Cluster(config, "p1")
+    try:
+        await patient.connect()
+        assert next(refusals, None) is None  # both refusals were met, then it set up
+        assert patient.js is not None
+        stream = await patient.js.stream_info(patient.names.signals)
+        assert stream.config.num_replicas == 3
+    finally:
+        await patient.close()
+
+    # A refusal that goes on past SETUP_PATIENCE is an error naming it.
+    monkeypatch.setattr(cluster_module, "SETUP_PATIENCE", 1.0)
+    refusals = iter(range(1_000))
+    impatient = Cluster(config, "p2")
+    started = time.monotonic()
+    try:
+        with pytest.raises(ClusterError, match="no suitable peers"):
+            await impatient.connect()
+    finally:
+        await impatient.close()
+    assert time.monotonic() - started < 5

@@ -37,7 +37,7 @@ import structlog
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig, ObjectStoreConfig, StorageType, StreamConfig
-from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.errors import APIError, KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
 from firehosed.config import JetStreamConfig
@@ -47,6 +47,12 @@ from firehosed.fileio import write_durably
 log = structlog.get_logger(__name__)
 
 DUPLICATE_WINDOW = 120.0  # seconds JetStream remembers a message id (de-duplication)
+# A cluster that is starting, or has just lost a server, answers for a moment that it
+# cannot place a stream's replicas ("no suitable peers for placement": JetStream error
+# 10005) or that JetStream is not available yet (10008): setting up streams is tried
+# again for this long (seconds), pausing between tries, before it is an error.
+SETUP_PATIENCE = 30.0
+_NOT_YET = {10005, 10008}
 
 
 _background: set[asyncio.Future[Any]] = set()
@@ -210,6 +216,24 @@ class Cluster:
         return "; ".join(parts)
 
     async def _ensure(self) -> None:
+        """Create or check the streams and buckets; again while the cluster cannot
+        place them yet (`_NOT_YET`), for SETUP_PATIENCE seconds."""
+        deadline, pause = time.monotonic() + SETUP_PATIENCE, 0.25
+        while True:
+            try:
+                await self._set_up()
+            except APIError as exc:
+                if exc.err_code not in _NOT_YET or time.monotonic() + pause > deadline:
+                    raise ClusterError(
+                        f"cannot set up streams on {self.config.servers}: {exc}"
+                    ) from exc
+                log.warning("jetstream.setup_waiting", reason=exc.description, seconds=pause)
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 2.0)
+            else:
+                return
+
+    async def _set_up(self) -> None:
         names, replicas, js = self.names, self.config.replicas, self.js
         try:
             await self._stream(names.signals, [f"{names.prefix}.in.*"])
@@ -225,6 +249,8 @@ class Cluster:
             self.objects = await js.create_object_store(
                 names.batches, ObjectStoreConfig(replicas=replicas)
             )
+        except APIError:
+            raise  # (`_ensure` tells the cluster not being ready from the rest)
         except nats.errors.Error as exc:
             raise ClusterError(f"cannot set up streams on {self.config.servers}: {exc}") from exc
 
