@@ -330,7 +330,7 @@ class Importer:
                 signals = chunk.signals
                 pieces = range(0, len(signals), PIECE)
                 answers = await asyncio.gather(
-                    *(self._accept(account, signals.part(at, at + PIECE), run) for at in pieces)
+                    *(self._accept(account, signals, at, at + PIECE, run) for at in pieces)
                 )
                 imported = duplicates = 0
                 for at, answer in zip(pieces, answers, strict=True):
@@ -372,15 +372,18 @@ class Importer:
             pause = min(pause * 2, RETRY_MAX)
         return account
 
-    async def _accept(self, account: IngestAccount, signals: Envelopes, run: Run) -> Answer:
-        """`Receiver.accept`, offered again after a pause while the receiver refuses
-        (the disk budget, a failed commit): a row is never dropped for it."""
+    async def _accept(
+        self, account: IngestAccount, signals: Envelopes, start: int, stop: int, run: Run
+    ) -> Answer:
+        """`Receiver.accept` of `signals` `start` to `stop`, offered again after a pause
+        while the receiver refuses (the disk budget, a failed commit): a row is never
+        dropped for it."""
         pause = RETRY_FIRST
         while True:
             refusal = self.receiver.refusal(account.name)
             if refusal is None:
                 # A copy: what a refused attempt's routing changed is not offered again.
-                answer = await self.receiver.accept(account, signals.copy())
+                answer = await self.receiver.accept(account, signals.copy(start, stop))
                 if answer.status != 503:
                     return answer
                 refusal = answer.body.get("error", "not kept")
