@@ -5,13 +5,18 @@ each; a catch-up replay or a `pi` record goes as a single `Record`. A block's fr
 holds the records' raw bytes as they will go into an NDJSON file, joined and each
 ended by a newline, after a head of their envelope columns and where each record ends:
 
-    | b"J" | head length (4, LE) | msgpack Head | b"\n" | each record's bytes + b"\n" |
+    | b"K" | head length (4, LE) | msgpack Head | b"\n" | each record's bytes + b"\n" |
+
+The head's columns are `Packed`: each column of strings is its values' UTF-8 joined by
+newlines, so a column is one split for Python and, for a columnar format, text that
+Arrow splits into a column without a Python object per value.
 
 A cut reads both back into `Rows`: an NDJSON batch of blocks is then a copy of byte
 ranges, the envelope columns are decoded only when a format or a manifest asks for
 them, and a `Record` is made only where a format needs one at a time. Blocks written
-before this layout (b"B", the columns and a list of raws in one msgpack array) are
-still read, converted as they are read.
+before this layout are still read: b"J" (the same, its columns a msgpack `Columns` of
+lists) as they are, b"B" (the columns and a list of raws in one msgpack array)
+converted as they are read.
 """
 
 from __future__ import annotations
@@ -22,8 +27,8 @@ import sys
 from array import array
 from bisect import bisect_left, bisect_right
 from collections.abc import Iterator, Sequence
-from itertools import accumulate, chain, count, islice
-from operator import add
+from itertools import accumulate, chain, count, islice, repeat
+from operator import add, is_
 from typing import Any, overload
 
 import msgspec
@@ -63,8 +68,9 @@ class Block(msgspec.Struct, array_like=True, gc=False):
 # A segment frame's payload is a block when it starts with one of these bytes (a
 # Record's msgpack array starts with 0x97, a mark with its own letter).
 BLOCK = 0x42  # b"B": a msgpack Block (written by older versions; read, never written)
-JOINED = 0x4A  # b"J": a block as laid out above
-BLOCKS = (BLOCK, JOINED)
+JOINED = 0x4A  # b"J": as laid out above, its columns `Columns` (older; read, never written)
+PACKED = 0x4B  # b"K": a block as laid out above
+BLOCKS = (BLOCK, JOINED, PACKED)
 
 
 class Columns(msgspec.Struct, array_like=True, gc=False):
@@ -77,13 +83,85 @@ class Columns(msgspec.Struct, array_like=True, gc=False):
     times: list[float]
 
 
+class Packed(msgspec.Struct, array_like=True, gc=False):
+    """A block's envelope columns as a `PACKED` frame's head holds them.
+
+    A column of strings is their UTF-8 joined by newlines, a None written as empty and
+    marked by a 1 in the column's `nulls` (b"" when it has no None); a column with a
+    value that holds a newline is the list itself. Times are doubles, little-endian.
+    """
+
+    types: bytes | list[str]
+    ids: bytes | list[str]
+    sessions: bytes | list[str | None]
+    persons: bytes | list[str | None]
+    session_nulls: bytes
+    person_nulls: bytes
+    times: bytes
+
+    def __len__(self) -> int:
+        return len(self.times) // 8
+
+
+def pack(columns: Columns) -> Packed:
+    """`columns` packed for a frame's head."""
+    sessions, session_nulls = _joined(columns.sessions)
+    persons, person_nulls = _joined(columns.persons)
+    times = array("d", columns.times)
+    if _SWAP:
+        times.byteswap()
+    return Packed(
+        _joined(columns.types)[0],
+        _joined(columns.ids)[0],
+        sessions,
+        persons,
+        session_nulls,
+        person_nulls,
+        times.tobytes(),
+    )
+
+
+def _joined(values: list[Any]) -> tuple[bytes | list[Any], bytes]:
+    """A column of strings as `Packed` holds it, with its nulls."""
+    try:
+        text, nulls = "\n".join(values), b""
+    except TypeError:  # a None among them
+        text = "\n".join([value or "" for value in values])
+        nulls = bytes(map(is_, values, repeat(None)))
+    data = text.encode()
+    if data.count(b"\n") != len(values) - 1:  # a value holds a newline (or none is given)
+        return values, b""
+    return data, nulls
+
+
+def unpack(packed: Packed, name: str) -> list[Any]:
+    """Column `name` of a packed head, as a list."""
+    column = getattr(packed, name)
+    if name == "times":
+        times = array("d", column)
+        if _SWAP:
+            times.byteswap()
+        return times.tolist()
+    if not isinstance(column, bytes):
+        return list(column)  # a copy: whoever takes it may change it
+    values: list[Any] = column.decode().split("\n") if len(packed) else []
+    nulls = _NULLS.get(name)
+    marks = getattr(packed, nulls) if nulls else b""
+    if marks:
+        values = [None if null else value for value, null in zip(values, marks, strict=True)]
+    return values
+
+
+_NULLS = {"sessions": "session_nulls", "persons": "person_nulls"}
+
+
 class Head(msgspec.Struct, array_like=True, gc=False):
     """What a joined block's frame holds before its records' bytes."""
 
     received: float
     plain: bool
     sizes: bytes  # array("I"), little-endian: each record's size in bytes
-    columns: msgspec.Raw  # msgpack Columns, decoded when asked for
+    columns: msgspec.Raw  # msgpack Packed (Columns in a `JOINED` frame), decoded when asked
 
 
 encoder = msgspec.msgpack.Encoder()
@@ -91,6 +169,7 @@ decoder = msgspec.msgpack.Decoder(Record)
 block_decoder = msgspec.msgpack.Decoder(Block)
 _head_decoder = msgspec.msgpack.Decoder(Head)
 _columns_decoder = msgspec.msgpack.Decoder(Columns)
+_packed_decoder = msgspec.msgpack.Decoder(Packed)
 _HEAD_LENGTH = struct.Struct("<I")
 _SWAP = sys.byteorder != "little"
 _buffer = bytearray()
@@ -108,18 +187,18 @@ def encode(record: Record) -> bytes:
 
 
 def encoded_block(block: Block, room: int = 0) -> bytearray:
-    """`block`'s payload as a `JOINED` frame holds it, behind `room` bytes left free
+    """`block`'s payload as a `PACKED` frame holds it, behind `room` bytes left free
     (a frame header's). One join copies the records' bytes, the usual case's only copy.
     """
     raws = block.raws
     sizes = array("I", map(len, raws))
     if _SWAP:
         sizes.byteswap()
-    columns = Columns(block.types, block.ids, block.sessions, block.persons, block.times)
+    columns = pack(Columns(block.types, block.ids, block.sessions, block.persons, block.times))
     head = encoder.encode(
         Head(block.received, block.plain, sizes.tobytes(), msgspec.Raw(encoder.encode(columns)))
     )
-    start = b"".join((bytes(room), b"J", _HEAD_LENGTH.pack(len(head)), head))
+    start = b"".join((bytes(room), b"K", _HEAD_LENGTH.pack(len(head)), head))
     # start, b"\n", then each record followed by b"\n"
     return bytearray(b"\n").join([start, *raws, b""])
 
@@ -128,9 +207,19 @@ class Joined:
     """One block read back: its records' bytes (each followed by a newline), their
     sizes, and its columns, decoded the first time they are asked for."""
 
-    __slots__ = ("_columns", "_ends", "_raw_columns", "data", "plain", "received", "sizes")
+    __slots__ = (
+        "_columns",
+        "_ends",
+        "_packed",
+        "_raw_columns",
+        "data",
+        "packed_head",
+        "plain",
+        "received",
+        "sizes",
+    )
 
-    def __init__(self, head: Head, data: memoryview) -> None:
+    def __init__(self, head: Head, data: memoryview, *, packed_head: bool = True) -> None:
         self.received = head.received
         self.plain = head.plain
         self.sizes = array("I")
@@ -139,6 +228,8 @@ class Joined:
             self.sizes.byteswap()
         self.data = data
         self._raw_columns = head.columns.copy()  # the decoded Raw is a view of the read
+        self.packed_head = packed_head  # columns `Packed` (a `PACKED` frame), else `Columns`
+        self._packed: Packed | None = None
         self._columns: Columns | None = None
         self._ends: array[int] | None = None
 
@@ -150,6 +241,7 @@ class Joined:
         ids)."""
         if payload[0] == BLOCK:  # older layout: converted
             payload = encoded_block(block_decoder.decode(payload[1:]))
+        packed_head = payload[0] == PACKED
         view = memoryview(payload)
         (length,) = _HEAD_LENGTH.unpack_from(view, 1)
         body = 1 + _HEAD_LENGTH.size + length
@@ -159,15 +251,38 @@ class Joined:
             records = memoryview(b"")
         elif not isinstance(view.obj, (bytes, mmap.mmap)):
             records = memoryview(bytes(records))
-        return cls(head, records)
+        return cls(head, records, packed_head=packed_head)
 
     def __len__(self) -> int:
         return len(self.sizes)
 
+    def packed(self) -> Packed:
+        """The block's columns packed (as a `PACKED` frame holds them)."""
+        if self._packed is None:
+            if self.packed_head:
+                self._packed = _packed_decoder.decode(self._raw_columns)
+            else:
+                self._packed = pack(self.columns())
+        return self._packed
+
     def columns(self) -> Columns:
         if self._columns is None:
-            self._columns = _columns_decoder.decode(self._raw_columns)
+            if self.packed_head:
+                packed = self.packed()
+                self._columns = Columns(
+                    *(unpack(packed, name) for name in Columns.__struct_fields__)
+                )
+            else:
+                self._columns = _columns_decoder.decode(self._raw_columns)
         return self._columns
+
+    def column(self, name: str) -> list[Any]:
+        """Column `name` of `Columns`, the block's own when decoded already (not a copy),
+        else only that column decoded."""
+        if self._columns is None and self.packed_head:
+            return unpack(self.packed(), name)
+        column: list[Any] = getattr(self.columns(), name)
+        return column
 
     def ends(self) -> array[int]:
         """Where each record's bytes end in `data`."""
@@ -265,8 +380,7 @@ class _Part:
             return block.raws(start, stop)
         if name == "received":
             return [block.received] * (stop - start)
-        column: list[Any] = getattr(block.columns(), name)
-        return column[start:stop]  # a copy: whoever takes it may change it
+        return block.column(name)[start:stop]  # a copy: whoever takes it may change it
 
     def text(self) -> memoryview:
         return self.block.text(self.start, self.stop)
@@ -396,6 +510,21 @@ class Rows(Sequence[Record]):
             (part.text(), part.block.sizes[part.start : part.stop])
             if isinstance(part, _Part)
             else part.raws
+            for part in self._parts
+        ]
+
+    def packs(self) -> list[tuple[Packed, int, int]]:
+        """The records' envelope columns as held, for a columnar format: each block's
+        `Packed` head with the range of its records these rows hold; records read one
+        by one, packed here."""
+        return [
+            (part.block.packed(), part.start, part.stop)
+            if isinstance(part, _Part)
+            else (
+                pack(Columns(part.types, part.ids, part.sessions, part.persons, part.times)),
+                0,
+                len(part),
+            )
             for part in self._parts
         ]
 

@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from firehosed import formats
-from firehosed.formats import avro
+from firehosed.formats import avro, parquet
 from firehosed.mapping import Mapping
 from firehosed.record import Block, Joined, Record, Rows, encoded_block
 from tests.daemon import signal_record, wait_until
@@ -281,6 +281,64 @@ def test_parquet_of_a_cut_of_blocks_is_the_batch_of_the_same_records(tmp_path: P
         table = pq.read_table(io.BytesIO(data))
         assert table.column("signal").to_pylist() == [raw.decode() for raw in plain.raws]
         assert table.column("id").to_pylist() == plain.ids
+
+
+def queued(n: int, session: str | None, person: str | None, raw: bytes = b"") -> Record:
+    return Record(
+        "pd",
+        f"id-{n}",
+        session,
+        person,
+        1_790_000_000 + n / 8,
+        1_790_000_100.0,
+        raw or b'{"type":"pd","n":%d}' % n,
+    )
+
+
+@pytest.mark.parametrize("short", [False, True], ids=["viewed", "copied"])
+def test_parquet_reads_every_column_a_block_head_packs(short: bool) -> None:
+    """A block's head holds each string column joined by newlines, a None empty and
+    marked: the file holds the very values, for a column all None, "" beside None,
+    non-ASCII, a value that holds a newline (that column kept as a list), parts of
+    blocks and records read one by one. The signals are views of the blocks' bytes, or
+    copied when a record is too short for a view of it to point at it (`short`)."""
+    twelve = b'{"n":123456}' if short else b""  # the longest value a view holds itself
+    blocks = [
+        [queued(n, f"s{n}", None) for n in range(6)],
+        [queued(n, "" if n % 3 else None, "" if n % 2 else None) for n in range(6, 14)],
+        [queued(n, "two\nlines" if n == 16 else f"s{n}", f"pé{n}") for n in range(14, 20)],
+        [queued(n, f"s{n}", f"p{n}" if n % 2 else None, twelve * (n == 24)) for n in range(20, 30)],
+    ]
+    ones = [queued(30, None, "p30"), queued(31, "s31", None)]
+    cut, expected = Rows(), []
+    for made, (start, stop) in zip(blocks, [(0, 6), (2, 8), (0, 4), (3, 7)], strict=True):
+        block = Block(
+            1_790_000_100.0,
+            *([getattr(r, name) for r in made] for name in ("type", "id", "session", "person")),
+            [r.time for r in made],
+            [r.raw for r in made],
+            True,
+        )
+        joined = Joined.read(bytes(encoded_block(block)))
+        cut.add_block(joined, start, stop)
+        expected += made[start:stop]
+        if len(expected) == 6:  # records read one by one between blocks
+            for record in ones:
+                cut.append(record)
+            expected += ones
+    table = pq.read_table(io.BytesIO(formats.encode("parquet", cut, None, "snappy")))
+    assert table.schema == parquet.ENVELOPE_SCHEMA
+    assert table.to_pylist() == [
+        {
+            "type": r.type,
+            "id": r.id,
+            "session": r.session,
+            "person": r.person,
+            "time": datetime.fromtimestamp(round(r.time * 1e6) / 1e6, UTC),
+            "signal": r.raw.decode(),
+        }
+        for r in expected
+    ]
 
 
 # -- through a daemon ---------------------------------------------------------------------

@@ -294,7 +294,7 @@ class SegmentStore:
         self.staged_bytes += HEADER.size + len(payload)
         if payload[0] in BLOCKS:
             block = Joined.read(payload, data=False)
-            ids, received = block.columns().ids[skip:], block.received
+            ids, received = block.column("ids")[skip:], block.received
         elif recent or self.staged_records == 0:
             record = decoder.decode(payload)
             ids, received = [record.id], record.received
