@@ -10,10 +10,14 @@ existed are (segment, offset). All on real files under tmp_path.
 from __future__ import annotations
 
 import asyncio
+import io
+import struct
+from array import array
 from collections.abc import Sequence
 from pathlib import Path
 
 import msgspec
+import pyarrow.parquet as pq
 import pytest
 
 from firehosed import formats, metrics
@@ -576,6 +580,49 @@ def test_blocks_of_the_layout_before_joined_are_read_and_cut_beside_new_ones(
         list(range(25, 35)),
         list(range(35, 41)),
     ]
+
+
+def joined_frame(item: Block) -> bytes:
+    """A block framed as versions before packed heads wrote it: b"J", its columns a
+    msgpack array of lists."""
+    columns = msgspec.msgpack.encode(
+        [item.types, item.ids, item.sessions, item.persons, item.times]
+    )
+    sizes = array("I", map(len, item.raws)).tobytes()
+    head = msgspec.msgpack.encode([item.received, item.plain, sizes, msgspec.Raw(columns)])
+    records = b"".join(raw + b"\n" for raw in item.raws)
+    return frame(b"J" + struct.pack("<I", len(head)) + head + b"\n" + records)
+
+
+def test_blocks_of_the_joined_layout_are_read_and_cut_beside_packed_ones(
+    tmp_path: Path,
+) -> None:
+    older = [block(range(10)), block(range(10, 30), pad=40)]
+    root = tmp_path / "queues" / "fh"
+    (root / "segments").mkdir(parents=True)
+    (root / "batches").mkdir()
+    (root / "segments" / "1.seg").write_bytes(b"".join(map(joined_frame, older)))
+
+    queue = open_queue(tmp_path)
+    assert queue.staged_records == 30
+    assert [i for i, _ in queue.take_recovered()] == [f"id{n}" for n in range(30)]
+    commit(queue, block(range(30, 40)), 40)
+    rows, end, _ = cut(queue, limit_records=15)  # ends inside the second older block
+    assert end[2] == 5
+    newer = [block(range(30, 40))]
+    expected = [
+        b for item in older + newer for b in zip(*(getattr(item, c) for c in COLUMNS), strict=True)
+    ]
+    got = zip(*(getattr(rows, c) for c in COLUMNS), strict=True)
+    assert list(got) == expected[:15]
+    rest, _, _ = cut(queue, limit_records=EVERYTHING)
+    assert ns(rest) == list(range(15, 41))
+    assert list(zip(*(getattr(rest, c) for c in COLUMNS), strict=True))[:25] == expected[15:]
+    # A columnar file reads the older heads' columns as it reads packed ones.
+    table = pq.read_table(io.BytesIO(formats.encode("parquet", rest, None, "zstd")))
+    assert table.column("person").to_pylist() == rest.persons
+    assert table.column("id").to_pylist() == rest.ids
+    queue.close()
 
 
 # -- positions written before blocks -------------------------------------------------------
