@@ -102,6 +102,14 @@ class Packed(msgspec.Struct, array_like=True, gc=False):
     def __len__(self) -> int:
         return len(self.times) // 8
 
+    def native_times(self) -> bytes:
+        """`times` in this machine's byte order (as Arrow reads a buffer)."""
+        if not _SWAP:
+            return self.times
+        times = array("d", self.times)
+        times.byteswap()
+        return times.tobytes()
+
 
 def pack(columns: Columns) -> Packed:
     """`columns` packed for a frame's head."""
@@ -138,10 +146,7 @@ def unpack(packed: Packed, name: str) -> list[Any]:
     """Column `name` of a packed head, as a list."""
     column = getattr(packed, name)
     if name == "times":
-        times = array("d", column)
-        if _SWAP:
-            times.byteswap()
-        return times.tolist()
+        return array("d", packed.native_times()).tolist()
     if not isinstance(column, bytes):
         return list(column)  # a copy: whoever takes it may change it
     values: list[Any] = column.decode().split("\n") if len(packed) else []

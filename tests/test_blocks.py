@@ -13,7 +13,7 @@ import asyncio
 import io
 import struct
 from array import array
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import msgspec
@@ -552,36 +552,6 @@ def legacy_frame(item: Block) -> bytes:
     return frame(b"B" + msgspec.msgpack.encode(item))
 
 
-def test_blocks_of_the_layout_before_joined_are_read_and_cut_beside_new_ones(
-    tmp_path: Path,
-) -> None:
-    older = [block(range(10)), block(range(10, 30), pad=40), block(range(30, 31))]
-    root = tmp_path / "queues" / "fh"
-    (root / "segments").mkdir(parents=True)
-    (root / "batches").mkdir()
-    (root / "segments" / "1.seg").write_bytes(b"".join(map(legacy_frame, older)))
-
-    queue = open_queue(tmp_path)
-    assert queue.staged_records == 31
-    assert [i for i, _ in queue.take_recovered()] == [f"id{n}" for n in range(31)]
-    commit(queue, block(range(31, 40)), 40)
-    rows, end, _ = cut(queue, limit_records=15)  # ends inside the second older block
-    assert end[2] == 5
-    expected = [b for item in older for b in zip(*(getattr(item, c) for c in COLUMNS), strict=True)]
-    got = zip(*(getattr(rows, c) for c in COLUMNS), strict=True)
-    assert list(got) == expected[:15] and rows.received == [RECEIVED] * 15
-    assert rows.text() == b"".join(r + b"\n" for r in rows.raws)
-    queue.close()
-
-    again = open_queue(tmp_path)  # recovery goes on from the skip inside the older block
-    assert again.staged_records == 26
-    assert cut_all(again, EVERYTHING, 10) == [
-        list(range(15, 25)),
-        list(range(25, 35)),
-        list(range(35, 41)),
-    ]
-
-
 def joined_frame(item: Block) -> bytes:
     """A block framed as versions before packed heads wrote it: b"J", its columns a
     msgpack array of lists."""
@@ -594,35 +564,37 @@ def joined_frame(item: Block) -> bytes:
     return frame(b"J" + struct.pack("<I", len(head)) + head + b"\n" + records)
 
 
-def test_blocks_of_the_joined_layout_are_read_and_cut_beside_packed_ones(
-    tmp_path: Path,
+@pytest.mark.parametrize("older_frame", [legacy_frame, joined_frame], ids=["B", "J"])
+def test_blocks_of_older_layouts_are_read_and_cut_beside_new_ones(
+    tmp_path: Path, older_frame: Callable[[Block], bytes]
 ) -> None:
-    older = [block(range(10)), block(range(10, 30), pad=40)]
-    root = tmp_path / "queues" / "fh"
-    (root / "segments").mkdir(parents=True)
-    (root / "batches").mkdir()
-    (root / "segments" / "1.seg").write_bytes(b"".join(map(joined_frame, older)))
-
-    queue = open_queue(tmp_path)
-    assert queue.staged_records == 30
-    assert [i for i, _ in queue.take_recovered()] == [f"id{n}" for n in range(30)]
-    commit(queue, block(range(30, 40)), 40)
+    older = [block(range(10)), block(range(10, 30), pad=40), block(range(30, 31))]
+    queue = older_queue(tmp_path, b"".join(map(older_frame, older)))
+    assert queue.staged_records == 31
+    assert [i for i, _ in queue.take_recovered()] == [f"id{n}" for n in range(31)]
+    commit(queue, block(range(31, 40)), 40)
     rows, end, _ = cut(queue, limit_records=15)  # ends inside the second older block
     assert end[2] == 5
-    newer = [block(range(30, 40))]
     expected = [
-        b for item in older + newer for b in zip(*(getattr(item, c) for c in COLUMNS), strict=True)
+        b
+        for item in [*older, block(range(31, 40))]
+        for b in zip(*(getattr(item, c) for c in COLUMNS), strict=True)
     ]
     got = zip(*(getattr(rows, c) for c in COLUMNS), strict=True)
-    assert list(got) == expected[:15]
-    rest, _, _ = cut(queue, limit_records=EVERYTHING)
+    assert list(got) == expected[:15] and rows.received == [RECEIVED] * 15
+    assert rows.text() == b"".join(r + b"\n" for r in rows.raws)
+    queue.close()
+
+    again = open_queue(tmp_path)  # recovery goes on from the skip inside the older block
+    assert again.staged_records == 26
+    rest, _, _ = cut(again, limit_records=EVERYTHING)
     assert ns(rest) == list(range(15, 41))
     assert list(zip(*(getattr(rest, c) for c in COLUMNS), strict=True))[:25] == expected[15:]
     # A columnar file reads the older heads' columns as it reads packed ones.
     table = pq.read_table(io.BytesIO(formats.encode("parquet", rest, None, "zstd")))
     assert table.column("person").to_pylist() == rest.persons
-    assert table.column("id").to_pylist() == rest.ids
-    queue.close()
+    assert table.column("id").to_pylist() == [f"id{n}" for n in range(15, 41)]
+    again.close()
 
 
 # -- positions written before blocks -------------------------------------------------------
@@ -630,11 +602,22 @@ def test_blocks_of_the_joined_layout_are_read_and_cut_beside_packed_ones(
 
 def old_queue(root: Path, records: int) -> Path:
     """A queue directory of per-record frames as an older version left it; its root."""
+    return segment_of(root, b"".join(framed(n) for n in range(records)))
+
+
+def segment_of(root: Path, frames: bytes) -> Path:
+    """A queue directory whose one segment holds `frames`; its root."""
     queue = root / "queues" / "fh"
     (queue / "segments").mkdir(parents=True)
     (queue / "batches").mkdir()
-    (queue / "segments" / "1.seg").write_bytes(b"".join(framed(n) for n in range(records)))
+    (queue / "segments" / "1.seg").write_bytes(frames)
     return queue
+
+
+def older_queue(root: Path, frames: bytes) -> SegmentStore:
+    """The queue of one segment of `frames` (an older version's), opened."""
+    segment_of(root, frames)
+    return open_queue(root)
 
 
 def old_manifest(no: int, end: int) -> bytes:

@@ -77,14 +77,14 @@ def encode(records: Sequence[Record], mapping: Mapping | None, compression: str)
 def _envelope_table(records: Sequence[Record]) -> Any:
     """The envelope columns, built by pyarrow from the batch as the cut holds it: the
     strings split from the blocks' packed heads, the times converted in one vectorised
-    pass, the signals' bytes copied once."""
+    pass, the signals viewed where they lie."""
     rows = as_rows(records)
     packs = rows.packs()
     seconds = pa.chunked_array(
         [
-            pa.Array.from_buffers(pa.float64(), len(packed), [None, pa.py_buffer(packed.times)])[
-                start:stop
-            ]
+            pa.Array.from_buffers(
+                pa.float64(), len(packed), [None, pa.py_buffer(packed.native_times())]
+            )[start:stop]
             for packed, start, stop in packs
         ],
         pa.float64(),
