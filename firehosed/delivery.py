@@ -33,7 +33,7 @@ from firehosed.alerts import Alerts, Incident
 from firehosed.archive.archiver import Archiver, encode_spill
 from firehosed.channels.base import Batch, Channel
 from firehosed.config import FirehoseConfig
-from firehosed.errors import DeliveryError, DestinationGone
+from firehosed.errors import BatchGone, DeliveryError, DestinationGone
 from firehosed.faults import crash_point
 from firehosed.firehose import Firehose
 from firehosed.mapping import Mapping
@@ -371,6 +371,9 @@ class Worker:
                 await self._put(manifest, source)
             except DestinationGone as exc:
                 self._gone(exc)
+                return
+            except BatchGone as exc:
+                log.warning("batch.gone", firehose=self.name, batch=manifest.name, reason=str(exc))
                 return
             except Exception as exc:
                 if not isinstance(exc, DeliveryError):  # a channel bug must not kill the worker

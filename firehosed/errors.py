@@ -38,6 +38,12 @@ class DeliveryError(FirehosedError):
         self.retry_after = retry_after
 
 
+class BatchGone(Exception):
+    """A batch this process's queue still held was delivered and retired by another
+    process meanwhile (a scaled-out backend whose view was behind): the delivery drops
+    it, and the queue reads its state again before the next batch."""
+
+
 class DestinationGone(DeliveryError):
     """The destination says it no longer wants deliveries (HTTP 410): the firehose stops."""
 

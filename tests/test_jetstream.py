@@ -7,6 +7,8 @@ every id acknowledged with a 202 is delivered, once, whichever process took it.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import itertools
 import json
 import time
@@ -18,12 +20,15 @@ import requests
 from nats.js.errors import APIError
 
 from firehosed.config import JetStreamConfig
+from firehosed.errors import BatchGone
 from firehosed.jetstream import cluster as cluster_module
 from firehosed.jetstream.cluster import Cluster, ClusterError
+from firehosed.jetstream.queue import JetStreamBackend
 from firehosed.units import Duration
 from tests.daemon import signal_record, wait_until
 from tests.deployment import Deployment
 from tests.servers.nats import NatsCluster
+from tests.test_queue_contract import FILES, commit, encoder, numbers, read
 
 
 @pytest.fixture
@@ -242,3 +247,40 @@ async def test_setting_up_streams_waits_while_the_cluster_cannot_place_them(
     finally:
         await impatient.close()
     assert time.monotonic() - started < 5
+
+
+async def test_a_batch_another_process_retired_meanwhile_is_dropped_and_the_state_read_again(
+    tmp_path: Path, nats_cluster: NatsCluster
+) -> None:
+    """A process whose cut lease lapsed (a NATS server killed under it) may still
+    deliver the batch it cut, and retire it (records purged, manifest and bytes
+    deleted), after the process that took the lease over read the manifests. The new
+    holder drops that batch and reads the state again; it had retried the batch, whose
+    bytes were gone, for ever, holding every later record back (seen once in CI)."""
+    config = JetStreamConfig(servers=nats_cluster.urls, prefix="retired", lease_ttl=Duration(3.0))
+    holder = JetStreamBackend(Cluster(config, "holder"), tmp_path / "holder")
+    stale = JetStreamBackend(Cluster(config, "stale"), tmp_path / "stale")
+    leases = asyncio.create_task(holder.run())
+    try:
+        queue = await holder.open_queue("fh")
+        queue.configure(FILES, encoder)
+        await commit(queue, range(3))
+        first = await asyncio.wait_for(queue.next_batch(flush=True), 30)
+        assert first is not None
+        await commit(queue, range(3, 5))
+        # The stale process ends its delivery of batch 1 (`done` asks for no lease).
+        elsewhere = await stale.open_queue("fh")
+        elsewhere.configure(FILES, encoder)
+        await elsewhere.done(first)
+
+        with pytest.raises(BatchGone):
+            await queue.local_file(first, write=True)
+        after = await asyncio.wait_for(queue.next_batch(flush=True), 30)
+        assert after is not None and after.no == first.no + 1
+        assert numbers(await read(queue, after)) == [3, 4]
+    finally:
+        leases.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await leases
+        await holder.close()
+        await stale.close()

@@ -38,7 +38,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 
 from firehosed import metrics
-from firehosed.errors import StorageError
+from firehosed.errors import BatchGone, StorageError
 from firehosed.faults import fail_point
 from firehosed.fileio import write_durably
 from firehosed.jetstream.cluster import Cluster, Lease, Leases, background, entries
@@ -545,9 +545,24 @@ class JetStreamQueue:
         if not path.exists():
             data = batch.data
             if data is None:
-                data = (await self._cluster.objects.get(self._object(batch.no))).data or b""
+                data = await self._stored(batch)
             await asyncio.to_thread(_spool, path, data)
         return path
+
+    async def _stored(self, batch: Manifest) -> bytes:
+        """The batch's bytes from the object store. Gone with its manifest: a process
+        that held the cut lease before this one delivered and retired it after this one
+        read the manifests (BatchGone; the state is read again). Gone alone: an error."""
+        try:
+            return (await self._cluster.objects.get(self._object(batch.no))).data or b""
+        except nats.js.errors.ObjectNotFoundError:
+            try:
+                await self._cluster.state.get(f"{self.name}.m.{batch.no}")
+            except KeyNotFoundError:
+                log.warning("jetstream.batch_retired_elsewhere", firehose=self.name, batch=batch.no)
+                self._unload()
+                raise BatchGone(f"batch {batch.name} was delivered by another process") from None
+            raise
 
     async def done(self, batch: Manifest) -> None:
         """Purge the batch's records, move the cursor, forget the batch."""
