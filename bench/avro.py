@@ -233,7 +233,9 @@ def parquet_figures(
         out = io.BytesIO()
         pq.write_table(table, out, row_group_size=table.num_rows, compression=compression)
 
-    encode = lambda rows: formats.encode("parquet", rows, mapping, compression)  # noqa: E731
+    def encode(rows: Rows) -> bytes:
+        return formats.encode("parquet", rows, mapping, compression)
+
     ours, alone = best_in_turn(repeat, encode, cut, ceiling)
     return figures_line(rows, len(data), ours, alone, PARQUET_TARGET)
 
@@ -274,7 +276,9 @@ def avro_figures(cut: Callable[[], Rows], mapping: Mapping | None, repeat: int) 
     def ceiling() -> None:
         fastavro.writer(io.BytesIO(), schema, dicts, codec="deflate")
 
-    encode = lambda rows: formats.encode("avro", rows, mapping, "deflate")  # noqa: E731
+    def encode(rows: Rows) -> bytes:
+        return formats.encode("avro", rows, mapping, "deflate")
+
     ours, alone = best_in_turn(repeat, encode, cut, ceiling)
     return figures_line(rows, len(data), ours, alone, None)
 

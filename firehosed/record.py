@@ -83,6 +83,10 @@ class Columns(msgspec.Struct, array_like=True, gc=False):
     times: list[float]
 
 
+# The field of `Packed` that marks each nullable string column's None values.
+_NULLS = {"sessions": "session_nulls", "persons": "person_nulls"}
+
+
 class Packed(msgspec.Struct, array_like=True, gc=False):
     """A block's envelope columns as a `PACKED` frame's head holds them.
 
@@ -101,6 +105,10 @@ class Packed(msgspec.Struct, array_like=True, gc=False):
 
     def __len__(self) -> int:
         return len(self.times) // 8
+
+    def nulls(self, name: str) -> bytes:
+        """The marks of None of string column `name` (b"" when it has none)."""
+        return getattr(self, _NULLS[name]) if name in _NULLS else b""
 
     def native_times(self) -> bytes:
         """`times` in this machine's byte order (as Arrow reads a buffer)."""
@@ -150,14 +158,10 @@ def unpack(packed: Packed, name: str) -> list[Any]:
     if not isinstance(column, bytes):
         return list(column)  # a copy: whoever takes it may change it
     values: list[Any] = column.decode().split("\n") if len(packed) else []
-    nulls = _NULLS.get(name)
-    marks = getattr(packed, nulls) if nulls else b""
+    marks = packed.nulls(name)
     if marks:
         values = [None if null else value for value, null in zip(values, marks, strict=True)]
     return values
-
-
-_NULLS = {"sessions": "session_nulls", "persons": "person_nulls"}
 
 
 class Head(msgspec.Struct, array_like=True, gc=False):

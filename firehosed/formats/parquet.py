@@ -93,16 +93,16 @@ def _envelope_table(records: Sequence[Record]) -> Any:
     arrays = [
         _strings(packs, "types"),
         _strings(packs, "ids"),
-        _strings(packs, "sessions", "session_nulls"),
-        _strings(packs, "persons", "person_nulls"),
+        _strings(packs, "sessions"),
+        _strings(packs, "persons"),
         time,
         _signals(rows),
     ]
     return pa.Table.from_arrays(arrays, schema=BUILT_SCHEMA)
 
 
-def _strings(packs: list[tuple[Packed, int, int]], name: str, nulls: str = "") -> Any:
-    """Column `name` of the blocks' packed heads (`nulls` names its marks of None): the
+def _strings(packs: list[tuple[Packed, int, int]], name: str) -> Any:
+    """Column `name` of the blocks' packed heads (with its marks of None): the
     joined texts of neighbouring blocks split by pyarrow in one call and sliced to the
     records the batch holds; a column held as a list (a value holds a newline) is
     converted as it is."""
@@ -116,8 +116,7 @@ def _strings(packs: list[tuple[Packed, int, int]], name: str, nulls: str = "") -
         if isinstance(column, list):
             chunks.append(pa.array(column[start:stop], pa.string()))
         else:
-            marks = getattr(packed, nulls) if nulls else b""
-            texts.add(column, marks, len(packed), start, stop)
+            texts.add(column, packed.nulls(name), len(packed), start, stop)
     return pa.chunked_array(chunks + texts.split(), pa.string())
 
 
