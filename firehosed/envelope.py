@@ -101,6 +101,20 @@ class Envelopes:
         if self.assigned is not None:
             self.assigned.append(env.id_assigned)
 
+    def extend(self, other: Envelopes) -> None:
+        """`other`'s records after these."""
+        if self.assigned is not None or other.assigned is not None:
+            self.assigned = (self.assigned or [False] * len(self)) + (
+                other.assigned or [False] * len(other)
+            )
+        self.types += other.types
+        self.ids += other.ids
+        self.sessions += other.sessions
+        self.persons += other.persons
+        self.times += other.times
+        self.raws += other.raws
+        self.plain = self.plain and other.plain
+
     def without(self, drop: Collection[int]) -> Envelopes:
         """These envelopes but those at the indexes `drop`."""
         keep = [True] * len(self.ids)

@@ -36,7 +36,15 @@ from firehosed.envelope import Envelopes
 from firehosed.errors import DeliveryError
 from firehosed.fileio import fsync_dir
 from firehosed.imports import pattern as patterns
-from firehosed.imports.rows import FileError, RowError, RowMaker, read_rows
+from firehosed.imports.rows import (
+    CsvBlock,
+    FileError,
+    Row,
+    RowError,
+    RowMaker,
+    read_csv_blocks,
+    read_rows,
+)
 from firehosed.imports.runs import Fetch, File, Run, TaskStore, now
 from firehosed.ingest.receiver import Answer, IngestAccount, Receiver
 
@@ -301,7 +309,6 @@ class Importer:
         to the receiver as concurrent pieces of PIECE rows: they share group commits,
         and the event loop serves other requests between them. Progress (with the
         errored rows met) is saved at most every SAVE_EVERY seconds and at the end."""
-        rows = read_rows(store.data(run, file), run.format, after=file.rows_done)
         key = f"{file.name}@{file.version}"
         processing = run.processing
         unsaved: list[tuple[str, int, str, str]] = []  # errored rows met since the save
@@ -311,6 +318,7 @@ class Importer:
         # Limited, the rows go in RATE_STEPS small bursts a second: a burst is what a
         # request arriving meanwhile waits behind.
         size = CHUNK if rate is None else max(1, min(CHUNK, rate // RATE_STEPS))
+        rows = _read(store.data(run, file), run.format, file.rows_done, size)
         sent = 0
         # The next chunk is read while this one is accepted and its progress saved: the
         # reading thread works while the commits' and the save's fsyncs are waited for.
@@ -490,8 +498,15 @@ class _Chunk:
         self.ended = False
 
 
+def _read(path: Path, fmt: str, after: int, size: int) -> Iterator[Row | RowError | CsvBlock]:
+    """A file's rows for `_take`: CSV's in blocks of `size` rows, made in bulk."""
+    if fmt == "csv":
+        return read_csv_blocks(path, size)
+    return read_rows(path, fmt, after=after)
+
+
 def _take(
-    rows: Iterator[tuple[int, dict[str, Any]] | RowError],
+    rows: Iterator[Row | RowError | CsvBlock],
     maker: RowMaker,
     key: str,
     done: int,
@@ -502,23 +517,42 @@ def _take(
     chunk = _Chunk()
     at = now()
     for item in rows:
-        number = item.row if isinstance(item, RowError) else item[0]
-        if number <= done:
-            continue
-        chunk.last = number
-        if isinstance(item, RowError):
-            chunk.errors.append(item)
+        if isinstance(item, CsvBlock):
+            _take_block(chunk, item, maker, key, done, at)
         else:
-            made = maker.signal(item[1], number, key, at)
-            if isinstance(made, RowError):
-                chunk.errors.append(made)
+            number = item.row if isinstance(item, RowError) else item[0]
+            if number <= done:
+                continue
+            chunk.last = number
+            if isinstance(item, RowError):
+                chunk.errors.append(item)
             else:
-                chunk.signals.append(made[1], made[0])
-                chunk.numbers.append(number)
+                made = maker.signal(item[1], number, key, at)
+                if isinstance(made, RowError):
+                    chunk.errors.append(made)
+                else:
+                    chunk.signals.append(made[1], made[0])
+                    chunk.numbers.append(number)
         if len(chunk.signals) + len(chunk.errors) >= size:
             return chunk
     chunk.ended = True
     return chunk
+
+
+def _take_block(  # noqa: PLR0917 - _take's, passed on
+    chunk: _Chunk, block: CsvBlock, maker: RowMaker, key: str, done: int, at: float
+) -> None:
+    """A block of CSV rows, made in bulk, added to `chunk` (but rows up to `done`)."""
+    if block.first <= done:
+        skip = done - block.first + 1
+        block = block._replace(first=block.first + skip, rows=block.rows[skip:])
+    if not block.rows:
+        return
+    made = maker.block(block, key, at)
+    chunk.last = block.first + len(block.rows) - 1
+    chunk.signals.extend(made.signals)
+    chunk.numbers += made.numbers
+    chunk.errors += made.errors
 
 
 def _latest_slot(schedule: str, zone: ZoneInfo, after: float, until: float) -> float | None:

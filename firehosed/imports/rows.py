@@ -15,16 +15,20 @@ neither a CSV header nor a blank line is a row.
 from __future__ import annotations
 
 import codecs
+import contextlib
 import csv
 import gzip
 import hashlib
 import io
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from decimal import Decimal
+from itertools import compress, repeat
+from operator import attrgetter, itemgetter
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, NamedTuple, cast
 
 import ijson
 import msgspec
@@ -32,7 +36,9 @@ import msgspec
 from firehosed.config import FieldsConfig
 from firehosed.envelope import (
     MAX_FIELD_BYTES,
+    MAX_TIME_BYTES,
     Envelope,
+    Envelopes,
     RecordError,
     _check_length,
     _check_type,
@@ -80,17 +86,33 @@ def read_rows(
     """
     if fmt not in FORMATS:
         raise ValueError(f"unknown import format {fmt!r}, expected one of {FORMATS}")
+    with _file_faults(), _open(path) as stream:
+        if fmt == "csv":
+            yield from _csv_rows(stream, max_cell)
+        elif fmt == "ndjson":
+            yield from _ndjson_rows(stream, max_row)
+        elif fmt == "avro":
+            yield from avro_rows(stream, after)
+        else:
+            yield from _json_rows(stream, max_row)
+
+
+def read_csv_blocks(
+    path: Path, size: int, *, max_cell: int = MAX_CELL
+) -> Iterator[CsvBlock | RowError]:
+    """A CSV file's data rows as `read_rows` reads them, but in blocks of up to `size`
+    rows of cells, to be made into signals in bulk (`RowMaker.block`); a row csv cannot
+    parse is a RowError between two blocks. The checks `read_rows` makes of each row
+    are left to `RowMaker.block`; raises FileError as `read_rows` does."""
+    with _file_faults(), _open(path) as stream:
+        yield from _csv_blocks(stream, size, max_cell)
+
+
+@contextmanager
+def _file_faults() -> Iterator[None]:
+    """Everything the file system or gzip can say about a file, as a FileError."""
     try:
-        with _open(path) as stream:
-            if fmt == "csv":
-                yield from _csv_rows(stream, max_cell)
-            elif fmt == "ndjson":
-                yield from _ndjson_rows(stream, max_row)
-            elif fmt == "avro":
-                yield from avro_rows(stream, after)
-            else:
-                yield from _json_rows(stream, max_row)
-    # Everything the file system or gzip can say about the file, in one place.
+        yield
     except EOFError as exc:
         raise FileError(f"truncated gzip: {exc}") from None
     except gzip.BadGzipFile as exc:
@@ -115,12 +137,64 @@ def _csv_rows(stream: _Stream, max_cell: int) -> Iterator[Row | RowError]:
     surrogates by the decoder (never an exception part-way), so that the row holding
     them is the one refused."""
     csv_limits = _allow_cells(max_cell)
-    text = io.TextIOWrapper(stream, encoding="utf-8-sig", errors="surrogateescape", newline="")
-    with text:
+    with _csv_text(stream) as text:
         lines = _Lines(text)
         reader = csv.reader(lines.feed, strict=True)
         header = _header(reader, lines)
         yield from _csv_records(reader, lines, header, None if csv_limits else max_cell)
+
+
+def _csv_text(stream: _Stream) -> io.TextIOWrapper:
+    return io.TextIOWrapper(stream, encoding="utf-8-sig", errors="surrogateescape", newline="")
+
+
+class CsvBlock(NamedTuple):
+    """Data rows `first`, `first + 1`... of a CSV file, each the cells csv read, not yet
+    checked against the header; `invalid` if a line among them held bytes that are not
+    UTF-8; `max_cell` if cells are to be checked for length (csv's own limit is higher)."""
+
+    header: list[str]
+    first: int
+    rows: list[list[str]]
+    invalid: bool
+    max_cell: int | None
+
+
+def _csv_blocks(stream: _Stream, size: int, max_cell: int) -> Iterator[CsvBlock | RowError]:
+    """`_csv_rows`, a block of rows at a time: csv's rows are gathered with no work per
+    row but the blank line's check and the quotes' count an error needs."""
+    check = None if _allow_cells(max_cell) else max_cell
+    with _csv_text(stream) as text:
+        lines = _Lines(text)
+        reader = csv.reader(lines.feed, strict=True)
+        header = _header(reader, lines)
+        number = 0  # the last row gone by
+        while True:
+            rows: list[list[str]] = []
+            append = rows.append
+            lines.invalid = False
+            quotes = lines.quotes  # as the row csv is reading started
+            error = None
+            try:
+                for cells in reader:
+                    if cells:  # not a blank line
+                        append(cells)
+                        if len(rows) == size:
+                            break
+                    quotes = lines.quotes
+            except csv.Error as exc:
+                error = exc
+            if rows:
+                yield CsvBlock(header, number + 1, rows, lines.invalid, check)
+                number += len(rows)
+            if error is not None:
+                # csv drops the rest of the line; a quoted cell may go on over more lines.
+                number += 1
+                if not lines.skip_quoted(quotes):
+                    raise FileError(f"a quote opened in row {number} is never closed")
+                yield RowError(number, "", f"bad CSV: {error}")
+            elif len(rows) < size:
+                return
 
 
 def _allow_cells(max_cell: int) -> bool:
@@ -192,7 +266,6 @@ def _csv_records(
     reader: Iterator[list[str]], lines: _Lines, header: list[str], max_cell: int | None
 ) -> Iterator[Row | RowError]:
     """The data rows; `max_cell` when the cells' length is to be checked here."""
-    width = len(header)
     number = 0
     while True:
         quotes = lines.quotes
@@ -211,14 +284,21 @@ def _csv_records(
         if not cells:  # a blank line
             continue
         number += 1
-        if len(cells) != width:
-            yield RowError(number, "", f"{len(cells)} cells, the header has {width}")
-        elif lines.invalid:
-            yield _invalid_cell(number, header, cells)
-        elif max_cell is None and "" not in cells:  # the common row, made the quickest way
-            yield number, dict(zip(header, cells))  # noqa: B905 - counted; strict= costs 40%
-        else:
-            yield _csv_row(number, header, cells, max_cell)
+        yield _checked(number, header, cells, lines.invalid, max_cell)
+
+
+def _checked(
+    number: int, header: list[str], cells: list[str], invalid: bool, max_cell: int | None
+) -> Row | RowError:
+    """Data row `number` as {column: cell}, or why not: a cell for each column, each
+    valid UTF-8 (`invalid` if they may not be) and, when `max_cell`, not over it."""
+    if len(cells) != len(header):
+        return RowError(number, "", f"{len(cells)} cells, the header has {len(header)}")
+    if invalid and not _is_utf8("".join(cells)):
+        return _invalid_cell(number, header, cells)
+    if max_cell is None and "" not in cells:  # the common row, made the quickest way
+        return number, dict(zip(header, cells))  # noqa: B905 - counted; strict= costs 40%
+    return _csv_row(number, header, cells, max_cell)
 
 
 def _csv_row(
@@ -411,6 +491,7 @@ class RowMaker:
         self._now = float("nan")
         self._now_text = ""
         self._now_moment = 0.0
+        self._bulks: dict[tuple[str, ...], _Bulk | None] = {}  # by header
 
     def record(
         self, row: dict[str, Any], number: int, file_key: str, now: float
@@ -447,6 +528,158 @@ class RowMaker:
             id_assigned=False,
         )
         return raw, read
+
+    def block(self, block: CsvBlock, file_key: str, now: float) -> Made:
+        """The signals of a CSV block's rows, made in bulk: the same bytes and envelopes
+        `signal` makes of each row, and the same RowErrors. Each check runs over a
+        column at once; a row a check stops (cells not as many as the header's, not
+        UTF-8, a type or time that is not valid, no person or session, a value long
+        enough to be measured) is made by `signal`, as is every row of a task whose
+        columns nest, or when cells are to be measured."""
+        shape = None if block.max_cell is not None else self._bulk(block.header)
+        if shape is None:
+            return self._each(block, range(len(block.rows)), file_key, now)
+        width = len(block.header)
+        positions: Sequence[int] = range(len(block.rows))
+        rows = block.rows
+        if block.invalid or set(map(len, rows)) != {width}:
+            positions = [
+                i
+                for i, cells in enumerate(rows)
+                if len(cells) == width and (not block.invalid or _is_utf8("".join(cells)))
+            ]
+            rows = [rows[i] for i in positions]
+        numbers = list(map(block.first.__add__, positions))
+        made = self._bulk_rows(shape, rows, numbers, file_key, now)
+        if len(made.numbers) == len(block.rows):
+            return made
+        kept = {number - block.first for number in made.numbers}
+        others = [i for i in range(len(block.rows)) if i not in kept]
+        return _merged(made, self._each(block, others, file_key, now))
+
+    def _bulk_rows(
+        self,
+        shape: _Bulk,
+        rows: list[list[str]],
+        numbers: list[int],
+        file_key: str,
+        now: float,
+    ) -> Made:
+        """The signals of `rows` (numbered `numbers`), each with as many cells as the
+        header, but those a check stops: they are neither signals nor errors here."""
+        if not rows:
+            return _made()
+        count = len(rows)
+        columns: list[Sequence[str]] = list(zip(*rows, strict=True))
+        nothing: Sequence[str] = list(repeat("", count))
+        values = {
+            name: nothing if index is None else columns[index]
+            for name, index in shape.fields.items()
+        }
+        stopped = self._stopped(shape, values)
+        self._import_time(now)
+        times = _moments(values["time"], self._now_moment)
+        if None in times:
+            stopped.update(i for i, moment in enumerate(times) if moment is None)
+        if stopped:
+            keep = [i not in stopped for i in range(count)]
+            columns = [list(compress(column, keep)) for column in columns]
+            values = {name: list(compress(column, keep)) for name, column in values.items()}
+            times = list(compress(times, keep))
+            numbers = list(compress(numbers, keep))
+        made_ids = [not value for value in values["id"]] if "" in values["id"] else None
+        if made_ids is not None:
+            values["id"] = [
+                value or self._made_id(file_key, number)
+                for value, number in zip(values["id"], numbers, strict=True)
+            ]
+        imported = [not value for value in values["time"]] if "" in values["time"] else None
+        if imported is not None:
+            values["time"] = [value or self._now_text for value in values["time"]]
+        signals = shape.signals(columns, values, made_ids, imported)
+        raws = _encode_lines(signals).split(b"\n")
+        raws.pop()  # after the last newline
+        envelopes = Envelopes(
+            list(values["type"]),
+            list(values["id"]),
+            _nones(values["session"]),
+            _nones(values["person"]),
+            cast("list[float]", times),
+            raws,
+            None,
+            True,
+        )
+        return Made(envelopes, numbers, [])
+
+    def _stopped(self, shape: _Bulk, values: dict[str, Sequence[str]]) -> set[int]:
+        """The rows (indexes in `values`' columns) a check stops, bar the time's."""
+        stopped: set[int] = set()
+        kinds = values["type"]
+        refused = {kind for kind in set(kinds) - self._types if not self._valid_kind(kind)}
+        if refused:
+            stopped.update(i for i, kind in enumerate(kinds) if kind in refused)
+        for name in BOUNDED_FIELDS:
+            column = values[name]
+            if max(map(len, column)) > SURELY_SHORT:
+                stopped.update(i for i, value in enumerate(column) if len(value) > SURELY_SHORT)
+        sessions, persons = values["session"], values["person"]
+        for name in shape.nested:  # an empty value would leave an empty object
+            stopped.update(_empty(values[name]))
+        if "" in sessions and "" in persons:
+            stopped.update(set(_empty(sessions)).intersection(_empty(persons)))
+        return stopped
+
+    def _valid_kind(self, kind: str) -> bool:
+        """Whether an event type not seen before is valid (remembered if so)."""
+        try:
+            self._check_kind(kind or None)
+        except _Fault:
+            return False
+        return True
+
+    def _each(self, block: CsvBlock, positions: Iterable[int], file_key: str, now: float) -> Made:
+        """The rows of `block` at `positions` made one by one, as `_csv_rows` and
+        `signal` make them."""
+        made = _made()
+        header = block.header
+        for i in positions:
+            number = block.first + i
+            row = _checked(number, header, block.rows[i], block.invalid, block.max_cell)
+            if isinstance(row, RowError):
+                made.errors.append(row)
+                continue
+            result = self.signal(row[1], number, file_key, now)
+            if isinstance(result, RowError):
+                made.errors.append(result)
+            else:
+                raw, envelope = result
+                made.signals.append(envelope, raw)
+                made.numbers.append(number)
+        return made
+
+    def _bulk(self, header: list[str]) -> _Bulk | None:
+        """How rows under `header` are made in bulk; None if they are not."""
+        key = tuple(header)
+        if key in self._bulks:
+            return self._bulks[key]
+        index = {name: i for i, name in enumerate(header)}
+        fields = {name: index.get(column) for name, column in self._sources.items()}
+        payload = [i for i, name in enumerate(header) if name not in self._sources.values()]
+        nested = [name for name in ("session", "person") if len(self._paths[name]) > 1]
+        try:
+            moves = self._plan(tuple(header[i] for i in payload))
+        except _Fault:  # every row with a value in that column is refused
+            moves = [("", [], "")]
+        usable = (
+            not moves
+            and fields["type"] is not None
+            and (fields["session"] is not None or fields["person"] is not None)
+            and all(fields[name] is not None for name in nested)
+        )
+        bulk = _Bulk(header, fields, payload, self._paths, nested) if usable else None
+        if len(self._bulks) < REMEMBERED_SHAPES:
+            self._bulks[key] = bulk
+        return bulk
 
     def _envelope(
         self, signal: dict[str, Any], number: int, file_key: str, now: float
@@ -577,6 +810,190 @@ class RowMaker:
                 reason = f"lands on the {name} field ({where}): map it as {name} or rename it"
                 raise _Fault(column, reason)
         return path
+
+
+class Made(NamedTuple):
+    """Rows made into signals: each signal's row number, and the rows refused."""
+
+    signals: Envelopes
+    numbers: list[int]
+    errors: list[RowError]
+
+
+def _made() -> Made:
+    return Made(Envelopes([], [], [], [], [], [], None, True), [], [])
+
+
+def _merged(one: Made, other: Made) -> Made:
+    """Two sets of signals made from rows of one block, in the order of their rows."""
+    if not other.numbers:
+        one.errors.extend(other.errors)
+        return one
+    merged = _made()
+    merged.errors.extend(one.errors + other.errors)
+    for number, source, at in sorted(
+        [(number, one, at) for at, number in enumerate(one.numbers)]
+        + [(number, other, at) for at, number in enumerate(other.numbers)],
+        key=itemgetter(0),
+    ):
+        signals = source.signals
+        envelope = Envelope(
+            signals.types[at],
+            signals.ids[at],
+            signals.sessions[at],
+            signals.persons[at],
+            signals.times[at],
+            id_assigned=False,
+        )
+        merged.signals.append(envelope, signals.raws[at])
+        merged.numbers.append(number)
+    return merged
+
+
+def _empty(column: Sequence[str]) -> Iterator[int]:
+    """The indexes of the empty strings in `column` (found by C, one call each)."""
+    at = -1
+    with contextlib.suppress(ValueError):
+        while True:
+            at = column.index("", at + 1)
+            yield at
+
+
+def _nones(column: Sequence[str]) -> list[str | None]:
+    """`column` with None for each empty string."""
+    if "" not in column:
+        return list(column)
+    return [value or None for value in column]
+
+
+def _moments(texts: Sequence[str], imported: float) -> list[float | None]:
+    """Each time as unix seconds, as `parse_time` reads it: `imported` for an empty
+    one, None for one it refuses."""
+    if "" not in texts and max(map(len, texts)) <= MAX_TIME_BYTES:
+        try:
+            moments = list(map(datetime.fromisoformat, texts))
+        except ValueError:
+            pass  # one at a time, below
+        else:
+            if None in set(map(_tzinfo, moments)):
+                moments = [m if m.tzinfo else m.replace(tzinfo=UTC) for m in moments]
+            return list(map(datetime.timestamp, moments))
+    return [_moment(text, imported) for text in texts]
+
+
+def _moment(text: str, imported: float) -> float | None:
+    if not text:
+        return imported
+    try:
+        return parse_time(text)
+    except RecordError:
+        return None
+
+
+_tzinfo = attrgetter("tzinfo")
+_encode_lines = msgspec.json.Encoder().encode_lines
+# A Struct made for one shape of signal, and where each of its fields' values comes from:
+# a column of the header (int), an envelope field's values (str), a nested Struct's.
+_Node = tuple[type, list["int | str | _Node"]]
+
+
+class _Bulk:
+    """How rows under one header are made in bulk: which column holds each envelope
+    field (None: none), the payload's columns, and for each order the envelope values
+    can be placed in (an id or a time made here goes last, as `signal` places it), the
+    Structs whose JSON is the signal `signal` makes, key for key. A field whose value is
+    the empty string or None is left out, as an empty cell is."""
+
+    def __init__(
+        self,
+        header: list[str],
+        fields: dict[str, int | None],
+        payload: list[int],
+        paths: dict[str, list[str]],
+        nested: list[str],
+    ) -> None:
+        self.fields = fields
+        self.nested = nested  # session or person, when an empty one cannot be left out
+        self._header = header
+        self._payload = payload
+        self._paths = paths
+        self._nodes: dict[tuple[bool, bool], _Node] = {}
+
+    def signals(
+        self,
+        columns: list[Sequence[str]],
+        values: dict[str, Sequence[str]],
+        made_ids: list[bool] | None,
+        imported: list[bool] | None,
+    ) -> list[Any]:
+        """The signals of rows with these cells and envelope values, of which those in
+        `made_ids` have an id made here and those in `imported` the import's time."""
+        count = len(values["type"])
+        orders = list(
+            zip(made_ids or repeat(False, count), imported or repeat(False, count), strict=False)
+        )
+        kinds = set(orders)
+        if len(kinds) == 1:
+            return _objects(self._node(*kinds.pop()), columns, values)
+        signals: list[Any] = [None] * count
+        for order in kinds:
+            rows = [i for i, each in enumerate(orders) if each == order]
+            part = [[column[i] for i in rows] for column in columns]
+            part_values = {name: [column[i] for i in rows] for name, column in values.items()}
+            made = _objects(self._node(*order), part, part_values)
+            for i, signal in zip(rows, made, strict=True):
+                signals[i] = signal
+        return signals
+
+    def _node(self, made_id: bool, import_time: bool) -> _Node:
+        node = self._nodes.get((made_id, import_time))
+        if node is None:
+            # `signal` places the values a row brings in the fields' order, then a made
+            # id, then the import's time.
+            brought = [name for name in ENVELOPE_FIELDS if not (made_id and name == "id")]
+            brought = [name for name in brought if not (import_time and name == "time")]
+            order = brought + ["id"] * made_id + ["time"] * import_time
+            tree: dict[str, Any] = {self._header[i]: i for i in self._payload}
+            for name in order:
+                *parents, key = self._paths[name]
+                place = tree
+                for segment in parents:
+                    place = place.setdefault(segment, {})
+                place[key] = name
+            node = self._nodes[made_id, import_time] = _struct(tree)
+        return node
+
+
+def _struct(tree: dict[str, Any]) -> _Node:
+    """The Struct of a JSON object whose keys and values `tree` gives."""
+    names = [f"f{n}" for n in range(len(tree))]
+    fields = [
+        (name, Any, None if isinstance(value, dict) else "")
+        for name, value in zip(names, tree.values(), strict=True)
+    ]
+    cls = msgspec.defstruct(
+        "Signal", fields, rename=dict(zip(names, tree, strict=True)), omit_defaults=True, gc=False
+    )
+    return cls, [_struct(value) if isinstance(value, dict) else value for value in tree.values()]
+
+
+def _objects(
+    node: _Node, columns: Sequence[Sequence[str]], values: Mapping[str, Sequence[str]]
+) -> list[Any]:
+    cls, sources = node
+    return list(
+        map(
+            cls,
+            *(
+                columns[source]
+                if isinstance(source, int)
+                else values[source]
+                if isinstance(source, str)
+                else _objects(source, columns, values)
+                for source in sources
+            ),
+        )
+    )
 
 
 def columns_problem(columns: dict[str, str]) -> str | None:
