@@ -26,7 +26,14 @@ from firehosed.config import FieldsConfig
 from firehosed.envelope import EnvelopeReader
 from firehosed.imports import importer
 from firehosed.imports.importer import _read, _take
-from firehosed.imports.rows import CsvBlock, RowError, RowMaker, read_csv_blocks, read_rows
+from firehosed.imports.rows import (
+    CsvBlock,
+    FileError,
+    RowError,
+    RowMaker,
+    read_csv_blocks,
+    read_rows,
+)
 
 NOW = 1_700_000_000.0
 COLUMNS = {
@@ -112,8 +119,11 @@ def csv_file(path: Path, header: list[str], rows: int, seed: int) -> Path:
     return path
 
 
-def one_by_one(maker: RowMaker, path: Path) -> tuple[list[Any], list[RowError]]:
-    signals, errors = [], []
+Made = tuple[list[Any], list[RowError]]
+
+
+def one_by_one(maker: RowMaker, path: Path, into: Made | None = None) -> Made:
+    signals, errors = into or ([], [])
     for item in read_rows(path, "csv"):
         if isinstance(item, RowError):
             errors.append(item)
@@ -126,8 +136,8 @@ def one_by_one(maker: RowMaker, path: Path) -> tuple[list[Any], list[RowError]]:
     return signals, errors
 
 
-def in_bulk(maker: RowMaker, path: Path, size: int) -> tuple[list[Any], list[RowError]]:
-    signals, errors = [], []
+def in_bulk(maker: RowMaker, path: Path, size: int, into: Made | None = None) -> Made:
+    signals, errors = into or ([], [])
     for item in read_csv_blocks(path, size):
         if isinstance(item, RowError):
             errors.append(item)
@@ -135,14 +145,15 @@ def in_bulk(maker: RowMaker, path: Path, size: int) -> tuple[list[Any], list[Row
         assert isinstance(item, CsvBlock)
         made = maker.block(item, "f@1", NOW)
         assert made.numbers == sorted(made.numbers)
-        errors += made.errors
+        errors.extend(made.errors)
         s = made.signals
         envelopes = zip(s.types, s.ids, s.sessions, s.persons, s.times, strict=True)
         for number, raw, (kind, id_, session, person, moment) in zip(
             made.numbers, s.raws, envelopes, strict=True
         ):
             signals.append((number, raw, (kind, id_, session, person, moment)))
-    return signals, sorted(errors, key=lambda error: error.row)
+    errors.sort(key=lambda error: error.row)
+    return signals, errors
 
 
 def envelope_tuple(envelope: Any) -> tuple[Any, ...]:
@@ -269,3 +280,48 @@ def test_an_import_chunk_skips_the_rows_settled_before_a_restart(
         r for _, raws, *_ in by_blocks for r in raws
     )
     assert by_rows[-1][-1] == by_blocks[-1][-1]  # the last row read
+
+
+EDGES = {
+    "bom and crlf": b"\xef\xbb\xbfevent,customer_id\r\nview,c1\r\nbuy,c2\r\n",
+    "no newline at the end": b"event,customer_id\nview,c1\nbuy,c2",
+    "blank lines": b"\n\nevent,customer_id\n\nview,c1\n\r\n\nbuy,c2\n\n",
+    "quoted newlines": b'event,customer_id,note\nview,c1,"a\nb\r\nc"\nbuy,c2,"x"\n',
+    "quote never closed": b'event,customer_id\nview,c1\nbuy,"c2\nview,c3\n',
+    "bad row then quoted lines": b'event,customer_id,n\nview,c1,"x"y\nbuy,c2,"p\nq"\nview,c4,z\n',
+    "bad row ends inside quotes": b'event,customer_id,n\nview,"c1"x,"p\nq,r"\nbuy,c2,z\n',
+    "not utf-8 in a quoted cell": b'event,customer_id,n\nview,c1,"a\xff\nb"\nbuy,c2,ok\n',
+    "not utf-8 header": b"event,\xffcustomer\nview,c1\n",
+    "header alone": b"event,customer_id\r\n",
+    "empty": b"",
+    "a header twice named": b"event,event\nview,view\n",
+    "a 3 MiB cell": b"event,customer_id,n\nview,c1," + b"y" * (3 << 20) + b"\nbuy,c2,z\n",
+}
+
+
+@pytest.mark.parametrize("size", [1, 2, 100])
+@pytest.mark.parametrize("name", list(EDGES))
+def test_odd_files_read_in_blocks_as_row_by_row(tmp_path: Path, name: str, size: int) -> None:
+    """Each file ends in the same rows, errors and failure read either way."""
+    path = tmp_path / "odd.csv"
+    path.write_bytes(EDGES[name])
+
+    def outcome(read: Any) -> tuple[Made, str | None]:
+        """What `read` made of the file before it ended, and how it failed if it did."""
+        made: Made = ([], [])
+        try:
+            read(made)
+        except FileError as exc:
+            return made, str(exc)
+        return made, None
+
+    fields = FieldsConfig(type="event", person="customer_id")
+    (rows, row_errors), row_failure = outcome(
+        lambda made: one_by_one(RowMaker("task", {}, fields), path, made)
+    )
+    (blocks, block_errors), block_failure = outcome(
+        lambda made: in_bulk(RowMaker("task", {}, fields), path, size, made)
+    )
+    assert [(n, raw) for n, raw, _ in rows] == [(n, raw) for n, raw, _ in blocks]
+    assert row_errors == sorted(block_errors, key=lambda error: error.row)
+    assert row_failure == block_failure

@@ -21,11 +21,11 @@ import gzip
 import hashlib
 import io
 import zlib
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Generator, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from decimal import Decimal
-from itertools import compress, repeat
+from itertools import compress, islice, repeat
 from operator import attrgetter, itemgetter
 from pathlib import Path
 from typing import IO, Any, NamedTuple, cast
@@ -103,9 +103,23 @@ def read_csv_blocks(
     """A CSV file's data rows as `read_rows` reads them, but in blocks of up to `size`
     rows of cells, to be made into signals in bulk (`RowMaker.block`); a row csv cannot
     parse is a RowError between two blocks. The checks `read_rows` makes of each row
-    are left to `RowMaker.block`; raises FileError as `read_rows` does."""
-    with _file_faults(), _open(path) as stream:
-        yield from _csv_blocks(stream, size, max_cell)
+    are left to `RowMaker.block`; raises FileError as `read_rows` does.
+
+    csv reads the file's lines straight from the decoder. A row it cannot parse stops
+    that reading: the file is read again from the start with each line watched, as
+    `read_rows` reads it (`_watched_blocks`), and goes on from that row."""
+    with _file_faults():
+        with _open(path) as stream:
+            read = yield from _csv_blocks(stream, size, max_cell)
+        if read is None:
+            return
+        with _open(path) as stream:
+            for item in _watched_blocks(stream, size, max_cell):
+                if isinstance(item, RowError) or item.first > read:
+                    yield item
+                elif item.first + len(item.rows) - 1 > read:
+                    skip = read - item.first + 1
+                    yield item._replace(first=read + 1, rows=item.rows[skip:])
 
 
 @contextmanager
@@ -140,12 +154,27 @@ def _csv_rows(stream: _Stream, max_cell: int) -> Iterator[Row | RowError]:
     with _csv_text(stream) as text:
         lines = _Lines(text)
         reader = csv.reader(lines.feed, strict=True)
-        header = _header(reader, lines)
+        header = _header(reader)
         yield from _csv_records(reader, lines, header, None if csv_limits else max_cell)
 
 
-def _csv_text(stream: _Stream) -> io.TextIOWrapper:
-    return io.TextIOWrapper(stream, encoding="utf-8-sig", errors="surrogateescape", newline="")
+def _csv_text(stream: _Stream, errors: str = "surrogateescape") -> io.TextIOWrapper:
+    """The file's text. Bytes that are not UTF-8 are kept as surrogates."""
+    return io.TextIOWrapper(stream, encoding="utf-8-sig", errors=errors, newline="")
+
+
+_invalid_bytes = [0]  # runs of bytes that are not UTF-8 decoded by _MARK_INVALID, ever
+
+
+def _mark_invalid(error: UnicodeError) -> tuple[str | bytes, int]:
+    """surrogateescape, counting each use in `_invalid_bytes`."""
+    _invalid_bytes[0] += 1
+    return _surrogateescape(error)
+
+
+_surrogateescape = codecs.lookup_error("surrogateescape")
+_MARK_INVALID = "firehosed-csv-invalid"
+codecs.register_error(_MARK_INVALID, _mark_invalid)
 
 
 class CsvBlock(NamedTuple):
@@ -160,14 +189,45 @@ class CsvBlock(NamedTuple):
     max_cell: int | None
 
 
-def _csv_blocks(stream: _Stream, size: int, max_cell: int) -> Iterator[CsvBlock | RowError]:
-    """`_csv_rows`, a block of rows at a time: csv's rows are gathered with no work per
-    row but the blank line's check and the quotes' count an error needs."""
+def _csv_blocks(stream: _Stream, size: int, max_cell: int) -> Generator[CsvBlock, None, int | None]:
+    """Blocks of the file's data rows, csv reading the decoder's lines unwatched; the
+    number of the last row read when csv cannot parse the next (None at the end). A
+    block is `invalid` once any bytes that are not UTF-8 have been decoded since the
+    file was opened (by this reader or another: `_invalid_bytes` counts them all)."""
+    check = None if _allow_cells(max_cell) else max_cell
+    invalid_before = _invalid_bytes[0]
+    with _csv_text(stream, errors=_MARK_INVALID) as text:
+        reader = csv.reader(text, strict=True)
+        header = _header(reader)
+        number = 0  # the last row gone by
+        while True:
+            rows: list[list[str]] = []
+            stopped = False
+            try:
+                rows.extend(islice(reader, size))  # keeps the rows before an error
+            except csv.Error:
+                stopped = True
+            ended = len(rows) < size
+            if [] in rows:  # blank lines
+                rows = [cells for cells in rows if cells]
+            if rows:
+                invalid = _invalid_bytes[0] != invalid_before
+                yield CsvBlock(header, number + 1, rows, invalid, check)
+                number += len(rows)
+            if stopped:
+                return number
+            if ended:
+                return None
+
+
+def _watched_blocks(stream: _Stream, size: int, max_cell: int) -> Iterator[CsvBlock | RowError]:
+    """`_csv_rows`, a block of rows at a time: each line is watched on its way to csv,
+    for the quotes' count a row csv cannot parse needs."""
     check = None if _allow_cells(max_cell) else max_cell
     with _csv_text(stream) as text:
         lines = _Lines(text)
         reader = csv.reader(lines.feed, strict=True)
-        header = _header(reader, lines)
+        header = _header(reader)
         number = 0  # the last row gone by
         while True:
             rows: list[list[str]] = []
@@ -242,7 +302,7 @@ def _is_utf8(text: str) -> bool:
     return True
 
 
-def _header(reader: Iterator[list[str]], lines: _Lines) -> list[str]:
+def _header(reader: Iterator[list[str]]) -> list[str]:
     """The first non-blank row, as column names: each named, none twice."""
     try:
         header = next((cells for cells in reader if cells), None)
@@ -250,7 +310,7 @@ def _header(reader: Iterator[list[str]], lines: _Lines) -> list[str]:
         raise FileError(f"unreadable header row: {exc}") from None
     if header is None:
         raise FileError("empty file: no header row")
-    if lines.invalid:
+    if not _is_utf8("".join(header)):
         raise FileError("the header row is not valid UTF-8")
     seen: set[str] = set()
     for index, name in enumerate(header, 1):
@@ -550,12 +610,14 @@ class RowMaker:
             ]
             rows = [rows[i] for i in positions]
         numbers = list(map(block.first.__add__, positions))
-        made = self._bulk_rows(shape, rows, numbers, file_key, now)
-        if len(made.numbers) == len(block.rows):
+        made, stopped = self._bulk_rows(shape, rows, numbers, file_key, now)
+        others = [number - block.first for number in stopped]
+        if rows is not block.rows:
+            taken = set(positions)
+            others += [i for i in range(len(block.rows)) if i not in taken]
+        if not others:
             return made
-        kept = {number - block.first for number in made.numbers}
-        others = [i for i in range(len(block.rows)) if i not in kept]
-        return _merged(made, self._each(block, others, file_key, now))
+        return _merged(made, self._each(block, sorted(others), file_key, now))
 
     def _bulk_rows(
         self,
@@ -564,11 +626,11 @@ class RowMaker:
         numbers: list[int],
         file_key: str,
         now: float,
-    ) -> Made:
+    ) -> tuple[Made, list[int]]:
         """The signals of `rows` (numbered `numbers`), each with as many cells as the
-        header, but those a check stops: they are neither signals nor errors here."""
+        header; the numbers of the rows a check stopped (neither signals nor errors)."""
         if not rows:
-            return _made()
+            return _made(), []
         count = len(rows)
         columns: list[Sequence[str]] = list(zip(*rows, strict=True))
         nothing: Sequence[str] = list(repeat("", count))
@@ -581,8 +643,11 @@ class RowMaker:
         times = _moments(values["time"], self._now_moment)
         if None in times:
             stopped.update(i for i, moment in enumerate(times) if moment is None)
+        refused = [numbers[i] for i in sorted(stopped)]
         if stopped:
-            keep = [i not in stopped for i in range(count)]
+            keep = [True] * count
+            for i in stopped:
+                keep[i] = False
             columns = [list(compress(column, keep)) for column in columns]
             values = {name: list(compress(column, keep)) for name, column in values.items()}
             times = list(compress(times, keep))
@@ -609,7 +674,7 @@ class RowMaker:
             None,
             True,
         )
-        return Made(envelopes, numbers, [])
+        return Made(envelopes, numbers, []), refused
 
     def _stopped(self, shape: _Bulk, values: dict[str, Sequence[str]]) -> set[int]:
         """The rows (indexes in `values`' columns) a check stops, bar the time's."""
