@@ -18,9 +18,15 @@ from pathlib import Path
 import pytest
 import requests
 from nats.js.errors import APIError
+from structlog.testing import capture_logs
 
-from firehosed.config import JetStreamConfig
+from firehosed.alerts import Alerts
+from firehosed.channels import open_channel
+from firehosed.channels.directory import DirectoryConfig
+from firehosed.config import AlertsConfig, FirehoseConfig, JetStreamConfig
+from firehosed.delivery import Worker
 from firehosed.errors import BatchGone
+from firehosed.firehose import Firehose
 from firehosed.jetstream import cluster as cluster_module
 from firehosed.jetstream.cluster import Cluster, ClusterError
 from firehosed.jetstream.queue import JetStreamBackend
@@ -284,3 +290,62 @@ async def test_a_batch_another_process_retired_meanwhile_is_dropped_and_the_stat
             await leases
         await holder.close()
         await stale.close()
+
+
+async def test_a_worker_drops_a_batch_retired_elsewhere_and_delivers_the_next(
+    tmp_path: Path, nats_cluster: NatsCluster
+) -> None:
+    """The delivery side of the test above: a worker whose batch another process
+    delivered and retired meanwhile logs `batch.gone` and goes on to the next batch,
+    where it had retried the vanished one for ever."""
+    config = JetStreamConfig(servers=nats_cluster.urls, prefix="gone", lease_ttl=Duration(3.0))
+    holder = JetStreamBackend(Cluster(config, "holder"), tmp_path / "holder")
+    stale = JetStreamBackend(Cluster(config, "stale"), tmp_path / "stale")
+    leases = asyncio.create_task(holder.run())
+    out = tmp_path / "out"
+    worker: Worker | None = None
+    running: asyncio.Task[None] | None = None
+    try:
+        queue = await holder.open_queue("fh")
+        queue.configure(FILES, encoder)
+        await commit(queue, range(3))
+        first = await asyncio.wait_for(queue.next_batch(flush=True), 30)
+        assert first is not None
+        await commit(queue, range(3, 5))
+        elsewhere = await stale.open_queue("fh")
+        elsewhere.configure(FILES, encoder)
+        await elsewhere.done(first)  # the stale process delivered batch 1 and retired it
+
+        firehose_config = FirehoseConfig(
+            account="acme", channel="out", format="ndjson", minutes_between_files=0.02
+        )
+        firehose = Firehose("fh", firehose_config, queue, None)
+        channel = open_channel("out", DirectoryConfig(path=str(out)))
+        worker = Worker(firehose, channel, None, Alerts(AlertsConfig()))
+        with capture_logs() as logs:
+            running = asyncio.create_task(worker.run())
+            delivered = await wait_for_files(out, 30)
+        assert [numbers(path.read_bytes()) for path in delivered] == [[3, 4]]
+        gone = [entry for entry in logs if entry["event"] == "batch.gone"]
+        assert [entry["batch"] for entry in gone] == [first.name]
+        assert worker.last_delivery is not None and worker.failing is None
+    finally:
+        if worker is not None and running is not None:
+            worker.stop()
+            await asyncio.wait_for(running, 30)
+        leases.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await leases
+        await holder.close()
+        await stale.close()
+
+
+async def wait_for_files(root: Path, seconds: float) -> list[Path]:
+    """The files under `root` once there are any (polled: the worker writes them)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        files = await asyncio.to_thread(lambda: sorted(p for p in root.rglob("*") if p.is_file()))
+        if files:
+            return files
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"no file under {root} within {seconds} s")
