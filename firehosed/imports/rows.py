@@ -551,7 +551,8 @@ class RowMaker:
         self._now = float("nan")
         self._now_text = ""
         self._now_moment = 0.0
-        self._bulks: dict[tuple[str, ...], _Bulk | None] = {}  # by header
+        # How the rows under the last header met are made in bulk (a file has one).
+        self._bulk_of: tuple[list[str], _Bulk | None] | None = None
 
     def record(
         self, row: dict[str, Any], number: int, file_key: str, now: float
@@ -724,26 +725,24 @@ class RowMaker:
 
     def _bulk(self, header: list[str]) -> _Bulk | None:
         """How rows under `header` are made in bulk; None if they are not."""
-        key = tuple(header)
-        if key in self._bulks:
-            return self._bulks[key]
+        if self._bulk_of is not None and self._bulk_of[0] == header:
+            return self._bulk_of[1]
         index = {name: i for i, name in enumerate(header)}
         fields = {name: index.get(column) for name, column in self._sources.items()}
         payload = [i for i, name in enumerate(header) if name not in self._sources.values()]
         nested = [name for name in ("session", "person") if len(self._paths[name]) > 1]
         try:
-            moves = self._plan(tuple(header[i] for i in payload))
-        except _Fault:  # every row with a value in that column is refused
-            moves = [("", [], "")]
+            nests = bool(self._plan(tuple(header[i] for i in payload)))
+        except _Fault:  # a row with a value in that column is refused: `signal` says why
+            nests = True
         usable = (
-            not moves
+            not nests
             and fields["type"] is not None
             and (fields["session"] is not None or fields["person"] is not None)
             and all(fields[name] is not None for name in nested)
         )
         bulk = _Bulk(header, fields, payload, self._paths, nested) if usable else None
-        if len(self._bulks) < REMEMBERED_SHAPES:
-            self._bulks[key] = bulk
+        self._bulk_of = (header, bulk)
         return bulk
 
     def _envelope(
