@@ -324,11 +324,11 @@ async def test_a_worker_drops_a_batch_retired_elsewhere_and_delivers_the_next(
         worker = Worker(firehose, channel, None, Alerts(AlertsConfig()))
         with capture_logs() as logs:
             running = asyncio.create_task(worker.run())
-            delivered = await wait_for_files(out, 30)
+            delivered = await delivered_files(worker, out, 30)
         assert [numbers(path.read_bytes()) for path in delivered] == [[3, 4]]
         gone = [entry for entry in logs if entry["event"] == "batch.gone"]
         assert [entry["batch"] for entry in gone] == [first.name]
-        assert worker.last_delivery is not None and worker.failing is None
+        assert worker.failing is None
     finally:
         if worker is not None and running is not None:
             worker.stop()
@@ -340,12 +340,11 @@ async def test_a_worker_drops_a_batch_retired_elsewhere_and_delivers_the_next(
         await stale.close()
 
 
-async def wait_for_files(root: Path, seconds: float) -> list[Path]:
-    """The files under `root` once there are any (polled: the worker writes them)."""
+async def delivered_files(worker: Worker, root: Path, seconds: float) -> list[Path]:
+    """The files under `root` once `worker` says it delivered a batch (polled)."""
     deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        files = await asyncio.to_thread(lambda: sorted(p for p in root.rglob("*") if p.is_file()))
-        if files:
-            return files
+    while worker.last_delivery is None:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"nothing delivered within {seconds} s")
         await asyncio.sleep(0.1)
-    raise AssertionError(f"no file under {root} within {seconds} s")
+    return await asyncio.to_thread(lambda: sorted(p for p in root.rglob("*") if p.is_file()))
