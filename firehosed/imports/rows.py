@@ -992,6 +992,8 @@ class _Bulk:
     ) -> list[Any]:
         """The signals of rows with these cells and envelope values, of which those in
         `made_ids` have an id made here and those in `imported` the import's time."""
+        if made_ids is None and imported is None:  # every row brings its id and time
+            return _objects(self._node(False, False), columns, values)
         count = len(values["type"])
         orders = list(
             zip(made_ids or repeat(False, count), imported or repeat(False, count), strict=False)
