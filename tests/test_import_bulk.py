@@ -34,15 +34,9 @@ from firehosed.imports.rows import (
     read_csv_blocks,
     read_rows,
 )
+from tests.test_import_rows import COLUMNS
 
 NOW = 1_700_000_000.0
-COLUMNS = {
-    "type": "event",
-    "id": "event_id",
-    "person": "customer_id",
-    "time": "timestamp",
-    "session": "session_id",
-}
 KINDS = ["view", "purchase", "add to cart", "", "a.b", "123", "k" * 65, "été"]
 IDS = ["", "e-{n}", "i" * 70 + "{n}", "é" * 100 + "{n}", "x" * 300]
 PEOPLE = ["", "c-{n}", "p" * 80, "ü" * 129, "z" * 257]

@@ -12,7 +12,7 @@ import contextlib
 import itertools
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -30,6 +30,7 @@ from firehosed.firehose import Firehose
 from firehosed.jetstream import cluster as cluster_module
 from firehosed.jetstream.cluster import Cluster, ClusterError
 from firehosed.jetstream.queue import JetStreamBackend
+from firehosed.queue.base import Manifest, Queue
 from firehosed.units import Duration
 from tests.daemon import signal_record, wait_until
 from tests.deployment import Deployment
@@ -255,6 +256,36 @@ async def test_setting_up_streams_waits_while_the_cluster_cannot_place_them(
     assert time.monotonic() - started < 5
 
 
+@contextlib.asynccontextmanager
+async def batch_retired_elsewhere(
+    root: Path, cluster: NatsCluster, prefix: str
+) -> AsyncIterator[tuple[Queue, Manifest]]:
+    """A holder's queue with batch 1 (records 0-2) cut and records 3-4 committed after
+    it, and batch 1 then delivered and retired by a second process (`done` asks for no
+    lease), as a process whose cut lease lapsed may do: the queue, and batch 1."""
+    config = JetStreamConfig(servers=cluster.urls, prefix=prefix, lease_ttl=Duration(3.0))
+    holder = JetStreamBackend(Cluster(config, "holder"), root / "holder")
+    stale = JetStreamBackend(Cluster(config, "stale"), root / "stale")
+    leases = asyncio.create_task(holder.run())
+    try:
+        queue = await holder.open_queue("fh")
+        queue.configure(FILES, encoder)
+        await commit(queue, range(3))
+        first = await asyncio.wait_for(queue.next_batch(flush=True), 30)
+        assert first is not None
+        await commit(queue, range(3, 5))
+        elsewhere = await stale.open_queue("fh")
+        elsewhere.configure(FILES, encoder)
+        await elsewhere.done(first)
+        yield queue, first
+    finally:
+        leases.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await leases
+        await holder.close()
+        await stale.close()
+
+
 async def test_a_batch_another_process_retired_meanwhile_is_dropped_and_the_state_read_again(
     tmp_path: Path, nats_cluster: NatsCluster
 ) -> None:
@@ -263,33 +294,12 @@ async def test_a_batch_another_process_retired_meanwhile_is_dropped_and_the_stat
     deleted), after the process that took the lease over read the manifests. The new
     holder drops that batch and reads the state again; it had retried the batch, whose
     bytes were gone, for ever, holding every later record back (seen once in CI)."""
-    config = JetStreamConfig(servers=nats_cluster.urls, prefix="retired", lease_ttl=Duration(3.0))
-    holder = JetStreamBackend(Cluster(config, "holder"), tmp_path / "holder")
-    stale = JetStreamBackend(Cluster(config, "stale"), tmp_path / "stale")
-    leases = asyncio.create_task(holder.run())
-    try:
-        queue = await holder.open_queue("fh")
-        queue.configure(FILES, encoder)
-        await commit(queue, range(3))
-        first = await asyncio.wait_for(queue.next_batch(flush=True), 30)
-        assert first is not None
-        await commit(queue, range(3, 5))
-        # The stale process ends its delivery of batch 1 (`done` asks for no lease).
-        elsewhere = await stale.open_queue("fh")
-        elsewhere.configure(FILES, encoder)
-        await elsewhere.done(first)
-
+    async with batch_retired_elsewhere(tmp_path, nats_cluster, "retired") as (queue, first):
         with pytest.raises(BatchGone):
             await queue.local_file(first, write=True)
         after = await asyncio.wait_for(queue.next_batch(flush=True), 30)
         assert after is not None and after.no == first.no + 1
         assert numbers(await read(queue, after)) == [3, 4]
-    finally:
-        leases.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await leases
-        await holder.close()
-        await stale.close()
 
 
 async def test_a_worker_drops_a_batch_retired_elsewhere_and_delivers_the_next(
@@ -298,24 +308,8 @@ async def test_a_worker_drops_a_batch_retired_elsewhere_and_delivers_the_next(
     """The delivery side of the test above: a worker whose batch another process
     delivered and retired meanwhile logs `batch.gone` and goes on to the next batch,
     where it had retried the vanished one for ever."""
-    config = JetStreamConfig(servers=nats_cluster.urls, prefix="gone", lease_ttl=Duration(3.0))
-    holder = JetStreamBackend(Cluster(config, "holder"), tmp_path / "holder")
-    stale = JetStreamBackend(Cluster(config, "stale"), tmp_path / "stale")
-    leases = asyncio.create_task(holder.run())
     out = tmp_path / "out"
-    worker: Worker | None = None
-    running: asyncio.Task[None] | None = None
-    try:
-        queue = await holder.open_queue("fh")
-        queue.configure(FILES, encoder)
-        await commit(queue, range(3))
-        first = await asyncio.wait_for(queue.next_batch(flush=True), 30)
-        assert first is not None
-        await commit(queue, range(3, 5))
-        elsewhere = await stale.open_queue("fh")
-        elsewhere.configure(FILES, encoder)
-        await elsewhere.done(first)  # the stale process delivered batch 1 and retired it
-
+    async with batch_retired_elsewhere(tmp_path, nats_cluster, "gone") as (queue, first):
         firehose_config = FirehoseConfig(
             account="acme", channel="out", format="ndjson", minutes_between_files=0.02
         )
@@ -324,20 +318,15 @@ async def test_a_worker_drops_a_batch_retired_elsewhere_and_delivers_the_next(
         worker = Worker(firehose, channel, None, Alerts(AlertsConfig()))
         with capture_logs() as logs:
             running = asyncio.create_task(worker.run())
-            delivered = await delivered_files(worker, out, 30)
+            try:
+                delivered = await delivered_files(worker, out, 30)
+            finally:
+                worker.stop()
+                await asyncio.wait_for(running, 30)
         assert [numbers(path.read_bytes()) for path in delivered] == [[3, 4]]
         gone = [entry for entry in logs if entry["event"] == "batch.gone"]
         assert [entry["batch"] for entry in gone] == [first.name]
         assert worker.failing is None
-    finally:
-        if worker is not None and running is not None:
-            worker.stop()
-            await asyncio.wait_for(running, 30)
-        leases.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await leases
-        await holder.close()
-        await stale.close()
 
 
 async def delivered_files(worker: Worker, root: Path, seconds: float) -> list[Path]:

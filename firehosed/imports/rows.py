@@ -934,15 +934,16 @@ def _moments(texts: Sequence[str], imported: float) -> list[float | None]:
     """Each time as unix seconds, as `parse_time` reads it: `imported` for an empty
     one, None for one it refuses."""
     if "" not in texts and max(map(len, texts)) <= MAX_TIME_BYTES:
-        try:
-            moments = list(map(datetime.fromisoformat, texts))
-        except ValueError:
-            pass  # one at a time, below
-        else:
-            if None in set(map(_tzinfo, moments)):
-                moments = [m if m.tzinfo else m.replace(tzinfo=UTC) for m in moments]
-            return list(map(datetime.timestamp, moments))
+        with contextlib.suppress(ValueError):  # else one at a time, below
+            return _timestamps(list(map(datetime.fromisoformat, texts)))
     return [_moment(text, imported) for text in texts]
+
+
+def _timestamps(moments: list[datetime]) -> list[float | None]:
+    """Unix seconds of each; one without an offset is UTC."""
+    if None in set(map(_tzinfo, moments)):
+        moments = [m if m.tzinfo else m.replace(tzinfo=UTC) for m in moments]
+    return list(map(datetime.timestamp, moments))
 
 
 def _moment(text: str, imported: float) -> float | None:
