@@ -169,6 +169,8 @@ async def _connect_cluster(cfg: config.Config) -> int:
 
 
 def _replay(cfg: config.Config, only: list[str] | None) -> int:
+    if cfg.storage.backend == "jetstream":
+        return _replay_jetstream(cfg, only)
     names = replay.dead_firehoses(cfg, only)
     if not names:
         print("nothing to replay: no dead-lettered batches")
@@ -182,25 +184,49 @@ def _replay(cfg: config.Config, only: list[str] | None) -> int:
     return asyncio.run(_replay_online(cfg, names))
 
 
+def _replay_jetstream(cfg: config.Config, only: list[str] | None) -> int:
+    """The dead letters are in the cluster, and each firehose's cutter replays its own:
+    ask the process running here, for every firehose (or those asked for)."""
+    with replay.storage_lock(Path(cfg.storage.dir)) as free:
+        if free:
+            print(
+                "replay: the daemon is not running here; in a JetStream deployment a running"
+                " process replays (the one that cuts the firehose)",
+                file=sys.stderr,
+            )
+            return 1
+    return asyncio.run(_replay_online(cfg, [n for n in cfg.firehoses if not only or n in only]))
+
+
 async def _replay_online(cfg: config.Config, names: list[str]) -> int:
-    """Ask the running daemon, on its admin listener, to replay each firehose."""
+    """Ask the running daemon, on its admin listener, to replay each firehose; 1 when
+    one of them could not be."""
+    failed = False
     async with admin_client.connect(cfg, seconds=None) as admin:
         for name in names:
             async with admin.session.post(admin.url(f"/v1/firehoses/{name}/replay")) as response:
                 if response.status != 200:
                     print(f"replay {name}: FAILED: {response.status} {await response.text()}")
-                    return 1
+                    failed = True
+                    continue
                 lines = [
                     msgspec.json.decode(line) async for line in response.content if line.strip()
                 ]
-                _report(name, lines)
-    return 0
+                failed = _report(name, lines) is not None or failed
+    return 1 if failed else 0
 
 
-def _report(firehose: str, batches: Iterable[dict[str, Any]]) -> None:
-    count = 0
-    for batch in batches:
+def _report(firehose: str, lines: Iterable[dict[str, Any]]) -> str | None:
+    """Print a replay's progress; the error that stopped it, if one did."""
+    count, error = 0, None
+    for line in lines:
+        if "error" in line:
+            error = line["error"]
+            break
         count += 1
-        size = f"{batch['records']} records, {batch['bytes']} bytes"
-        print(f"replay {firehose}: {batch['batch']} ({size})")
+        size = f"{line['records']} records, {line['bytes']} bytes"
+        print(f"replay {firehose}: {line['batch']} ({size})")
     print(f"replay {firehose}: {count} batches back in delivery")
+    if error is not None:
+        print(f"replay {firehose}: FAILED: {error}", file=sys.stderr)
+    return error

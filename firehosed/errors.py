@@ -44,6 +44,11 @@ class BatchGone(Exception):
     it, and the queue reads its state again before the next batch."""
 
 
+class NotHere(FirehosedError):
+    """What an operator asked of a firehose is done by another process of a scaled-out
+    backend (the one holding its cut lease): ask that one."""
+
+
 class DestinationGone(DeliveryError):
     """The destination says it no longer wants deliveries (HTTP 410): the firehose stops."""
 

@@ -56,10 +56,10 @@ class Deployment:
         )
         self.daemons: list[Daemon] = []
 
-    def daemon(self, name: str) -> Daemon:
+    def daemon(self, name: str, extra: str = "") -> Daemon:
         root = self.root / name
         root.mkdir()
-        made = Daemon(root, base=self.base)
+        made = Daemon(root, extra, base=self.base)
         self.daemons.append(made)
         return made
 

@@ -14,9 +14,12 @@ import json
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
+from nats.aio.client import Client
+from nats.js import JetStreamContext
 from nats.js.errors import APIError
 from structlog.testing import capture_logs
 
@@ -25,7 +28,7 @@ from firehosed.channels import open_channel
 from firehosed.channels.directory import DirectoryConfig
 from firehosed.config import AlertsConfig, FirehoseConfig, JetStreamConfig
 from firehosed.delivery import Worker
-from firehosed.errors import BatchGone
+from firehosed.errors import BatchGone, NotHere
 from firehosed.firehose import Firehose
 from firehosed.jetstream import cluster as cluster_module
 from firehosed.jetstream.cluster import Cluster, ClusterError
@@ -35,6 +38,7 @@ from firehosed.units import Duration
 from tests.daemon import signal_record, wait_until
 from tests.deployment import Deployment
 from tests.servers.nats import NatsCluster
+from tests.test_dead_letter import BROKEN
 from tests.test_queue_contract import FILES, commit, encoder, numbers, read
 
 
@@ -97,6 +101,47 @@ def test_catch_up_survives_the_death_of_the_process_that_held_the_ring(
     assert sorted(str(r["signal_id"]["$oid"]) for r in copies) == [  # type: ignore[index]
         f"{n:024x}" for n in range(3)
     ]
+
+
+def test_firehosed_replay_is_answered_by_the_process_that_cuts_the_firehose(
+    tmp_path: Path, deployment: Deployment
+) -> None:
+    """The dead letters are in the cluster, not in the storage dir of the process
+    that made them: `firehosed replay` asks the process running beside it, which
+    replays the firehoses it cuts and says who cuts the others."""
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file where a directory should be: every delivery fails")
+    extra = BROKEN.format(blocker=blocker)
+    first = deployment.daemon("a", extra).start()
+    assert (
+        first.post([signal_record(n, session="s", person="p") for n in range(3)]).status_code == 202
+    )
+    wait_until(lambda: first.events("batch.dead_lettered"), timeout=60)
+    second = deployment.daemon("b", extra).start()
+
+    def settled() -> dict[str, str]:  # (two cutters, one each: a fair share)
+        cutters: dict[str, str] = second.status()["cluster"]["cutters"]
+        return cutters if len(set(cutters.values())) == 2 else {}
+
+    cutter = wait_until(settled, timeout=30)["files"]
+    ids = {(d.root / "var" / "jetstream-id").read_text().strip(): d for d in (first, second)}
+    [(other_id, other)] = [(i, d) for i, d in ids.items() if i != cutter]
+    refused = other.cli("replay")
+    assert refused.returncode == 1
+    assert "replay all: 0 batches back in delivery" in refused.stdout
+    assert (
+        f"replay files: FAILED: firehose files is cut by process {cutter},"
+        f" not by this one ({other_id}): ask that one to replay"
+    ) in refused.stderr
+    blocker.unlink()
+    answered = ids[cutter].cli("replay", "--firehose", "files")
+    assert answered.returncode == 0, answered.stderr
+    assert "replay files: 1 batches back in delivery" in answered.stdout
+    export = blocker / "export"
+    delivered = wait_until(lambda: list(export.rglob("*.ndjson")), timeout=60)
+    assert sorted(
+        json.loads(line)["signal_id"]["$oid"] for line in delivered[0].read_text().splitlines()
+    ) == [f"{n:024x}" for n in range(3)]
 
 
 def test_an_unreachable_cluster_gets_503_never_202_and_delivery_resumes(
@@ -257,15 +302,15 @@ async def test_setting_up_streams_waits_while_the_cluster_cannot_place_them(
 
 
 @contextlib.asynccontextmanager
-async def batch_retired_elsewhere(
+async def holder_and_other(
     root: Path, cluster: NatsCluster, prefix: str
-) -> AsyncIterator[tuple[Queue, Manifest]]:
-    """A holder's queue with batch 1 (records 0-2) cut and records 3-4 committed after
-    it, and batch 1 then delivered and retired by a second process (`done` asks for no
-    lease), as a process whose cut lease lapsed may do: the queue, and batch 1."""
+) -> AsyncIterator[tuple[Queue, Manifest, JetStreamBackend]]:
+    """Two processes of one deployment: "holder", whose leases run, has cut batch 1
+    (records 0-2) of firehose fh; "other" has not run its leases. Holder's queue,
+    batch 1, and other's backend."""
     config = JetStreamConfig(servers=cluster.urls, prefix=prefix, lease_ttl=Duration(3.0))
     holder = JetStreamBackend(Cluster(config, "holder"), root / "holder")
-    stale = JetStreamBackend(Cluster(config, "stale"), root / "stale")
+    other = JetStreamBackend(Cluster(config, "other"), root / "other")
     leases = asyncio.create_task(holder.run())
     try:
         queue = await holder.open_queue("fh")
@@ -273,17 +318,28 @@ async def batch_retired_elsewhere(
         await commit(queue, range(3))
         first = await asyncio.wait_for(queue.next_batch(flush=True), 30)
         assert first is not None
-        await commit(queue, range(3, 5))
-        elsewhere = await stale.open_queue("fh")
-        elsewhere.configure(FILES, encoder)
-        await elsewhere.done(first)
-        yield queue, first
+        yield queue, first, other
     finally:
         leases.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await leases
         await holder.close()
-        await stale.close()
+        await other.close()
+
+
+@contextlib.asynccontextmanager
+async def batch_retired_elsewhere(
+    root: Path, cluster: NatsCluster, prefix: str
+) -> AsyncIterator[tuple[Queue, Manifest]]:
+    """The holder's queue with records 3-4 committed after batch 1, and batch 1 then
+    delivered and retired by the other process (`done` asks for no lease), as a
+    process whose cut lease lapsed may do: the queue, and batch 1."""
+    async with holder_and_other(root, cluster, prefix) as (queue, first, other):
+        await commit(queue, range(3, 5))
+        elsewhere = await other.open_queue("fh")
+        elsewhere.configure(FILES, encoder)
+        await elsewhere.done(first)
+        yield queue, first
 
 
 async def test_a_batch_another_process_retired_meanwhile_is_dropped_and_the_state_read_again(
@@ -337,3 +393,105 @@ async def delivered_files(worker: Worker, root: Path, seconds: float) -> list[Pa
             raise AssertionError(f"nothing delivered within {seconds} s")
         await asyncio.sleep(0.1)
     return await asyncio.to_thread(lambda: sorted(p for p in root.rglob("*") if p.is_file()))
+
+
+@contextlib.contextmanager
+def watch_answered_before_its_entries() -> Iterator[list[bytes]]:
+    """Make certain what a busy client or cluster does now and then: a KV watch's
+    consumer is asked what it has pending only once the server has sent it the entries
+    (so: nothing), and the client reads those entries only after that answer. Yields
+    the subjects so held back."""
+    process = Client._process_msg
+    info = JetStreamContext.PushSubscription.consumer_info
+    sent, answered = asyncio.Event(), asyncio.Event()
+    held: list[tuple[Any, ...]] = []
+    subjects: list[bytes] = []
+    drains: list[asyncio.Task[None]] = []
+
+    async def drain() -> None:
+        await answered.wait()
+        while held:  # (in order: the watch's ordered consumer checks it)
+            await process(*held.pop(0))
+
+    async def process_msg(client: Client, sid: int, subject: bytes, *rest: Any) -> None:
+        if subject.startswith(b"$KV.") and (held or not answered.is_set()):
+            held.append((client, sid, subject, *rest))
+            subjects.append(subject)
+            sent.set()
+            if not drains or drains[-1].done():
+                drains.append(asyncio.ensure_future(drain()))
+            return
+        await process(client, sid, subject, *rest)
+
+    async def consumer_info(subscription: Any) -> Any:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(sent.wait(), 2)
+        try:
+            return await info(subscription)
+        finally:
+            answered.set()
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Client, "_process_msg", process_msg)
+        patch.setattr(JetStreamContext.PushSubscription, "consumer_info", consumer_info)
+        yield subjects
+
+
+async def test_a_key_listing_waits_for_entries_still_on_their_way_when_the_watch_began(
+    nats_cluster: NatsCluster,
+) -> None:
+    """nats-py marks a new watch "up to date" before its entries when its consumer had
+    sent them all by the time nats-py asked it what was pending. Trusting that marker,
+    a cutter that took a firehose over could start without the batches already cut, and
+    a replay found no dead-lettered batch (seen once in CI)."""
+    config = JetStreamConfig(servers=nats_cluster.urls, prefix="listing")
+    cluster = Cluster(config, "lister")
+    await cluster.connect()
+    try:
+        state = cluster.names.state
+        for key in ("fh.d.1", "fh.d.2", "fh.d.3", "fh.m.4", "other.d.1"):
+            await cluster.state.put(key, key.encode())
+        await cluster.state.delete("fh.d.2")
+        with watch_answered_before_its_entries() as held:
+            found = await cluster.entries(state, "fh.d.*")
+        assert held  # (the entries did come after the answer)
+        assert sorted((e.key, e.value) for e in found) == [
+            ("fh.d.1", b"fh.d.1"),
+            ("fh.d.3", b"fh.d.3"),
+        ]
+        with watch_answered_before_its_entries():
+            assert await cluster.entries(state, "none.d.*") == []
+        await cluster.state.delete("fh.d.1")
+        await cluster.state.delete("fh.d.3")
+        assert await cluster.entries(state, "fh.d.*") == []
+    finally:
+        await cluster.close()
+
+
+async def test_replay_asked_of_a_process_that_does_not_cut_the_firehose_says_which_does(
+    tmp_path: Path, nats_cluster: NatsCluster
+) -> None:
+    """A firehose's dead letters are replayed by its cutter. Another process waits one
+    lease TTL for the lease, then says who holds it; it had waited for ever (a worker's
+    replay) or replayed nothing and said nothing (a queue interrupted meanwhile)."""
+    async with holder_and_other(tmp_path, nats_cluster, "replayhere") as (queue, batch, other):
+        await queue.dead_letter(batch)
+        leases = asyncio.create_task(other.run())
+        try:
+            elsewhere = await other.open_queue("fh")
+            elsewhere.configure(FILES, encoder)
+            started = time.monotonic()
+            with pytest.raises(NotHere, match=r"cut by process holder, not by this one \(other\)"):
+                await asyncio.wait_for(replayed(elsewhere), 30)
+            assert time.monotonic() - started < 6  # (one lease TTL, 3 s, and a little)
+        finally:
+            leases.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await leases
+        assert [b.records for b in await asyncio.wait_for(replayed(queue), 30)] == [3]
+        again = await asyncio.wait_for(queue.next_batch(flush=True), 30)
+        assert again is not None and numbers(await read(queue, again)) == [0, 1, 2]
+
+
+async def replayed(queue: Queue) -> list[Manifest]:
+    return [batch async for batch in queue.replay()]

@@ -217,6 +217,17 @@ async def test_a_dead_letter_leaves_delivery_and_replay_brings_the_same_bytes(
     assert again is not None and await read(queue, again) == data
 
 
+async def test_two_queues_given_the_same_records_each_keep_them(harness: Harness) -> None:
+    """Two firehoses of one account in one format are given the same bytes (JetStream's
+    duplicate window, over the whole stream, had dropped the second firehose's)."""
+    first, second = await harness.open("a"), await harness.open("b")
+    await commit(first, range(3))
+    await commit(second, range(3))
+    for queue in (first, second):
+        batch = await queue.next_batch(flush=True)
+        assert batch is not None and numbers(await read(queue, batch)) == [0, 1, 2]
+
+
 async def test_a_failed_commit_raises_for_every_request_in_it_and_keeps_nothing(
     harness: Harness, monkeypatch: pytest.MonkeyPatch
 ) -> None:

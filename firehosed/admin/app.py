@@ -23,6 +23,7 @@ from aiohttp import web
 from firehosed import metrics, replay
 from firehosed.admin import page, tail
 from firehosed.admin.history import History
+from firehosed.errors import FirehosedError
 from firehosed.ingest import auth
 from firehosed.ingest.app import RETRY_AFTER
 from firehosed.ingest.routes import Routes, answer, get
@@ -160,10 +161,21 @@ async def post_replay(api: AdminApi, request: web.BaseRequest, name: str) -> web
         return answer(404, {"error": "no running firehose of that name"})
     response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
     await response.prepare(request)
-    async for manifest in batches:
-        await response.write(msgspec.json.encode(replay.progress(manifest)) + b"\n")
+    async for line in _replayed(batches):
+        await response.write(msgspec.json.encode(line) + b"\n")
     await response.write_eof()
     return response
+
+
+async def _replayed(batches: AsyncIterator[Manifest]) -> AsyncIterator[dict[str, Any]]:
+    """A replay's progress lines: one per batch back in delivery, then an `error` line
+    if it cannot go on (another process cuts the firehose; it is stopping)."""
+    try:
+        async for manifest in batches:
+            yield replay.progress(manifest)
+    except FirehosedError as exc:
+        log.warning("replay.refused", error=str(exc))
+        yield {"error": str(exc)}
 
 
 async def get_import_run(api: AdminApi, request: web.BaseRequest, name: str) -> web.Response:
@@ -208,9 +220,8 @@ async def post_replay_all(api: AdminApi, request: web.BaseRequest, name: str) ->
     await response.prepare(request)
     for firehose, batches in replays:
         assert batches is not None
-        async for manifest in batches:
-            line = {"firehose": firehose, **replay.progress(manifest)}
-            await response.write(msgspec.json.encode(line) + b"\n")
+        async for line in _replayed(batches):
+            await response.write(msgspec.json.encode({"firehose": firehose, **line}) + b"\n")
     await response.write_eof()
     return response
 

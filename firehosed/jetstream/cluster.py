@@ -127,6 +127,7 @@ class Cluster:
         self.leases_kv: KeyValue | None = None
         self.state_kv: KeyValue | None = None
         self.objects: Any = None
+        self._buckets: dict[str, KeyValue] = {}
         self.connected = asyncio.Event()
         self._closing = False
 
@@ -249,6 +250,7 @@ class Cluster:
             self.objects = await js.create_object_store(
                 names.batches, ObjectStoreConfig(replicas=replicas)
             )
+            self._buckets = {names.leases: self.leases_kv, names.state: self.state_kv}
         except APIError:
             raise  # (`_ensure` tells the cluster not being ready from the rest)
         except nats.errors.Error as exc:
@@ -273,6 +275,46 @@ class Cluster:
                 f"stream {name} has {info.config.num_replicas} replicas, the config says"
                 f" {self.config.replicas}: change one of them"
             )
+
+    async def entries(self, bucket: str, pattern: str) -> list[KeyValue.Entry]:
+        """The live entries of `bucket` whose keys match the subject pattern `pattern`.
+
+        A watch reads them (nats-py's `keys(filters=...)` matches substrings, not
+        patterns); the entry with nothing pending after it is the last. nats-py's own
+        "up to date" marker (None) is not trusted: it comes first when the watch's
+        consumer had nothing pending as nats-py asked, though the entries the server had
+        sent by then may still be on their way. When it comes, or the watch is quiet for
+        the timeout, the watch is done only if it has seen every key the stream stores
+        (one may have aged out of a bucket with a TTL before it was sent).
+        """
+        watcher = await self._buckets[bucket].watch(pattern)
+        found: dict[str, KeyValue.Entry] = {}
+        seen: set[str] = set()
+        try:
+            while True:
+                try:
+                    entry = await watcher.updates(timeout=self.config.timeout)  # type: ignore[no-untyped-call]
+                except nats.errors.TimeoutError:
+                    entry = None
+                if entry is None:
+                    if await self._stored(bucket, pattern) <= seen:
+                        return list(found.values())
+                    continue
+                seen.add(entry.key)
+                if entry.operation is None:
+                    found[entry.key] = entry
+                else:  # (deleted or purged: its marker is what the stream stores)
+                    found.pop(entry.key, None)
+                if not entry.delta:
+                    return list(found.values())
+        finally:
+            await watcher.stop()  # type: ignore[no-untyped-call]
+
+    async def _stored(self, bucket: str, pattern: str) -> set[str]:
+        """The keys of `bucket` matching `pattern` its stream stores a message for."""
+        prefix = f"$KV.{bucket}."
+        stream = await self.js.stream_info(f"KV_{bucket}", subjects_filter=prefix + pattern)
+        return {subject.removeprefix(prefix) for subject in stream.state.subjects or ()}
 
     async def close(self) -> None:
         self._closing = True
@@ -389,7 +431,8 @@ class Leases:
         """Say this process is alive; read who holds what (members among them)."""
         kv, me = self.cluster.leases, self.cluster.me
         await kv.put(f"member.{me}", me.encode())
-        self.holders = {e.key: (e.value or b"").decode() for e in await entries(kv, ">")}
+        found = await self.cluster.entries(self.cluster.names.leases, ">")
+        self.holders = {e.key: (e.value or b"").decode() for e in found}
         self.members = max(1, sum(1 for key in self.holders if key.startswith("member.")))
 
     def status(self) -> dict[str, Any]:
@@ -451,21 +494,3 @@ class Leases:
                     await self._give_up(lease)
         with contextlib.suppress(nats.errors.Error):
             await self.cluster.leases.delete(f"member.{self.cluster.me}")
-
-
-async def entries(kv: KeyValue, pattern: str) -> list[KeyValue.Entry]:
-    """The live entries of `kv` whose keys match the subject pattern `pattern`.
-
-    (nats-py's `keys(filters=...)` matches substrings, not patterns: a watch does.)
-    """
-    watcher = await kv.watch(pattern, ignore_deletes=True)
-    found: list[KeyValue.Entry] = []
-    try:
-        async for entry in watcher:
-            if entry is None:  # the end of what is stored now
-                break
-            if entry.value is not None and entry.operation is None:
-                found.append(entry)
-    finally:
-        await watcher.stop()  # type: ignore[no-untyped-call]
-    return found

@@ -38,10 +38,10 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 
 from firehosed import metrics
-from firehosed.errors import BatchGone, StorageError
+from firehosed.errors import BatchGone, FirehosedError, NotHere, StorageError
 from firehosed.faults import fail_point
 from firehosed.fileio import write_durably
-from firehosed.jetstream.cluster import Cluster, Lease, Leases, background, entries
+from firehosed.jetstream.cluster import Cluster, Lease, Leases, background
 from firehosed.queue.base import CutRules, Encoded, Encoder, Manifest, QueueFigures
 from firehosed.queue.frames import Framed, Unsealed, scan
 from firehosed.record import BLOCKS, Joined, Rows, decoder
@@ -87,10 +87,16 @@ def payload_of(framed: Framed) -> bytes:
     return bytes(framed.sealed()) if isinstance(framed, Unsealed) else bytes(framed)
 
 
-def message_id(payload: bytes) -> str:
-    """The payload's digest: the same routed records published twice (a partition
-    routed again after a takeover) are stored once within the duplicate window."""
-    return hashlib.blake2b(payload, digest_size=16).hexdigest()
+def message_id(subject: str, payload: bytes) -> str:
+    """The digest of the payload and its subject: the same records routed to a firehose
+    twice (a partition routed again after a takeover) are stored once within the
+    duplicate window. The window is the stream's, over every firehose's subject, and two
+    firehoses of one account in one format are sent the same bytes: without the subject,
+    the second firehose's copy was taken for a duplicate and dropped."""
+    digest = hashlib.blake2b(subject.encode(), digest_size=16)
+    digest.update(b"\0")
+    digest.update(payload)
+    return digest.hexdigest()
 
 
 def add_records(rows: Rows, data: bytes, skip: int = 0, stop: int = -1) -> int:
@@ -167,7 +173,7 @@ class JetStreamQueue:
 
     def append(self, framed: Framed, records: int) -> Publish:
         payload = payload_of(framed)
-        headers = {"Nats-Msg-Id": message_id(payload), RECORDS: str(records)}
+        headers = {"Nats-Msg-Id": message_id(self._subject, payload), RECORDS: str(records)}
         task = asyncio.ensure_future(publish(self._cluster, self._subject, payload, headers))
         return Publish(task)
 
@@ -191,16 +197,34 @@ class JetStreamQueue:
                 await self._wait_for(asyncio.ensure_future(self._lease.held.wait()))
         return False
 
+    async def _own_for(self, what: str) -> None:
+        """Hold the cut lease and this queue's state for an operator's `what`, waiting
+        for them one lease TTL at most (a restarted process takes its own lease back in
+        its first round); NotHere when another process holds the lease."""
+        try:
+            owned = await asyncio.wait_for(self._owned(), self._cluster.config.lease_ttl)
+        except TimeoutError:
+            holder = self._backend.leases.holders.get(self._lease.key)
+            by = f"process {holder}" if holder else "no process yet"
+            raise NotHere(
+                f"firehose {self.name} is cut by {by}, not by this one ({self._cluster.me}):"
+                f" ask that one to {what}"
+            ) from None
+        if not owned:
+            raise FirehosedError(f"firehose {self.name} is stopping or reloading: ask again")
+
     async def _wait_for(self, future: asyncio.Future[Any]) -> None:
         news = asyncio.ensure_future(self._news.wait())
-        await asyncio.wait({future, news}, return_when=asyncio.FIRST_COMPLETED)
-        news.cancel()
+        try:
+            await asyncio.wait({future, news}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            news.cancel()
         self._news.clear()
 
     async def _load(self) -> None:
         """Read the manifests and cursor, and follow the subject from the cursor."""
         state = self._cluster.state
-        found = await entries(state, f"{self.name}.m.*")
+        found = await self._cluster.entries(self._cluster.names.state, f"{self.name}.m.*")
         batches = sorted(
             (msgspec.json.decode(e.value or b"", type=Manifest) for e in found),
             key=lambda m: m.no,
@@ -614,9 +638,8 @@ class JetStreamQueue:
 
     async def replay(self) -> AsyncIterator[Manifest]:
         state, objects = self._cluster.state, self._cluster.objects
-        if not await self._owned():
-            return
-        found = await entries(state, f"{self.name}.d.*")
+        await self._own_for("replay")
+        found = await self._cluster.entries(self._cluster.names.state, f"{self.name}.d.*")
         for entry in sorted(found, key=lambda e: _number(e.key)):
             key = entry.key
             old = msgspec.json.decode(entry.value or b"", type=Manifest)

@@ -184,7 +184,8 @@ class Queue(Protocol):
         """Move a batch to the dead-letter store; the file holding its bytes there."""
 
     def replay(self) -> AsyncIterator[Manifest]:
-        """Take the dead-lettered batches back into delivery, oldest first."""
+        """Take the dead-lettered batches back into delivery, oldest first; raises
+        NotHere when another process of a scaled-out backend cuts this firehose."""
 
     def figures(self, now: float) -> QueueFigures:
         """What the queue holds."""
