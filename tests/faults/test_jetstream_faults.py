@@ -1,10 +1,13 @@
 """Scale-out faults: firehosed processes and NATS servers killed under load.
 
-Two `firehosed run` processes share a real three-server JetStream cluster (R3) and one
-export directory; four threads post to them in turn. Each scenario counts from the
-client's side: `lost` is acknowledged ids never delivered (must be 0); `duplicates`
-is ids delivered in more than one file (a batch sent again after a takeover keeps its
-name and bytes, so it overwrites itself and is not counted).
+Two `firehosed run` processes share a real three-server JetStream cluster (R3); four
+threads post to them in turn. Two firehoses of the account take the same records in
+the same format, each into an export directory of its own (so the processes share
+two cutters, and the QUEUES stream is sent the same bytes on two subjects). Each
+scenario counts from the client's side, over both firehoses: `lost` is acknowledged
+ids never delivered (must be 0); `duplicates` is ids delivered in more than one file
+(a batch sent again after a takeover keeps its name and bytes, so it overwrites
+itself and is not counted).
 
 Short form: 3 process kills, one server kill, one cluster restart. Full form
 (`tests/faults/run --full`): 20 process kills and 5 server kills.
@@ -26,9 +29,9 @@ from tests.load import Load
 from tests.servers.nats import NatsCluster
 
 
-def delivered(deployment: Deployment) -> Counter[str]:
-    """How many files each id was delivered in."""
-    return deployment.delivered_ids()
+def delivered(deployment: Deployment) -> list[Counter[str]]:
+    """How many files each id was delivered in, per firehose."""
+    return [deployment.delivered_ids(export) for export in deployment.exports]
 
 
 def settle(
@@ -36,15 +39,16 @@ def settle(
 ) -> None:
     """Wait for every acknowledged id, stop the daemons, report; none may be lost."""
     acked = set(load.acked)
-    wait_until(lambda: acked <= delivered(deployment).keys(), timeout=180)
+    wait_until(lambda: all(acked <= got.keys() for got in delivered(deployment)), timeout=180)
     for daemon in daemons:
         assert daemon.stop(timeout=120) == 0
-    got = delivered(deployment)
-    lost = len(acked - got.keys())
-    duplicates = sum(count - 1 for count in got.values() if count > 1)
+    each = delivered(deployment)
+    lost = sum(len(acked - got.keys()) for got in each)
+    duplicates = sum(count - 1 for got in each for count in got.values() if count > 1)
     report(
         scenario,
         **figures,
+        firehoses=len(each),
         acked=len(acked),
         lost=lost,
         duplicates=duplicates,
@@ -58,7 +62,7 @@ def test_kill_9_one_of_two_processes_again_and_again(
     tmp_path: Path, own_nats_cluster: NatsCluster
 ) -> None:
     kills, interval = (20, (2.0, 8.0)) if full() else (3, (1.0, 3.0))
-    deployment = Deployment(tmp_path, own_nats_cluster)
+    deployment = Deployment(tmp_path, own_nats_cluster, copy=True)
     try:
         daemons = [deployment.daemon("a").start(), deployment.daemon("b").start()]
         rng = random.Random(20261205)
@@ -82,7 +86,7 @@ def test_kill_9_one_nats_server_of_three_under_load(
     tmp_path: Path, own_nats_cluster: NatsCluster
 ) -> None:
     kills = 5 if full() else 1
-    deployment = Deployment(tmp_path, own_nats_cluster)
+    deployment = Deployment(tmp_path, own_nats_cluster, copy=True)
     try:
         daemons = [deployment.daemon("a").start(), deployment.daemon("b").start()]
         rng = random.Random(5)
@@ -104,7 +108,7 @@ def test_kill_9_one_nats_server_of_three_under_load(
 def test_restart_the_whole_cluster_under_load(
     tmp_path: Path, own_nats_cluster: NatsCluster
 ) -> None:
-    deployment = Deployment(tmp_path, own_nats_cluster)
+    deployment = Deployment(tmp_path, own_nats_cluster, copy=True)
     try:
         daemons = [deployment.daemon("a").start(), deployment.daemon("b").start()]
         with Load(daemons, threads=4, per_request=10) as load:
