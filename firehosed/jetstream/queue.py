@@ -224,11 +224,8 @@ class JetStreamQueue:
     async def _load(self) -> None:
         """Read the manifests and cursor, and follow the subject from the cursor."""
         state = self._cluster.state
-        found = await self._cluster.entries(self._cluster.names.state, f"{self.name}.m.*")
-        batches = sorted(
-            (msgspec.json.decode(e.value or b"", type=Manifest) for e in found),
-            key=lambda m: m.no,
-        )
+        batches = await self._manifests("m")
+        self._dead_bytes = sum(m.size for m in await self._manifests("d"))
         cursor: Manifest | None = None
         self._cursor_revision = 0
         with contextlib.suppress(KeyNotFoundError):
@@ -248,6 +245,12 @@ class JetStreamQueue:
             batches=len(batches),
             next=self._next[0],
         )
+
+    async def _manifests(self, kind: str) -> list[Manifest]:
+        """The batches cut ("m") or dead-lettered ("d"), in their order."""
+        found = await self._cluster.entries(self._cluster.names.state, f"{self.name}.{kind}.*")
+        manifests = (msgspec.json.decode(e.value or b"", type=Manifest) for e in found)
+        return sorted(manifests, key=lambda m: m.no)
 
     async def _follow(self, start: int) -> None:
         """Subscribe to the headers of the subject's messages from `start` on."""
@@ -639,10 +642,7 @@ class JetStreamQueue:
     async def replay(self) -> AsyncIterator[Manifest]:
         state, objects = self._cluster.state, self._cluster.objects
         await self._own_for("replay")
-        found = await self._cluster.entries(self._cluster.names.state, f"{self.name}.d.*")
-        for entry in sorted(found, key=lambda e: _number(e.key)):
-            key = entry.key
-            old = msgspec.json.decode(entry.value or b"", type=Manifest)
+        for old in await self._manifests("d"):
             last = self._last
             new = msgspec.structs.replace(
                 old,
@@ -657,7 +657,7 @@ class JetStreamQueue:
                 data = (await objects.get(self._object(old.no))).data or b""
                 await objects.put(self._object(new.no), data)
             await state.create(f"{self.name}.m.{new.no}", msgspec.json.encode(new))
-            await state.delete(key)
+            await state.delete(f"{self.name}.d.{old.no}")
             if old.data is None:
                 with contextlib.suppress(nats.js.errors.ObjectNotFoundError):
                     await objects.delete(self._object(old.no))
@@ -709,10 +709,6 @@ def _spool(path: Path, data: bytes) -> None:
 def _move(source: Path, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     source.replace(target)
-
-
-def _number(key: str) -> int:
-    return int(key.rsplit(".", 1)[1])
 
 
 async def _unsubscribe(subscription: Any) -> None:
