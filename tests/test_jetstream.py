@@ -112,7 +112,11 @@ def test_firehosed_replay_is_answered_by_the_process_that_cuts_the_firehose(
     blocker = tmp_path / "blocker"
     blocker.write_text("a file where a directory should be: every delivery fails")
     extra = BROKEN.format(blocker=blocker)
-    first = deployment.daemon("a", extra).start()
+    first = deployment.daemon("a", extra)
+    alone = first.cli("replay")  # (not running: no process here to ask)
+    assert alone.returncode == 1
+    assert "in a JetStream deployment a running process replays" in alone.stderr
+    first.start()
     assert (
         first.post([signal_record(n, session="s", person="p") for n in range(3)]).status_code == 202
     )
