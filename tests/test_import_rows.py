@@ -7,6 +7,7 @@ account's EnvelopeReader, the way the pipeline reads an HTTP POST.
 from __future__ import annotations
 
 import csv
+import gc
 import gzip
 import json
 import re
@@ -21,7 +22,14 @@ import pytest
 
 from firehosed.config import FieldsConfig
 from firehosed.envelope import EnvelopeReader
-from firehosed.imports.rows import FileError, RowError, RowMaker, columns_problem, read_rows
+from firehosed.imports.rows import (
+    REMEMBERED_CHARS,
+    FileError,
+    RowError,
+    RowMaker,
+    columns_problem,
+    read_rows,
+)
 
 MiB = 1 << 20
 NOW = 1_700_000_000.0  # 2023-11-14T22:13:20Z
@@ -446,6 +454,26 @@ def test_a_row_becomes_a_signal_at_the_accounts_field_paths() -> None:
         "cart": {"total": "9.5", "items": {"0": "x"}},
         "name": "Ann",
     }
+
+
+def test_what_a_maker_remembers_of_long_column_names_is_bounded_in_bytes() -> None:
+    """Column names are remembered as checked, and a cell (a CSV header's, a JSON key)
+    may be a MiB long: 40 rows each with a 1 MiB column name of its own keep at most
+    REMEMBERED_CHARS of them (they kept 40 MiB twice over: as plain columns and as row
+    shapes), and each row is still made."""
+    maker = RowMaker("task", COLUMNS, FieldsConfig())
+    base = {"event": "view", "event_id": "e1", "customer_id": "c1", "session_id": "s1"}
+    tracemalloc.start()
+    try:
+        before = tracemalloc.take_snapshot()
+        for n in range(40):
+            made = signal(maker, {**base, f"{n:04d}".ljust(1 << 20, "x"): "v"})
+            assert made[f"{n:04d}".ljust(1 << 20, "x")] == "v"
+        gc.collect()
+        kept = tracemalloc.take_snapshot().compare_to(before, "filename")
+    finally:
+        tracemalloc.stop()
+    assert sum(stat.size_diff for stat in kept) < 3 * REMEMBERED_CHARS
 
 
 def test_unmapped_fields_are_read_from_columns_of_their_own_name() -> None:

@@ -20,7 +20,7 @@ import pytest
 import requests
 from nats.aio.client import Client
 from nats.js import JetStreamContext
-from nats.js.errors import APIError
+from nats.js.errors import APIError, ObjectNotFoundError
 from structlog.testing import capture_logs
 
 from firehosed.alerts import Alerts
@@ -112,7 +112,11 @@ def test_firehosed_replay_is_answered_by_the_process_that_cuts_the_firehose(
     blocker = tmp_path / "blocker"
     blocker.write_text("a file where a directory should be: every delivery fails")
     extra = BROKEN.format(blocker=blocker)
-    first = deployment.daemon("a", extra).start()
+    first = deployment.daemon("a", extra)
+    alone = first.cli("replay")  # (not running: no process here to ask)
+    assert alone.returncode == 1
+    assert "in a JetStream deployment a running process replays" in alone.stderr
+    first.start()
     assert (
         first.post([signal_record(n, session="s", person="p") for n in range(3)]).status_code == 202
     )
@@ -495,3 +499,78 @@ async def test_replay_asked_of_a_process_that_does_not_cut_the_firehose_says_whi
 
 async def replayed(queue: Queue) -> list[Manifest]:
     return [batch async for batch in queue.replay()]
+
+
+async def test_a_cutter_that_lost_its_lease_mid_cut_leaves_the_new_cutters_bytes_alone(
+    tmp_path: Path, nats_cluster: NatsCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The holder of fh's cut lease has read and encoded batch 1 (records 0-2) when it
+    gives the lease up (a process joined: fair shares); the new holder cuts its own
+    batch 1 (records 0-4) and fixes it first. The old holder's bytes, put before its
+    manifest is refused, had replaced the new holder's under the same name: batch 1
+    was then delivered as records 0-2, and 3-4 were lost (the full fault form, with two
+    firehoses, saw 716 records lost so)."""
+    config = JetStreamConfig(servers=nats_cluster.urls, prefix="midcut", lease_ttl=Duration(3.0))
+    old = JetStreamBackend(Cluster(config, "old"), tmp_path / "old")
+    new = JetStreamBackend(Cluster(config, "new"), tmp_path / "new")
+    leases = [asyncio.create_task(old.run())]
+    try:
+        stale = await old.open_queue("fh")
+        stale.configure(FILES, encoder)
+        refused: list[Manifest] = []
+        holding, fixed, go_on = asyncio.Event(), asyncio.Event(), asyncio.Event()
+        fix = stale._fix  # type: ignore[attr-defined]
+
+        async def held_fix(manifest: Manifest, data: bytes) -> bool:
+            holding.set()
+            await go_on.wait()
+            try:
+                kept: bool = await fix(manifest, data)
+                if not kept:
+                    refused.append(manifest)
+                return kept
+            finally:
+                fixed.set()
+
+        monkeypatch.setattr(stale, "_fix", held_fix)
+        await commit(stale, range(3))
+        cutting = asyncio.create_task(stale.next_batch(flush=True))
+        await asyncio.wait_for(holding.wait(), 30)
+        await commit(stale, range(3, 5))
+        leases[0].cancel()
+        await asyncio.gather(leases[0], return_exceptions=True)
+        await old.leases.release_all()
+        leases.append(asyncio.create_task(new.run()))
+        queue = await new.open_queue("fh")
+        queue.configure(FILES, encoder)
+        batch = await asyncio.wait_for(queue.next_batch(flush=True), 30)
+        assert batch is not None and batch.no == 1 and batch.records == 5
+        go_on.set()
+        await asyncio.wait_for(fixed.wait(), 30)
+        assert [m.no for m in refused] == [1]  # (the old holder's cut was refused)
+        cutting.cancel()
+        assert numbers(await read(queue, batch)) == [0, 1, 2, 3, 4]
+        with pytest.raises(ObjectNotFoundError):  # (its bytes did not stay behind)
+            await new.cluster.objects.get(f"fh/1-{refused[0].id}")
+    finally:
+        for task in leases:
+            task.cancel()
+        await asyncio.gather(*leases, return_exceptions=True)
+        await old.close()
+        await new.close()
+
+
+async def test_bytes_a_version_before_named_by_batch_number_alone_are_read_and_removed(
+    tmp_path: Path, nats_cluster: NatsCluster
+) -> None:
+    """A deployment upgraded with batches cut: their bytes are under `<firehose>/<no>`."""
+    async with holder_and_other(tmp_path, nats_cluster, "legacy") as (queue, first, other):
+        await other.connect()
+        objects = other.cluster.objects
+        data = (await objects.get(f"fh/1-{first.id}")).data
+        await objects.put("fh/1", data)
+        await objects.delete(f"fh/1-{first.id}")
+        assert data and await read(queue, first) == data
+        await queue.done(first)
+        with pytest.raises(ObjectNotFoundError):
+            await objects.get("fh/1")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 
@@ -211,6 +212,7 @@ async def test_a_dead_letter_leaves_delivery_and_replay_brings_the_same_bytes(
     await harness.crash()
     queue = await harness.open()
     assert await queue.next_batch(flush=True) is None  # still dead after a restart
+    assert queue.figures(time.time()).dead_bytes >= len(data)  # and counted as such
     replayed = [b async for b in queue.replay()]
     assert [b.name for b in replayed] == [batch.name]
     again = await queue.next_batch(flush=True)

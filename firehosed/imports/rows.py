@@ -61,9 +61,12 @@ ID_DIGEST = 12  # bytes of blake2b in a made id: 24 hex digits, the size of an O
 # UTF-8 bytes per character at most), so most values cost one len() to check.
 SURELY_SHORT = MAX_FIELD_BYTES // 4
 # Column names and event types remembered as checked, per RowMaker: a file has few of
-# each, and a hostile one with millions of distinct names must not grow memory.
+# each, and a hostile one with millions of distinct names, or long ones (a cell may
+# hold MAX_CELL characters), must not grow memory. Bounded in entries and, all told,
+# in characters (4 bytes each at most).
 REMEMBERED = 10_000
 REMEMBERED_SHAPES = 1_000  # the same for the sets of columns of a row
+REMEMBERED_CHARS = 1 << 20
 
 Row = tuple[int, dict[str, Any]]
 _Stream = gzip.GzipFile | io.BufferedReader  # a file open for reading bytes
@@ -548,6 +551,7 @@ class RowMaker:
         # The moves that nest the columns of rows of one shape (their keys, in order).
         self._shapes: dict[tuple[str, ...], list[tuple[str, list[str], str]]] = {}
         self._types: set[str] = set()  # event types known to be valid
+        self._remembered = 0  # characters of the names and types above
         self._now = float("nan")
         self._now_text = ""
         self._now_moment = 0.0
@@ -799,8 +803,16 @@ class RowMaker:
             _check_type(kind)
         except RecordError as exc:
             raise _Fault(self._column("type"), str(exc)) from None
-        if len(self._types) < REMEMBERED:
+        if len(self._types) < REMEMBERED and self._may_remember(len(kind)):
             self._types.add(kind)
+
+    def _may_remember(self, chars: int) -> bool:
+        """Whether names or types of `chars` characters more fit in REMEMBERED_CHARS
+        (counted if so): past it, what is not remembered is checked again each time."""
+        if self._remembered + chars > REMEMBERED_CHARS:
+            return False
+        self._remembered += chars
+        return True
 
     def _column(self, name: str) -> str:
         return self._sources[name]
@@ -834,7 +846,7 @@ class RowMaker:
         moves = self._shapes.get(shape)
         if moves is None:
             moves = self._plan(shape)
-            if len(self._shapes) < REMEMBERED_SHAPES:
+            if len(self._shapes) < REMEMBERED_SHAPES and self._may_remember(sum(map(len, shape))):
                 self._shapes[shape] = moves
         for column, parents, key in moves:
             node = signal
@@ -857,7 +869,7 @@ class RowMaker:
                     raise _Fault(column, f"would be inside column {other!r}")
             if len(path) > 1:
                 moves.append((column, path[:-1], path[-1]))
-            elif len(self._plain) < REMEMBERED:
+            elif len(self._plain) < REMEMBERED and self._may_remember(len(column)):
                 self._plain.add(column)
         return moves
 

@@ -12,7 +12,7 @@ A new owner first replays what was routed within `session_ttl` without appending
 anything (a dry routing), which rebuilds the rings and identities; then it routes
 from where the last owner stopped. A message routed twice (the old owner died between
 its PubAcks and its note) publishes the same payloads again: the stream's duplicate
-window, keyed by the payload's digest, stores them once.
+window, keyed by the digest of the payload and its firehose, stores them once.
 
 The SIGNALS stream keeps what the rebuild needs: each owner purges its partition up to
 the older of "routed" and "session_ttl ago", once a minute.

@@ -7,10 +7,11 @@ a quorum of the stream's replicas stored the message. Any process may append.
 One process at a time cuts a firehose's batches: the holder of its `cut.<firehose>`
 lease. It follows the subject's headers (records, bytes, time of each message), reads
 the messages of a batch when one is due, and fixes the batch before its first attempt:
-its bytes in the object store (a stream batch's in its manifest), its manifest in the
-state bucket, created only if that number is new (a cutter that lost its lease cannot
-overwrite what the new one cut). A cutter that takes over reads the manifests and sends
-the same names and bytes again.
+its bytes in the object store (a stream batch's in its manifest) under its number and
+id, its manifest in the state bucket, created only if that number is new: a cutter that
+lost its lease cannot overwrite what the new one cut, neither the manifest nor the
+bytes it names. A cutter that takes over reads the manifests and sends the same names
+and bytes again.
 
 Delivered records leave the stream only after their channel confirmed: `done` purges
 the subject up to the batch's end, then moves the cursor (`<firehose>.cursor`, the
@@ -224,11 +225,8 @@ class JetStreamQueue:
     async def _load(self) -> None:
         """Read the manifests and cursor, and follow the subject from the cursor."""
         state = self._cluster.state
-        found = await self._cluster.entries(self._cluster.names.state, f"{self.name}.m.*")
-        batches = sorted(
-            (msgspec.json.decode(e.value or b"", type=Manifest) for e in found),
-            key=lambda m: m.no,
-        )
+        batches = await self._manifests("m")
+        self._dead_bytes = sum(m.size for m in await self._manifests("d"))
         cursor: Manifest | None = None
         self._cursor_revision = 0
         with contextlib.suppress(KeyNotFoundError):
@@ -248,6 +246,12 @@ class JetStreamQueue:
             batches=len(batches),
             next=self._next[0],
         )
+
+    async def _manifests(self, kind: str) -> list[Manifest]:
+        """The batches cut ("m") or dead-lettered ("d"), in their order."""
+        found = await self._cluster.entries(self._cluster.names.state, f"{self.name}.{kind}.*")
+        manifests = (msgspec.json.decode(e.value or b"", type=Manifest) for e in found)
+        return sorted(manifests, key=lambda m: m.no)
 
     async def _follow(self, start: int) -> None:
         """Subscribe to the headers of the subject's messages from `start` on."""
@@ -534,7 +538,7 @@ class JetStreamQueue:
         cutter numbered a batch so first (this process lost the lease)."""
         objects = self._cluster.objects
         if manifest.data is None:
-            await objects.put(self._object(manifest.no), data)
+            await objects.put(self._object(manifest), data)
         try:
             await self._cluster.state.create(
                 f"{self.name}.m.{manifest.no}", msgspec.json.encode(manifest)
@@ -543,6 +547,9 @@ class JetStreamQueue:
             log.warning("jetstream.cut_lost", firehose=self.name, batch=manifest.no)
             self._lease.set_lost()
             self._unload()
+            if manifest.data is None:  # (bytes no manifest names)
+                with contextlib.suppress(nats.errors.Error):
+                    await objects.delete(self._object(manifest))
             return False
         return True
 
@@ -559,8 +566,28 @@ class JetStreamQueue:
             self._pending_bytes -= message.size
         self._next = end
 
-    def _object(self, number: int) -> str:
-        return f"{self.name}/{number}"
+    def _object(self, batch: Manifest) -> str:
+        """Where a batch's bytes are kept. Its id is in the name: a cutter that lost its
+        lease puts the bytes of the batch it numbered the same before its manifest is
+        refused, and with the number alone those replaced the bytes the new cutter's
+        manifest names (records lost, in a fault test of two firehoses)."""
+        return f"{self.name}/{batch.no}-{batch.id}"
+
+    async def _bytes(self, batch: Manifest) -> bytes:
+        """A batch's bytes from the object store; those of a batch cut by a version
+        that named them by number alone, under that name."""
+        objects = self._cluster.objects
+        try:
+            return (await objects.get(self._object(batch))).data or b""
+        except nats.js.errors.ObjectNotFoundError:
+            return (await objects.get(f"{self.name}/{batch.no}")).data or b""
+
+    async def _drop_bytes(self, batch: Manifest) -> None:
+        for name in (self._object(batch), f"{self.name}/{batch.no}"):
+            with contextlib.suppress(
+                nats.js.errors.NotFoundError, nats.js.errors.ObjectNotFoundError
+            ):
+                await self._cluster.objects.delete(name)
 
     # -- after delivery ----------------------------------------------------------------
 
@@ -578,7 +605,7 @@ class JetStreamQueue:
         that held the cut lease before this one delivered and retired it after this one
         read the manifests (BatchGone; the state is read again). Gone alone: an error."""
         try:
-            return (await self._cluster.objects.get(self._object(batch.no))).data or b""
+            return await self._bytes(batch)
         except nats.js.errors.ObjectNotFoundError:
             try:
                 await self._cluster.state.get(f"{self.name}.m.{batch.no}")
@@ -592,10 +619,7 @@ class JetStreamQueue:
         """Purge the batch's records, move the cursor, forget the batch."""
         await self._retire(batch)
         if batch.data is None:
-            with contextlib.suppress(
-                nats.js.errors.NotFoundError, nats.js.errors.ObjectNotFoundError
-            ):
-                await self._cluster.objects.delete(self._object(batch.no))
+            await self._drop_bytes(batch)
 
     async def _retire(self, batch: Manifest) -> None:
         state = self._cluster.state
@@ -639,10 +663,7 @@ class JetStreamQueue:
     async def replay(self) -> AsyncIterator[Manifest]:
         state, objects = self._cluster.state, self._cluster.objects
         await self._own_for("replay")
-        found = await self._cluster.entries(self._cluster.names.state, f"{self.name}.d.*")
-        for entry in sorted(found, key=lambda e: _number(e.key)):
-            key = entry.key
-            old = msgspec.json.decode(entry.value or b"", type=Manifest)
+        for old in await self._manifests("d"):
             last = self._last
             new = msgspec.structs.replace(
                 old,
@@ -654,13 +675,11 @@ class JetStreamQueue:
                 start=None,
             )
             if new.data is None:
-                data = (await objects.get(self._object(old.no))).data or b""
-                await objects.put(self._object(new.no), data)
+                await objects.put(self._object(new), await self._bytes(old))
             await state.create(f"{self.name}.m.{new.no}", msgspec.json.encode(new))
-            await state.delete(key)
+            await state.delete(f"{self.name}.d.{old.no}")
             if old.data is None:
-                with contextlib.suppress(nats.js.errors.ObjectNotFoundError):
-                    await objects.delete(self._object(old.no))
+                await self._drop_bytes(old)
             self._batches.append(new)
             self._last = new
             self._dead_bytes = max(0, self._dead_bytes - new.size)
@@ -709,10 +728,6 @@ def _spool(path: Path, data: bytes) -> None:
 def _move(source: Path, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     source.replace(target)
-
-
-def _number(key: str) -> int:
-    return int(key.rsplit(".", 1)[1])
 
 
 async def _unsubscribe(subscription: Any) -> None:
