@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import nats
 import pytest
 import requests
 from nats.aio.client import Client
@@ -468,6 +469,33 @@ async def test_a_key_listing_waits_for_entries_still_on_their_way_when_the_watch
         await cluster.state.delete("fh.d.1")
         await cluster.state.delete("fh.d.3")
         assert await cluster.entries(state, "fh.d.*") == []
+    finally:
+        await cluster.close()
+
+
+async def test_a_key_listing_whose_watch_never_delivers_gives_up_as_the_cluster_not_answering(
+    nats_cluster: NatsCluster,
+) -> None:
+    """A watch whose consumer is gone (with its server) delivers nothing more: the
+    listing gives up after three quiet timeouts, as any unanswered request does (a
+    cutter loading its state, or a lease round, tries again), where it waited for ever."""
+    config = JetStreamConfig(servers=nats_cluster.urls, prefix="quiet", timeout=Duration(0.5))
+    cluster = Cluster(config, "lister")
+    await cluster.connect()
+    process = Client._process_msg
+
+    async def dropping(client: Client, sid: int, subject: bytes, *rest: Any) -> None:
+        if not subject.startswith(b"$KV."):
+            await process(client, sid, subject, *rest)
+
+    try:
+        await cluster.state.put("fh.d.1", b"one")
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(Client, "_process_msg", dropping)
+            started = time.monotonic()
+            with pytest.raises(nats.errors.TimeoutError):
+                await asyncio.wait_for(cluster.entries(cluster.names.state, "fh.d.*"), 30)
+            assert time.monotonic() - started < 10
     finally:
         await cluster.close()
 

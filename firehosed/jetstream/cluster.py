@@ -285,21 +285,27 @@ class Cluster:
         consumer had nothing pending as nats-py asked, though the entries the server had
         sent by then may still be on their way. When it comes, or the watch is quiet for
         the timeout, the watch is done only if it has seen every key the stream stores
-        (one may have aged out of a bucket with a TTL before it was sent).
+        (one may have aged out of a bucket with a TTL before it was sent). Quiet for
+        three timeouts with keys still unseen (the watch's consumer is gone with its
+        server): nats.errors.TimeoutError, as any request the cluster does not answer.
         """
         watcher = await self._buckets[bucket].watch(pattern)
         found: dict[str, KeyValue.Entry] = {}
         seen: set[str] = set()
+        quiet = 0
         try:
             while True:
                 try:
                     entry = await watcher.updates(timeout=self.config.timeout)  # type: ignore[no-untyped-call]
                 except nats.errors.TimeoutError:
-                    entry = None
+                    entry, quiet = None, quiet + 1
                 if entry is None:
                     if await self._stored(bucket, pattern) <= seen:
                         return list(found.values())
+                    if quiet >= 3:
+                        raise nats.errors.TimeoutError
                     continue
+                quiet = 0
                 seen.add(entry.key)
                 if entry.operation is None:
                     found[entry.key] = entry

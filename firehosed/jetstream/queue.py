@@ -661,30 +661,46 @@ class JetStreamQueue:
         return path
 
     async def replay(self) -> AsyncIterator[Manifest]:
-        state, objects = self._cluster.state, self._cluster.objects
         await self._own_for("replay")
-        for old in await self._manifests("d"):
-            last = self._last
-            new = msgspec.structs.replace(
-                old,
-                no=last.no + 1 if last is not None else 1,
-                cut=time.time(),
-                base=last.base if last is not None else "",
-                suffix=last.suffix if last is not None else 0,
-                end=last.end if last is not None else self._next_position(),
-                start=None,
-            )
-            if new.data is None:
-                await objects.put(self._object(new), await self._bytes(old))
-            await state.create(f"{self.name}.m.{new.no}", msgspec.json.encode(new))
-            await state.delete(f"{self.name}.d.{old.no}")
-            if old.data is None:
-                await self._drop_bytes(old)
-            self._batches.append(new)
-            self._last = new
-            self._dead_bytes = max(0, self._dead_bytes - new.size)
-            self._news.set()
+        try:
+            dead = await self._manifests("d")
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise StorageError(f"the cluster did not list the dead letters: {_said(exc)}") from exc
+        for old in dead:
+            try:
+                new = await self._bring_back(old)
+            except (nats.errors.Error, TimeoutError) as exc:
+                raise StorageError(
+                    f"batch {old.name} was not brought back, the cluster did not answer:"
+                    f" {_said(exc)}; ask again"
+                ) from exc
             yield new
+
+    async def _bring_back(self, old: Manifest) -> Manifest:
+        """A dead-lettered batch as the newest cut: the same name and bytes, numbered
+        after the last batch, ending where it ends."""
+        state, objects = self._cluster.state, self._cluster.objects
+        last = self._last
+        new = msgspec.structs.replace(
+            old,
+            no=last.no + 1 if last is not None else 1,
+            cut=time.time(),
+            base=last.base if last is not None else "",
+            suffix=last.suffix if last is not None else 0,
+            end=last.end if last is not None else self._next_position(),
+            start=None,
+        )
+        if new.data is None:
+            await objects.put(self._object(new), await self._bytes(old))
+        await state.create(f"{self.name}.m.{new.no}", msgspec.json.encode(new))
+        await state.delete(f"{self.name}.d.{old.no}")
+        if old.data is None:
+            await self._drop_bytes(old)
+        self._batches.append(new)
+        self._last = new
+        self._dead_bytes = max(0, self._dead_bytes - new.size)
+        self._news.set()
+        return new
 
     def _next_position(self) -> tuple[int, int, int]:
         return (self._next[0], 0, self._next[1])
@@ -716,6 +732,10 @@ class JetStreamQueue:
         """Stop cutting (the firehose left the config, or the process stops)."""
         self._unload()
         self._backend.leases.drop("cut", self._lease.key)
+
+
+def _said(exc: BaseException) -> str:
+    return str(exc) or type(exc).__name__
 
 
 def _spool(path: Path, data: bytes) -> None:
