@@ -318,11 +318,12 @@ async def test_naming_survives_a_crash_before_state_is_saved(tmp_path: Path) -> 
     await append(queue, range(4))
     for n in (1, 2):
         records, end, framed = queue.read(1 << 30, 2)
-        name = queue.unique_name("x-2026")
+        name = queue.unique_name("x-2026", 0.0)
         manifest = queue.new_manifest(
             name=name,
             base=queue.state.last_name,
             suffix=queue.state.name_suffix,
+            named=queue.state.last_named,
             records=len(records),
             size=1,
             opened=0.0,
@@ -336,7 +337,7 @@ async def test_naming_survives_a_crash_before_state_is_saved(tmp_path: Path) -> 
     queue.close()
     again = open_queue(tmp_path)
     assert again.staged_records == 0 and len(again.batches) == 2
-    assert again.unique_name("x-2026") == "x-2026-2"
+    assert again.unique_name("x-2026", 0.0) == "x-2026-2"
 
 
 class EveryRound:

@@ -219,6 +219,30 @@ async def test_a_dead_letter_leaves_delivery_and_replay_brings_the_same_bytes(
     assert again is not None and await read(queue, again) == data
 
 
+async def test_a_batch_whose_first_record_is_older_than_the_last_name_never_takes_an_earlier_name(
+    harness: Harness,
+) -> None:
+    """A catch-up copy keeps the time its signal was received: a batch it opens would be
+    named like the earlier batch that signal opened, and its upload would replace that
+    batch's file (records lost). It takes the last batch's name and the next suffix,
+    after a restart too."""
+    queue = await harness.open()
+    names = []
+    for numbers_ in (range(2), range(5, 6), range(1)):  # (the last: id0 again, older)
+        await commit(queue, numbers_)
+        batch = await queue.next_batch(flush=True)
+        assert batch is not None
+        names.append(batch.name)
+        await queue.done(batch)
+    await harness.crash()
+    queue = await harness.open()
+    await commit(queue, range(1, 2))  # (other bytes: JetStream would take the same for a retry)
+    batch = await queue.next_batch(flush=True)
+    assert batch is not None
+    names.append(batch.name)
+    assert names == ["p/b-id0.ndjson", "p/b-id5.ndjson", "p/b-id5-1.ndjson", "p/b-id5-2.ndjson"]
+
+
 async def test_two_queues_given_the_same_records_each_keep_them(harness: Harness) -> None:
     """Two firehoses of one account in one format are given the same bytes (JetStream's
     duplicate window, over the whole stream, had dropped the second firehose's)."""

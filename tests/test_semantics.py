@@ -405,6 +405,26 @@ def test_a_name_clash_gets_a_numbered_suffix_before_the_extension(make_daemon) -
     ] == [0, 1, 2]
 
 
+def test_a_catch_up_copy_opening_a_file_never_replaces_the_file_its_signal_opened(
+    make_daemon,
+) -> None:
+    """Signal 1 (anonymous) opens file A with signal 2; another file comes between; when
+    session s is identified, the catch-up copy of signal 1, received with it, opens the
+    next file. Named after that time, the file took A's name and replaced it, and signal
+    2 was gone: it takes the last file's name with the next suffix."""
+    daemon = make_daemon(firehose("c", catch_up=True, include_anonymous=True)).start()
+    post_ok(daemon, [signal_record(1, session="s"), signal_record(2, session="other")])
+    wait_until(lambda: len(files_of(daemon, "c")) == 1)
+    post_ok(daemon, signal_record(3, session="third"))
+    wait_until(lambda: len(files_of(daemon, "c")) == 2)
+    post_ok(daemon, signal_record(4, session="s", person="p"))
+    wait_until(lambda: len(files_of(daemon, "c")) == 3)
+    _, second, third = (p.name for p in files_of(daemon, "c"))
+    assert third == second.replace(".ndjson", "-1.ndjson")
+    ids = [int(r["signal_id"]["$oid"], 16) for r in records_of(daemon, "c")]
+    assert ids == [1, 2, 3, 1, 4]  # (1 twice: anonymous, then its copy with the person)
+
+
 # -- ids, times, dedupe ----------------------------------------------------------------
 
 

@@ -43,7 +43,15 @@ from firehosed.errors import BatchGone, FirehosedError, NotHere, StorageError
 from firehosed.faults import fail_point
 from firehosed.fileio import write_durably
 from firehosed.jetstream.cluster import Cluster, Lease, Leases, background
-from firehosed.queue.base import CutRules, Encoded, Encoder, Manifest, QueueFigures
+from firehosed.queue.base import (
+    CutRules,
+    Encoded,
+    Encoder,
+    Manifest,
+    Naming,
+    QueueFigures,
+    unique_name,
+)
 from firehosed.queue.frames import Framed, Unsealed, scan
 from firehosed.record import BLOCKS, Joined, Rows, decoder
 
@@ -507,12 +515,8 @@ class JetStreamQueue:
 
     def _manifest(self, rows: Rows, encoded: Encoded, first: int, end: tuple[int, int]) -> Manifest:
         last = self._last
-        base, suffix = (last.base, last.suffix) if last is not None else ("", 0)
-        if encoded.base == base:
-            suffix += 1
-            unique = f"{base}-{suffix}"
-        else:
-            base, suffix, unique = encoded.base, 0, encoded.base
+        naming = Naming(last.base, last.suffix, last.named) if last is not None else Naming()
+        unique, naming = unique_name(encoded.base, rows[0].received, naming)
         stream = self._rules.stream
         inline = stream and len(encoded.data) <= INLINE_MAX
         return Manifest(
@@ -528,8 +532,9 @@ class JetStreamQueue:
             content_type=encoded.content_type,
             content_encoding=encoded.content_encoding,
             keys=rows.keys() if stream else [],
-            base=base,
-            suffix=suffix,
+            base=naming.base,
+            suffix=naming.suffix,
+            named=naming.named,
             data=bytes(encoded.data) if inline else None,
         )
 
@@ -687,6 +692,7 @@ class JetStreamQueue:
             cut=time.time(),
             base=last.base if last is not None else "",
             suffix=last.suffix if last is not None else 0,
+            named=last.named if last is not None else 0.0,
             end=last.end if last is not None else self._next_position(),
             start=None,
         )

@@ -54,9 +54,11 @@ class Manifest(msgspec.Struct, kw_only=True):
     content_type: str
     content_encoding: str | None = None
     keys: list[tuple[str, str | None]] = msgspec.field(default_factory=list)
-    # The naming state after this batch (state.json may lag behind the newest manifest).
+    # The naming state after this batch (state.json may lag behind the newest manifest):
+    # see `unique_name`. (`named` is 0 in a manifest from before it was kept.)
     base: str = ""
     suffix: int = 0
+    named: float = 0.0
     # A stream batch's bytes, held in its manifest (there is no .data file).
     data: bytes | None = None
     # Set for a stream batch cut with its records' group commit: its records lie between
@@ -68,6 +70,33 @@ class Manifest(msgspec.Struct, kw_only=True):
         self.end = position(self.end)
         if self.start is not None:
             self.start = position(self.start)
+
+
+@dataclass(frozen=True, slots=True)
+class Naming:
+    """How a queue's last batch was named: the base, its suffix, and the time the name
+    stands for (never earlier than an earlier batch's)."""
+
+    base: str = ""
+    suffix: int = 0
+    named: float = 0.0
+
+
+def unique_name(base: str, opened: float, last: Naming) -> tuple[str, Naming]:
+    """The unique part of a batch's name, and the naming after it.
+
+    `base` is the batch's time-derived name (the encoder's, of `opened`: when its first
+    record was received). A name is never reused: the same base as the last batch's gets
+    the next suffix; and a batch whose first record is older than the last batch's name
+    (a catch-up copy of a signal named in an earlier batch; with several processes, a
+    partition routed late) would name a time already named, perhaps the very file of an
+    earlier batch, which its upload would replace: it takes the last batch's base and
+    the next suffix instead.
+    """
+    if base == last.base or opened < last.named:
+        suffix = last.suffix + 1
+        return f"{last.base}-{suffix}", Naming(last.base, suffix, max(opened, last.named))
+    return base, Naming(base, 0, opened)
 
 
 @dataclass(frozen=True, slots=True)

@@ -325,11 +325,12 @@ class LocalQueue:
         """The manifest of a batch of `records`, and its bytes (a thread: it encodes)."""
         store, stream = self._store, self._rules.stream
         encoded = self._encoder(records)
-        name = encoded.prefix + store.unique_name(encoded.base) + encoded.extension
+        unique = store.unique_name(encoded.base, records[0].received)
         manifest = store.new_manifest(
-            name=name,
+            name=encoded.prefix + unique + encoded.extension,
             base=store.state.last_name,
             suffix=store.state.name_suffix,
+            named=store.state.last_named,
             records=len(records),
             size=len(encoded.data),
             opened=records[0].received,

@@ -57,7 +57,7 @@ import structlog
 from firehosed import metrics
 from firehosed.faults import crash_point, fail_point
 from firehosed.fileio import Data, fsync_dir, make_dirs, write_chunks, write_durably, write_synced
-from firehosed.queue.base import Manifest, Position, position
+from firehosed.queue.base import Manifest, Naming, Position, position, unique_name
 from firehosed.queue.frames import HEADER, Framed, Unsealed, frame, scan
 from firehosed.record import BLOCKS, Joined, Rows, decoder
 
@@ -90,6 +90,7 @@ class State(msgspec.Struct, kw_only=True):
     next_batch: int = 1
     last_name: str = ""
     name_suffix: int = 0
+    last_named: float = 0.0
 
     def __post_init__(self) -> None:
         self.cursor = position(self.cursor)
@@ -213,6 +214,7 @@ class SegmentStore:
                 next_batch=manifest.no + 1,
                 last_name=manifest.base,
                 name_suffix=manifest.suffix,
+                last_named=manifest.named,
             )
 
     def _recover_segments(self) -> None:
@@ -280,7 +282,10 @@ class SegmentStore:
         state = self.state
         if manifest.no >= state.next_batch:
             state = State(
-                next_batch=manifest.no + 1, last_name=manifest.base, name_suffix=manifest.suffix
+                next_batch=manifest.no + 1,
+                last_name=manifest.base,
+                name_suffix=manifest.suffix,
+                last_named=manifest.named,
             )
         # past the mark (`at` is where it starts): the records before it are its batch's
         self.state = msgspec.structs.replace(
@@ -580,13 +585,14 @@ class SegmentStore:
         assert manifest.data is not None
         write_durably(path or self.batch_path(manifest), manifest.data, self.sync)
 
-    def unique_name(self, base: str) -> str:
-        """`base`, or `base-1`, `base-2`… when the last batch had the same base name."""
-        if base == self.state.last_name:
-            self.state.name_suffix += 1
-            return f"{base}-{self.state.name_suffix}"
-        self.state.last_name, self.state.name_suffix = base, 0
-        return base
+    def unique_name(self, base: str, opened: float) -> str:
+        """The unique part of the next batch's name (see `base.unique_name`); the state
+        keeps the naming after it."""
+        state = self.state
+        last = Naming(state.last_name, state.name_suffix, state.last_named)
+        unique, after = unique_name(base, opened, last)
+        state.last_name, state.name_suffix, state.last_named = after.base, after.suffix, after.named
+        return unique
 
     def new_manifest(self, **fields: object) -> Manifest:
         """A manifest numbered after the last one, with a fresh stable id."""
@@ -649,6 +655,7 @@ class SegmentStore:
             cut=time.time(),
             base=self.state.last_name,
             suffix=self.state.name_suffix,
+            named=self.state.last_named,
         )
         data = self.batch_path(new)
         data.unlink(missing_ok=True)
