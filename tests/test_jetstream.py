@@ -602,3 +602,52 @@ async def test_bytes_a_version_before_named_by_batch_number_alone_are_read_and_r
         await queue.done(first)
         with pytest.raises(ObjectNotFoundError):
             await objects.get("fh/1")
+
+
+async def test_a_cutter_whose_lease_went_and_came_back_unseen_reads_its_state_again(
+    tmp_path: Path, nats_cluster: NatsCluster
+) -> None:
+    """Process a has read fh's state (records 0-2 pending) when its lease lapses
+    unseen (the cluster did not answer its renewals; a was waiting to cut); b takes the
+    lease, cuts and delivers 0-2, and gives the lease back. a cut from what it had read:
+    the records b purged were gone, and that cut failed for ever ("read 7580 of the
+    batch's 8220 records", in a CI run of the fault suite)."""
+    config = JetStreamConfig(servers=nats_cluster.urls, prefix="comeback", lease_ttl=Duration(3.0))
+    a = JetStreamBackend(Cluster(config, "a"), tmp_path / "a")
+    b = JetStreamBackend(Cluster(config, "b"), tmp_path / "b")
+    leases = asyncio.create_task(a.run())
+    keeping: asyncio.Task[None] | None = None
+    try:
+        queue = await a.open_queue("fh")
+        queue.configure(FILES, encoder)
+        await commit(queue, range(3))
+        keeping = asyncio.create_task(queue.keep())  # (reads the state; cuts in an hour)
+        deadline = time.monotonic() + 30
+        while queue.figures(time.time()).records != 3:
+            assert time.monotonic() < deadline, "a never read fh's state"
+            await asyncio.sleep(0.05)
+        leases.cancel()
+        await asyncio.gather(leases, return_exceptions=True)
+        await a.leases.release_all()  # (the lease lapses; `keep` waits on, unaware)
+        other = await b.open_queue("fh")  # (wanting the lease before b's first round)
+        other.configure(FILES, encoder)
+        leases = asyncio.create_task(b.run())
+        cut = await asyncio.wait_for(other.next_batch(flush=True), 30)
+        assert cut is not None and numbers(await read(other, cut)) == [0, 1, 2]
+        await other.done(cut)
+        leases.cancel()
+        await asyncio.gather(leases, return_exceptions=True)
+        await b.leases.release_all()
+        leases = asyncio.create_task(a.run())
+        await asyncio.wait_for(a.leases.want("cut", "cut.fh").held.wait(), 30)  # (back)
+        keeping.cancel()
+        await commit(queue, range(3, 5))
+        batch = await asyncio.wait_for(queue.next_batch(flush=True), 30)
+        assert batch is not None and numbers(await read(queue, batch)) == [3, 4]
+    finally:
+        for task in (leases, keeping):
+            if task is not None:
+                task.cancel()
+        await asyncio.gather(*(t for t in (leases, keeping) if t), return_exceptions=True)
+        await a.close()
+        await b.close()

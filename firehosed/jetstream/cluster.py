@@ -349,8 +349,12 @@ class Lease:
         self.revision = 0
         self.renewed = 0.0  # monotonic time of the last take or renewal
         self.held = asyncio.Event()
+        # Times taken (not renewed): what was read under an earlier take may be stale.
+        self.taken = 0
 
     def set_held(self, revision: int) -> None:
+        if not self.held.is_set():
+            self.taken += 1
         self.revision = revision
         self.renewed = time.monotonic()
         self.held.set()

@@ -163,6 +163,7 @@ class JetStreamQueue:
         self._interrupted = False
         # The cutter's state, loaded when the lease is taken (None: not loaded).
         self._loaded: asyncio.Task[None] | None = None
+        self._loaded_under = 0  # the lease's take it was loaded under
         self._batches: list[Manifest] = []
         self._last: Manifest | None = None  # the newest cut (naming, numbering)
         self._cursor_revision = 0
@@ -191,6 +192,10 @@ class JetStreamQueue:
     async def _owned(self) -> bool:
         """Wait for the cut lease and this queue's state; False when interrupted first."""
         while not self._interrupted:
+            if self._loaded is not None and self._loaded_under != self._lease.taken:
+                # The lease went and came back unseen (mid-cut): another process may have
+                # cut and delivered meanwhile, so what was read then is stale.
+                self._unload()
             if self._lease.held.is_set() and self._loaded is not None and self._loaded.done():
                 if self._loaded.exception() is None:
                     return True
@@ -200,6 +205,7 @@ class JetStreamQueue:
             if self._lease.held.is_set():
                 if self._loaded is None:
                     self._loaded = asyncio.ensure_future(self._load())
+                    self._loaded_under = self._lease.taken
                 await self._wait_for(self._loaded)
             else:
                 self._unload()
@@ -422,8 +428,13 @@ class JetStreamQueue:
         rows = await self._read(taken, end)
         expected = self._count(taken, end)
         if len(rows) != expected:
-            if not len(rows) and await self._purged(taken[0].seq):
-                self._consume(taken, end)  # a stale cutter delivered them: skip them
+            if await self._purged(taken[0].seq):
+                if not len(rows):
+                    self._consume(taken, end)  # a stale cutter delivered them: skip them
+                    return None
+                # Another cutter cut and delivered part of them: this state is stale.
+                log.warning("jetstream.cut_stale", firehose=self.name, first=taken[0].seq)
+                self._unload()
                 return None
             raise StorageError(f"read {len(rows)} of the batch's {expected} records")
         encoded = await asyncio.to_thread(self._encoder, rows)
