@@ -234,6 +234,7 @@ async def test_a_batch_whose_first_record_is_older_than_the_last_name_never_take
         assert batch is not None
         names.append(batch.name)
         await queue.done(batch)
+    await queue.stop()  # (the last removal ends: a crash in it would race the reopening)
     await harness.crash()
     queue = await harness.open()
     await commit(queue, range(1, 2))  # (other bytes: JetStream would take the same for a retry)
