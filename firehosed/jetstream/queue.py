@@ -589,6 +589,10 @@ class JetStreamQueue:
         manifest names (records lost, in a fault test of two firehoses)."""
         return f"{self.name}/{batch.no}-{batch.id}"
 
+    def _old_object(self, batch: Manifest) -> str:
+        """Where a version before kept a batch's bytes: by number alone."""
+        return f"{self.name}/{batch.no}"
+
     async def _bytes(self, batch: Manifest) -> bytes:
         """A batch's bytes from the object store; those of a batch cut by a version
         that named them by number alone, under that name."""
@@ -596,10 +600,10 @@ class JetStreamQueue:
         try:
             return (await objects.get(self._object(batch))).data or b""
         except nats.js.errors.ObjectNotFoundError:
-            return (await objects.get(f"{self.name}/{batch.no}")).data or b""
+            return (await objects.get(self._old_object(batch))).data or b""
 
     async def _drop_bytes(self, batch: Manifest) -> None:
-        for name in (self._object(batch), f"{self.name}/{batch.no}"):
+        for name in (self._object(batch), self._old_object(batch)):
             with contextlib.suppress(
                 nats.js.errors.NotFoundError, nats.js.errors.ObjectNotFoundError
             ):
