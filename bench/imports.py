@@ -3,10 +3,13 @@
     .venv/bin/python -m bench.imports [--rows 1000000] [--sources directory,sftp,s3]
 
 Writes a CSV of `--rows` rows (about 300 B each, 1% of them bad) and the ceiling: Python's
-`csv` reader over the same bytes, in memory. Then, per source, a fresh daemon (pinned to
-the server CPU) whose config gains a one-time import task by a reload: the run is timed
-from its fetch starting to its processing ending (the rows durable in the firehose's
-queue), its peak RSS above the daemon's idle RSS sampled every 20 ms, and single-signal
+`csv` reader over the same bytes, in memory. Then, per source, a fresh daemon whose config
+gains a one-time import task by a reload. With `--import-processes 0` the daemon reads
+the file in a thread, pinned to the server CPU; else (the default, 1) it reads it in a
+child process and is not pinned, so that the child can take the other CPU (`--pin`:
+pinned all the same). The run is timed from its fetch starting to its processing ending
+(the rows durable in the firehose's queue), its peak RSS (the daemon's and its child's)
+above the daemon's idle RSS sampled every 20 ms, and single-signal
 POSTs (100/s from the load CPU) are timed before and during the import, so that the
 import's cost to ingest shows as the p99 ratio, and the event loop's longest stall as
 the slowest POST. Targets (issue 16): rows/s >= 0.3x the ceiling, peak RSS <= 100 MiB
@@ -30,7 +33,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from bench.procs import ACCOUNT, TOKEN, Daemon, firehose_toml, rss_kib
+from bench.procs import ACCOUNT, SERVER_CPU, TOKEN, Daemon, firehose_toml, tree_rss_kib
 from bench.servers import Missing, Moto, Sshd
 
 HEADER = [
@@ -145,6 +148,8 @@ def run_import(  # noqa: PLR0917 - one call, each argument named where it is mad
     memory: str | None,
     rate: int | None,
     fmt: str = "csv",
+    processes: int = 1,
+    pin: bool = False,
 ) -> dict[str, Any]:
     """One daemon importing the file (in `fmt`) from `channel`: the run's figures. With
     `memory`, the account's dedupe and the catch-up rings are held to it (they grow with
@@ -153,13 +158,16 @@ def run_import(  # noqa: PLR0917 - one call, each argument named where it is mad
     if memory is not None:
         limits = {"catch_up_memory": memory, "account_keys": {"dedupe_max_memory": memory}}
     tables = channel + firehose_toml("all", format="ndjson", max_file=FILE)
-    daemon = Daemon(work / f"daemon-{source}", tables, **limits)
+    cpu = SERVER_CPU if pin or not processes else None
+    daemon = Daemon(work / f"daemon-{source}", tables, cpu=cpu, **limits)
+    text = daemon.config_path.read_text()
+    daemon.write_config(text.replace("[server]\n", f"[server]\nimport_processes = {processes}\n"))
     daemon.start()
     poster = Poster(daemon.port)
     try:
         poster.start()
         time.sleep(QUIET)
-        idle = rss_kib(daemon.pid) * 1024
+        idle = tree_rss_kib(daemon.pid) * 1024
         lag_before = lags(daemon)
         text = daemon.config_path.read_text()
         limit = f"rows_per_second = {rate}\n" if rate else ""
@@ -169,7 +177,7 @@ def run_import(  # noqa: PLR0917 - one call, each argument named where it is mad
         daemon.proc.send_signal(1) if daemon.proc else None  # SIGHUP: reload, the task runs
         peak, document = idle, None
         while document is None:
-            peak = max(peak, rss_kib(daemon.pid) * 1024)
+            peak = max(peak, tree_rss_kib(daemon.pid) * 1024)
             document = finished(daemon)
             time.sleep(0.02)
         poster.phase = "after"
@@ -240,7 +248,20 @@ def main() -> int:
         "--pipeline-memory",
         help='hold dedupe and catch-up memory to this ("16MiB"): the import\'s own RSS',
     )
+    parser.add_argument(
+        "--import-processes",
+        type=int,
+        default=1,
+        help="the daemon's server.import_processes (0: the file is read in a thread)",
+    )
+    parser.add_argument(
+        "--pin", action="store_true", help="pin the daemon to the server CPU even with a child"
+    )
     args = parser.parse_args()
+    print(
+        f"server.import_processes = {args.import_processes}; the daemon "
+        + ("pinned to CPU " + SERVER_CPU if args.pin or not args.import_processes else "not pinned")
+    )
     with tempfile.TemporaryDirectory(prefix="firehosed-imports-") as tmp:
         work = Path(tmp)
         inbox = work / "inbox"
@@ -254,7 +275,13 @@ def main() -> int:
         results = []
         for source in args.sources.split(","):
             figures = measure_source(
-                work, source, csv_path, args.pipeline_memory, args.rows_per_second
+                work,
+                source,
+                csv_path,
+                args.pipeline_memory,
+                args.rows_per_second,
+                processes=args.import_processes,
+                pin=args.pin,
             )
             if figures is not None:
                 results.append((source, figures))
@@ -289,7 +316,14 @@ def _v(ok: bool) -> str:
 
 
 def measure_source(  # noqa: PLR0917 - as run_import
-    work: Path, source: str, path: Path, memory: str | None, rate: int | None, fmt: str = "csv"
+    work: Path,
+    source: str,
+    path: Path,
+    memory: str | None,
+    rate: int | None,
+    fmt: str = "csv",
+    processes: int = 1,
+    pin: bool = False,
 ) -> dict[str, Any] | None:
     """run_import of the file at `path` served by `source`; None (said) when the
     source's server is not installed here."""
@@ -299,7 +333,9 @@ def measure_source(  # noqa: PLR0917 - as run_import
         print(f"{source}: not measured ({exc})")
         return None
     try:
-        return run_import(work, source, channel, path.name, memory, rate, fmt=fmt)
+        return run_import(
+            work, source, channel, path.name, memory, rate, fmt=fmt, processes=processes, pin=pin
+        )
     finally:
         cleanup()
 

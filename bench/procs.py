@@ -81,6 +81,30 @@ def rss_kib(pid: int) -> int:
     raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
+def tree_rss_kib(pid: int) -> int:
+    """rss_kib of a process and of every process under it (an import's reading child)."""
+    total = 0
+    for each in [pid, *descendants(pid)]:
+        try:
+            total += rss_kib(each)
+        except (FileNotFoundError, ProcessLookupError, RuntimeError):  # ended meanwhile
+            continue
+    return total
+
+
+def descendants(pid: int) -> list[int]:
+    """The processes under `pid`, as /proc lists each thread's children."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").glob("*/children"):
+        try:
+            children = [int(c) for c in task.read_text().split()]
+        except FileNotFoundError:
+            continue
+        for child in children:
+            found += [child, *descendants(child)]
+    return found
+
+
 def write_bytes(pid: int) -> int:
     """Bytes a process has caused to be written to storage (/proc/PID/io write_bytes)."""
     for line in Path(f"/proc/{pid}/io").read_text().splitlines():

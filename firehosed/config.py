@@ -52,6 +52,9 @@ class ServerConfig(_Section):
     listen: str = "127.0.0.1:8080"
     max_body: Size = Size(10 * MiB)
     max_upload: Size = Size(1024 * MiB)  # import uploads, streamed to disk
+    # Import files (of 8 MiB or more) read in child processes at once, at most: their
+    # rows are parsed and checked there, on another core; 0: all in the daemon's threads.
+    import_processes: int = 1
     drain_timeout: Duration = Duration(10.0)
     # A connection without a complete request head this long after it opened (or after
     # its last answer) is closed: idle keep-alive, silent and slowloris clients alike.
@@ -627,6 +630,8 @@ def _validate_server(config: Config, report: _Report) -> None:
             report.add(
                 ("server", "listen"), f'expected "host:port" or "unix:/path", got {listen!r}'
             )
+    if config.server.import_processes < 0:
+        report.add(("server", "import_processes"), "must be 0 or more (0: read in threads)")
     if config.catch_up.signals_per_session < 1:
         report.add(("catch_up", "signals_per_session"), "must be at least 1")
     if config.storage.segment_size < MiB:

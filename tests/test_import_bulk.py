@@ -24,8 +24,8 @@ import pytest
 
 from firehosed.config import FieldsConfig
 from firehosed.envelope import EnvelopeReader
-from firehosed.imports import importer
-from firehosed.imports.importer import _read, _take
+from firehosed.imports import reader
+from firehosed.imports.reader import Job, _open, take
 from firehosed.imports.rows import (
     CsvBlock,
     FileError,
@@ -240,14 +240,14 @@ def test_a_block_of_plain_rows_is_made_in_bulk_with_the_signals_json(tmp_path: P
 def test_an_import_chunk_skips_the_rows_settled_before_a_restart(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, done: int
 ) -> None:
-    """`_take` over blocks gives the chunks it gives over rows, from row `done` on."""
-    monkeypatch.setattr(importer, "now", lambda: NOW)  # the import's time, in both
+    """`take` over blocks gives the chunks it gives over rows, from row `done` on."""
+    monkeypatch.setattr(reader, "now", lambda: NOW)  # the import's time, in both
     path = csv_file(tmp_path / "d.csv", HEADER, 300, 5)
 
     def chunks(rows: Iterator[Any]) -> list[tuple[Any, ...]]:
         maker, taken, settled = RowMaker("task", COLUMNS, FieldsConfig()), [], done
         while True:
-            chunk = _take(rows, maker, "d.csv@1", settled, 7)
+            chunk = take(rows, maker, "d.csv@1", settled, 7)
             signals = chunk.signals
             taken.append(
                 (
@@ -263,7 +263,9 @@ def test_an_import_chunk_skips_the_rows_settled_before_a_restart(
                 return taken
 
     by_rows = chunks(read_rows(path, "csv"))
-    by_blocks = chunks(_read(path, "csv", done, 7))
+    by_blocks = chunks(
+        _open(Job(path, "csv", done, 7, "task", COLUMNS, FieldsConfig(), "d.csv@1"))[0]
+    )
     flat = [n for numbers, *_ in by_blocks for n in numbers]
     assert flat and min(flat) > done
     assert [n for numbers, *_ in by_rows for n in numbers] == flat

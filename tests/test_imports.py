@@ -9,7 +9,9 @@ from __future__ import annotations
 import csv
 import gzip
 import io
+import json
 import os
+import signal
 import time
 from collections import Counter
 from datetime import datetime
@@ -18,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from firehosed.imports.reader import PROCESS_FROM
 from tests.daemon import BASE_CONFIG, TOKEN, Daemon, wait_until
 from tests.test_archive import LIBFAKETIME, faked
 
@@ -393,5 +396,95 @@ def test_rows_per_second_holds_a_run_to_its_rate(tmp_path: Path) -> None:
         ended = datetime.fromisoformat(run["processing"]["ended"].replace("Z", "+00:00"))
         assert (ended - started).total_seconds() >= 2.5, "3000 rows at 1000 a second"
         assert delivered_ids(daemon, len(valid)) == Counter(valid)
+    finally:
+        daemon.close()
+
+
+def with_import_processes(count: int) -> str:
+    return BASE_CONFIG.replace("[server]\n", f"[server]\nimport_processes = {count}\n")
+
+
+def reader_pids(daemon: Daemon) -> list[int]:
+    return [e["pid"] for e in daemon.events("import.reader_started")]
+
+
+def running(pid: int) -> bool:
+    """Whether process `pid` still runs (a zombie nobody reaped has ended)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+
+
+def test_a_large_file_read_in_a_process_of_its_own_gives_what_a_thread_gives(
+    tmp_path: Path,
+) -> None:
+    """The child process (reader.py) and the thread read the same file into the same
+    records and the same errored rows; only the child is a process of its own."""
+    found = {}
+    for count in (1, 0):
+        root = tmp_path / f"processes-{count}"
+        path = root / "inbox" / "users-1.csv"
+        valid, bad = write_csv(path, 150_000)
+        assert path.stat().st_size >= PROCESS_FROM
+        daemon = Daemon(root, imports_config(root, ONCE), base=with_import_processes(count))
+        try:
+            daemon.start()
+            run = finished_run(daemon, "users", timeout=120)
+            assert run["processing"]["status"] == "processed"
+            assert (run["processing"]["imported"], run["processing"]["errored"]) == (
+                len(valid),
+                len(bad),
+            )
+            assert delivered_ids(daemon, len(valid)) == Counter(valid)
+            (errors_file,) = (root / "var" / "imports" / "users" / "runs").glob("*/errors.csv")
+            records = sorted(json.dumps(r, sort_keys=True) for r in daemon.delivered())
+            found[count] = (records, errors_file.read_text(), reader_pids(daemon))
+        finally:
+            daemon.close()
+    (child_records, child_errors, pids), (thread_records, thread_errors, none) = (
+        found[1],
+        found[0],
+    )
+    assert len(pids) == 1 and not none, "a child with import_processes = 1, none with 0"
+    assert child_records == thread_records
+    assert child_errors == thread_errors
+
+
+def test_a_reading_process_killed_mid_file_costs_no_row(tmp_path: Path) -> None:
+    """kill -9 of the child reading a file: the daemon reads the rest in a thread, from
+    the last row it took; every valid row arrives once."""
+    valid, _ = write_csv(tmp_path / "inbox" / "users-1.csv", 300_000, bad_every=1000)
+    daemon = Daemon(tmp_path, imports_config(tmp_path, ONCE))
+    try:
+        daemon.start()
+        (pid,) = wait_until(lambda: reader_pids(daemon), timeout=30)
+
+        def midway() -> bool:
+            runs = daemon.status()["imports"]["users"]["runs"]
+            return bool(runs) and 20_000 < runs[0]["processing"]["rows"] < 240_000
+
+        wait_until(midway, timeout=60, interval=0.01)
+        os.kill(pid, signal.SIGKILL)
+        run = finished_run(daemon, "users", timeout=120)
+        assert run["processing"]["status"] == "processed"
+        assert run["processing"]["rows"] == 300_000
+        (lost,) = daemon.events("import.reader_lost")
+        assert lost["exit"] == -signal.SIGKILL and 20_000 < lost["after_row"] < 300_000
+        ids = delivered_ids(daemon, len(valid), timeout=120)
+        assert ids == Counter(valid), "every valid row once: none lost, none doubled"
+    finally:
+        daemon.close()
+
+
+def test_a_reading_process_ends_with_the_daemon_killed_under_it(tmp_path: Path) -> None:
+    write_csv(tmp_path / "inbox" / "users-1.csv", 300_000, bad_every=1000)
+    daemon = Daemon(tmp_path, imports_config(tmp_path, ONCE))
+    try:
+        daemon.start()
+        (pid,) = wait_until(lambda: reader_pids(daemon), timeout=30)
+        daemon.kill()
+        assert wait_until(lambda: not running(pid), timeout=30)
     finally:
         daemon.close()

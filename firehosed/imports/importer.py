@@ -7,8 +7,9 @@ each to local disk (durably), then process them. A slot missed while the daemon 
 down runs once on start, for the latest missed slot only. An upload is a run whose file
 arrived over HTTP (ingest/app.py) and is durable before its 202.
 
-Processing reads a file's rows in a worker thread, CHUNK at a time, turns each valid
-row into a signal (rows.py), and hands the chunk to the same `Receiver.accept` as an
+Processing reads a file's rows CHUNK at a time and turns each valid row into a signal
+(rows.py): a large file in a process of its own, on another core (reader.py), a small
+one in a worker thread. It hands each chunk to the same `Receiver.accept` as an
 HTTP request: dedupe, catch-up, routing, durable before counted. A chunk the receiver
 cannot keep now (503: disk budget, shutting down) is offered again after a pause, never
 dropped. The run's progress is saved after each chunk (runs.py), so a crash resumes it.
@@ -19,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -36,21 +37,14 @@ from firehosed.envelope import Envelopes
 from firehosed.errors import DeliveryError
 from firehosed.fileio import fsync_dir
 from firehosed.imports import pattern as patterns
-from firehosed.imports.rows import (
-    CsvBlock,
-    FileError,
-    Row,
-    RowError,
-    RowMaker,
-    read_csv_blocks,
-    read_rows,
-)
+from firehosed.imports.reader import PROCESS_FROM, Job, Reader
+from firehosed.imports.rows import FileError
 from firehosed.imports.runs import Fetch, File, Run, TaskStore, now
 from firehosed.ingest.receiver import Answer, IngestAccount, Receiver
 
 log = structlog.get_logger(__name__)
 
-CHUNK = 2000  # rows read at a time (in a worker thread)
+CHUNK = 2000  # rows read at a time (in a child process or a worker thread)
 RATE_STEPS = 50  # bursts a second of a task with rows_per_second
 PIECE = 500  # rows per Receiver.accept (<= MAX_REJECTED_LISTED); a chunk's go together
 # Seconds between saves of a run's progress: 0, every chunk. A resumed run sends again
@@ -84,6 +78,8 @@ class Importer:
         self.stores: dict[str, TaskStore] = {}
         self.channels: dict[str, Channel] = {}
         self.fields: dict[str, Any] = {}  # account: FieldsConfig
+        self.processes = 1  # files read in child processes at once, at most
+        self._children = 0  # files being read in child processes
         self._loops: dict[str, asyncio.Task[None]] = {}
         self._active: dict[str, asyncio.Task[None]] = {}  # run id: its processing
         self._live: dict[str, Run] = {}  # run id: the run in memory while it runs
@@ -97,6 +93,7 @@ class Importer:
         self.tasks = dict(config.imports)
         self.channels = channels
         self.fields = {name: account.fields for name, account in config.accounts.items()}
+        self.processes = config.server.import_processes
         for name in list(self._loops):
             if self.tasks.get(name) != old.get(name):
                 await self._cancel(self._loops.pop(name))
@@ -278,18 +275,15 @@ class Importer:
 
     async def _process(self, store: TaskStore, run: Run) -> None:
         """Feed every file's valid rows to the receiver; note the others."""
-        task = self.tasks.get(run.task)
         processing = run.processing
         processing.status = "processing"
         processing.started = processing.started or now()
         await asyncio.to_thread(store.save, run)
-        columns = task.columns if task is not None else {}
-        maker = RowMaker(run.task, columns, self.fields[run.account])
         for file in run.files:
             if file.done:
                 continue
             try:
-                await self._rows(store, run, file, maker)
+                await self._rows(store, run, file)
             except FileError as exc:
                 file.error = str(exc)
                 log.warning(
@@ -304,34 +298,41 @@ class Importer:
         processing.ended = now()
         await asyncio.to_thread(store.save, run)
 
-    async def _rows(self, store: TaskStore, run: Run, file: File, maker: RowMaker) -> None:
-        """One file's rows, CHUNK at a time, from where the run last got to. A chunk goes
-        to the receiver as concurrent pieces of PIECE rows: they share group commits,
-        and the event loop serves other requests between them. Progress (with the
-        errored rows met) is saved at most every SAVE_EVERY seconds and at the end."""
-        key = f"{file.name}@{file.version}"
-        processing = run.processing
-        unsaved: list[tuple[str, int, str, str]] = []  # errored rows met since the save
-        saved = started = time.monotonic()
+    async def _rows(self, store: TaskStore, run: Run, file: File) -> None:
+        """One file's rows, CHUNK at a time, from where the run last got to."""
         task = self.tasks.get(run.task)
         rate = task.rows_per_second if task is not None else None
         # Limited, the rows go in RATE_STEPS small bursts a second: a burst is what a
         # request arriving meanwhile waits behind.
         size = CHUNK if rate is None else max(1, min(CHUNK, rate // RATE_STEPS))
-        rows = _read(store.data(run, file), run.format, file.rows_done, size)
+        columns = task.columns if task is not None else {}
+        key = f"{file.name}@{file.version}"
+        path = store.data(run, file)
+        job = Job(
+            path, run.format, file.rows_done, size, run.task, columns, self.fields[run.account], key
+        )
+        async with self._reader(job) as reader:
+            await self._feed(store, run, file, reader, rate)
+
+    async def _feed(
+        self, store: TaskStore, run: Run, file: File, reader: Reader, rate: int | None
+    ) -> None:
+        """`reader`'s chunks to the receiver, each as concurrent pieces of PIECE rows:
+        they share group commits, and the event loop serves other requests between
+        them. Progress (with the errored rows met) is saved at most every SAVE_EVERY
+        seconds and at the end. With a `rate` (rows a second), never ahead of it."""
+        processing = run.processing
+        unsaved: list[tuple[str, int, str, str]] = []  # errored rows met since the save
+        saved = started = time.monotonic()
         sent = 0
         # The next chunk is read while this one is accepted and its progress saved: the
-        # reading thread works while the commits' and the save's fsyncs are waited for.
-        reading = asyncio.ensure_future(
-            asyncio.to_thread(_take, rows, maker, key, file.rows_done, size)
-        )
+        # reading works while the commits' and the save's fsyncs are waited for.
+        reading = asyncio.ensure_future(reader.next())
         try:
             while True:
                 chunk = await reading
                 if not chunk.ended:
-                    reading = asyncio.ensure_future(
-                        asyncio.to_thread(_take, rows, maker, key, chunk.last, size)
-                    )
+                    reading = asyncio.ensure_future(reader.next())
                 account = await self._account(run)
                 unsaved += [(file.name, e.row, e.column, e.reason) for e in chunk.errors]
                 errored = len(chunk.errors)
@@ -370,6 +371,21 @@ class Importer:
         finally:
             if not reading.cancel() and not reading.cancelled():
                 reading.exception()  # retrieved: an error after a failure is not news
+
+    @contextlib.asynccontextmanager
+    async def _reader(self, job: Job) -> AsyncIterator[Reader]:
+        """A reader of `job`'s file: in a child process if it is large and fewer than
+        `processes` read in children now, else in a thread."""
+        reader = Reader(job)
+        in_process = self._children < self.processes and job.path.stat().st_size >= PROCESS_FROM
+        self._children += in_process
+        try:
+            if in_process:
+                await reader.spawn()
+            yield reader
+        finally:
+            self._children -= in_process
+            await reader.close()
 
     async def _account(self, run: Run) -> IngestAccount:
         """The run's account as the receiver has it (waiting while a reload removed it)."""
@@ -482,77 +498,6 @@ class Importer:
         if task.ends is not None and at > task.ends:
             return None
         return at.isoformat()
-
-
-class _Chunk:
-    """Up to CHUNK rows of a file, read in a worker thread."""
-
-    __slots__ = ("ended", "errors", "last", "numbers", "signals")
-
-    def __init__(self) -> None:
-        # The valid rows' signals, with their envelopes (JSON from msgspec: no newlines).
-        self.signals = Envelopes([], [], [], [], [], [], None, True)
-        self.numbers: list[int] = []  # the row number of each of `signals`
-        self.errors: list[RowError] = []
-        self.last = 0  # the number of the last row read (0: none)
-        self.ended = False
-
-
-def _read(path: Path, fmt: str, after: int, size: int) -> Iterator[Row | RowError | CsvBlock]:
-    """A file's rows for `_take`: CSV's in blocks of `size` rows, made in bulk."""
-    if fmt == "csv":
-        return read_csv_blocks(path, size)
-    return read_rows(path, fmt, after=after)
-
-
-def _take(
-    rows: Iterator[Row | RowError | CsvBlock],
-    maker: RowMaker,
-    key: str,
-    done: int,
-    size: int = CHUNK,
-) -> _Chunk:
-    """The next `size` rows after row `done` (rows up to it were settled before a
-    restart, and are read past)."""
-    chunk = _Chunk()
-    at = now()
-    for item in rows:
-        if isinstance(item, CsvBlock):
-            _take_block(chunk, item, maker, key, done, at)
-        else:
-            number = item.row if isinstance(item, RowError) else item[0]
-            if number <= done:
-                continue
-            chunk.last = number
-            if isinstance(item, RowError):
-                chunk.errors.append(item)
-            else:
-                made = maker.signal(item[1], number, key, at)
-                if isinstance(made, RowError):
-                    chunk.errors.append(made)
-                else:
-                    chunk.signals.append(made[1], made[0])
-                    chunk.numbers.append(number)
-        if len(chunk.signals) + len(chunk.errors) >= size:
-            return chunk
-    chunk.ended = True
-    return chunk
-
-
-def _take_block(  # noqa: PLR0917 - _take's, passed on
-    chunk: _Chunk, block: CsvBlock, maker: RowMaker, key: str, done: int, at: float
-) -> None:
-    """A block of CSV rows, made in bulk, added to `chunk` (but rows up to `done`)."""
-    if block.first <= done:
-        skip = done - block.first + 1
-        block = block._replace(first=block.first + skip, rows=block.rows[skip:])
-    if not block.rows:
-        return
-    made = maker.block(block, key, at)
-    chunk.last = block.first + len(block.rows) - 1
-    chunk.signals.extend(made.signals)
-    chunk.numbers += made.numbers
-    chunk.errors += made.errors
 
 
 def _latest_slot(schedule: str, zone: ZoneInfo, after: float, until: float) -> float | None:
