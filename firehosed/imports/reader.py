@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import os
 import pickle
+import signal
 import sys
 import traceback
 from collections.abc import Iterator
@@ -191,7 +192,9 @@ async def _spawn(job: Job) -> asyncio.subprocess.Process:
 
 
 def serve(source: BinaryIO | None = None, out: BinaryIO | None = None) -> None:
-    """The child: read the job from `source`, write its chunks to `out` (stdin, stdout)."""
+    """The child: read the job from `source`, write its chunks to `out` (stdin, stdout).
+    A Ctrl-C at a terminal is the daemon's to act on: it ends the child itself."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     source = source or sys.stdin.buffer
     out = out or sys.stdout.buffer
     job: Job = pickle.load(source)
