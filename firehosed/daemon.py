@@ -29,7 +29,8 @@ from firehosed.admin.history import History
 from firehosed.alerts import Alerts
 from firehosed.archive.archiver import Archiver
 from firehosed.catchup import CatchUp
-from firehosed.channels import Channel, open_channel
+from firehosed.channels import open_channel
+from firehosed.channels.base import Channel
 from firehosed.config import Config
 from firehosed.delivery import Worker
 from firehosed.errors import ConfigError, FirehosedError

@@ -24,8 +24,8 @@ import pytest
 
 from firehosed.config import FieldsConfig
 from firehosed.envelope import EnvelopeReader
-from firehosed.imports import reader
-from firehosed.imports.reader import Job, _open, take
+from firehosed.imports import child
+from firehosed.imports.child import Job, open_rows, take
 from firehosed.imports.rows import (
     CsvBlock,
     FileError,
@@ -241,7 +241,7 @@ def test_an_import_chunk_skips_the_rows_settled_before_a_restart(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, done: int
 ) -> None:
     """`take` over blocks gives the chunks it gives over rows, from row `done` on."""
-    monkeypatch.setattr(reader, "now", lambda: NOW)  # the import's time, in both
+    monkeypatch.setattr(child, "now", lambda: NOW)  # the import's time, in both
     path = csv_file(tmp_path / "d.csv", HEADER, 300, 5)
 
     def chunks(rows: Iterator[Any]) -> list[tuple[Any, ...]]:
@@ -264,7 +264,7 @@ def test_an_import_chunk_skips_the_rows_settled_before_a_restart(
 
     by_rows = chunks(read_rows(path, "csv"))
     by_blocks = chunks(
-        _open(Job(path, "csv", done, 7, "task", COLUMNS, FieldsConfig(), "d.csv@1"))[0]
+        open_rows(Job(path, "csv", done, 7, "task", COLUMNS, FieldsConfig(), "d.csv@1"))[0]
     )
     flat = [n for numbers, *_ in by_blocks for n in numbers]
     assert flat and min(flat) > done

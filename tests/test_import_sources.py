@@ -21,8 +21,9 @@ from aiobotocore.config import AioConfig
 from aiobotocore.session import AioSession
 
 from firehosed.channels import config_type, open_channel
-from firehosed.channels.base import Channel, RemoteFile, split_pattern
+from firehosed.channels.base import Channel, RemoteFile
 from firehosed.errors import DeliveryError
+from firehosed.names import split_pattern
 from firehosed.units import dec_hook
 from tests.servers.ftp import (
     PASSWORD,

@@ -19,7 +19,8 @@ from typing import Any
 
 from firehosed import replay
 from firehosed.archive.archiver import Archiver
-from firehosed.channels import Batch, open_channel
+from firehosed.channels import open_channel
+from firehosed.channels.base import Batch
 from firehosed.config import Config
 from firehosed.errors import DeliveryError
 from firehosed.mapping import Mapping

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-from firehosed.channels.base import Batch, Channel
+if TYPE_CHECKING:
+    from firehosed.channels.base import Channel
 
 
 class Entry(NamedTuple):
@@ -60,4 +61,4 @@ def open_channel(name: str, config: Any) -> Channel:
     return REGISTRY[type(config).__struct_config__.tag].open(name, config)
 
 
-__all__ = ["REGISTRY", "Batch", "Channel", "Entry", "config_type", "open_channel"]
+__all__ = ["REGISTRY", "Entry", "config_type", "open_channel"]

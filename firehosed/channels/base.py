@@ -14,14 +14,13 @@ from __future__ import annotations
 import abc
 import asyncio
 import os
-import re
-import unicodedata
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import BinaryIO, ClassVar
 
 from firehosed.errors import DeliveryError
+from firehosed.names import GLOB, path_problem, split_pattern
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,28 +138,6 @@ class Channel(abc.ABC):
         )
 
 
-def control_character(text: str) -> str | None:
-    """The first control character (CR, LF, NUL, TAB, DEL, C1…) in `text`, or None."""
-    return next((c for c in text if unicodedata.category(c) == "Cc"), None)
-
-
-def path_problem(path: str) -> str | None:
-    """Why `path` (a prefix or batch name) cannot go under a channel's root, or None.
-
-    It must be relative, without `..` segments, backslashes (a separator on some FTP
-    servers) or control characters (CR LF would end an FTP command, or a log line).
-    """
-    if (bad := control_character(path)) is not None:
-        return f"contains a control character ({bad!r})"
-    if "\\" in path:
-        return "must not contain '\\' (a path separator on some servers)"
-    if path.startswith("/"):
-        return "must be a relative path (no leading '/')"
-    if ".." in path.split("/"):
-        return "must be a relative path without '..' segments"
-    return None
-
-
 def relative_name(name: str, what: str = "batch name") -> str:
     """`name`, checked to stay under a channel's root (config validation already keeps
     prefixes and patterns so; this guards a manifest cut before that, or a bug). A name
@@ -174,37 +151,10 @@ def relative_name(name: str, what: str = "batch name") -> str:
     return name
 
 
-_GLOB = re.compile(r"[*?\[]")
-
-
-def split_pattern(pattern: str) -> tuple[str, str]:
-    """An import pattern as (directory, file name glob), the directory "" for the root.
-
-    Raises ValueError saying why for a pattern `list_files` cannot take: empty, absolute,
-    with an empty, '.' or '..' component, glob characters in a directory (only the file
-    name may hold them), or anything `path_problem` refuses (backslash, control
-    character).
-    """
-    if not pattern:
-        raise ValueError("an import pattern must not be empty")
-    if (problem := path_problem(pattern)) is not None:
-        raise ValueError(f"import pattern {pattern!r} {problem}")
-    directory, _, glob = pattern.rpartition("/")
-    parts = pattern.split("/")
-    if any(part in ("", ".") for part in parts):
-        raise ValueError(f"import pattern {pattern!r} must not hold empty or '.' components")
-    if _GLOB.search(directory):
-        raise ValueError(
-            f"import pattern {pattern!r}: only the file name may hold glob characters "
-            "(* ? [); its directories are literal"
-        )
-    return directory, glob
-
-
 def glob_start(glob: str) -> str:
     """The literal text `glob` starts with (before its first glob character): the part a
     server-side prefix filter (S3's Prefix) can use."""
-    found = _GLOB.search(glob)
+    found = GLOB.search(glob)
     return glob if found is None else glob[: found.start()]
 
 

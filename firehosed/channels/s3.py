@@ -29,7 +29,6 @@ from firehosed.channels.base import (
     Batch,
     Channel,
     RemoteFile,
-    control_character,
     glob_start,
     joined,
     relative_name,
@@ -38,6 +37,7 @@ from firehosed.channels.base import (
     sync_file,
 )
 from firehosed.errors import DeliveryError
+from firehosed.names import control_character
 from firehosed.units import Size
 
 log = structlog.get_logger(__name__)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections import deque
 from collections.abc import AsyncIterator
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -30,14 +31,14 @@ import structlog
 from cronsim import CronSim
 
 from firehosed import metrics
-from firehosed.channels import Channel
-from firehosed.channels.base import sync_file
+from firehosed.channels.base import Channel, sync_file
 from firehosed.config import Config, ImportConfig, import_offset
 from firehosed.envelope import Envelopes
 from firehosed.errors import DeliveryError
 from firehosed.fileio import fsync_dir
 from firehosed.imports import pattern as patterns
-from firehosed.imports.reader import PROCESS_FROM, Job, Reader
+from firehosed.imports.child import Chunk, Job
+from firehosed.imports.reader import PROCESS_FROM, Reader
 from firehosed.imports.rows import FileError
 from firehosed.imports.runs import Fetch, File, Run, TaskStore, now
 from firehosed.ingest.receiver import Answer, IngestAccount, Receiver
@@ -46,6 +47,7 @@ log = structlog.get_logger(__name__)
 
 CHUNK = 2000  # rows read at a time (in a child process or a worker thread)
 RATE_STEPS = 50  # bursts a second of a task with rows_per_second
+IN_FLIGHT = 4  # chunks being committed at once (each is saved once it is kept)
 PIECE = 500  # rows per Receiver.accept (<= MAX_REJECTED_LISTED); a chunk's go together
 # Seconds between saves of a run's progress: 0, every chunk. A resumed run sends again
 # the rows after its last save; those still in a queue are duplicates (dedupe takes the
@@ -319,12 +321,15 @@ class Importer:
     ) -> None:
         """`reader`'s chunks to the receiver, each as concurrent pieces of PIECE rows:
         they share group commits, and the event loop serves other requests between
-        them. Progress (with the errored rows met) is saved at most every SAVE_EVERY
-        seconds and at the end. With a `rate` (rows a second), never ahead of it."""
-        processing = run.processing
+        them. IN_FLIGHT chunks are committed at once, so that the next one is accepted
+        while the fsyncs of the last one's commit and progress save are waited for. A
+        chunk's progress is saved once it and every chunk before it were kept (at most
+        every SAVE_EVERY seconds, and at the end). With a `rate` (rows a second), never
+        ahead of it."""
         unsaved: list[tuple[str, int, str, str]] = []  # errored rows met since the save
         saved = started = time.monotonic()
         sent = 0
+        flight: deque[tuple[Chunk, asyncio.Future[list[Answer]]]] = deque()
         # The next chunk is read while this one is accepted and its progress saved: the
         # reading works while the commits' and the save's fsyncs are waited for.
         reading = asyncio.ensure_future(reader.next())
@@ -333,44 +338,62 @@ class Importer:
                 chunk = await reading
                 if not chunk.ended:
                     reading = asyncio.ensure_future(reader.next())
-                account = await self._account(run)
-                unsaved += [(file.name, e.row, e.column, e.reason) for e in chunk.errors]
-                errored = len(chunk.errors)
-                signals = chunk.signals
-                pieces = range(0, len(signals), PIECE)
-                answers = await asyncio.gather(
-                    *(self._accept(account, signals, at, at + PIECE, run) for at in pieces)
-                )
-                imported = duplicates = 0
-                for at, answer in zip(pieces, answers, strict=True):
-                    for rejected in answer.body.get("rejected", []):
-                        row = chunk.numbers[at + rejected["index"]]
-                        unsaved.append((file.name, row, "", rejected["error"]))
-                        errored += 1
-                    imported += answer.body.get("accepted", 0)
-                    duplicates += answer.body.get("duplicates", 0)
-                if chunk.last:
-                    processing.rows += chunk.last - file.rows_done
-                    processing.imported += imported
-                    processing.duplicates += duplicates
-                    processing.errored += errored
-                    file.rows_done = chunk.last
-                    _count(run.task, imported, duplicates, errored)
-                if chunk.ended or time.monotonic() - saved >= SAVE_EVERY:
-                    if unsaved:
-                        unsaved.sort(key=lambda e: e[1])
-                        await asyncio.to_thread(store.add_errors, run, unsaved)
-                        unsaved = []
-                    await asyncio.to_thread(store.save, run)
-                    saved = time.monotonic()
+                flight.append((chunk, asyncio.ensure_future(self._accept_chunk(run, chunk))))
+                while flight and (chunk.ended or len(flight) >= IN_FLIGHT):
+                    kept, accepting = flight.popleft()
+                    unsaved += self._settle(run, file, kept, await accepting)
+                    if kept.ended or time.monotonic() - saved >= SAVE_EVERY:
+                        if unsaved:
+                            unsaved.sort(key=lambda e: e[1])
+                            await asyncio.to_thread(store.add_errors, run, unsaved)
+                            unsaved = []
+                        await asyncio.to_thread(store.save, run)
+                        saved = time.monotonic()
                 if chunk.ended:
                     return
                 sent += len(chunk.signals) + len(chunk.errors)
                 if rate is not None:  # ahead of `rows_per_second`: wait until on time
                     await asyncio.sleep(max(0.0, started + sent / rate - time.monotonic()))
         finally:
-            if not reading.cancel() and not reading.cancelled():
-                reading.exception()  # retrieved: an error after a failure is not news
+            left: list[asyncio.Future[Any]] = [reading, *(f for _, f in flight)]
+            for future in left:
+                if not future.cancel() and not future.cancelled():
+                    future.exception()  # retrieved: an error after a failure is not news
+
+    async def _accept_chunk(self, run: Run, chunk: Chunk) -> list[Answer]:
+        """The receiver's answers to `chunk`'s signals, PIECE at a time."""
+        account = await self._account(run)
+        signals = chunk.signals
+        return await asyncio.gather(
+            *(
+                self._accept(account, signals, at, at + PIECE, run)
+                for at in range(0, len(signals), PIECE)
+            )
+        )
+
+    @staticmethod
+    def _settle(
+        run: Run, file: File, chunk: Chunk, answers: list[Answer]
+    ) -> list[tuple[str, int, str, str]]:
+        """Count `chunk` as kept (with the receiver's `answers`) in `run`'s progress; its
+        errored rows (file, row, column, reason)."""
+        errors = [(file.name, e.row, e.column, e.reason) for e in chunk.errors]
+        imported = duplicates = 0
+        for at, answer in zip(range(0, len(chunk.signals), PIECE), answers, strict=True):
+            for rejected in answer.body.get("rejected", []):
+                row = chunk.numbers[at + rejected["index"]]
+                errors.append((file.name, row, "", rejected["error"]))
+            imported += answer.body.get("accepted", 0)
+            duplicates += answer.body.get("duplicates", 0)
+        if chunk.last:
+            processing = run.processing
+            processing.rows += chunk.last - file.rows_done
+            processing.imported += imported
+            processing.duplicates += duplicates
+            processing.errored += len(errors)
+            file.rows_done = chunk.last
+            _count(run.task, imported, duplicates, len(errors))
+        return errors
 
     @contextlib.asynccontextmanager
     async def _reader(self, job: Job) -> AsyncIterator[Reader]:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import re
 from datetime import date
 
-from firehosed.channels.base import split_pattern
+from firehosed.names import split_pattern
 
 # Date fields of a quoted pattern, longest first, and their strftime directives.
 _FIELDS = (("yyyy", "%Y"), ("YYYY", "%Y"), ("yy", "%y"), ("MM", "%m"), ("dd", "%d"), ("HH", "%H"))
@@ -44,7 +44,7 @@ def style(pattern: str) -> str:
 
 
 def problem(pattern: str) -> str | None:
-    """Why `pattern` cannot select files, or None (`channels.base.split_pattern` says
+    """Why `pattern` cannot select files, or None (`names.split_pattern` says
     what a source can list)."""
     try:
         split_pattern(expand(pattern, date(2026, 12, 31)))

@@ -7,13 +7,13 @@ loop that answers POSTs. So a file of `PROCESS_FROM` bytes or more is read by a 
 process (`import_processes` of them at most at once, `[server]`), on another core where
 the machine has one; a smaller file, or one past that number, is read in a worker thread.
 
-The child gets its `Job` (pickled, on stdin) and writes the file's chunks to stdout, each
-pickled after its length. It keeps one chunk ahead of the daemon: it makes the next one
-while the daemon commits the last, then waits on the pipe until it is read. It ends after
-the last chunk, at a file it cannot read (a `FileError`, sent as such), or when the
-daemon is gone (its next write meets a closed pipe). A child that dies (the OOM killer,
-a kill -9) costs no row: the daemon logs `import.reader_lost` and reads the rest of the
-file in a thread, after the last row of the chunks it took.
+The child (child.py) gets its `Job` (pickled, on stdin) and writes the file's chunks to
+stdout, each pickled after its length. It keeps ahead of the daemon: it makes the next
+chunks while the daemon commits the last ones, then waits on the pipe until they are
+read. It ends after the last chunk, at a file it cannot read (a `FileError`, sent as
+such), or when the daemon is gone (its next write meets a closed pipe). A child that
+dies (the OOM killer, a kill -9) costs no row: the daemon logs `import.reader_lost` and
+reads the rest of the file in a thread, after the last row of the chunks it took.
 """
 
 from __future__ import annotations
@@ -22,63 +22,22 @@ import asyncio
 import contextlib
 import os
 import pickle
-import signal
 import sys
-import traceback
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, BinaryIO, NamedTuple
 
 import structlog
 
 import firehosed
-from firehosed.config import FieldsConfig
-from firehosed.envelope import Envelopes
-from firehosed.imports.rows import (
-    CsvBlock,
-    FileError,
-    Row,
-    RowError,
-    RowMaker,
-    read_csv_blocks,
-    read_rows,
-)
-from firehosed.imports.runs import now
+from firehosed.imports.child import LENGTH, Chunk, Job, open_rows, take
+from firehosed.imports.rows import CsvBlock, FileError, Row, RowError, RowMaker
 
 log = structlog.get_logger(__name__)
 
 PROCESS_FROM = 8 << 20  # bytes: a smaller file is read in a thread (a child costs ~0.15 s)
 PIPE_LIMIT = 1 << 20  # bytes the daemon buffers from the child's pipe before it pauses it
-LENGTH = 8  # bytes of the length before each pickled frame
 # Where this very package is: the child runs it, whatever its working directory holds.
 PACKAGE_ROOT = str(Path(firehosed.__file__).resolve().parent.parent)
-
-
-class Job(NamedTuple):
-    """All that reading one file takes; it crosses to the child pickled."""
-
-    path: Path
-    format: str
-    after: int  # rows up to this one were settled before a restart: read past them
-    size: int  # rows a chunk
-    task: str
-    columns: dict[str, str]
-    fields: FieldsConfig
-    key: str  # the file as `name@version`: the ids made for its rows hold it
-
-
-class Chunk:
-    """Up to `Job.size` rows of a file."""
-
-    __slots__ = ("ended", "errors", "last", "numbers", "signals")
-
-    def __init__(self) -> None:
-        # The valid rows' signals, with their envelopes (JSON from msgspec: no newlines).
-        self.signals = Envelopes([], [], [], [], [], [], None, True)
-        self.numbers: list[int] = []  # the row number of each of `signals`
-        self.errors: list[RowError] = []
-        self.last = 0  # the number of the last row read (0: none)
-        self.ended = False
 
 
 class Reader:
@@ -137,7 +96,7 @@ class Reader:
 
     def _take(self) -> Chunk:
         if self._rows is None or self._maker is None:  # (after a lost child: from its last)
-            self._rows, self._maker = _open(self.job._replace(after=self.done))
+            self._rows, self._maker = open_rows(self.job._replace(after=self.done))
         return take(self._rows, self._maker, self.job.key, self.done, self.job.size)
 
     async def _receive(self, child: asyncio.subprocess.Process) -> Chunk:
@@ -168,7 +127,7 @@ async def _spawn(job: Job) -> asyncio.subprocess.Process:
     """A child reading `job`."""
     paths = [PACKAGE_ROOT, *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
-    code = "from firehosed.imports.reader import serve; serve()"
+    code = "from firehosed.imports.child import serve; serve()"
     child = await asyncio.create_subprocess_exec(
         sys.executable,
         "-P",
@@ -189,97 +148,3 @@ async def _spawn(job: Job) -> asyncio.subprocess.Process:
         await child.wait()
         raise
     return child
-
-
-def serve(source: BinaryIO | None = None, out: BinaryIO | None = None) -> None:
-    """The child: read the job from `source`, write its chunks to `out` (stdin, stdout).
-    A Ctrl-C at a terminal is the daemon's to act on: it ends the child itself."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    source = source or sys.stdin.buffer
-    out = out or sys.stdout.buffer
-    job: Job = pickle.load(source)
-    try:
-        _send(out, _serve(job, out))
-    except BrokenPipeError:  # the daemon is gone
-        with contextlib.suppress(OSError):
-            os.close(out.fileno())  # no flush at exit onto the closed pipe
-
-
-def _serve(job: Job, out: BinaryIO) -> tuple[str, Any]:
-    """Send every chunk of `job` but the last; the last frame to send."""
-    try:
-        rows, maker = _open(job)
-        done = job.after
-        while not (chunk := take(rows, maker, job.key, done, job.size)).ended:
-            _send(out, ("chunk", chunk))
-            done = chunk.last or done
-    except FileError as exc:
-        return "failed", str(exc)
-    except BrokenPipeError:
-        raise
-    except Exception:
-        return "crashed", traceback.format_exc()
-    return "chunk", chunk
-
-
-def _send(out: BinaryIO, frame: tuple[str, Any]) -> None:
-    data = pickle.dumps(frame, protocol=pickle.HIGHEST_PROTOCOL)
-    out.write(len(data).to_bytes(LENGTH, "little"))
-    out.write(data)
-    out.flush()
-
-
-def _open(job: Job) -> tuple[Iterator[Row | RowError | CsvBlock], RowMaker]:
-    """A file's rows for `take` (CSV's in blocks of `job.size` rows, made in bulk), and
-    the maker of their signals."""
-    if job.format == "csv":
-        rows: Iterator[Row | RowError | CsvBlock] = read_csv_blocks(job.path, job.size)
-    else:
-        rows = read_rows(job.path, job.format, after=job.after)
-    return rows, RowMaker(job.task, job.columns, job.fields)
-
-
-def take(
-    rows: Iterator[Row | RowError | CsvBlock], maker: RowMaker, key: str, done: int, size: int
-) -> Chunk:
-    """The next `size` rows after row `done` (rows up to it were settled before a
-    restart, and are read past)."""
-    chunk = Chunk()
-    at = now()
-    for item in rows:
-        if isinstance(item, CsvBlock):
-            _take_block(chunk, item, maker, key, done, at)
-        else:
-            number = item.row if isinstance(item, RowError) else item[0]
-            if number <= done:
-                continue
-            chunk.last = number
-            if isinstance(item, RowError):
-                chunk.errors.append(item)
-            else:
-                made = maker.signal(item[1], number, key, at)
-                if isinstance(made, RowError):
-                    chunk.errors.append(made)
-                else:
-                    chunk.signals.append(made[1], made[0])
-                    chunk.numbers.append(number)
-        if len(chunk.signals) + len(chunk.errors) >= size:
-            return chunk
-    chunk.ended = True
-    return chunk
-
-
-def _take_block(  # noqa: PLR0917 - take's, passed on
-    chunk: Chunk, block: CsvBlock, maker: RowMaker, key: str, done: int, at: float
-) -> None:
-    """A block of CSV rows, made in bulk, added to `chunk` (but rows up to `done`)."""
-    if block.first <= done:
-        skip = done - block.first + 1
-        block = block._replace(first=block.first + skip, rows=block.rows[skip:])
-    if not block.rows:
-        return
-    made = maker.block(block, key, at)
-    chunk.last = block.first + len(block.rows) - 1
-    chunk.signals.extend(made.signals)
-    chunk.numbers += made.numbers
-    chunk.errors += made.errors

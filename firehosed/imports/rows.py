@@ -44,7 +44,6 @@ from firehosed.envelope import (
     _check_type,
     parse_time,
 )
-from firehosed.imports.avro import avro_rows
 from firehosed.imports.errors import FileError, RowError
 
 __all__ = ["FORMATS", "FileError", "Row", "RowError", "RowMaker", "columns_problem", "read_rows"]
@@ -95,6 +94,9 @@ def read_rows(
         elif fmt == "ndjson":
             yield from _ndjson_rows(stream, max_row)
         elif fmt == "avro":
+            # Here: fastavro is 8 MB of every reading process's memory (imports/child.py).
+            from firehosed.imports.avro import avro_rows  # noqa: PLC0415
+
             yield from avro_rows(stream, after)
         else:
             yield from _json_rows(stream, max_row)
