@@ -9,7 +9,8 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from firehosed.channels import REGISTRY, Channel
+from firehosed.channels import REGISTRY
+from firehosed.channels.base import Channel
 
 PACKAGE = Path(__file__).resolve().parent.parent / "firehosed"
 
