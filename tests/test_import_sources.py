@@ -20,9 +20,11 @@ import pytest
 from aiobotocore.config import AioConfig
 from aiobotocore.session import AioSession
 
+from firehosed import fileio
 from firehosed.channels import config_type, open_channel
 from firehosed.channels.base import Channel, RemoteFile
 from firehosed.errors import DeliveryError
+from firehosed.fileio import PACE
 from firehosed.names import split_pattern
 from firehosed.units import dec_hook
 from tests.servers.ftp import (
@@ -271,6 +273,31 @@ async def test_fetch_copies_the_bytes_exactly(
 
     assert copied == len(data)
     assert hashlib.sha256(target.read_bytes()).digest() == hashlib.sha256(data).digest()
+
+
+async def test_a_large_fetch_is_written_out_as_it_comes(
+    place: Place, channel: Channel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fetched file is written out PACE bytes at a time, not left whole to its last
+    fsync, which would hold every other fsync of the disk (a POST's) behind it."""
+    data = os.urandom(3 * PACE + 17)
+    place.write("big.csv", data)
+    target = tmp_path / "big-fetched.csv"
+    ranges: list[tuple[int, int]] = []  # (start, end) of each range of it written out
+    real = fileio.write_out
+
+    def write_out(fd: int, start: int, length: int, *, wait: bool) -> None:  # watched
+        if os.readlink(f"/proc/self/fd/{fd}") == str(target):
+            ranges.append((start, start + length))
+        real(fd, start, length, wait=wait)
+
+    monkeypatch.setattr(fileio, "write_out", write_out)
+    copied = await channel.fetch("big.csv", target, account=ACCOUNT)
+
+    assert copied == len(data) and target.read_bytes() == data
+    # asyncssh writes the file itself: one range at a time is written out beside it.
+    assert len(ranges) >= (1 if place.kind == "sftp" else 3), ranges
+    assert min(end for _, end in ranges) < len(data), "written out before the fetch's end"
 
 
 async def test_fetching_a_missing_file_names_it(

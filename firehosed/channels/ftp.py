@@ -47,6 +47,7 @@ from firehosed.channels.base import (
     sync_file,
 )
 from firehosed.errors import DeliveryError
+from firehosed.fileio import Paced
 from firehosed.units import Duration
 
 log = structlog.get_logger(__name__)
@@ -175,7 +176,7 @@ class _Client(aioftp.Client):
                 sent += len(block)
         return sent
 
-    async def retrieve(self, remote: PurePosixPath, target: BinaryIO) -> int:
+    async def retrieve(self, remote: PurePosixPath, target: Paced) -> int:
         """RETR `remote` into `target` over a passive data connection; count the bytes."""
         received = 0
         async with self._transfer(f"RETR {remote}") as (reader, _writer):
@@ -330,13 +331,14 @@ class FtpChannel(Channel):
         return sorted(files, key=lambda file: file.name)
 
     async def fetch(self, name: str, target: Path, *, account: str) -> int:
-        """RETR `name` under `path` into `target` in 1 MiB writes, then fsync it."""
+        """RETR `name` under `path` into `target` in 1 MiB writes (written out as they go:
+        fileio.PACE), then fsync it."""
         remote = self.root / relative_name(name, "file name")
         async with self._lock:
             with self._translated(remote):
                 client = await self._connection()
                 with await asyncio.to_thread(target.open, "wb") as file:
-                    received = await client.retrieve(remote, file)
+                    received = await client.retrieve(remote, Paced(file))
                     await asyncio.to_thread(sync_file, file)
         return received
 

@@ -37,6 +37,7 @@ from firehosed.channels.base import (
     sync_file,
 )
 from firehosed.errors import DeliveryError
+from firehosed.fileio import Paced
 from firehosed.names import control_character
 from firehosed.units import Size
 
@@ -303,16 +304,17 @@ async def _gather_or_cancel(coroutines: list[Any]) -> None:
 
 
 async def _stream(body: Any, file: BinaryIO) -> int:
-    """Copy a GetObject body into `file` in writes of up to 1 MiB, made in a thread, and
-    fsync it; the bytes copied."""
+    """Copy a GetObject body into `file` in writes of up to 1 MiB, made in a thread
+    (written out as they go: fileio.PACE), and fsync it; the bytes copied."""
     copied = 0
+    paced = Paced(file)
     while True:
         block = bytearray()
         while len(block) < MiB and (chunk := await body.read(MiB - len(block))):
             block += chunk
         if not block:
             break
-        await asyncio.to_thread(file.write, block)
+        await asyncio.to_thread(paced.write, block)
         copied += len(block)
     await asyncio.to_thread(sync_file, file)
     return copied

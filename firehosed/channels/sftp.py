@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import posixpath
 import secrets
 from collections.abc import Awaitable, Callable
@@ -27,6 +28,7 @@ import asyncssh
 import msgspec
 import structlog
 
+from firehosed import fileio
 from firehosed.channels.base import (
     Batch,
     Channel,
@@ -332,14 +334,19 @@ class SftpChannel(Channel):
 
     async def _download(self, session: _Session, remote: str, target: Path) -> None:
         # A symlink is followed (its file copied), never recreated locally.
-        await session.sftp.get(
-            remote,
-            str(target),
-            follow_symlinks=True,
-            sparse=False,
-            block_size=self.config.block_size or -1,
-            max_requests=self.config.max_requests or -1,
-        )
+        pacer = _Pacer(target)
+        try:
+            await session.sftp.get(
+                remote,
+                str(target),
+                follow_symlinks=True,
+                sparse=False,
+                block_size=self.config.block_size or -1,
+                max_requests=self.config.max_requests or -1,
+                progress_handler=pacer.progress,
+            )
+        finally:
+            await pacer.settled()
 
     async def _ensure_directory(self, session: _Session, directory: str) -> None:
         if directory in session.dirs:
@@ -419,3 +426,33 @@ async def _close(session: _Session) -> None:
     session.conn.close()
     with contextlib.suppress(TimeoutError, asyncssh.Error, OSError):
         await asyncio.wait_for(session.conn.wait_closed(), _CLOSE_TIMEOUT)
+
+
+class _Pacer:
+    """Writes a download out PACE bytes at a time (fileio.Paced says why): asyncssh writes
+    the local file itself, and tells each block copied to `progress`, which writes out
+    the bytes copied until then in a thread (one at a time)."""
+
+    def __init__(self, target: Path) -> None:
+        self.target = target
+        self.written = 0  # bytes written out, or being written
+        self.writing: asyncio.Future[None] | None = None
+
+    def progress(self, _source: bytes, _target: bytes, copied: int, _total: int) -> None:
+        idle = self.writing is None or self.writing.done()
+        if idle and copied - self.written >= fileio.PACE:
+            self.writing = asyncio.ensure_future(asyncio.to_thread(self._write_out, copied))
+            self.written = copied
+
+    def _write_out(self, copied: int) -> None:
+        fd = os.open(self.target, os.O_RDONLY)
+        try:
+            fileio.write_out(fd, 0, copied, wait=True)
+        finally:
+            os.close(fd)
+
+    async def settled(self) -> None:
+        """Wait for the writing in flight (the download's own fsync follows)."""
+        if self.writing is not None:
+            with contextlib.suppress(OSError):  # the final fsync says so, if it still is
+                await self.writing

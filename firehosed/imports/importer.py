@@ -35,7 +35,7 @@ from firehosed.channels.base import Channel, sync_file
 from firehosed.config import Config, ImportConfig, import_offset
 from firehosed.envelope import Envelopes
 from firehosed.errors import DeliveryError
-from firehosed.fileio import fsync_dir
+from firehosed.fileio import Paced, fsync_dir
 from firehosed.imports import pattern as patterns
 from firehosed.imports.child import Chunk, Job
 from firehosed.imports.reader import PROCESS_FROM, Reader
@@ -539,12 +539,13 @@ async def _receive(chunks: AsyncIterator[bytes], target: Path, limit: int, sync:
     """Write an upload's body to `target` (durably); its size. 413 past `limit`."""
     size = 0
     out = await asyncio.to_thread(target.open, "wb")
+    write = Paced(out).write if sync else out.write  # written out as it comes: PACE
     try:
         async for data in chunks:
             size += len(data)
             if size > limit:
                 raise UploadError(413, f"upload over server.max_upload ({limit} bytes)")
-            await asyncio.to_thread(out.write, data)
+            await asyncio.to_thread(write, data)
         if sync:
             await asyncio.to_thread(sync_file, out)
     finally:
