@@ -12,7 +12,7 @@ import os
 import re
 import tomllib
 from collections.abc import Iterable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from datetime import time as dt_time
 from pathlib import Path
 from typing import Any, Literal
@@ -729,6 +729,8 @@ def _validate_firehose(
         report.add((*key, "prefix"), problem)
     if (problem := filename_pattern_problem(firehose.filename_pattern)) is not None:
         report.add((*key, "filename_pattern"), problem)
+    elif (repeat := repeating_pattern(firehose.filename_pattern)) is not None:
+        report.warn((*key, "filename_pattern"), repeat)
     _validate_archive(key, firehose, report)
 
 
@@ -884,6 +886,27 @@ def filename_pattern_problem(pattern: str) -> str | None:
         return f"contains a control character ({bad!r})"
     if "/" in name or "\\" in name:
         return "must be a file name without '/' or '\\' (use prefix for directories)"
+    return None
+
+
+def repeating_pattern(pattern: str) -> str | None:
+    """Why names made by `pattern` (valid) repeat, or None. A name stays unique within
+    a run of the same text (a suffix counts on: `-1`, `-2`...), not when the text
+    changes and later comes back: without its date (or its year), one day's file takes
+    the name of an earlier day's and replaces it at the destination."""
+    here = _SAMPLE_TIME.strftime(pattern)
+    odd = timedelta(seconds=1, microseconds=234567)  # off every whole unit of time
+    for days in (1, 7, 31, 365):
+        earlier = _SAMPLE_TIME - timedelta(days=days)
+        between = (_SAMPLE_TIME - odd, _SAMPLE_TIME - timedelta(days=days) / 2 - odd)
+        if earlier.strftime(pattern) == here and any(
+            moment.strftime(pattern) != here for moment in between
+        ):
+            return (
+                f"names repeat: {pattern!r} names a file of {earlier:%Y-%m-%d %H:%M} "
+                f"as one of {_SAMPLE_TIME:%Y-%m-%d %H:%M} ({here!r}), and the later file "
+                "replaces the earlier at the destination; put the date in it (%Y-%m-%d)"
+            )
     return None
 
 

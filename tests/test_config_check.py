@@ -718,6 +718,31 @@ def test_credentials_bound_for_clear_text_are_warned_about_not_refused(
     assert not any(secret in result.stderr for secret in ("url-pw", "hdr-secret", "smtp-pw"))
 
 
+def test_a_filename_pattern_whose_names_come_back_is_warned_about(tmp_path: Path) -> None:
+    """`%H-%M` names tomorrow's 10:00 file as today's: the later replaces the earlier at
+    the destination. A pattern whose text never comes back (a date, or no time at all:
+    a suffix counts on) is fine."""
+    for pattern, warned in [
+        ("%H-%M", True),
+        ("cart-%m-%d-%H", True),
+        ("%Y-%m-%d", False),
+        ("firehose-%Y-%j-%H%M%S", False),
+        ("batch", False),
+    ]:
+        text = VALID + f'filename_pattern = "{pattern}"\n'
+        path = write(tmp_path, text)
+        result = check(path)
+        assert result.returncode == 0, result.stderr
+        lines = result.stderr.splitlines()
+        if not warned:
+            assert lines == [], (pattern, lines)
+            continue
+        (line,) = lines
+        prefix = f"{path}:{line_of(text, 'filename_pattern')}: firehoses.f.filename_pattern: "
+        assert line.startswith(prefix + f"warning: names repeat: {pattern!r}"), line
+        assert "replaces the earlier" in line
+
+
 def test_a_toml_syntax_error_names_its_line(tmp_path: Path) -> None:
     text = VALID.replace("[catch_up]", "[catch_up\nbroken = ")
     path = write(tmp_path, text)
