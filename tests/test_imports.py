@@ -488,3 +488,24 @@ def test_a_reading_process_ends_with_the_daemon_killed_under_it(tmp_path: Path) 
         assert wait_until(lambda: not running(pid), timeout=30)
     finally:
         daemon.close()
+
+
+def test_a_file_failing_at_its_end_keeps_and_counts_every_row_before(tmp_path: Path) -> None:
+    """A quote never closed in the last row fails the file while chunks before it are
+    still being committed: those are kept and counted all the same, and delivered."""
+    path = tmp_path / "inbox" / "users-1.csv"
+    valid, bad = write_csv(path, 150_000)
+    with path.open("a", encoding="utf-8", newline="") as out:
+        out.write('purchase,"e99999999,cust1,,2026-12-01T10:00:00Z,sku,1\r\n')
+    daemon = Daemon(tmp_path, imports_config(tmp_path, ONCE))
+    try:
+        daemon.start()
+        run = finished_run(daemon, "users", timeout=120)
+        assert reader_pids(daemon), "read in a process of its own"
+        processing = run["processing"]
+        assert processing["status"] == "failed"
+        assert "never closed" in processing["error"]
+        assert (processing["imported"], processing["errored"]) == (len(valid), len(bad))
+        assert delivered_ids(daemon, len(valid)) == Counter(valid)
+    finally:
+        daemon.close()

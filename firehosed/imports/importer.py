@@ -324,31 +324,43 @@ class Importer:
         them. IN_FLIGHT chunks are committed at once, so that the next one is accepted
         while the fsyncs of the last one's commit and progress save are waited for. A
         chunk's progress is saved once it and every chunk before it were kept (at most
-        every SAVE_EVERY seconds, and at the end). With a `rate` (rows a second), never
-        ahead of it."""
+        every SAVE_EVERY seconds, and at the end). A file that fails part-way has the
+        chunks before its fault kept and counted first. With a `rate` (rows a second),
+        never ahead of it."""
         unsaved: list[tuple[str, int, str, str]] = []  # errored rows met since the save
         saved = started = time.monotonic()
         sent = 0
         flight: deque[tuple[Chunk, asyncio.Future[list[Answer]]]] = deque()
+
+        async def settle(keep: int) -> None:
+            """Settle the chunks in flight, oldest first, until `keep` are left."""
+            nonlocal unsaved, saved
+            while len(flight) > keep:
+                kept, accepting = flight.popleft()
+                unsaved += self._settle(run, file, kept, await accepting)
+                last = kept.ended or not flight  # (of a file, or of what it gave)
+                if last or time.monotonic() - saved >= SAVE_EVERY:
+                    if unsaved:
+                        unsaved.sort(key=lambda e: e[1])
+                        await asyncio.to_thread(store.add_errors, run, unsaved)
+                        unsaved = []
+                    await asyncio.to_thread(store.save, run)
+                    saved = time.monotonic()
+
         # The next chunk is read while this one is accepted and its progress saved: the
         # reading works while the commits' and the save's fsyncs are waited for.
         reading = asyncio.ensure_future(reader.next())
         try:
             while True:
-                chunk = await reading
+                try:
+                    chunk = await reading
+                except Exception:  # the file fails here: the rows before it are kept
+                    await settle(0)
+                    raise
                 if not chunk.ended:
                     reading = asyncio.ensure_future(reader.next())
                 flight.append((chunk, asyncio.ensure_future(self._accept_chunk(run, chunk))))
-                while flight and (chunk.ended or len(flight) >= IN_FLIGHT):
-                    kept, accepting = flight.popleft()
-                    unsaved += self._settle(run, file, kept, await accepting)
-                    if kept.ended or time.monotonic() - saved >= SAVE_EVERY:
-                        if unsaved:
-                            unsaved.sort(key=lambda e: e[1])
-                            await asyncio.to_thread(store.add_errors, run, unsaved)
-                            unsaved = []
-                        await asyncio.to_thread(store.save, run)
-                        saved = time.monotonic()
+                await settle(0 if chunk.ended else IN_FLIGHT - 1)
                 if chunk.ended:
                     return
                 sent += len(chunk.signals) + len(chunk.errors)
