@@ -60,10 +60,11 @@ class Paced:
     the writer goes on and at most two ranges are ever unwritten. Its fsync then has
     little left to do. Blocking: call `write` in a thread."""
 
-    __slots__ = ("_begun", "_end", "file")
+    __slots__ = ("_begun", "_end", "_waited", "file")
 
     def __init__(self, file: BinaryIO) -> None:
         self.file = file
+        self._waited = 0  # bytes known written out: those before the range in flight
         self._begun = 0  # where the range being written out starts
         self._end = 0  # bytes written so far
 
@@ -78,8 +79,9 @@ class Paced:
         if end - self._begun >= PACE:
             self.file.flush()
             fd = self.file.fileno()
-            if self._begun:
-                write_out(fd, 0, self._begun, wait=True)  # the ranges before this one
+            if self._begun > self._waited:  # the range begun last time
+                write_out(fd, self._waited, self._begun - self._waited, wait=True)
+                self._waited = self._begun
             write_out(fd, self._begun, end - self._begun, wait=False)
             self._begun = end
 

@@ -484,6 +484,7 @@ def test_a_reading_process_ends_with_the_daemon_killed_under_it(tmp_path: Path) 
     try:
         daemon.start()
         (pid,) = wait_until(lambda: reader_pids(daemon), timeout=30)
+        assert running(pid), "the child still reads when its daemon is killed"
         daemon.kill()
         assert wait_until(lambda: not running(pid), timeout=30)
     finally:
