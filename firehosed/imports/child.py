@@ -1,8 +1,10 @@
 """The process that reads a large import file (reader.py starts it, one per file).
 
-It gets its `Job` (pickled, on stdin) and writes the file's chunks to stdout, each
-pickled after its length, then ends; a file it cannot read ends it with a "failed"
-frame (the FileError's reason), a bug with a "crashed" one (its traceback). It imports
+It gets its `Job` (pickled, on stdin) and writes the file's chunks to stdout, each a
+`Frame` in msgpack after its length, then ends; a file it cannot read ends it with a
+"failed" frame (the FileError's reason), a bug with a "crashed" one (its traceback).
+msgpack, not pickle, because pickle's memo of every string it writes made pickling a
+chunk cost a tenth of the child's time (0.86 us a row, msgspec's encoder 0.08). It imports
 only what reading rows takes (no asyncio loop, no logging, fastavro only for Avro):
 about 25 MB of memory, where the daemon's modules would take 35.
 """
@@ -17,7 +19,9 @@ import sys
 import traceback
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, BinaryIO, NamedTuple
+from typing import BinaryIO, Literal, NamedTuple
+
+import msgspec
 
 from firehosed.config import FieldsConfig
 from firehosed.envelope import Envelopes
@@ -32,7 +36,7 @@ from firehosed.imports.rows import (
 )
 from firehosed.imports.runs import now
 
-LENGTH = 8  # bytes of the length before each pickled frame
+LENGTH = 8  # bytes of the length before each frame
 
 
 class Job(NamedTuple):
@@ -48,18 +52,31 @@ class Job(NamedTuple):
     key: str  # the file as `name@version`: the ids made for its rows hold it
 
 
-class Chunk:
+def _no_signals() -> Envelopes:
+    return Envelopes([], [], [], [], [], [], None, True)
+
+
+class Chunk(msgspec.Struct, array_like=True, gc=False):
     """Up to `Job.size` rows of a file."""
 
-    __slots__ = ("ended", "errors", "last", "numbers", "signals")
+    # The valid rows' signals, with their envelopes (JSON from msgspec: no newlines).
+    signals: Envelopes = msgspec.field(default_factory=_no_signals)
+    numbers: list[int] = msgspec.field(default_factory=list)  # the row of each signal
+    errors: list[RowError] = msgspec.field(default_factory=list)
+    last: int = 0  # the number of the last row read (0: none)
+    ended: bool = False
 
-    def __init__(self) -> None:
-        # The valid rows' signals, with their envelopes (JSON from msgspec: no newlines).
-        self.signals = Envelopes([], [], [], [], [], [], None, True)
-        self.numbers: list[int] = []  # the row number of each of `signals`
-        self.errors: list[RowError] = []
-        self.last = 0  # the number of the last row read (0: none)
-        self.ended = False
+
+class Frame(msgspec.Struct, array_like=True, gc=False):
+    """What the child sends: a chunk, or why it stopped (then it ends)."""
+
+    kind: Literal["chunk", "failed", "crashed"]
+    chunk: Chunk | None = None
+    message: str = ""  # a FileError's reason ("failed"), a traceback ("crashed")
+
+
+FRAMES = msgspec.msgpack.Decoder(Frame)
+_ENCODER = msgspec.msgpack.Encoder()
 
 
 def serve(source: BinaryIO | None = None, out: BinaryIO | None = None) -> None:
@@ -76,25 +93,25 @@ def serve(source: BinaryIO | None = None, out: BinaryIO | None = None) -> None:
             os.close(out.fileno())  # no flush at exit onto the closed pipe
 
 
-def _serve(job: Job, out: BinaryIO) -> tuple[str, Any]:
+def _serve(job: Job, out: BinaryIO) -> Frame:
     """Send every chunk of `job` but the last; the last frame to send."""
     try:
         rows, maker = open_rows(job)
         done = job.after
         while not (chunk := take(rows, maker, job.key, done, job.size)).ended:
-            _send(out, ("chunk", chunk))
+            _send(out, Frame("chunk", chunk))
             done = chunk.last or done
     except FileError as exc:
-        return "failed", str(exc)
+        return Frame("failed", message=str(exc))
     except BrokenPipeError:
         raise
     except Exception:
-        return "crashed", traceback.format_exc()
-    return "chunk", chunk
+        return Frame("crashed", message=traceback.format_exc())
+    return Frame("chunk", chunk)
 
 
-def _send(out: BinaryIO, frame: tuple[str, Any]) -> None:
-    data = pickle.dumps(frame, protocol=pickle.HIGHEST_PROTOCOL)
+def _send(out: BinaryIO, frame: Frame) -> None:
+    data = _ENCODER.encode(frame)
     out.write(len(data).to_bytes(LENGTH, "little"))
     out.write(data)
     out.flush()

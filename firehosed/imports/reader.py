@@ -8,7 +8,7 @@ process (`import_processes` of them at most at once, `[server]`), on another cor
 the machine has one; a smaller file, or one past that number, is read in a worker thread.
 
 The child (child.py) gets its `Job` (pickled, on stdin) and writes the file's chunks to
-stdout, each pickled after its length. It keeps ahead of the daemon: it makes the next
+stdout, each a msgpack `Frame` after its length. It keeps ahead of the daemon: it makes the next
 chunks while the daemon commits the last ones, then waits on the pipe until they are
 read. It ends after the last chunk, at a file it cannot read (a `FileError`, sent as
 such), or when the daemon is gone (its next write meets a closed pipe). A child that
@@ -29,7 +29,7 @@ from pathlib import Path
 import structlog
 
 import firehosed
-from firehosed.imports.child import LENGTH, Chunk, Job, open_rows, take
+from firehosed.imports.child import FRAMES, LENGTH, Chunk, Job, open_rows, take
 from firehosed.imports.rows import CsvBlock, FileError, Row, RowError, RowMaker
 
 log = structlog.get_logger(__name__)
@@ -106,15 +106,14 @@ class Reader:
             body = await child.stdout.readexactly(int.from_bytes(head, "little"))
         except asyncio.IncompleteReadError:
             raise _Lost(await child.wait()) from None
-        kind, value = pickle.loads(body)
-        if kind == "failed":
-            raise FileError(value)
-        if kind == "crashed":
-            raise RuntimeError(f"reading {self.job.key} failed in its process:\n{value}")
-        if value.ended:
+        frame = FRAMES.decode(body)
+        if frame.kind == "failed":
+            raise FileError(frame.message)
+        if frame.kind == "crashed" or frame.chunk is None:
+            raise RuntimeError(f"reading {self.job.key} failed in its process:\n{frame.message}")
+        if frame.chunk.ended:
             await child.wait()
-        chunk: Chunk = value
-        return chunk
+        return frame.chunk
 
 
 class _Lost(Exception):
