@@ -8,6 +8,7 @@ receives deliveries (wrk, the latency generator and webhook receiver, sshd, moto
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -118,6 +119,18 @@ def cpu_times(pid: int) -> tuple[float, float]:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     tick = os.sysconf("SC_CLK_TCK")
     return int(fields[11]) / tick, int(fields[12]) / tick
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds (user and system) of a process, of the children it has reaped and of
+    those running under it."""
+    tick = os.sysconf("SC_CLK_TCK")
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    total = sum(int(f) for f in fields[11:15]) / tick  # utime stime cutime cstime
+    for each in descendants(pid):
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+            total += sum(cpu_times(each))
+    return total
 
 
 def terminate(proc: subprocess.Popen[bytes] | None, timeout: float = 10.0) -> None:
