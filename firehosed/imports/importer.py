@@ -328,33 +328,30 @@ class Importer:
         """`reader`'s chunks to the receiver, each as concurrent pieces of PIECE rows:
         they share group commits, and the event loop serves other requests between
         them. IN_FLIGHT chunks are committed at once, so that the next one is accepted
-        while the fsyncs of the last one's commit and progress save are waited for. A
-        chunk's progress is saved once it and every chunk before it were kept (at most
-        every SAVE_EVERY seconds, and at the end). A file that fails part-way has the
-        chunks before its fault kept and counted first. With a `rate` (rows a second),
-        never ahead of it."""
-        unsaved: list[tuple[str, int, str, str]] = []  # errored rows met since the save
+        while the fsyncs of the last one's commit are waited for. A chunk's progress is
+        saved once it and every chunk before it were kept (at most every SAVE_EVERY
+        seconds, and at the end), by a save written while the rows go on (`_Saves`). A
+        file that fails part-way has the chunks before its fault kept, counted and saved
+        first. With a `rate` (rows a second), never ahead of it."""
+        saves = _Saves(store, run)
         saved = started = time.monotonic()
         sent = 0
         flight: deque[tuple[Chunk, asyncio.Future[list[Answer]]]] = deque()
 
         async def settle(keep: int) -> None:
             """Settle the chunks in flight, oldest first, until `keep` are left."""
-            nonlocal unsaved, saved
+            nonlocal saved
             while len(flight) > keep:
                 kept, accepting = flight.popleft()
-                unsaved += self._settle(run, file, kept, await accepting)
+                answers = await accepting  # (before `saves.errors` is read: a save takes it)
+                saves.errors += self._settle(run, file, kept, answers)
                 last = kept.ended or not flight  # (of a file, or of what it gave)
                 if last or time.monotonic() - saved >= SAVE_EVERY:
-                    if unsaved:
-                        unsaved.sort(key=lambda e: e[1])
-                        await asyncio.to_thread(store.add_errors, run, unsaved)
-                        unsaved = []
-                    await asyncio.to_thread(store.save, run)
+                    saves.ask()
                     saved = time.monotonic()
 
-        # The next chunk is read while this one is accepted and its progress saved: the
-        # reading works while the commits' and the save's fsyncs are waited for.
+        # The next chunk is read while this one is accepted: the reading works while the
+        # commits' fsyncs are waited for.
         reading = asyncio.ensure_future(reader.next())
         try:
             while True:
@@ -362,12 +359,14 @@ class Importer:
                     chunk = await reading
                 except Exception:  # the file fails here: the rows before it are kept
                     await settle(0)
+                    await saves.done()
                     raise
                 if not chunk.ended:
                     reading = asyncio.ensure_future(reader.next())
                 flight.append((chunk, asyncio.ensure_future(self._accept_chunk(run, chunk))))
                 await settle(0 if chunk.ended else IN_FLIGHT - 1)
                 if chunk.ended:
+                    await saves.done()
                     return
                 sent += len(chunk.signals) + len(chunk.errors)
                 if rate is not None:  # ahead of `rows_per_second`: wait until on time
@@ -377,6 +376,7 @@ class Importer:
             for future in left:
                 if not future.cancel() and not future.cancelled():
                     future.exception()  # retrieved: an error after a failure is not news
+            await saves.ended()
 
     async def _accept_chunk(self, run: Run, chunk: Chunk) -> list[Answer]:
         """The receiver's answers to `chunk`'s signals, PIECE at a time."""
@@ -540,6 +540,54 @@ class Importer:
         if task.ends is not None and at > task.ends:
             return None
         return at.isoformat()
+
+
+class _Saves:
+    """A run's progress saves, each written in a thread while the run's rows go on, one
+    at a time: a save asked for while one is being written follows it (one, however
+    often it was asked for). Each is taken when its writing begins (`TaskStore.progress`),
+    so it holds everything settled by then."""
+
+    def __init__(self, store: TaskStore, run: Run) -> None:
+        self.store, self.run = store, run
+        self.errors: list[tuple[str, int, str, str]] = []  # errored rows not yet saved
+        self._writing: asyncio.Task[None] | None = None
+        self._again = False
+
+    def ask(self) -> None:
+        """Save everything settled so far: now, or once the save being written is. A
+        save that failed raises its error here (or in `done`)."""
+        writing = self._writing
+        if writing is not None and not writing.done():
+            self._again = True
+            return
+        if writing is not None:
+            writing.result()
+        self._writing = asyncio.ensure_future(self._write())
+
+    async def done(self) -> None:
+        """Wait until every save asked for is written; a failed one's error. (Shielded:
+        a save cancelled here would go on being written in its thread all the same.)"""
+        if self._writing is not None:
+            await asyncio.shield(self._writing)
+
+    async def ended(self) -> None:
+        """Wait for a save still being written (the run stops: the next save of the run
+        must not race it), whatever its outcome."""
+        writing, self._writing = self._writing, None
+        if writing is not None:
+            await asyncio.wait([writing])
+            if not writing.cancelled():
+                writing.exception()  # retrieved: a failed run says its own error
+
+    async def _write(self) -> None:
+        while True:
+            self._again = False
+            errors, self.errors = sorted(self.errors, key=lambda e: e[1]), []
+            progress = self.store.progress(self.run, errors)
+            await asyncio.to_thread(self.store.write_progress, progress)
+            if not self._again:
+                return
 
 
 def _latest_slot(schedule: str, zone: ZoneInfo, after: float, until: float) -> float | None:

@@ -25,7 +25,7 @@ import time
 from collections.abc import Iterable
 from datetime import UTC, date, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import msgspec
 
@@ -128,6 +128,15 @@ class Run(msgspec.Struct, kw_only=True):
         return body
 
 
+class Progress(NamedTuple):
+    """A save of a run's progress, taken (`TaskStore.progress`) and not yet written."""
+
+    run: str  # its id
+    errors_at: int  # where in errors.csv its errored rows go
+    errors: bytes  # those rows, as CSV
+    document: bytes  # run.json
+
+
 class TaskState(msgspec.Struct, kw_only=True):
     last_slot: float | None = None
     completed: bool = False
@@ -191,6 +200,9 @@ class TaskStore:
         # event loop without touching the disk. Replaced whole on each save (a worker
         # thread saves; the loop reads), never changed in place.
         self.latest: dict[str, Run] = {run.id: run for run in self.runs()[-LATEST:]}
+        # Bytes of a run's errors.csv written by this process: its errors_size runs ahead
+        # while a save is being written, and `errors` reads no further than this.
+        self._errors_written: dict[str, int] = {}
 
     def save_state(self) -> None:
         write_durably(self.root / "state.json", msgspec.json.encode(self.state), self.sync)
@@ -207,6 +219,9 @@ class TaskStore:
 
     def save(self, run: Run) -> None:
         write_durably(self.run_dir(run.id) / "run.json", msgspec.json.encode(run), self.sync)
+        self._note(run)
+
+    def _note(self, run: Run) -> None:
         latest = {**self.latest, run.id: run}
         self.latest = {k: latest[k] for k in sorted(latest)[-LATEST:]}
 
@@ -234,33 +249,48 @@ class TaskStore:
     def data(self, run: Run, file: File) -> Path:
         return self.run_dir(run.id) / "data" / file.data
 
-    def add_errors(self, run: Run, rows: list[tuple[str, int, str, str]]) -> None:
-        """Append errored rows (file, row, column, reason) to the run's errors.csv and
-        note its settled size (the caller saves the run): a resumed run cuts what a
-        crash left past it."""
-        path = self.run_dir(run.id) / "errors.csv"
-        text = io.StringIO(newline="")
-        writer = csv.writer(text, lineterminator="\r\n")
-        if run.errors_size == 0:
-            writer.writerow(["file", "row", "column", "reason"])
-        writer.writerows(rows)
-        data = text.getvalue().encode()
-        with open(path, "ab" if path.exists() else "wb") as out:
-            out.truncate(run.errors_size)
-            out.seek(run.errors_size)
-            out.write(data)
-            if self.sync:
-                out.flush()
-                os.fsync(out.fileno())
+    def progress(self, run: Run, rows: list[tuple[str, int, str, str]]) -> Progress:
+        """What saving `run` now, with its errored `rows` (file, row, column, reason) met
+        since the last save, writes (`write_progress`). Taken on the event loop, so that
+        the run's figures and its errors file agree however the run goes on while the
+        save is written; the run's errors_size moves past the rows."""
+        data = b""
+        if rows:
+            text = io.StringIO(newline="")
+            writer = csv.writer(text, lineterminator="\r\n")
+            if run.errors_size == 0:
+                writer.writerow(["file", "row", "column", "reason"])
+            writer.writerows(rows)
+            data = text.getvalue().encode()
+        at = run.errors_size
         run.errors_size += len(data)
+        self._note(run)
+        return Progress(run.id, at, data, msgspec.json.encode(run))
+
+    def write_progress(self, progress: Progress) -> None:
+        """Append the errored rows to the run's errors.csv (cut first to where they go: a
+        resumed run cuts what a crash left past its last save), then save the run."""
+        directory = self.run_dir(progress.run)
+        if progress.errors:
+            path = directory / "errors.csv"
+            with open(path, "ab" if path.exists() else "wb") as out:
+                out.truncate(progress.errors_at)
+                out.seek(progress.errors_at)
+                out.write(progress.errors)
+                if self.sync:
+                    out.flush()
+                    os.fsync(out.fileno())
+            self._errors_written[progress.run] = progress.errors_at + len(progress.errors)
+        write_durably(directory / "run.json", progress.document, self.sync)
 
     def errors(self, run: Run, limit: int = LISTED_ERRORS) -> list[dict[str, Any]]:
         """The first `limit` errored rows of `run`."""
         path = self.run_dir(run.id) / "errors.csv"
         if not path.exists():
             return []
+        written = self._errors_written.get(run.id, run.errors_size)
         with path.open("rb") as f:  # 100 rows of short reasons: far less than this
-            head = f.read(min(run.errors_size, ERRORS_READ)).decode("utf-8", "replace")
+            head = f.read(min(written, ERRORS_READ)).decode("utf-8", "replace")
         reader = csv.reader(io.StringIO(head, newline=""))
         next(reader, None)
         out: list[dict[str, Any]] = []
