@@ -371,10 +371,12 @@ def main() -> int:
             ratio = rate / ceiling_rate
             before, during = f["before"], f["during"]
             p99_ratio = p99(during) / p99(before)
+            fetch = f["document"]["fetch"]
+            fetching = _epoch(fetch["ended"]) - _epoch(fetch["started"])
             print(
                 f"\n{source}: {processing['rows']:,} rows in {f['seconds']:.1f} s "
-                f"(fetch and processing), {rate:,.0f} rows/s; {processing['imported']:,} "
-                f"imported, {processing['errored']:,} errored"
+                f"(fetch {fetching:.1f} s and processing), {rate:,.0f} rows/s; "
+                f"{processing['imported']:,} imported, {processing['errored']:,} errored"
             )
             verdict = _v(ratio >= RATIO_TARGET)
             print(f"  ratio: {ratio:.2f} x the ceiling (target >= {RATIO_TARGET}): {verdict}")
