@@ -12,7 +12,8 @@ Points: `ingest.after_append` (records staged, not yet synced), `ingest.after_fs
 Fail points (`FIREHOSED_FAIL_AT`, tests only): `queue.fsync` (a group commit's sync),
 `queue.rotate` (the directory sync that makes a new segment file durable),
 `queue.commit_bug` (inside the commit thread's write), `fileio.dir_fsync` (any directory
-sync that makes a new name durable). The variable is one or more
+sync that makes a new name durable), `import.save` (writing an import run's progress:
+its errors file and run.json). The variable is one or more
 comma-separated `POINT:N:K[:DELAY]`: the Nth to (N+K-1)th time POINT is reached (N and K
 default to 1; each point counts its own calls), sleep DELAY seconds if given (a slow
 disk), then raise OSError(EIO), as a dying disk does (no real disk fails on cue); a

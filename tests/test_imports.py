@@ -179,6 +179,26 @@ def test_every_valid_row_arrives_once_and_every_bad_row_is_listed_with_its_reaso
         daemon.close()
 
 
+def test_a_progress_save_that_fails_is_written_again_and_costs_no_row(tmp_path: Path) -> None:
+    # The run's second and third progress saves fail as a dying disk's writes do; the
+    # rows go on being committed meanwhile, and the save is written again.
+    valid, bad = write_csv(tmp_path / "inbox" / "users-2026-12-04.csv", 20_000)
+    daemon = Daemon(tmp_path, imports_config(tmp_path, ONCE))
+    try:
+        daemon.start(env={"FIREHOSED_FAIL_AT": "import.save:2:2"})
+        run = finished_run(daemon, "users")
+        processing = run["processing"]
+        assert (processing["status"], processing["imported"]) == ("processed", len(valid))
+        assert processing["errored"] == len(bad)
+        assert [e["seconds"] for e in daemon.events("import.save_failed")] == [1.0, 2.0]
+        assert delivered_ids(daemon, len(valid)) == Counter(valid)
+        (errors_file,) = (tmp_path / "var" / "imports" / "users" / "runs").glob("*/errors.csv")
+        listed = list(csv.DictReader(io.StringIO(errors_file.read_text(), newline="")))
+        assert [int(e["row"]) for e in listed] == sorted(bad)  # each once, in order
+    finally:
+        daemon.close()
+
+
 def uploaded(
     daemon: Daemon, task: str, body: bytes, headers: dict[str, str]
 ) -> tuple[str, dict[str, Any]]:

@@ -546,7 +546,9 @@ class _Saves:
     """A run's progress saves, each written in a thread while the run's rows go on, one
     at a time: a save asked for while one is being written follows it (one, however
     often it was asked for). Each is taken when its writing begins (`TaskStore.progress`),
-    so it holds everything settled by then."""
+    so it holds everything settled by then. A write that fails (the disk) is logged as
+    `import.save_failed` and made again after a pause (1 s, doubling to 30 s), as the
+    rows are offered again while the receiver refuses; the run goes on meanwhile."""
 
     def __init__(self, store: TaskStore, run: Run) -> None:
         self.store, self.run = store, run
@@ -585,7 +587,21 @@ class _Saves:
             self._again = False
             errors, self.errors = sorted(self.errors, key=lambda e: e[1]), []
             progress = self.store.progress(self.run, errors)
-            await asyncio.to_thread(self.store.write_progress, progress)
+            pause = RETRY_FIRST
+            while True:  # a failed write is written again (it cuts what it left first)
+                try:
+                    await asyncio.to_thread(self.store.write_progress, progress)
+                    break
+                except OSError as exc:
+                    log.warning(
+                        "import.save_failed",
+                        task=self.run.task,
+                        run=self.run.id,
+                        error=str(exc),
+                        seconds=pause,
+                    )
+                    await asyncio.sleep(pause)
+                    pause = min(pause * 2, RETRY_MAX)
             if not self._again:
                 return
 

@@ -29,6 +29,7 @@ from typing import Any, Literal, NamedTuple
 
 import msgspec
 
+from firehosed.faults import fail_point
 from firehosed.fileio import fsync_dir, make_dirs, write_durably
 
 KEEP_RUNS = 100  # finished runs kept per task (their run.json and errors.csv)
@@ -270,6 +271,7 @@ class TaskStore:
     def write_progress(self, progress: Progress) -> None:
         """Append the errored rows to the run's errors.csv (cut first to where they go: a
         resumed run cuts what a crash left past its last save), then save the run."""
+        fail_point("import.save")
         directory = self.run_dir(progress.run)
         if progress.errors:
             path = directory / "errors.csv"
