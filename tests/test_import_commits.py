@@ -9,6 +9,7 @@ can be watched: the real receiver, queues and disk, with a counter around `accep
 from __future__ import annotations
 
 import asyncio
+import gc
 from pathlib import Path
 
 from firehosed.config import parse
@@ -55,13 +56,16 @@ async def test_import_pieces_committing_at_once_are_bounded_across_runs(tmp_path
             committing -= 1
 
     receiver.accept = counted  # type: ignore[method-assign]
-    await daemon.start()
+    thresholds = gc.get_threshold()
+    await daemon.start()  # (which freezes what it built and sets the collector's pace)
     try:
         async with asyncio.timeout(60):  # a once task's loop ends with its run
             await asyncio.gather(*daemon.importer._loops.values())
         runs = [daemon.status()["imports"][name]["runs"][0] for name in ("first", "second")]
     finally:
         await daemon.stop()
+        gc.unfreeze()  # this test process goes on: give it its collector back
+        gc.set_threshold(*thresholds)
     assert [run["processing"]["status"] for run in runs] == ["processed", "processed"]
     assert sum(run["processing"]["imported"] for run in runs) == len(valid)
     assert pieces >= 2 * ROWS // PIECE  # every piece went through the counter
