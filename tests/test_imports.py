@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from firehosed.imports.importer import CHUNK, IN_FLIGHT
 from firehosed.imports.reader import PROCESS_FROM
 from tests.daemon import BASE_CONFIG, TOKEN, Daemon, wait_until
 from tests.test_archive import LIBFAKETIME, faked
@@ -195,6 +196,34 @@ def test_a_progress_save_that_fails_is_written_again_and_costs_no_row(tmp_path: 
         (errors_file,) = (tmp_path / "var" / "imports" / "users" / "runs").glob("*/errors.csv")
         listed = list(csv.DictReader(io.StringIO(errors_file.read_text(), newline="")))
         assert [int(e["row"]) for e in listed] == sorted(bad)  # each once, in order
+    finally:
+        daemon.close()
+
+
+def test_a_daemon_stops_while_a_save_keeps_failing_and_the_run_resumes(tmp_path: Path) -> None:
+    # From the run's second progress save on, every save fails: the run takes no more
+    # rows, the daemon still stops at once, and the run resumes from its last save.
+    valid, bad = write_csv(tmp_path / "inbox" / "users-2026-12-04.csv", 100_000)
+    daemon = Daemon(tmp_path, imports_config(tmp_path, ONCE))
+    try:
+        daemon.start(env={"FIREHOSED_FAIL_AT": "import.save:2:1000"})
+        wait_until(lambda: len(daemon.events("import.save_failed")) >= 2, timeout=30)
+        stopping = time.monotonic()
+        assert daemon.stop() == 0
+        assert time.monotonic() - stopping < 10
+        daemon.start()
+        run = finished_run(daemon, "users")
+        processing = run["processing"]
+        assert (processing["status"], processing["rows"]) == ("processed", 100_000)
+        delivered = delivered_ids(daemon, len(valid))
+        assert set(delivered) == valid  # none lost
+        # Rows kept past the last save are sent again (duplicates where their batch was
+        # delivered before the stop): no more than the chunks in flight when it failed.
+        again = sum(count - 1 for count in delivered.values())
+        assert again <= (IN_FLIGHT + 2) * CHUNK
+        (errors_file,) = (tmp_path / "var" / "imports" / "users" / "runs").glob("*/errors.csv")
+        listed = list(csv.DictReader(io.StringIO(errors_file.read_text(), newline="")))
+        assert [int(e["row"]) for e in listed] == sorted(bad)
     finally:
         daemon.close()
 

@@ -349,6 +349,8 @@ class Importer:
                 if last or time.monotonic() - saved >= SAVE_EVERY:
                     saves.ask()
                     saved = time.monotonic()
+                if saves.failing:  # no more rows past a save that cannot be written
+                    await saves.done()
 
         # The next chunk is read while this one is accepted: the reading works while the
         # commits' fsyncs are waited for.
@@ -548,13 +550,15 @@ class _Saves:
     often it was asked for). Each is taken when its writing begins (`TaskStore.progress`),
     so it holds everything settled by then. A write that fails (the disk) is logged as
     `import.save_failed` and made again after a pause (1 s, doubling to 30 s), as the
-    rows are offered again while the receiver refuses; the run goes on meanwhile."""
+    rows are offered again while the receiver refuses; meanwhile (`failing`) the run
+    takes no more rows: each row kept past the last save is one a crash sends again."""
 
     def __init__(self, store: TaskStore, run: Run) -> None:
         self.store, self.run = store, run
         self.errors: list[tuple[str, int, str, str]] = []  # errored rows not yet saved
         self._writing: asyncio.Task[None] | None = None
         self._again = False
+        self.failing = False  # the last write failed, and is being made again
 
     def ask(self) -> None:
         """Save everything settled so far: now, or once the save being written is. A
@@ -574,10 +578,13 @@ class _Saves:
             await asyncio.shield(self._writing)
 
     async def ended(self) -> None:
-        """Wait for a save still being written (the run stops: the next save of the run
-        must not race it), whatever its outcome."""
+        """Stop the saves of a file that ends: after `done`, nothing is left; else the
+        run stops on an error or with the daemon, and a save being written again after
+        a disk error must not hold that up (a write already in its thread ends there;
+        the run saves nothing after it in this process)."""
         writing, self._writing = self._writing, None
         if writing is not None:
+            writing.cancel()
             await asyncio.wait([writing])
             if not writing.cancelled():
                 writing.exception()  # retrieved: a failed run says its own error
@@ -591,8 +598,10 @@ class _Saves:
             while True:  # a failed write is written again (it cuts what it left first)
                 try:
                     await asyncio.to_thread(self.store.write_progress, progress)
+                    self.failing = False
                     break
                 except OSError as exc:
+                    self.failing = True
                     log.warning(
                         "import.save_failed",
                         task=self.run.task,
