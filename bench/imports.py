@@ -373,9 +373,10 @@ def main() -> int:
             p99_ratio = p99(during) / p99(before)
             fetch = f["document"]["fetch"]
             fetching = _epoch(fetch["ended"]) - _epoch(fetch["started"])
+            working = _epoch(processing["ended"]) - _epoch(processing["started"])
             print(
                 f"\n{source}: {processing['rows']:,} rows in {f['seconds']:.1f} s "
-                f"(fetch {fetching:.1f} s and processing), {rate:,.0f} rows/s; "
+                f"(fetch {fetching:.1f} s, processing {working:.1f} s), {rate:,.0f} rows/s; "
                 f"{processing['imported']:,} imported, {processing['errored']:,} errored"
             )
             verdict = _v(ratio >= RATIO_TARGET)
