@@ -62,6 +62,11 @@ async def test_import_pieces_committing_at_once_are_bounded_across_runs(tmp_path
         async with asyncio.timeout(60):  # a once task's loop ends with its run
             await asyncio.gather(*daemon.importer._loops.values())
         runs = [daemon.status()["imports"][name]["runs"][0] for name in ("first", "second")]
+        # (and a run that ended leaves nothing of its saves behind in its task's store)
+        assert [daemon.importer.stores[name]._errors_written for name in ("first", "second")] == [
+            {},
+            {},
+        ]
     finally:
         await daemon.stop()
         gc.unfreeze()  # this test process goes on: give it its collector back

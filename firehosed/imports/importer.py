@@ -588,6 +588,7 @@ class _Saves:
             await asyncio.wait([writing])
             if not writing.cancelled():
                 writing.exception()  # retrieved: a failed run says its own error
+        self.store.saves_ended(self.run)
 
     async def _write(self) -> None:
         while True:

@@ -285,6 +285,11 @@ class TaskStore:
             self._errors_written[progress.run] = progress.errors_at + len(progress.errors)
         write_durably(directory / "run.json", progress.document, self.sync)
 
+    def saves_ended(self, run: Run) -> None:
+        """No save of `run` is being written now: its errors.csv is read as far as its
+        errors_size says again (and this store holds nothing more for it)."""
+        self._errors_written.pop(run.id, None)
+
     def errors(self, run: Run, limit: int = LISTED_ERRORS) -> list[dict[str, Any]]:
         """The first `limit` errored rows of `run`."""
         path = self.run_dir(run.id) / "errors.csv"
