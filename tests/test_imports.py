@@ -113,6 +113,12 @@ def write_csv(
     return valid, bad
 
 
+def listed_errors(root: Path, task: str) -> list[dict[str, str]]:
+    """The rows of the errors.csv of `task`'s one run."""
+    (errors_file,) = (root / "var" / "imports" / task / "runs").glob("*/errors.csv")
+    return list(csv.DictReader(io.StringIO(errors_file.read_text(), newline="")))
+
+
 def finished_run(daemon: Daemon, task: str, timeout: float = 60) -> dict[str, Any]:
     def done() -> dict[str, Any] | None:
         runs = daemon.status()["imports"][task]["runs"]
@@ -152,8 +158,7 @@ def test_every_valid_row_arrives_once_and_every_bad_row_is_listed_with_its_reaso
         sample = daemon.delivered()[0]
         assert sample["cart"] == {"total": sample["cart"]["total"]} and "sku" in sample
         # Every errored row is in the run's errors file, with its column and reason.
-        (errors_file,) = (tmp_path / "var" / "imports" / "users" / "runs").glob("*/errors.csv")
-        listed = list(csv.DictReader(io.StringIO(errors_file.read_text(), newline="")))
+        listed = listed_errors(tmp_path, "users")
         assert {int(e["row"]): e["column"] for e in listed} == bad
         for entry in listed:
             _, _, reason = BAD[(int(entry["row"]) // 100) % len(BAD)]
@@ -193,8 +198,7 @@ def test_a_progress_save_that_fails_is_written_again_and_costs_no_row(tmp_path: 
         assert processing["errored"] == len(bad)
         assert [e["seconds"] for e in daemon.events("import.save_failed")] == [1.0, 2.0]
         assert delivered_ids(daemon, len(valid)) == Counter(valid)
-        (errors_file,) = (tmp_path / "var" / "imports" / "users" / "runs").glob("*/errors.csv")
-        listed = list(csv.DictReader(io.StringIO(errors_file.read_text(), newline="")))
+        listed = listed_errors(tmp_path, "users")
         assert [int(e["row"]) for e in listed] == sorted(bad)  # each once, in order
     finally:
         daemon.close()
@@ -221,8 +225,7 @@ def test_a_daemon_stops_while_a_save_keeps_failing_and_the_run_resumes(tmp_path:
         # delivered before the stop): no more than the chunks in flight when it failed.
         again = sum(count - 1 for count in delivered.values())
         assert again <= (IN_FLIGHT + 2) * CHUNK
-        (errors_file,) = (tmp_path / "var" / "imports" / "users" / "runs").glob("*/errors.csv")
-        listed = list(csv.DictReader(io.StringIO(errors_file.read_text(), newline="")))
+        listed = listed_errors(tmp_path, "users")
         assert [int(e["row"]) for e in listed] == sorted(bad)
     finally:
         daemon.close()

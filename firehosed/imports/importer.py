@@ -21,7 +21,7 @@ import asyncio
 import contextlib
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -432,11 +432,10 @@ class Importer:
 
     async def _account(self, run: Run) -> IngestAccount:
         """The run's account as the receiver has it (waiting while a reload removed it)."""
-        pause = RETRY_FIRST
+        pauses = _pauses()
         while (account := self.receiver.accounts.get(run.account)) is None:
             log.warning("import.account_missing", task=run.task, account=run.account)
-            await asyncio.sleep(pause)
-            pause = min(pause * 2, RETRY_MAX)
+            await asyncio.sleep(next(pauses))
         return account
 
     async def _accept(
@@ -445,7 +444,7 @@ class Importer:
         """`Receiver.accept` of `signals` `start` to `stop`, offered again after a pause
         while the receiver refuses (the disk budget, a failed commit): a row is never
         dropped for it."""
-        pause = RETRY_FIRST
+        pauses = _pauses()
         while True:
             refusal = self.receiver.refusal(account.name)
             if refusal is None:
@@ -455,9 +454,9 @@ class Importer:
                 if answer.status != 503:
                     return answer
                 refusal = answer.body.get("error", "not kept")
+            pause = next(pauses)
             log.warning("import.waiting", task=run.task, run=run.id, reason=refusal, seconds=pause)
             await asyncio.sleep(pause)
-            pause = min(pause * 2, RETRY_MAX)
 
     # -- uploads ----------------------------------------------------------------------
 
@@ -595,7 +594,7 @@ class _Saves:
             self._again = False
             errors, self.errors = sorted(self.errors, key=lambda e: e[1]), []
             progress = self.store.progress(self.run, errors)
-            pause = RETRY_FIRST
+            pauses = _pauses()
             while True:  # a failed write is written again (it cuts what it left first)
                 try:
                     await asyncio.to_thread(self.store.write_progress, progress)
@@ -603,6 +602,7 @@ class _Saves:
                     break
                 except OSError as exc:
                     self.failing = True
+                    pause = next(pauses)
                     log.warning(
                         "import.save_failed",
                         task=self.run.task,
@@ -611,9 +611,16 @@ class _Saves:
                         seconds=pause,
                     )
                     await asyncio.sleep(pause)
-                    pause = min(pause * 2, RETRY_MAX)
             if not self._again:
                 return
+
+
+def _pauses() -> Iterator[float]:
+    """Seconds to wait before each next attempt: RETRY_FIRST, doubling to RETRY_MAX."""
+    pause = RETRY_FIRST
+    while True:
+        yield pause
+        pause = min(pause * 2, RETRY_MAX)
 
 
 def _latest_slot(schedule: str, zone: ZoneInfo, after: float, until: float) -> float | None:

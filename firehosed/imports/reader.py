@@ -8,9 +8,9 @@ process (`import_processes` of them at most at once, `[server]`), on another cor
 the machine has one; a smaller file, or one past that number, is read in a worker thread.
 
 The child (child.py) gets its `Job` (pickled, on stdin) and writes the file's chunks to
-stdout, each a msgpack `Frame` after its length. It keeps ahead of the daemon: it makes the next
-chunks while the daemon commits the last ones, then waits on the pipe until they are
-read. It ends after the last chunk, at a file it cannot read (a `FileError`, sent as
+stdout, each a msgpack `Frame` after its length. It keeps ahead of the daemon: it makes
+the next chunks while the daemon commits the last ones, then waits on the pipe until
+they are read. It ends after the last chunk, at a file it cannot read (a `FileError`, sent as
 such), or when the daemon is gone (its next write meets a closed pipe). A child that
 dies (the OOM killer, a kill -9) costs no row: the daemon logs `import.reader_lost` and
 reads the rest of the file in a thread, after the last row of the chunks it took.
