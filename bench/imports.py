@@ -1,6 +1,6 @@
 """Imports: a CSV of 1M rows pulled from a directory, SFTP and S3, end to end.
 
-    .venv/bin/python -m bench.imports [--rows 1000000] [--sources directory,sftp,s3]
+    .venv/bin/python -m bench.imports [--rows 1000000] [--sources directory,sftp,s3] [--repeat N]
 
 Writes a CSV of `--rows` rows (about 300 B each, 1% of them bad) and the ceiling: Python's
 `csv` reader over the same bytes, in memory. Then, per source, a fresh daemon whose config
@@ -25,6 +25,12 @@ Idle is the daemon's RSS after a first run from the same source (a one-row file)
 daemon with an import task keeps its source's client from its first run on (an S3 one
 is about 15 MiB of botocore models), so that is what its idle holds once it has run.
 The growth above the daemon as it started, before any run, is printed beside it.
+
+With `--repeat N`, N rounds each measure the ceiling and then every source (a fresh
+daemon and servers each time), and a summary gives each figure's median [min-max]: the
+ratio is judged on its median, RSS on its largest. Beside the POSTs' figures, the group
+commit's rounds (the daemon's `firehosed_fsync_seconds`) before and during the import:
+how long a round a POST's answer waits for takes while the import writes.
 """
 
 from __future__ import annotations
@@ -58,6 +64,7 @@ from bench.procs import (
     tree_rss_kib,
     write_bytes,
 )
+from bench.report import Series
 from bench.servers import Missing, Moto, Sshd
 
 HEADER = [
@@ -76,6 +83,7 @@ FILE = "4MiB"  # the firehose's files: the cut's own memory is its business, not
 POST_RATE = 100  # single-signal POSTs per second while measuring latency
 QUIET = 3.0  # seconds of POSTs measured before the import starts
 LOADED = 8.0  # seconds of POSTs measured under each of bench/load.py's loads
+COMMITS = "firehosed_fsync_seconds"  # the group commit's write and fsync, a round each
 WARM = "warm.csv"  # the one-row file of the first run
 TASK = """
 [imports.{name}]
@@ -204,9 +212,11 @@ def run_import(  # noqa: PLR0917 - one call, each argument named where it is mad
         while finished(daemon, "warm") is None:
             time.sleep(0.05)
         poster.phase = "before"
+        commits_quiet = buckets(daemon, COMMITS)
         time.sleep(QUIET)
         idle = tree_rss_kib(daemon.pid) * 1024
         lag_before = lags(daemon)
+        commits_before = buckets(daemon, COMMITS)
         limit = f"rows_per_second = {rate}\n" if rate else ""
         task = TASK.format(
             name="bench", account=ACCOUNT, source=source, pattern=pattern, limit=limit, fmt=fmt
@@ -224,6 +234,7 @@ def run_import(  # noqa: PLR0917 - one call, each argument named where it is mad
         cpu = (tree_cpu_seconds(daemon.pid) - cpu) / clock
         written = (write_bytes(daemon.pid) - written) / clock
         lag_after = lags(daemon)
+        commits_after = buckets(daemon, COMMITS)
         loads = {"cpus": cpu, "bytes": written}
         if contention:
             loads |= _loaded(poster, daemon.root, cpu, written)
@@ -239,7 +250,9 @@ def run_import(  # noqa: PLR0917 - one call, each argument named where it is mad
         "seconds": seconds,
         "rss_growth": peak - idle,
         "rss_growth_cold": peak - cold,
-        "stalls": {le: lag_after[le] - lag_before.get(le, 0) for le in lag_after},
+        "stalls": _minus(lag_after, lag_before),
+        "commits_before": _minus(commits_before, commits_quiet),
+        "commits": _minus(commits_after, commits_before),
         "before": poster.latencies["before"],
         "during": poster.latencies["during"],
         "loads": loads,
@@ -275,12 +288,30 @@ def _add_task(daemon: Daemon, task: str) -> None:
 
 def lags(daemon: Daemon) -> dict[float, float]:
     """The loop-lag histogram's cumulative counts, by upper bound (seconds)."""
-    prefix = "firehosed_event_loop_lag_seconds_bucket{le="
+    return buckets(daemon, "firehosed_event_loop_lag_seconds")
+
+
+def buckets(daemon: Daemon, histogram: str) -> dict[float, float]:
+    """A histogram's cumulative counts, by upper bound (seconds)."""
+    prefix = histogram + "_bucket{le="
     return {
         float(name[len(prefix) + 1 : -2]): value
         for name, value in daemon.metrics().items()
         if name.startswith(prefix) and "+Inf" not in name
     }
+
+
+def _minus(later: dict[float, float], earlier: dict[float, float]) -> dict[float, float]:
+    return {le: later[le] - earlier.get(le, 0) for le in later}
+
+
+def shares(counts: dict[float, float]) -> str:
+    """Cumulative histogram counts as the share of observations under each bound."""
+    total = max(counts.values(), default=0)
+    if not total:
+        return "none"
+    under = (f"<= {b * 1e3:g} ms {counts[b] / total:.0%}" for b in sorted(counts) if b <= 0.05)
+    return f"{total:,.0f} rounds; " + ", ".join(under)
 
 
 def worst_lag(stalls: dict[float, float]) -> str:
@@ -316,6 +347,12 @@ def main() -> int:
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--sources", default="directory,sftp,s3")
     parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="rounds (each measures the ceiling, then every source): medians [min-max]",
+    )
+    parser.add_argument(
         "--rows-per-second", type=int, help="the task's rows_per_second (default: no limit)"
     )
     parser.add_argument(
@@ -341,71 +378,122 @@ def main() -> int:
         f"server.import_processes = {args.import_processes}; the daemon "
         + ("pinned to CPU " + SERVER_CPU if args.pin or not args.import_processes else "not pinned")
     )
+    sources = args.sources.split(",")
+    summary: dict[str, dict[str, Series]] = {}
     with tempfile.TemporaryDirectory(prefix="firehosed-imports-") as tmp:
         work = Path(tmp)
         inbox = work / "inbox"
         inbox.mkdir()
         csv_path = inbox / "users-2026-12-04.csv"
         size = write_csv(csv_path, args.rows)
-        ceiling_seconds, rows = ceiling(csv_path)
-        ceiling_rate = rows / ceiling_seconds
-        print(f"file: {rows:,} rows, {size / 1e6:,.0f} MB ({size / rows:.0f} B a row), 1% bad")
-        print(f"ceiling (csv.reader over the same bytes, in memory): {ceiling_rate:,.0f} rows/s")
-        results = []
-        for source in args.sources.split(","):
-            figures = measure_source(
-                work,
-                source,
-                csv_path,
-                args.pipeline_memory,
-                args.rows_per_second,
-                processes=args.import_processes,
-                pin=args.pin,
-                contention=not args.no_contention,
-            )
-            if figures is not None:
-                results.append((source, figures))
-        for source, f in results:
-            processing = f["document"]["processing"]
-            rate = processing["rows"] / f["seconds"]
-            ratio = rate / ceiling_rate
-            before, during = f["before"], f["during"]
-            p99_ratio = p99(during) / p99(before)
-            fetch = f["document"]["fetch"]
-            fetching = _epoch(fetch["ended"]) - _epoch(fetch["started"])
-            working = _epoch(processing["ended"]) - _epoch(processing["started"])
+        for round_ in range(1, args.repeat + 1):
+            ceiling_seconds, rows = ceiling(csv_path)
+            ceiling_rate = rows / ceiling_seconds
+            if args.repeat > 1:
+                print(f"\n## round {round_} of {args.repeat}")
+            print(f"file: {rows:,} rows, {size / 1e6:,.0f} MB ({size / rows:.0f} B a row), 1% bad")
             print(
-                f"\n{source}: {processing['rows']:,} rows in {f['seconds']:.1f} s "
-                f"(fetch {fetching:.1f} s, processing {working:.1f} s), {rate:,.0f} rows/s; "
-                f"{processing['imported']:,} imported, {processing['errored']:,} errored"
+                f"ceiling (csv.reader over the same bytes, in memory): {ceiling_rate:,.0f} rows/s"
             )
-            verdict = _v(ratio >= RATIO_TARGET)
-            print(f"  ratio: {ratio:.2f} x the ceiling (target >= {RATIO_TARGET}): {verdict}")
-            growth = f["rss_growth"]
-            verdict = _v(growth <= RSS_TARGET)
+            rounds = work / f"round-{round_}"  # a fresh daemon state and servers each round
+            rounds.mkdir()
+            for source in sources:
+                figures = measure_source(
+                    rounds,
+                    source,
+                    csv_path,
+                    args.pipeline_memory,
+                    args.rows_per_second,
+                    processes=args.import_processes,
+                    pin=args.pin,
+                    contention=not args.no_contention,
+                )
+                if figures is not None:
+                    found = report(source, figures, ceiling_rate)
+                    series = summary.setdefault(source, {k: Series(u) for k, u in UNITS.items()})
+                    for key, value in found.items():
+                        series[key].add(value)
+    if args.repeat > 1:
+        print(f"\n## {args.repeat} rounds: median [min-max]")
+        for source, series in summary.items():
             print(
-                f"  peak RSS above idle: {growth / 2**20:.1f} MiB (target <= 100): {verdict}; "
-                f"above the daemon before its first run: {f['rss_growth_cold'] / 2**20:.1f} MiB"
+                f"\n{source}: {series['rate'].text()}, {series['ratio'].text(2)} the ceiling "
+                f"(target >= {RATIO_TARGET}): {_v(series['ratio'].median >= RATIO_TARGET)}\n"
+                f"  peak RSS above idle: {series['rss'].text(1)} (target <= 100): "
+                f"{_v(max(series['rss'].values) <= RSS_TARGET >> 20)} (the largest judged)\n"
+                f"  POST p99 during: {series['p99'].text(1)}, {series['p99_ratio'].text(2)} "
+                f"(target <= {P99_TARGET}): {_v(series['p99_ratio'].median <= P99_TARGET)}"
             )
-            print(
-                f"  POST p99: {p99(before) * 1e3:.1f} ms before, {p99(during) * 1e3:.1f} ms "
-                f"during ({p99_ratio:.2f}x, target <= {P99_TARGET}): "
-                f"{_v(p99_ratio <= P99_TARGET)}; slowest POST during: "
-                f"{max(during) * 1e3:.0f} ms ({len(during)} POSTs)"
-            )
-            loads = f["loads"]
-            for phase, what in (
-                ("disk", f"the disk written at the import's {loads['bytes'] / 1e6:.0f} MB/s"),
-                ("cpu", f"the CPUs busy for the import's {loads['cpus']:.2f} CPUs"),
-            ):
-                if phase in loads:
-                    ratio = p99(loads[phase]) / p99(before)
-                    print(
-                        f"  POST p99 with no import but {what} (bench/load.py): "
-                        f"{p99(loads[phase]) * 1e3:.1f} ms ({ratio:.2f}x)"
-                    )
-            print(f"  event loop's worst lag during the import: {worst_lag(f['stalls'])}")
+            for key, what in (("p99_disk", "disk load"), ("p99_cpu", "CPU load")):
+                if series[key].values:
+                    print(f"  POST p99 ratio under the {what} alone: {series[key].text(2)}")
     return 0
+
+
+UNITS = {
+    "rate": "rows/s",
+    "ratio": "x",
+    "rss": "MiB",
+    "p99": "ms",
+    "p99_ratio": "x",
+    "p99_disk": "x",
+    "p99_cpu": "x",
+}
+
+
+def report(source: str, f: dict[str, Any], ceiling_rate: float) -> dict[str, float]:
+    """Print one run's figures; the figures the summary takes (UNITS' keys)."""
+    processing = f["document"]["processing"]
+    rate = processing["rows"] / f["seconds"]
+    ratio = rate / ceiling_rate
+    before, during = f["before"], f["during"]
+    p99_ratio = p99(during) / p99(before)
+    fetch = f["document"]["fetch"]
+    fetching = _epoch(fetch["ended"]) - _epoch(fetch["started"])
+    working = _epoch(processing["ended"]) - _epoch(processing["started"])
+    print(
+        f"\n{source}: {processing['rows']:,} rows in {f['seconds']:.1f} s "
+        f"(fetch {fetching:.1f} s, processing {working:.1f} s), {rate:,.0f} rows/s; "
+        f"{processing['imported']:,} imported, {processing['errored']:,} errored"
+    )
+    verdict = _v(ratio >= RATIO_TARGET)
+    print(f"  ratio: {ratio:.2f} x the ceiling (target >= {RATIO_TARGET}): {verdict}")
+    growth = f["rss_growth"]
+    print(
+        f"  peak RSS above idle: {growth / 2**20:.1f} MiB (target <= 100): "
+        f"{_v(growth <= RSS_TARGET)}; above the daemon before its first run: "
+        f"{f['rss_growth_cold'] / 2**20:.1f} MiB"
+    )
+    print(
+        f"  POST p99: {p99(before) * 1e3:.1f} ms before, {p99(during) * 1e3:.1f} ms "
+        f"during ({p99_ratio:.2f}x, target <= {P99_TARGET}): "
+        f"{_v(p99_ratio <= P99_TARGET)}; slowest POST during: "
+        f"{max(during) * 1e3:.0f} ms ({len(during)} POSTs)"
+    )
+    found = {
+        "rate": rate,
+        "ratio": ratio,
+        "rss": growth / 2**20,
+        "p99": p99(during) * 1e3,
+        "p99_ratio": p99_ratio,
+    }
+    loads = f["loads"]
+    for phase, what in (
+        ("disk", f"the disk written at the import's {loads['bytes'] / 1e6:.0f} MB/s"),
+        ("cpu", f"the CPUs busy for the import's {loads['cpus']:.2f} CPUs"),
+    ):
+        if phase in loads:
+            found[f"p99_{phase}"] = p99(loads[phase]) / p99(before)
+            print(
+                f"  POST p99 with no import but {what} (bench/load.py): "
+                f"{p99(loads[phase]) * 1e3:.1f} ms ({found[f'p99_{phase}']:.2f}x)"
+            )
+    print(f"  event loop's worst lag during the import: {worst_lag(f['stalls'])}")
+    print(
+        f"  group commits (write and fsync), before: {shares(f['commits_before'])}; "
+        f"during the import: {shares(f['commits'])}"
+    )
+    return found
 
 
 def _v(ok: bool) -> str:
