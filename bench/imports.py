@@ -417,7 +417,7 @@ def main() -> int:
         print(f"\n## {args.repeat} rounds: median [min-max]")
         for source, series in summary.items():
             print(
-                f"\n{source}: {series['rate'].text()}, {series['ratio'].text(2)} the ceiling "
+                f"\n{source}: {series['rate'].text()}, {series['ratio'].text(3)} the ceiling "
                 f"(target >= {RATIO_TARGET}): {_v(series['ratio'].median >= RATIO_TARGET)}\n"
                 f"  peak RSS above idle: {series['rss'].text(1)} (target <= 100): "
                 f"{_v(max(series['rss'].values) <= RSS_TARGET >> 20)} (the largest judged)\n"
