@@ -38,6 +38,11 @@ class DeliveryError(FirehosedError):
         self.retry_after = retry_after
 
 
+class SourceChanged(DeliveryError):
+    """A file an import listed changed (or went) at its source before it was fetched
+    whole: the run lists it again and takes it as it is now."""
+
+
 class BatchGone(Exception):
     """A batch this process's queue still held was delivered and retired by another
     process meanwhile (a scaled-out backend whose view was behind): the delivery drops

@@ -23,7 +23,7 @@ from aiobotocore.session import AioSession
 from firehosed import fileio
 from firehosed.channels import config_type, open_channel
 from firehosed.channels.base import Channel, RemoteFile
-from firehosed.errors import DeliveryError
+from firehosed.errors import DeliveryError, SourceChanged
 from firehosed.fileio import PACE
 from firehosed.names import split_pattern
 from firehosed.units import dec_hook
@@ -355,6 +355,26 @@ async def test_s3_lists_every_page(place: Place, channel: Channel, moto_server: 
 
     assert [file.name for file in listed] == wanted  # 10 pages of 1000 keys, sorted
     assert {file.size for file in listed} == {4}
+
+
+@pytest.mark.parametrize("place", ["s3"], indirect=True)
+async def test_s3_fetches_only_the_version_it_listed(
+    place: Place, channel: Channel, tmp_path: Path
+) -> None:
+    """A file overwritten between its listing and its fetch is not fetched under the
+    listed version (its rows' ids hold it): SourceChanged, and the run lists it again."""
+    place.write("heap/users-2026-12-01.csv", b"a\n")
+    [listed] = await list_files(channel, "heap/users-*.csv")
+    place.write("heap/users-2026-12-01.csv", b"b\n")  # same size, another ETag
+    target = tmp_path / "fetched.csv"
+
+    with pytest.raises(SourceChanged, match=r"users-2026-12-01\.csv: changed since"):
+        await channel.fetch(listed.name, target, account=ACCOUNT, version=listed.version)
+
+    [now] = await list_files(channel, "heap/users-*.csv")
+    assert now.version != listed.version
+    assert await channel.fetch(now.name, target, account=ACCOUNT, version=now.version) == 2
+    assert target.read_bytes() == b"b\n"
 
 
 @pytest.mark.parametrize("place", ["s3"], indirect=True)

@@ -213,6 +213,14 @@ def delivery_error(
     return DeliveryError(f"{target}: {type(exc).__name__}: {exc}")
 
 
+def status(exc: Exception) -> int | None:
+    """The HTTP status an AWS service answered with, if `exc` is its error answer."""
+    if not isinstance(exc, ClientError):
+        return None
+    found = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    return int(found) if found is not None else None
+
+
 def _client_error(exc: ClientError, target: str, aliases: dict[str, str]) -> DeliveryError:
     error = exc.response.get("Error", {})
     metadata = exc.response.get("ResponseMetadata", {})

@@ -120,13 +120,16 @@ class Channel(abc.ABC):
         """
         raise self._not_a_source()
 
-    async def fetch(self, name: str, target: Path, *, account: str) -> int:
+    async def fetch(
+        self, name: str, target: Path, *, account: str, version: str | None = None
+    ) -> int:
         """Copy the file `name` (a `RemoteFile.name`) into the local file `target`.
 
         `target` is created or truncated, written in chunks (never the whole file in
         memory) and fsynced before this returns (its directory is the caller's to sync).
         Returns the bytes copied. Raises DeliveryError naming the file when it is missing
-        or cannot be read.
+        or cannot be read. A source that can tell versions apart (S3's ETag) fetches only
+        `version` (the listed `RemoteFile.version`), and raises SourceChanged for another.
         """
         raise self._not_a_source()
 

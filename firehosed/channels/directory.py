@@ -148,7 +148,9 @@ class DirectoryChannel(Channel):
             found.append(RemoteFile(name, stat.st_size, str(stat.st_mtime_ns)))
         return sorted(found, key=lambda file: file.name)
 
-    async def fetch(self, name: str, target: Path, *, account: str) -> int:
+    async def fetch(
+        self, name: str, target: Path, *, account: str, version: str | None = None
+    ) -> int:
         """Copy `name` into `target` (kernel-side copy), fsync it; the bytes copied."""
         source = self.root / relative_name(name, "file name")
         try:

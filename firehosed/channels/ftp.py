@@ -330,7 +330,9 @@ class FtpChannel(Channel):
                 files = await self._list(client, path, directory, glob)
         return sorted(files, key=lambda file: file.name)
 
-    async def fetch(self, name: str, target: Path, *, account: str) -> int:
+    async def fetch(
+        self, name: str, target: Path, *, account: str, version: str | None = None
+    ) -> int:
         """RETR `name` under `path` into `target` in 1 MiB writes (written out as they go:
         fileio.PACE), then fsync it."""
         remote = self.root / relative_name(name, "file name")

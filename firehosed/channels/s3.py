@@ -36,7 +36,7 @@ from firehosed.channels.base import (
     source_pattern,
     sync_file,
 )
-from firehosed.errors import DeliveryError
+from firehosed.errors import DeliveryError, SourceChanged
 from firehosed.fileio import Paced
 from firehosed.names import control_character
 from firehosed.units import Size
@@ -48,6 +48,7 @@ MIN_PART = 5 * MiB  # S3's smallest part (except the last)
 MAX_PUT = 5 * 1024 * MiB  # S3's largest single PUT and largest part
 MAX_PARTS = 10_000
 PROBE_NAME = ".firehosed-check"
+PRECONDITION_FAILED = 412  # GetObject If-Match: the object is no longer the version listed
 
 StorageClass = Literal[
     "STANDARD",
@@ -265,16 +266,24 @@ class S3Channel(Channel):
             raise aws.delivery_error(exc, f"s3://{self.bucket}/{folder}") from exc
         return sorted(found, key=lambda file: file.name)
 
-    async def fetch(self, name: str, target: Path, *, account: str) -> int:
-        """GetObject `prefix + name`, its body streamed into `target`, then fsync it."""
+    async def fetch(
+        self, name: str, target: Path, *, account: str, version: str | None = None
+    ) -> int:
+        """GetObject `prefix + name` (only as `version`, its listed ETag, if given), its
+        body streamed into `target`, then fsync it."""
         key = self._source_prefix(account) + relative_name(name, "file name")
+        condition = {} if version is None else {"IfMatch": f'"{version}"'}
         try:
             client = await self._client.get()
-            response = await client.get_object(Bucket=self.bucket, Key=key)
+            response = await client.get_object(Bucket=self.bucket, Key=key, **condition)
             async with response["Body"] as body:
                 with await asyncio.to_thread(target.open, "wb") as file:
                     received = await _stream(body, file)
         except aws.ERRORS as exc:
+            if version is not None and aws.status(exc) == PRECONDITION_FAILED:
+                raise SourceChanged(
+                    f"s3://{self.bucket}/{key}: changed since it was listed (ETag {version})"
+                ) from exc
             raise aws.delivery_error(exc, f"s3://{self.bucket}/{key}") from exc
         return received
 

@@ -217,7 +217,9 @@ class SftpChannel(Channel):
         )
         return listed
 
-    async def fetch(self, name: str, target: Path, *, account: str) -> int:
+    async def fetch(
+        self, name: str, target: Path, *, account: str, version: str | None = None
+    ) -> int:
         """Download `name` under `path` into `target` (parallel reads), fsync it."""
         remote = posixpath.join(self.config.path, relative_name(name, "file name"))
         await self._run(lambda session: self._download(session, remote, target), about=remote)

@@ -31,16 +31,16 @@ import structlog
 from cronsim import CronSim
 
 from firehosed import metrics
-from firehosed.channels.base import Channel, sync_file
+from firehosed.channels.base import Channel, RemoteFile, sync_file
 from firehosed.config import Config, ImportConfig, import_offset
 from firehosed.envelope import Envelopes
-from firehosed.errors import DeliveryError
+from firehosed.errors import DeliveryError, SourceChanged
 from firehosed.fileio import Paced, fsync_dir
 from firehosed.imports import pattern as patterns
 from firehosed.imports.child import Chunk, Job
 from firehosed.imports.reader import PROCESS_FROM, Reader
 from firehosed.imports.rows import FileError
-from firehosed.imports.runs import Fetch, File, Run, TaskStore, now
+from firehosed.imports.runs import Fetch, File, Ledger, Run, TaskStore, now
 from firehosed.ingest.receiver import Answer, IngestAccount, Receiver
 
 log = structlog.get_logger(__name__)
@@ -244,41 +244,60 @@ class Importer:
             return
         channel = self.channels[task.source]
         expanded = patterns.expand(task.pattern or "", run.day)
+        changed = False  # a file changed since the listing: list again, take it as it is
         for attempt in range(1, FETCH_ATTEMPTS + 1):
             try:
-                if not run.files:
+                if not run.files or changed:
                     listed = await channel.list_files(expanded, account=task.account)
-                    run.files = [
-                        File(
-                            name=f.name,
-                            size=f.size,
-                            version=f.version,
-                            data=f"{n}.gz" if f.name.endswith(".gz") else str(n),
-                            gzip=f.name.endswith(".gz"),
-                        )
-                        for n, f in enumerate(listed)
-                        if (f.name, f.size, f.version) not in store.ledger
-                    ]
+                    if changed:
+                        _relisted(run, listed, store.ledger)
+                    else:
+                        run.files = [
+                            File(
+                                name=f.name,
+                                size=f.size,
+                                version=f.version,
+                                data=f"{n}.gz" if f.name.endswith(".gz") else str(n),
+                                gzip=f.name.endswith(".gz"),
+                            )
+                            for n, f in enumerate(listed)
+                            if (f.name, f.size, f.version) not in store.ledger
+                        ]
                     await asyncio.to_thread(store.save, run)
                 for file in run.files:
                     if not file.fetched:
-                        target = store.data(run, file)
-                        await channel.fetch(file.name, target, account=task.account)
-                        if self.sync:
-                            await asyncio.to_thread(fsync_dir, target.parent)
-                        file.fetched = True
-                        await asyncio.to_thread(store.save, run)
+                        await self._fetch_file(store, run, file, channel, task.account)
                 break
             except DeliveryError as exc:
-                log.warning("import.fetch_failed", task=run.task, run=run.id, error=str(exc))
+                changed = isinstance(exc, SourceChanged)
+                event = "import.source_changed" if changed else "import.fetch_failed"
+                log.warning(event, task=run.task, run=run.id, error=str(exc))
                 if attempt == FETCH_ATTEMPTS:
                     run.fetch.status, run.fetch.error = "failed", str(exc)
                     run.fetch.ended = now()
                     await asyncio.to_thread(store.save, run)
                     return
-                await asyncio.sleep(RETRY_FIRST * 5**attempt)
-        await asyncio.to_thread(store.ledger.add, run.files, run.id)
+                if not changed:  # (a change is listed again at once)
+                    await asyncio.sleep(RETRY_FIRST * 5**attempt)
+        taken = [file for file in run.files if not file.error]
+        await asyncio.to_thread(store.ledger.add, taken, run.id)
         run.fetch.status, run.fetch.ended = "fetched", now()
+        await asyncio.to_thread(store.save, run)
+
+    async def _fetch_file(
+        self, store: TaskStore, run: Run, file: File, channel: Channel, account: str
+    ) -> None:
+        """Fetch `file` as listed: SourceChanged if the source has another version now."""
+        target = store.data(run, file)
+        size = await channel.fetch(file.name, target, account=account, version=file.version)
+        if size != file.size:
+            raise SourceChanged(
+                f"{file.name}: changed since it was listed ({file.size:,} bytes then, "
+                f"{size:,} fetched)"
+            )
+        if self.sync:
+            await asyncio.to_thread(fsync_dir, target.parent)
+        file.fetched = True
         await asyncio.to_thread(store.save, run)
 
     async def _process(self, store: TaskStore, run: Run) -> None:
@@ -613,6 +632,24 @@ class _Saves:
                     await asyncio.sleep(pause)
             if not self._again:
                 return
+
+
+def _relisted(run: Run, listed: list[RemoteFile], ledger: Ledger) -> None:
+    """The files of `run` not yet fetched, as the source lists them now: a file changed
+    since is taken in its new version (its rows' ids hold it); one gone, or taken by
+    another run meanwhile, is not fetched (gone: said as its error)."""
+    now_listed = {f.name: f for f in listed}
+    for file in run.files:
+        if file.fetched:
+            continue
+        found = now_listed.get(file.name)
+        if found is None:
+            file.fetched = file.done = True
+            file.error = "removed at the source after it was listed"
+            continue
+        file.size, file.version = found.size, found.version
+        if (found.name, found.size, found.version) in ledger:
+            file.fetched = file.done = True
 
 
 def _pauses() -> Iterator[float]:

@@ -1,0 +1,70 @@
+"""A file that changes at its source between a run's listing and its fetch is taken as it
+is now (listed again, fetched again), not as the bytes of one version under the name of
+another: the ledger then holds what was imported, so no later run imports it twice.
+
+The daemon runs in this process, so that the directory's listing can be followed at
+once by a change to the file, on cue: the real channel, receiver, queues and disk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from firehosed.channels.directory import DirectoryChannel
+from firehosed.config import parse
+from firehosed.daemon import Daemon
+from tests.daemon import BASE_CONFIG, TOKEN, free_port
+from tests.test_imports import COLUMNS, imports_config, write_csv
+
+TASK = """
+[imports.users]
+account = "acme"
+source = "inbox"
+pattern = "users-*.csv"
+once = true
+""" + COLUMNS.format(task="users")
+
+
+async def test_a_file_changed_after_its_listing_is_imported_as_it_is_now(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "inbox" / "users-1.csv"
+    write_csv(path, 100, bad_every=1000)
+    valid, _ = write_csv(tmp_path / "later.csv", 150, bad_every=1000)  # the same 100, and 50
+    text = BASE_CONFIG.format(port=free_port(), dir=tmp_path, token=TOKEN)
+    text += f'\n[admin]\nlisten = "127.0.0.1:{free_port()}"\n'
+    daemon = Daemon(parse(text + imports_config(tmp_path, TASK)))
+    list_files = DirectoryChannel.list_files
+    listings = 0
+
+    async def listed_then_changed(*args: Any, **kwargs: Any) -> Any:
+        nonlocal listings
+        found = await list_files(*args, **kwargs)
+        listings += 1
+        if listings == 1:  # the file grows right after the run's first listing
+            (tmp_path / "later.csv").replace(path)
+        return found
+
+    monkeypatch.setattr(DirectoryChannel, "list_files", listed_then_changed)
+    thresholds = gc.get_threshold()
+    await daemon.start()
+    try:
+        async with asyncio.timeout(60):  # a once task's loop ends with its run
+            await asyncio.gather(*daemon.importer._loops.values())
+        run = daemon.status()["imports"]["users"]["runs"][0]
+        ledger = daemon.importer.stores["users"].ledger
+    finally:
+        await daemon.stop()
+        gc.unfreeze()  # this test process goes on: give it its collector back
+        gc.set_threshold(*thresholds)
+    assert listings == 2  # listed again once the fetch found the change
+    assert run["fetch"]["status"] == "fetched"
+    assert run["processing"]["status"] == "processed"
+    assert run["processing"]["imported"] == len(valid) == 150
+    now = path.stat()
+    assert ("users-1.csv", now.st_size, str(now.st_mtime_ns)) in ledger
