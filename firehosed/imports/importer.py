@@ -277,8 +277,8 @@ class Importer:
                     run.fetch.ended = now()
                     await asyncio.to_thread(store.save, run)
                     return
-                if not changed:  # (a change is listed again at once)
-                    await asyncio.sleep(RETRY_FIRST * 5**attempt)
+                # (a file that changed may still be being written: it is given a while)
+                await asyncio.sleep(RETRY_FIRST * 5**attempt)
         taken = [file for file in run.files if not file.error]
         await asyncio.to_thread(store.ledger.add, taken, run.id)
         run.fetch.status, run.fetch.ended = "fetched", now()
