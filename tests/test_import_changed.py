@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ import pytest
 from firehosed.channels.directory import DirectoryChannel
 from firehosed.config import parse
 from firehosed.daemon import Daemon
+from firehosed.imports.runs import Ledger
 from tests.daemon import BASE_CONFIG, TOKEN, free_port
 from tests.test_imports import COLUMNS, imports_config, write_csv
 
@@ -36,6 +38,52 @@ async def test_a_file_changed_after_its_listing_is_imported_as_it_is_now(
     path = tmp_path / "inbox" / "users-1.csv"
     write_csv(path, 100, bad_every=1000)
     valid, _ = write_csv(tmp_path / "later.csv", 150, bad_every=1000)  # the same 100, and 50
+
+    def change(listing: int, when: str) -> None:
+        if (listing, when) == (1, "after"):  # the file grows right after the listing
+            (tmp_path / "later.csv").replace(path)
+
+    run, ledger, listings = await _import(tmp_path, monkeypatch, change)
+
+    assert listings == 2  # listed again once the fetch found the change
+    assert run["fetch"]["status"] == "fetched"
+    assert run["processing"]["status"] == "processed"
+    assert run["processing"]["imported"] == len(valid) == 150
+    now = path.stat()
+    assert ("users-1.csv", now.st_size, str(now.st_mtime_ns)) in ledger
+
+
+async def test_a_file_changed_then_removed_is_an_error_of_its_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "inbox" / "users-1.csv"
+    write_csv(path, 100, bad_every=1000)
+    listed = path.stat()
+
+    def change(listing: int, when: str) -> None:
+        if (listing, when) == (1, "after"):  # grown right after the listing
+            with path.open("a") as out:
+                out.write("more\r\n")
+        elif (listing, when) == (2, "before"):  # and gone before the next
+            path.unlink()
+
+    run, ledger, listings = await _import(tmp_path, monkeypatch, change)
+
+    assert listings == 2
+    assert run["fetch"]["status"] == "fetched"
+    assert run["processing"]["status"] == "failed"
+    assert "users-1.csv: removed at the source after it was listed" in run["processing"]["error"]
+    assert run["processing"]["imported"] == 0
+    assert ("users-1.csv", listed.st_size, str(listed.st_mtime_ns)) not in ledger
+
+
+async def _import(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    change: Callable[[int, str], None],
+) -> tuple[dict[str, Any], Ledger, int]:
+    """Run the once task, `change(n, "before")` and `change(n, "after")` called around
+    the source's nth listing; the run, the ledger, and how many listings there were."""
     text = BASE_CONFIG.format(port=free_port(), dir=tmp_path, token=TOKEN)
     text += f'\n[admin]\nlisten = "127.0.0.1:{free_port()}"\n'
     daemon = Daemon(parse(text + imports_config(tmp_path, TASK)))
@@ -44,10 +92,10 @@ async def test_a_file_changed_after_its_listing_is_imported_as_it_is_now(
 
     async def listed_then_changed(*args: Any, **kwargs: Any) -> Any:
         nonlocal listings
-        found = await list_files(*args, **kwargs)
         listings += 1
-        if listings == 1:  # the file grows right after the run's first listing
-            (tmp_path / "later.csv").replace(path)
+        change(listings, "before")
+        found = await list_files(*args, **kwargs)
+        change(listings, "after")
         return found
 
     monkeypatch.setattr(DirectoryChannel, "list_files", listed_then_changed)
@@ -62,9 +110,4 @@ async def test_a_file_changed_after_its_listing_is_imported_as_it_is_now(
         await daemon.stop()
         gc.unfreeze()  # this test process goes on: give it its collector back
         gc.set_threshold(*thresholds)
-    assert listings == 2  # listed again once the fetch found the change
-    assert run["fetch"]["status"] == "fetched"
-    assert run["processing"]["status"] == "processed"
-    assert run["processing"]["imported"] == len(valid) == 150
-    now = path.stat()
-    assert ("users-1.csv", now.st_size, str(now.st_mtime_ns)) in ledger
+    return run, ledger, listings
