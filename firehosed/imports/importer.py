@@ -252,17 +252,7 @@ class Importer:
                     if changed:
                         _relisted(run, listed, store.ledger)
                     else:
-                        run.files = [
-                            File(
-                                name=f.name,
-                                size=f.size,
-                                version=f.version,
-                                data=f"{n}.gz" if f.name.endswith(".gz") else str(n),
-                                gzip=f.name.endswith(".gz"),
-                            )
-                            for n, f in enumerate(listed)
-                            if (f.name, f.size, f.version) not in store.ledger
-                        ]
+                        run.files = _new_files(listed, store.ledger)
                     await asyncio.to_thread(store.save, run)
                 for file in run.files:
                     if not file.fetched:
@@ -632,6 +622,21 @@ class _Saves:
                     await asyncio.sleep(pause)
             if not self._again:
                 return
+
+
+def _new_files(listed: list[RemoteFile], ledger: Ledger) -> list[File]:
+    """The files of a listing that no run has taken yet, as a run's files."""
+    return [
+        File(
+            name=f.name,
+            size=f.size,
+            version=f.version,
+            data=f"{n}.gz" if f.name.endswith(".gz") else str(n),
+            gzip=f.name.endswith(".gz"),
+        )
+        for n, f in enumerate(listed)
+        if (f.name, f.size, f.version) not in ledger
+    ]
 
 
 def _relisted(run: Run, listed: list[RemoteFile], ledger: Ledger) -> None:
