@@ -55,6 +55,28 @@ def test_steady_churn_keeps_exactly_the_window() -> None:
     assert len(dedupe) == 100_001
 
 
+def test_bulk_admits_past_the_limits_forget_exactly_the_oldest() -> None:
+    """Requests of many ids each, far past the count limit: the oldest ids are dropped a
+    step at a time, the lists' dropped front is freed, and what is kept is exactly the
+    newest `limit` ids, whatever was accepted again or forgotten on the way."""
+    dedupe = Dedupe(window=600.0, limit=5_000, max_memory=BIG)
+    for n in range(100):  # 100 requests of 500 ids; the count limit keeps 10 of them
+        ticket = Ticket()
+        ids = [f"r{n}-{i}" for i in range(500)]
+        assert dedupe.admit(ids, float(n), ticket) == []
+        dedupe.settled(ticket, ids, kept=n != 97)  # request 97 was not kept: forgotten
+        if n == 96:  # request 3's first id, accepted again: its old entry is stale
+            assert dedupe.admit(["r3-0"], float(n), Ticket()) == []
+    # The newest 5000 live: requests 99, 98, "r3-0", 96 to 90, and 499 of request 89.
+    kept = {f"r{n}-{i}" for n in (*range(90, 97), 98, 99) for i in range(500)}
+    kept |= {"r3-0", *(f"r89-{i}" for i in range(1, 500))}
+    assert len(dedupe) == len(kept) == 5_000
+    assert all(dedupe.seen(one, 100.0, Ticket()) for one in kept)
+    assert not dedupe.seen("r89-0", 100.0, Ticket()), "older than the newest 5000"
+    assert not dedupe.seen("r97-0", 100.0, Ticket()), "forgotten: its request failed"
+    assert dedupe.memory < 10_000 * (8 + ID_OVERHEAD), "dropped entries are not counted"
+
+
 def test_remembered_ids_are_duplicates_until_they_leave_the_window() -> None:
     dedupe, ticket = Dedupe(10.0, 100, BIG), Ticket()
     dedupe.remember("a", 5.0)
