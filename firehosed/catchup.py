@@ -133,6 +133,33 @@ class CatchUp:
                 self._evict()
         return ring if known is None else None
 
+    def identify_many(
+        self, account: str, pairs: list[tuple[str, str]], now: float
+    ) -> list[tuple[int, tuple[bytes, ...]]]:
+        """`identify` each (session, person) of `pairs` in order, in one loop (a batch's
+        or an import piece's sessions): the index in `pairs` and the ring of each first
+        identification. Memory is checked once, after the batch (over by its persons at
+        most, until then)."""
+        sessions, fresh = self._sessions, self.config.session_ttl / REFRESH
+        first: list[tuple[int, tuple[bytes, ...]]] = []
+        for at, (session, person) in enumerate(pairs):
+            key = f"{account}\0{session}"
+            state = sessions.get(key)
+            if state is None or now - state.seen >= fresh:
+                state = self._touch(key, now)
+            known, ring = state.person, state.ring
+            if ring:
+                state.ring = ()
+                self.memory -= _ring_cost(ring)
+            if person != known:
+                state.person = person
+                self.memory += getsizeof(person) - (0 if known is None else getsizeof(known))
+            if known is None:
+                first.append((at, ring))
+        if self.memory > self.config.max_memory:
+            self._evict()
+        return first
+
     def restore(self, account: str, session: str, ring: tuple[bytes, ...]) -> None:
         """Undo a first `identify` whose request was not acknowledged: the session is
         anonymous again, with its ring, so the client's retry replays it."""

@@ -153,18 +153,20 @@ class Routing:
         """Identify the sessions of records that all name their person, once per
         (session, person), in order; the rings to replay, by the index of the record
         they go before."""
-        catch_up, account, known = self.router.catch_up, self.account, self._known
+        known = self._known
         replays: dict[int, tuple[bytes, ...]] = {}
         pairs = list(zip(envs.sessions, envs.persons, strict=True))
-        for pair in dict.fromkeys(pairs):
-            session, person = pair
-            if session is None or person is None or (session, person) in known:
-                continue
-            known[(session, person)] = None
-            ring = catch_up.identify(account, session, person, received)
-            if ring is not None:
-                self._identified.append((session, ring))
-            if ring or (ring is not None and routes.wants_pi):
+        new = [
+            (session, person)
+            for session, person in dict.fromkeys(pairs)
+            if session is not None and person is not None and (session, person) not in known
+        ]
+        known.update(dict.fromkeys(new))
+        firsts = self.router.catch_up.identify_many(self.account, new, received)
+        for at, ring in firsts:
+            pair = new[at]
+            self._identified.append((pair[0], ring))
+            if ring or routes.wants_pi:
                 replays[pairs.index(pair)] = ring
         return replays
 

@@ -23,7 +23,7 @@ from firehosed.queue.base import Ticket
 from firehosed.queue.commit import Committer
 from firehosed.queue.local import LocalQueue
 from firehosed.queue.store import SegmentStore
-from firehosed.router import AccountRoutes, Router
+from firehosed.router import AccountRoutes, Router, Routing
 
 NOW = 1_767_225_600.0
 
@@ -145,10 +145,13 @@ class Pipeline:
             firehoses.append(Firehose(name, config, LocalQueue(store, committer, root), None))
         self.router.accounts["acme"] = AccountRoutes(FieldsConfig(), firehoses)
 
-    def post(self, raws: list[bytes]) -> None:
+    def post(self, raws: list[bytes]) -> Routing:
+        """Route `raws` as one request; its routing (to roll back)."""
         envs, rejected = self.reader.read_all(raws, NOW)
         assert not rejected
-        self.router.begin("acme", Ticket()).route(envs, NOW)
+        routing = self.router.begin("acme", Ticket())
+        routing.route(envs, NOW)
+        return routing
 
     def queued(self) -> Queued:
         """Each firehose's staged records: (type, id, person, raw), in order."""
@@ -229,3 +232,42 @@ def test_identified_records_of_several_types_route_as_one_by_one(
         *("id1-pi", "id1", "id2", "id3-pi", "id3", "id4", "id5")
     ]
     assert [record_id for _, record_id, _, _ in expected["pd"]] == ["id1", "id3", "id4", "id5"]
+
+
+RINGS = [
+    signal(1, did="s1"),  # anonymous: buffered
+    signal(2, did="s2"),
+    signal(3, did="s2", pid="p2"),  # from here every record names its person
+    signal(4, did="s1", pid="p1"),
+    signal(5, did="s1", pid="p1"),
+]
+
+
+@pytest.mark.parametrize("split", [[2, 3], [1, 1, 3], [5]])
+def test_identified_requests_replay_the_rings_earlier_requests_buffered(
+    tmp_path: Path, split: list[int]
+) -> None:
+    """A request whose records all name their person identifies its sessions up front;
+    each session's ring, buffered by an earlier request, goes before its first record."""
+    expected = routed_both_ways(tmp_path, RINGS, split)
+    assert [record_id for _, record_id, _, _ in expected["all"]] == [
+        *("id1", "id2"),
+        *("id2", "id3-pi", "id3"),  # s2's ring, its pi, the record
+        *("id1", "id4-pi", "id4", "id5"),
+    ]
+
+
+def test_a_request_not_kept_leaves_its_sessions_as_they_were(tmp_path: Path) -> None:
+    """Rolled back (its 503), a request that identified sessions leaves them anonymous
+    with their rings: the client's retry identifies them again and replays the rings."""
+    pipeline = Pipeline(tmp_path)
+    pipeline.post(RINGS[:2])
+    pipeline.post(RINGS[2:]).rollback()
+    catch_up = pipeline.router.catch_up
+    assert catch_up.person_of("acme", "s1", NOW) is None
+    assert catch_up.person_of("acme", "s2", NOW) is None
+    retried = Pipeline(tmp_path / "retried")
+    retried.post(RINGS[:2])
+    retried.post(RINGS[2:])
+    pipeline.post(RINGS[2:])
+    assert pipeline.queued()["all"][-7:] == retried.queued()["all"][-7:]
