@@ -86,10 +86,11 @@ class Paced:
             self._begun = end
 
 
-def copy_paced(source: Path, target: Path) -> int:
-    """Copy `source` to `target` in the kernel (sendfile), PACE bytes at a time, each
-    written out before the next is copied, then fsync `target`; the bytes copied."""
-    with open(source, "rb") as src, open(target, "wb") as out:
+def copy_paced(src: BinaryIO, target: Path) -> int:
+    """Copy the open file `src` to `target` in the kernel (sendfile), PACE bytes at a
+    time, each written out before the next is copied, then fsync `target`; the bytes
+    copied."""
+    with open(target, "wb") as out:
         paced = Paced(out)
         copied = 0
         while sent := os.sendfile(out.fileno(), src.fileno(), copied, PACE):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -75,6 +76,33 @@ async def test_a_file_changed_then_removed_is_an_error_of_its_run(
     assert "users-1.csv: removed at the source after it was listed" in run["processing"]["error"]
     assert run["processing"]["imported"] == 0
     assert ("users-1.csv", listed.st_size, str(listed.st_mtime_ns)) not in ledger
+
+
+async def test_a_file_gone_after_its_listing_leaves_the_others_imported(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file removed between the listing and its fetch, with no change seen first, is
+    an error of the run once it is listed again; the other files are imported by the
+    same run, not left for its next slot by a failed fetch."""
+    gone = tmp_path / "inbox" / "users-1.csv"
+    write_csv(gone, 100, bad_every=1000)
+    valid, _ = write_csv(tmp_path / "inbox" / "users-2.csv", 80, bad_every=1000, first_id=100)
+
+    def change(listing: int, when: str) -> None:
+        if (listing, when) == (1, "after"):
+            gone.unlink()
+
+    run, ledger, listings = await _import(tmp_path, monkeypatch, change)
+
+    assert listings == 2
+    assert run["fetch"]["status"] == "fetched"
+    assert run["processing"]["status"] == "failed"
+    assert "users-1.csv: removed at the source after it was listed" in run["processing"]["error"]
+    assert run["processing"]["imported"] == len(valid) == 80
+    kept = (tmp_path / "inbox" / "users-2.csv").stat()
+    assert ("users-2.csv", kept.st_size, str(kept.st_mtime_ns)) in ledger
+    taken = [json.loads(line)["name"] for line in ledger.path.read_text().splitlines()]
+    assert taken == ["users-2.csv"]
 
 
 async def _import(

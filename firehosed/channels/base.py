@@ -19,7 +19,7 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import BinaryIO, ClassVar
 
-from firehosed.errors import DeliveryError
+from firehosed.errors import DeliveryError, SourceChanged
 from firehosed.names import GLOB, path_problem, split_pattern
 
 
@@ -128,8 +128,9 @@ class Channel(abc.ABC):
         `target` is created or truncated, written in chunks (never the whole file in
         memory) and fsynced before this returns (its directory is the caller's to sync).
         Returns the bytes copied. Raises DeliveryError naming the file when it is missing
-        or cannot be read. A source that can tell versions apart (S3's ETag) fetches only
-        `version` (the listed `RemoteFile.version`), and raises SourceChanged for another.
+        or cannot be read. Given `version` (the listed `RemoteFile.version`), raises
+        SourceChanged when what was fetched is another: S3 fetches only that ETag; the
+        others compare the file's modification time once it is copied (`unchanged`).
         """
         raise self._not_a_source()
 
@@ -173,6 +174,16 @@ def source_pattern(pattern: str, where: str) -> tuple[str, str]:
         return split_pattern(pattern)
     except ValueError as exc:
         raise DeliveryError(f"{where}: {exc}", retryable=False) from exc
+
+
+def unchanged(about: str, version: str | None, now: str) -> None:
+    """Raise SourceChanged if a file fetched as `version` (its listed modification time)
+    has `now` as its modification time once copied: it was written meanwhile, perhaps
+    at the same size."""
+    if version is not None and now != version:
+        raise SourceChanged(
+            f"{about}: changed since it was listed (modified at {version} then, {now} now)"
+        )
 
 
 def sync_file(file: BinaryIO) -> None:

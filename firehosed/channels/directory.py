@@ -29,8 +29,9 @@ from firehosed.channels.base import (
     relative_name,
     selected,
     source_pattern,
+    unchanged,
 )
-from firehosed.errors import DeliveryError
+from firehosed.errors import DeliveryError, SourceChanged
 from firehosed.faults import crash_point
 from firehosed.fileio import copy_paced, fsync_dir, fsync_path, make_dirs
 
@@ -151,12 +152,21 @@ class DirectoryChannel(Channel):
     async def fetch(
         self, name: str, target: Path, *, account: str, version: str | None = None
     ) -> int:
-        """Copy `name` into `target` (kernel-side copy), fsync it; the bytes copied."""
+        """Copy `name` into `target` (kernel-side copy), fsync it; the bytes copied.
+        SourceChanged if it was modified since its listing as `version` (st_mtime_ns):
+        a file replaced by a rename meanwhile is copied as it was listed, from the inode
+        opened."""
         source = self.root / relative_name(name, "file name")
         try:
-            return await asyncio.to_thread(_copy_synced, source, target)
+            copied, modified = await asyncio.to_thread(_copy_synced, source, target)
+        except FileNotFoundError as exc:
+            if exc.filename != str(source):
+                raise self._source_error(exc) from exc
+            raise SourceChanged(f"directory {self.root}: {name}: gone since it was listed") from exc
         except OSError as exc:
             raise self._source_error(exc) from exc
+        unchanged(f"directory {self.root}: {name}", version, modified)
+        return copied
 
     def _source_error(self, exc: OSError) -> DeliveryError:
         return DeliveryError(
@@ -170,7 +180,9 @@ class DirectoryChannel(Channel):
         probe.unlink()
 
 
-def _copy_synced(source: Path, target: Path) -> int:
+def _copy_synced(source: Path, target: Path) -> tuple[int, str]:
     """Copy `source` to `target` and fsync `target` (written out as it goes: fileio.PACE);
-    its size once synced."""
-    return copy_paced(source, target)
+    its size once synced, and the source's st_mtime_ns once copied."""
+    with source.open("rb") as src:
+        copied = copy_paced(src, target)
+        return copied, str(os.fstat(src.fileno()).st_mtime_ns)

@@ -45,8 +45,9 @@ from firehosed.channels.base import (
     selected,
     source_pattern,
     sync_file,
+    unchanged,
 )
-from firehosed.errors import DeliveryError
+from firehosed.errors import DeliveryError, SourceChanged
 from firehosed.fileio import Paced
 from firehosed.units import Duration
 
@@ -334,15 +335,41 @@ class FtpChannel(Channel):
         self, name: str, target: Path, *, account: str, version: str | None = None
     ) -> int:
         """RETR `name` under `path` into `target` in 1 MiB writes (written out as they go:
-        fileio.PACE), then fsync it."""
+        fileio.PACE), then fsync it. SourceChanged if its MDTM is no longer `version`
+        once retrieved (a server without MDTM: not checked)."""
         remote = self.root / relative_name(name, "file name")
         async with self._lock:
             with self._translated(remote):
                 client = await self._connection()
                 with await asyncio.to_thread(target.open, "wb") as file:
-                    received = await client.retrieve(remote, Paced(file))
+                    received = await self._retrieve(client, remote, Paced(file))
                     await asyncio.to_thread(sync_file, file)
+                if version is not None and (stamp := await self._modified(client, remote)):
+                    unchanged(f"{self._where()}: {remote}", version, _seconds(stamp))
         return received
+
+    async def _retrieve(self, client: _Client, remote: PurePosixPath, target: Paced) -> int:
+        """RETR `remote`; SourceChanged for a file the server answers 550 for (gone, or
+        no longer readable: FTP says one for both), so that the run lists it again."""
+        try:
+            return await client.retrieve(remote, target)
+        except aioftp.StatusCodeError as exc:
+            if not exc.received_codes[-1].matches("550"):
+                raise
+            self._drop()  # (the transfer's state after a refused RETR is not relied on)
+            raise SourceChanged(
+                f"{self._where()} {remote}: gone or unreadable since it was listed "
+                f"(server answered {_status(exc)})"
+            ) from exc
+
+    async def _modified(self, client: _Client, remote: PurePosixPath) -> str | None:
+        """MDTM of `remote`; None from a server that has no MDTM."""
+        try:
+            return await client.modified(remote)
+        except aioftp.StatusCodeError as exc:
+            if exc.received_codes[-1].matches("50x"):
+                return None
+            raise
 
     async def _list(
         self, client: _Client, path: PurePosixPath, directory: str, glob: str

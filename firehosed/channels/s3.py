@@ -49,6 +49,7 @@ MAX_PUT = 5 * 1024 * MiB  # S3's largest single PUT and largest part
 MAX_PARTS = 10_000
 PROBE_NAME = ".firehosed-check"
 PRECONDITION_FAILED = 412  # GetObject If-Match: the object is no longer the version listed
+NOT_FOUND = 404  # GetObject of a key deleted since it was listed
 
 StorageClass = Literal[
     "STANDARD",
@@ -284,6 +285,8 @@ class S3Channel(Channel):
                 raise SourceChanged(
                     f"s3://{self.bucket}/{key}: changed since it was listed (ETag {version})"
                 ) from exc
+            if aws.status(exc) == NOT_FOUND:
+                raise SourceChanged(f"s3://{self.bucket}/{key}: gone since it was listed") from exc
             raise aws.delivery_error(exc, f"s3://{self.bucket}/{key}") from exc
         return received
 

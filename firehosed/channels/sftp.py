@@ -38,8 +38,9 @@ from firehosed.channels.base import (
     selected,
     source_pattern,
     synced_size,
+    unchanged,
 )
-from firehosed.errors import DeliveryError
+from firehosed.errors import DeliveryError, SourceChanged
 from firehosed.units import Duration, Size
 
 log = structlog.get_logger(__name__)
@@ -220,9 +221,13 @@ class SftpChannel(Channel):
     async def fetch(
         self, name: str, target: Path, *, account: str, version: str | None = None
     ) -> int:
-        """Download `name` under `path` into `target` (parallel reads), fsync it."""
+        """Download `name` under `path` into `target` (parallel reads), fsync it.
+        SourceChanged if its modification time is no longer `version` once downloaded."""
         remote = posixpath.join(self.config.path, relative_name(name, "file name"))
-        await self._run(lambda session: self._download(session, remote, target), about=remote)
+        modified = await self._run(
+            lambda session: self._download(session, remote, target), about=remote
+        )
+        unchanged(f"sftp {self._where}: {remote}", version, modified)
         return await asyncio.to_thread(synced_size, target)
 
     async def close(self) -> None:
@@ -334,7 +339,8 @@ class SftpChannel(Channel):
             session.dirs.clear()
             raise
 
-    async def _download(self, session: _Session, remote: str, target: Path) -> None:
+    async def _download(self, session: _Session, remote: str, target: Path) -> str:
+        """Download `remote` into `target`; its modification time once downloaded."""
         # A symlink is followed (its file copied), never recreated locally.
         pacer = _Pacer(target)
         try:
@@ -347,8 +353,11 @@ class SftpChannel(Channel):
                 max_requests=self.config.max_requests or -1,
                 progress_handler=pacer.progress,
             )
+        except asyncssh.SFTPNoSuchFile as exc:
+            raise SourceChanged(f"sftp {self._where}: {remote}: gone since it was listed") from exc
         finally:
             await pacer.settled()
+        return str((await session.sftp.stat(remote)).mtime or 0)
 
     async def _ensure_directory(self, session: _Session, directory: str) -> None:
         if directory in session.dirs:
