@@ -32,7 +32,7 @@ from firehosed.queue.base import Ticket
 ID_OVERHEAD = 130
 BULK = 8  # `admit` takes at least this many ids in bulk (fewer: one by one is faster)
 DROP_STEP = 256  # oldest entries dropped at a time, at most, until within the limits
-COMPACT = 4096  # dropped entries before the lists' dropped front is freed (past half)
+COMPACT = 4096  # dropped entries before the lists' dropped front is freed (past a quarter)
 _RECOVERED = Ticket()  # `remember`'s ids pass through `seen` under this, then settle
 
 
@@ -151,8 +151,12 @@ class Dedupe:
             if seen.get(record_id) == accepted:
                 del seen[record_id]
         self.memory -= sum(map(len, ids)) + ID_OVERHEAD * len(ids)
+        # The dropped slots let go of their strings now, not at the next compaction: the
+        # lists' front never holds more than pointers to one empty string and one zero.
+        self._ids[head:stop] = repeat("", count)
+        self._times[head:stop] = repeat(0.0, count)
         self._head = stop
-        if stop >= COMPACT and stop * 2 >= len(self._ids):
+        if stop >= COMPACT and stop * 4 >= len(self._ids):
             del self._ids[:stop], self._times[:stop]
             self._head = 0
 
