@@ -70,11 +70,7 @@ async def test_a_file_changed_then_removed_is_an_error_of_its_run(
 
     run, ledger, listings = await _import(tmp_path, monkeypatch, change)
 
-    assert listings == 2
-    assert run["fetch"]["status"] == "fetched"
-    assert run["processing"]["status"] == "failed"
-    assert "users-1.csv: removed at the source after it was listed" in run["processing"]["error"]
-    assert run["processing"]["imported"] == 0
+    _removed_in_its_run(run, listings, "users-1.csv", imported=0)
     assert ("users-1.csv", listed.st_size, str(listed.st_mtime_ns)) not in ledger
 
 
@@ -94,15 +90,22 @@ async def test_a_file_gone_after_its_listing_leaves_the_others_imported(
 
     run, ledger, listings = await _import(tmp_path, monkeypatch, change)
 
-    assert listings == 2
-    assert run["fetch"]["status"] == "fetched"
-    assert run["processing"]["status"] == "failed"
-    assert "users-1.csv: removed at the source after it was listed" in run["processing"]["error"]
-    assert run["processing"]["imported"] == len(valid) == 80
+    _removed_in_its_run(run, listings, "users-1.csv", imported=len(valid))
+    assert len(valid) == 80
     kept = (tmp_path / "inbox" / "users-2.csv").stat()
     assert ("users-2.csv", kept.st_size, str(kept.st_mtime_ns)) in ledger
     taken = [json.loads(line)["name"] for line in ledger.path.read_text().splitlines()]
     assert taken == ["users-2.csv"]
+
+
+def _removed_in_its_run(run: dict[str, Any], listings: int, name: str, imported: int) -> None:
+    """`run` listed its source twice, fetched, and failed its processing on `name` gone
+    at the source, having imported `imported` rows of its other files."""
+    assert listings == 2
+    assert run["fetch"]["status"] == "fetched"
+    assert run["processing"]["status"] == "failed"
+    assert f"{name}: removed at the source after it was listed" in run["processing"]["error"]
+    assert run["processing"]["imported"] == imported
 
 
 async def _import(

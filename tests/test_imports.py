@@ -130,9 +130,15 @@ def finished_run(daemon: Daemon, task: str, timeout: float = 60) -> dict[str, An
 
 
 def delivered_ids(daemon: Daemon, expected: int, timeout: float = 60) -> Counter[str]:
-    wait_until(lambda: len(daemon.delivered()) >= expected, timeout=timeout)
+    """How often each id was delivered, once `expected` distinct ids were (counting
+    records instead, a run's resent rows made the wait end before its last batch)."""
+
+    def ids() -> Counter[str]:
+        return Counter(r["signal_id"]["$oid"] for r in daemon.delivered())
+
+    wait_until(lambda: len(ids()) >= expected, timeout=timeout)
     time.sleep(0.3)  # anything more (a double) would arrive in the next batch
-    return Counter(r["signal_id"]["$oid"] for r in daemon.delivered())
+    return ids()
 
 
 def test_every_valid_row_arrives_once_and_every_bad_row_is_listed_with_its_reason(

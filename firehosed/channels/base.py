@@ -186,6 +186,12 @@ def unchanged(about: str, version: str | None, now: str) -> None:
         )
 
 
+def gone(about: str, why: str = "") -> SourceChanged:
+    """SourceChanged for a file no longer at its source when fetched (`why`: what the
+    server said, where it says it ambiguously)."""
+    return SourceChanged(f"{about}: gone since it was listed{why}")
+
+
 def sync_file(file: BinaryIO) -> None:
     """Flush and fsync a fetched file being written. Blocking: call it in a thread."""
     file.flush()

@@ -25,13 +25,14 @@ from firehosed.channels.base import (
     Batch,
     Channel,
     RemoteFile,
+    gone,
     joined,
     relative_name,
     selected,
     source_pattern,
     unchanged,
 )
-from firehosed.errors import DeliveryError, SourceChanged
+from firehosed.errors import DeliveryError
 from firehosed.faults import crash_point
 from firehosed.fileio import copy_paced, fsync_dir, fsync_path, make_dirs
 
@@ -162,7 +163,7 @@ class DirectoryChannel(Channel):
         except FileNotFoundError as exc:
             if exc.filename != str(source):
                 raise self._source_error(exc) from exc
-            raise SourceChanged(f"directory {self.root}: {name}: gone since it was listed") from exc
+            raise gone(f"directory {self.root}: {name}") from exc
         except OSError as exc:
             raise self._source_error(exc) from exc
         unchanged(f"directory {self.root}: {name}", version, modified)

@@ -40,6 +40,7 @@ from firehosed.channels.base import (
     Batch,
     Channel,
     RemoteFile,
+    gone,
     joined,
     relative_name,
     selected,
@@ -47,7 +48,7 @@ from firehosed.channels.base import (
     sync_file,
     unchanged,
 )
-from firehosed.errors import DeliveryError, SourceChanged
+from firehosed.errors import DeliveryError
 from firehosed.fileio import Paced
 from firehosed.units import Duration
 
@@ -357,9 +358,8 @@ class FtpChannel(Channel):
             if not exc.received_codes[-1].matches("550"):
                 raise
             self._drop()  # (the transfer's state after a refused RETR is not relied on)
-            raise SourceChanged(
-                f"{self._where()} {remote}: gone or unreadable since it was listed "
-                f"(server answered {_status(exc)})"
+            raise gone(
+                f"{self._where()} {remote}", f", or unreadable (server answered {_status(exc)})"
             ) from exc
 
     async def _modified(self, client: _Client, remote: PurePosixPath) -> str | None:

@@ -30,6 +30,7 @@ from firehosed.channels.base import (
     Channel,
     RemoteFile,
     glob_start,
+    gone,
     joined,
     relative_name,
     selected,
@@ -281,12 +282,13 @@ class S3Channel(Channel):
                 with await asyncio.to_thread(target.open, "wb") as file:
                     received = await _stream(body, file)
         except aws.ERRORS as exc:
-            if version is not None and aws.status(exc) == PRECONDITION_FAILED:
+            status = aws.status(exc)
+            if version is not None and status == PRECONDITION_FAILED:
                 raise SourceChanged(
                     f"s3://{self.bucket}/{key}: changed since it was listed (ETag {version})"
                 ) from exc
-            if aws.status(exc) == NOT_FOUND:
-                raise SourceChanged(f"s3://{self.bucket}/{key}: gone since it was listed") from exc
+            if status == NOT_FOUND:
+                raise gone(f"s3://{self.bucket}/{key}") from exc
             raise aws.delivery_error(exc, f"s3://{self.bucket}/{key}") from exc
         return received
 

@@ -33,6 +33,7 @@ from firehosed.channels.base import (
     Batch,
     Channel,
     RemoteFile,
+    gone,
     joined,
     relative_name,
     selected,
@@ -40,7 +41,7 @@ from firehosed.channels.base import (
     synced_size,
     unchanged,
 )
-from firehosed.errors import DeliveryError, SourceChanged
+from firehosed.errors import DeliveryError
 from firehosed.units import Duration, Size
 
 log = structlog.get_logger(__name__)
@@ -354,7 +355,7 @@ class SftpChannel(Channel):
                 progress_handler=pacer.progress,
             )
         except asyncssh.SFTPNoSuchFile as exc:
-            raise SourceChanged(f"sftp {self._where}: {remote}: gone since it was listed") from exc
+            raise gone(f"sftp {self._where}: {remote}") from exc
         finally:
             await pacer.settled()
         return str((await session.sftp.stat(remote)).mtime or 0)
