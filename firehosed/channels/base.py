@@ -80,6 +80,9 @@ class Channel(abc.ABC):
     """
 
     stream: ClassVar[bool] = False
+    # A source whose `fetch(version=...)` reads only that version and writes `target` in
+    # place from its start, in order: a run reads its rows as the file arrives (S3).
+    streams: ClassVar[bool] = False
     # The file format a channel requires regardless of the firehose's `format`:
     # "json" (one array, e.g. webhook bodies) or "ndjson" (one record per line, split
     # into messages by queues). None: the firehose's own format.

@@ -114,7 +114,10 @@ class S3Config(aws.AwsConfig, tag="s3", tag_field="type", forbid_unknown_fields=
 
 class S3Channel(Channel):
     """PutObject below `multipart_threshold`, else a multipart upload with up to
-    `max_concurrency` parts in flight (and as many part buffers in memory)."""
+    `max_concurrency` parts in flight (and as many part buffers in memory). As an
+    import source, it fetches the ETag it listed, its body written as it comes."""
+
+    streams = True
 
     def __init__(self, name: str, config: S3Config) -> None:
         super().__init__(name)

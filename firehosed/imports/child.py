@@ -3,6 +3,10 @@
 It gets its `Job` (pickled, on stdin) and writes the file's chunks to stdout, each a
 `Frame` in msgpack after its length, then ends; a file it cannot read ends it with a
 "failed" frame (the FileError's reason), a bug with a "crashed" one (its traceback).
+A file still being fetched (`Job.arriving`) is read as it arrives (arriving.py): the
+daemon keeps the child's stdin open meanwhile, and closes it when the fetch stops short
+(or the daemon is gone); the child then reads what is on disk and ends with an
+"abandoned" frame.
 msgpack, not pickle, because pickle's memo of every string it writes made pickling a
 chunk cost a tenth of the child's time (0.86 us a row, msgspec's encoder 0.08). It imports
 only what reading rows takes (no asyncio loop, no logging, fastavro only for Avro):
@@ -14,10 +18,12 @@ from __future__ import annotations
 import contextlib
 import os
 import pickle
+import select
 import signal
 import sys
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import BinaryIO, Literal, NamedTuple
 
@@ -25,6 +31,7 @@ import msgspec
 
 from firehosed.config import FieldsConfig
 from firehosed.envelope import Envelopes
+from firehosed.imports.arriving import Abandoned, Arriving
 from firehosed.imports.rows import (
     CsvBlock,
     FileError,
@@ -50,6 +57,7 @@ class Job(NamedTuple):
     columns: dict[str, str]
     fields: FieldsConfig
     key: str  # the file as `name@version`: the ids made for its rows hold it
+    arriving: int | None = None  # a file still being fetched: its size once whole
 
 
 def _no_signals() -> Envelopes:
@@ -70,9 +78,11 @@ class Chunk(msgspec.Struct, array_like=True, gc=False):
 class Frame(msgspec.Struct, array_like=True, gc=False):
     """What the child sends: a chunk, or why it stopped (then it ends)."""
 
-    kind: Literal["chunk", "failed", "crashed"]
+    kind: Literal["chunk", "failed", "crashed", "abandoned"]
     chunk: Chunk | None = None
-    message: str = ""  # a FileError's reason ("failed"), a traceback ("crashed")
+    # A FileError's reason ("failed"), a traceback ("crashed"), where the file's fetch
+    # stopped ("abandoned").
+    message: str = ""
 
 
 FRAMES = msgspec.msgpack.Decoder(Frame)
@@ -87,22 +97,30 @@ def serve(source: BinaryIO | None = None, out: BinaryIO | None = None) -> None:
     out = out or sys.stdout.buffer
     job: Job = pickle.load(source)
     try:
-        _send(out, _serve(job, out))
+        _send(out, _serve(job, out, partial(_closed, source.fileno())))
     except BrokenPipeError:  # the daemon is gone
         with contextlib.suppress(OSError):
             os.close(out.fileno())  # no flush at exit onto the closed pipe
 
 
-def _serve(job: Job, out: BinaryIO) -> Frame:
+def _closed(fd: int, timeout: float) -> bool:
+    """Whether the daemon closed the child's stdin (`fd`), waited for up to `timeout`
+    seconds: it writes nothing after the job, so the pipe is readable only at its end."""
+    return bool(select.select([fd], [], [], timeout)[0])
+
+
+def _serve(job: Job, out: BinaryIO, stopped: Callable[[float], bool]) -> Frame:
     """Send every chunk of `job` but the last; the last frame to send."""
     try:
-        rows, maker = open_rows(job)
+        rows, maker = open_rows(job, stopped)
         done = job.after
         while not (chunk := take(rows, maker, job.key, done, job.size)).ended:
             _send(out, Frame("chunk", chunk))
             done = chunk.last or done
     except FileError as exc:
         return Frame("failed", message=str(exc))
+    except Abandoned as exc:
+        return Frame("abandoned", message=str(exc))
     except BrokenPipeError:
         raise
     except Exception:
@@ -117,13 +135,22 @@ def _send(out: BinaryIO, frame: Frame) -> None:
     out.flush()
 
 
-def open_rows(job: Job) -> tuple[Iterator[Row | RowError | CsvBlock], RowMaker]:
+def open_rows(
+    job: Job, stopped: Callable[[float], bool] | None = None
+) -> tuple[Iterator[Row | RowError | CsvBlock], RowMaker]:
     """A file's rows for `take` (CSV's in blocks of `job.size` rows, made in bulk), and
-    the maker of their signals."""
+    the maker of their signals. A file still arriving waits for its bytes, and raises
+    Abandoned at the end of those on disk once `stopped` says its fetch stopped."""
+    opener = None
+    if job.arriving is not None:
+        assert stopped is not None, "a file still arriving is read with its fetch's end"
+        opener = partial(Arriving, size=job.arriving, stopped=stopped)
     if job.format == "csv":
-        rows: Iterator[Row | RowError | CsvBlock] = read_csv_blocks(job.path, job.size)
+        rows: Iterator[Row | RowError | CsvBlock] = read_csv_blocks(
+            job.path, job.size, opener=opener
+        )
     else:
-        rows = read_rows(job.path, job.format, after=job.after)
+        rows = read_rows(job.path, job.format, after=job.after, opener=opener)
     return rows, RowMaker(job.task, job.columns, job.fields)
 
 

@@ -37,6 +37,7 @@ from firehosed.envelope import Envelopes
 from firehosed.errors import DeliveryError, SourceChanged
 from firehosed.fileio import Paced, fsync_dir
 from firehosed.imports import pattern as patterns
+from firehosed.imports.arriving import Abandoned, Arrival
 from firehosed.imports.child import Chunk, Job
 from firehosed.imports.reader import PROCESS_FROM, Reader
 from firehosed.imports.rows import FileError
@@ -62,6 +63,7 @@ SAVE_EVERY = 0.0
 WAKE = 5.0  # seconds: a waiting task looks at the wall clock at least this often
 MISSED_LOOKBACK = 7 * 86400  # seconds: how far back a restart looks for a missed slot
 FETCH_ATTEMPTS = 3
+REMOVED = "removed at the source after it was listed"  # a file's error: never taken
 RETRY_FIRST, RETRY_MAX = 1.0, 30.0  # seconds: pauses while the receiver refuses
 
 
@@ -235,49 +237,99 @@ class Importer:
         )
 
     async def _fetch(self, store: TaskStore, run: Run) -> None:
-        """List the source (once per run) and copy each new file to local disk."""
+        """List the source (once per run) and copy each new file to local disk. From a
+        source that fetches the version it listed (`Channel.streams`), a file's rows are
+        processed as it arrives (`_fetch_arriving`), and the next file is fetched once
+        they are."""
         task = self.tasks.get(run.task)
         if run.trigger == "upload" or task is None or task.source is None or run.day is None:
-            run.fetch.status, run.fetch.error = "failed", "the upload or task is gone"
-            run.fetch.ended = now()
-            await asyncio.to_thread(store.save, run)
+            await self._fetch_failed(store, run, "the upload or task is gone")
             return
         channel = self.channels[task.source]
         expanded = patterns.expand(task.pattern or "", run.day)
         changed = False  # a file changed since the listing: list again, take it as it is
-        for attempt in range(1, FETCH_ATTEMPTS + 1):
-            try:
-                if not run.files or changed:
-                    listed = await channel.list_files(expanded, account=task.account)
-                    if changed:
-                        _relisted(run, listed, store.ledger)
-                    else:
-                        run.files = _new_files(listed, store.ledger)
-                    await asyncio.to_thread(store.save, run)
-                for file in run.files:
-                    if not file.fetched:
-                        await self._fetch_file(store, run, file, channel, task.account)
-                break
-            except DeliveryError as exc:
-                changed = isinstance(exc, SourceChanged)
-                event = "import.source_changed" if changed else "import.fetch_failed"
-                log.warning(event, task=run.task, run=run.id, error=str(exc))
-                if attempt == FETCH_ATTEMPTS:
-                    run.fetch.status, run.fetch.error = "failed", str(exc)
-                    run.fetch.ended = now()
-                    await asyncio.to_thread(store.save, run)
-                    return
-                # (a file that changed may still be being written: it is given a while)
-                await asyncio.sleep(RETRY_FIRST * 5**attempt)
-        taken = [file for file in run.files if not file.error]
-        await asyncio.to_thread(store.ledger.add, taken, run.id)
-        run.fetch.status, run.fetch.ended = "fetched", now()
+        processing: asyncio.Task[None] | None = None  # the rows of the file fetched last
+        try:
+            for attempt in range(1, FETCH_ATTEMPTS + 1):
+                try:
+                    if not run.files or changed:
+                        listed = await channel.list_files(expanded, account=task.account)
+                        if changed:
+                            _relisted(run, listed, store.ledger)
+                        else:
+                            settled = await asyncio.to_thread(store.unfinished)
+                            run.files = _new_files(listed, store.ledger, settled)
+                        await asyncio.to_thread(store.save, run)
+                    processing = await self._fetch_files(
+                        store, run, channel, task.account, processing
+                    )
+                    break
+                except DeliveryError as exc:
+                    changed = isinstance(exc, SourceChanged)
+                    event = "import.source_changed" if changed else "import.fetch_failed"
+                    log.warning(event, task=run.task, run=run.id, error=str(exc))
+                    if attempt == FETCH_ATTEMPTS:
+                        await self._fetch_failed(store, run, str(exc))
+                        return
+                    # (a file that changed may still be being written: it is given a while)
+                    await asyncio.sleep(RETRY_FIRST * 5**attempt)
+            # (a file that arrived and failed as it was read is taken: it failed whole)
+            taken = [file for file in run.files if file.error != REMOVED]
+            await asyncio.to_thread(store.ledger.add, taken, run.id)
+            run.fetch.status, run.fetch.ended = "fetched", now()
+            if processing is not None:  # (its saves note "fetched": the ledger holds the files)
+                await processing
+            await asyncio.to_thread(store.save, run)
+        finally:
+            if processing is not None and not processing.done():  # the daemon stops
+                processing.cancel()
+                await asyncio.wait([processing])
+
+    async def _fetch_files(
+        self,
+        store: TaskStore,
+        run: Run,
+        channel: Channel,
+        account: str,
+        processing: asyncio.Task[None] | None,
+    ) -> asyncio.Task[None] | None:
+        """Fetch each file of `run` not yet fetched, in order; the processing of the last
+        one where it goes on as it arrived (`processing`: an earlier one's, waited for
+        before the next fetch)."""
+        for file in run.files:
+            if file.fetched or file.done:
+                continue
+            if processing is not None:
+                await processing
+            if channel.streams:
+                processing = await self._fetch_arriving(store, run, file, channel, account)
+            else:
+                await self._fetch_file(store, run, file, channel, account)
+        return processing
+
+    async def _fetch_failed(self, store: TaskStore, run: Run, error: str) -> None:
+        """End `run` with its fetch failed; rows it took from a file that arrived in part
+        (kept: a later run of the same version reads on after them) end its processing
+        as failed too."""
+        run.fetch.status, run.fetch.error, run.fetch.ended = "failed", error, now()
+        processing = run.processing
+        if processing.status == "processing":
+            processing.status, processing.error = "failed", f"its fetch failed: {error}"
+            processing.ended = now()
         await asyncio.to_thread(store.save, run)
 
     async def _fetch_file(
-        self, store: TaskStore, run: Run, file: File, channel: Channel, account: str
+        self,
+        store: TaskStore,
+        run: Run,
+        file: File,
+        channel: Channel,
+        account: str,
+        *,
+        save: bool = True,
     ) -> None:
-        """Fetch `file` as listed: SourceChanged if the source has another version now."""
+        """Fetch `file` as listed: SourceChanged if the source has another version now.
+        Then it is marked fetched, and the run saved unless `save` is False."""
         target = store.data(run, file)
         size = await channel.fetch(file.name, target, account=account, version=file.version)
         if size != file.size:
@@ -288,34 +340,75 @@ class Importer:
         if self.sync:
             await asyncio.to_thread(fsync_dir, target.parent)
         file.fetched = True
-        await asyncio.to_thread(store.save, run)
+        if save:
+            await asyncio.to_thread(store.save, run)
+
+    async def _fetch_arriving(
+        self, store: TaskStore, run: Run, file: File, channel: Channel, account: str
+    ) -> asyncio.Task[None]:
+        """Fetch `file` while its rows are processed as it arrives; that processing,
+        which goes on once the file is whole and marked fetched (noted by the next save
+        of the run's progress). A fetch that stops short ends the reading after the
+        rows of the bytes on disk (kept and saved) and raises its error: fetched again,
+        by the next attempt or after a restart, the file is read on after its last
+        saved row (the source's version check makes it the same version)."""
+        await asyncio.to_thread(_emptied, store.data(run, file))
+        await self._processing_begins(store, run)
+        arrival = Arrival()
+        processing = asyncio.create_task(self._process_file(store, run, file, arrival))
+        try:
+            await self._fetch_file(store, run, file, channel, account, save=False)
+        except BaseException as exc:
+            arrival.stop()
+            if not isinstance(exc, DeliveryError):  # cancelled (the daemon stops), a bug
+                processing.cancel()
+            await asyncio.wait([processing])
+            if processing.cancelled():
+                raise
+            if (error := processing.exception()) is not None and not isinstance(error, Abandoned):
+                raise error from exc  # (a bug in processing says more than the fetch)
+            raise
+        return processing
+
+    async def _processing_begins(self, store: TaskStore, run: Run) -> None:
+        processing = run.processing
+        if processing.status != "processing":
+            processing.status = "processing"
+            processing.started = processing.started or now()
+            await asyncio.to_thread(store.save, run)
 
     async def _process(self, store: TaskStore, run: Run) -> None:
         """Feed every file's valid rows to the receiver; note the others."""
-        processing = run.processing
-        processing.status = "processing"
-        processing.started = processing.started or now()
-        await asyncio.to_thread(store.save, run)
+        await self._processing_begins(store, run)
         for file in run.files:
-            if file.done:
-                continue
-            try:
-                await self._rows(store, run, file)
-            except FileError as exc:
-                file.error = str(exc)
-                log.warning(
-                    "import.file_failed", task=run.task, run=run.id, file=file.name, error=str(exc)
-                )
-            file.done = True
-            await asyncio.to_thread(store.save, run)
+            if not file.done:
+                await self._process_file(store, run, file)
         failed = [f for f in run.files if f.error]
+        processing = run.processing
         processing.status = "failed" if failed else "processed"
         if failed:
             processing.error = f"{failed[0].name}: {failed[0].error}"
         processing.ended = now()
         await asyncio.to_thread(store.save, run)
 
-    async def _rows(self, store: TaskStore, run: Run, file: File) -> None:
+    async def _process_file(
+        self, store: TaskStore, run: Run, file: File, arrival: Arrival | None = None
+    ) -> None:
+        """Feed `file`'s rows to the receiver (read as it arrives, given its `arrival`),
+        then mark it done; Abandoned (from its arrival) leaves it to be read on."""
+        try:
+            await self._rows(store, run, file, arrival)
+        except FileError as exc:
+            file.error = str(exc)
+            log.warning(
+                "import.file_failed", task=run.task, run=run.id, file=file.name, error=str(exc)
+            )
+        file.done = True
+        await asyncio.to_thread(store.save, run)
+
+    async def _rows(
+        self, store: TaskStore, run: Run, file: File, arrival: Arrival | None = None
+    ) -> None:
         """One file's rows, CHUNK at a time, from where the run last got to."""
         task = self.tasks.get(run.task)
         rate = task.rows_per_second if task is not None else None
@@ -324,11 +417,18 @@ class Importer:
         size = CHUNK if rate is None else max(1, min(CHUNK, rate // RATE_STEPS))
         columns = task.columns if task is not None else {}
         key = f"{file.name}@{file.version}"
-        path = store.data(run, file)
         job = Job(
-            path, run.format, file.rows_done, size, run.task, columns, self.fields[run.account], key
+            store.data(run, file),
+            run.format,
+            file.rows_done,
+            size,
+            run.task,
+            columns,
+            self.fields[run.account],
+            key,
+            None if arrival is None else file.size,
         )
-        async with self._reader(job) as reader:
+        async with self._reader(job, arrival) as reader:
             await self._feed(store, run, file, reader, rate)
 
     async def _feed(
@@ -425,11 +525,12 @@ class Importer:
         return errors
 
     @contextlib.asynccontextmanager
-    async def _reader(self, job: Job) -> AsyncIterator[Reader]:
+    async def _reader(self, job: Job, arrival: Arrival | None) -> AsyncIterator[Reader]:
         """A reader of `job`'s file: in a child process if it is large and fewer than
         `processes` read in children now, else in a thread."""
-        reader = Reader(job)
-        in_process = self._children < self.processes and job.path.stat().st_size >= PROCESS_FROM
+        reader = Reader(job, arrival)
+        size = job.path.stat().st_size if job.arriving is None else job.arriving
+        in_process = self._children < self.processes and size >= PROCESS_FROM
         self._children += in_process
         try:
             if in_process:
@@ -624,8 +725,11 @@ class _Saves:
                 return
 
 
-def _new_files(listed: list[RemoteFile], ledger: Ledger) -> list[File]:
-    """The files of a listing that no run has taken yet, as a run's files."""
+def _new_files(
+    listed: list[RemoteFile], ledger: Ledger, settled: dict[tuple[str, int, str], int]
+) -> list[File]:
+    """The files of a listing that no run has taken yet, as a run's files: each read on
+    after the rows an earlier run `settled` of it (`TaskStore.unfinished`)."""
     return [
         File(
             name=f.name,
@@ -633,6 +737,7 @@ def _new_files(listed: list[RemoteFile], ledger: Ledger) -> list[File]:
             version=f.version,
             data=f"{n}.gz" if f.name.endswith(".gz") else str(n),
             gzip=f.name.endswith(".gz"),
+            rows_done=settled.get((f.name, f.size, f.version), 0),
         )
         for n, f in enumerate(listed)
         if (f.name, f.size, f.version) not in ledger
@@ -645,16 +750,29 @@ def _relisted(run: Run, listed: list[RemoteFile], ledger: Ledger) -> None:
     another run meanwhile, is not fetched (gone: said as its error)."""
     now_listed = {f.name: f for f in listed}
     for file in run.files:
-        if file.fetched:
+        if file.fetched or file.done:
             continue
         found = now_listed.get(file.name)
         if found is None:
             file.fetched = file.done = True
-            file.error = "removed at the source after it was listed"
+            file.error = REMOVED
             continue
+        if file.rows_done and (found.size, found.version) != (file.size, file.version):
+            # Its rows read as it arrived are kept; the new version's have other ids.
+            log.warning(
+                "import.file_replaced_midway", run=run.id, file=file.name, rows=file.rows_done
+            )
+            file.rows_done = 0
         file.size, file.version = found.size, found.version
         if (found.name, found.size, found.version) in ledger:
             file.fetched = file.done = True
+
+
+def _emptied(path: Path) -> None:
+    """Create `path` empty, or empty it: a fetch then writes it in place, from its start,
+    and a reader may open it first. Blocking: call it in a thread."""
+    with path.open("wb"):
+        pass
 
 
 def _pauses() -> Iterator[float]:

@@ -14,6 +14,10 @@ they are read. It ends after the last chunk, at a file it cannot read (a `FileEr
 such), or when the daemon is gone (its next write meets a closed pipe). A child that
 dies (the OOM killer, a kill -9) costs no row: the daemon logs `import.reader_lost` and
 reads the rest of the file in a thread, after the last row of the chunks it took.
+
+A file still being fetched (`Job.arriving`, importer.py) is read as it arrives
+(arriving.py), by a child or a thread alike; when its fetch stops short, the reader
+ends with Abandoned after the rows of the bytes on disk.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from pathlib import Path
 import structlog
 
 import firehosed
+from firehosed.imports.arriving import Abandoned, Arrival
 from firehosed.imports.child import FRAMES, LENGTH, Chunk, Job, open_rows, take
 from firehosed.imports.rows import CsvBlock, FileError, Row, RowError, RowMaker
 
@@ -43,10 +48,14 @@ PACKAGE_ROOT = str(Path(firehosed.__file__).resolve().parent.parent)
 class Reader:
     """The chunks of one file, in order, from a child process or (else) a thread.
 
-    `next` is awaited once at a time; `close` ends a child still running."""
+    `next` is awaited once at a time; `close` ends a child still running. A file still
+    arriving (`job.arriving`) is read as its `arrival` lets it: `next` raises Abandoned
+    after the rows on disk once its fetch stopped short."""
 
-    def __init__(self, job: Job) -> None:
+    def __init__(self, job: Job, arrival: Arrival | None = None) -> None:
+        assert (job.arriving is None) == (arrival is None), "a file arriving has its arrival"
         self.job = job
+        self.arrival = arrival
         self.done = job.after  # the last row of the chunks taken
         self.child: asyncio.subprocess.Process | None = None
         self._rows: Iterator[Row | RowError | CsvBlock] | None = None  # the thread's
@@ -55,7 +64,7 @@ class Reader:
     async def spawn(self) -> None:
         """Read in a child process from now on (else: in a thread, said in the log)."""
         try:
-            self.child = await _spawn(self.job)
+            self.child = await _spawn(self.job, self.arrival)
         except OSError as exc:  # no process to be had (TasksMax, memory): a thread reads
             log.warning("import.reader_not_started", task=self.job.task, error=str(exc))
         else:
@@ -89,6 +98,8 @@ class Reader:
         child, self.child = self.child, None
         if child is None:
             return
+        if child.stdin is not None:  # (open still if the file was arriving)
+            child.stdin.close()
         if child.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 child.kill()
@@ -96,7 +107,8 @@ class Reader:
 
     def _take(self) -> Chunk:
         if self._rows is None or self._maker is None:  # (after a lost child: from its last)
-            self._rows, self._maker = open_rows(self.job._replace(after=self.done))
+            stopped = None if self.arrival is None else self.arrival.stopped
+            self._rows, self._maker = open_rows(self.job._replace(after=self.done), stopped)
         return take(self._rows, self._maker, self.job.key, self.done, self.job.size)
 
     async def _receive(self, child: asyncio.subprocess.Process) -> Chunk:
@@ -109,6 +121,9 @@ class Reader:
         frame = FRAMES.decode(body)
         if frame.kind == "failed":
             raise FileError(frame.message)
+        if frame.kind == "abandoned":
+            await child.wait()
+            raise Abandoned(frame.message)
         if frame.kind == "crashed" or frame.chunk is None:
             raise RuntimeError(f"reading {self.job.key} failed in its process:\n{frame.message}")
         if frame.chunk.ended:
@@ -122,8 +137,8 @@ class _Lost(Exception):
         self.code = code
 
 
-async def _spawn(job: Job) -> asyncio.subprocess.Process:
-    """A child reading `job`."""
+async def _spawn(job: Job, arrival: Arrival | None) -> asyncio.subprocess.Process:
+    """A child reading `job`; its stdin stays open while the file arrives (`arrival`)."""
     paths = [PACKAGE_ROOT, *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
     code = "from firehosed.imports.child import serve; serve()"
@@ -141,7 +156,10 @@ async def _spawn(job: Job) -> asyncio.subprocess.Process:
     try:
         child.stdin.write(pickle.dumps(job))
         await child.stdin.drain()
-        child.stdin.close()
+        if arrival is None:
+            child.stdin.close()
+        else:
+            arrival.on_stop(child.stdin.close)
     except BaseException:
         child.kill()
         await child.wait()

@@ -21,14 +21,14 @@ import gzip
 import hashlib
 import io
 import zlib
-from collections.abc import Generator, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from decimal import Decimal
 from itertools import compress, islice, repeat
 from operator import attrgetter, itemgetter
 from pathlib import Path
-from typing import IO, Any, NamedTuple, cast
+from typing import IO, Any, NamedTuple, TypeAlias, cast
 
 import ijson
 import msgspec
@@ -68,11 +68,18 @@ REMEMBERED_SHAPES = 1_000  # the same for the sets of columns of a row
 REMEMBERED_CHARS = 1 << 20
 
 Row = tuple[int, dict[str, Any]]
-_Stream = gzip.GzipFile | io.BufferedReader  # a file open for reading bytes
+_Stream: TypeAlias = "gzip.GzipFile | io.BufferedReader[Any]"  # a file open for reading bytes
+Opener = Callable[[Path], io.RawIOBase]  # a file's bytes read otherwise than from disk
 
 
 def read_rows(
-    path: Path, fmt: str, *, max_cell: int = MAX_CELL, max_row: int = MAX_ROW, after: int = 0
+    path: Path,
+    fmt: str,
+    *,
+    max_cell: int = MAX_CELL,
+    max_row: int = MAX_ROW,
+    after: int = 0,
+    opener: Opener | None = None,
 ) -> Iterator[Row | RowError]:
     """Rows of a local file, in order: (row number, {column: value}) or a RowError for a
     row that cannot be read; raises FileError for a file that cannot be read at all.
@@ -84,11 +91,12 @@ def read_rows(
     most `max_row` bytes (a JSON element over it is a FileError: the array cannot be
     resumed after it). CSV values are strings, an empty cell is left out of its row;
     NDJSON and JSON values keep their JSON types, a number with a fraction or an
-    exponent as a Decimal (exact).
+    exponent as a Decimal (exact). `opener` gives the file's bytes where the file is
+    not read whole from disk (arriving.py: one still being fetched).
     """
     if fmt not in FORMATS:
         raise ValueError(f"unknown import format {fmt!r}, expected one of {FORMATS}")
-    with _file_faults(), _open(path) as stream:
+    with _file_faults(), _open(path, opener) as stream:
         if fmt == "csv":
             yield from _csv_rows(stream, max_cell)
         elif fmt == "ndjson":
@@ -103,7 +111,7 @@ def read_rows(
 
 
 def read_csv_blocks(
-    path: Path, size: int, *, max_cell: int = MAX_CELL
+    path: Path, size: int, *, max_cell: int = MAX_CELL, opener: Opener | None = None
 ) -> Iterator[CsvBlock | RowError]:
     """A CSV file's data rows as `read_rows` reads them, but in blocks of up to `size`
     rows of cells, to be made into signals in bulk (`RowMaker.block`); a row csv cannot
@@ -114,11 +122,11 @@ def read_csv_blocks(
     that reading: the file is read again from the start with each line watched, as
     `read_rows` reads it (`_watched_blocks`), and goes on from that row."""
     with _file_faults():
-        with _open(path) as stream:
+        with _open(path, opener) as stream:
             read = yield from _csv_blocks(stream, size, max_cell)
         if read is None:
             return
-        with _open(path) as stream:
+        with _open(path, opener) as stream:
             for item in _watched_blocks(stream, size, max_cell):
                 if isinstance(item, RowError) or item.first > read:
                     yield item
@@ -142,10 +150,16 @@ def _file_faults() -> Iterator[None]:
         raise FileError(f"cannot read the file: {exc.strerror or exc}") from None
 
 
-def _open(path: Path) -> _Stream:
-    if path.name.lower().endswith(".gz"):
-        return gzip.open(path, "rb")
-    return path.open("rb")
+@contextmanager
+def _open(path: Path, opener: Opener | None) -> Iterator[_Stream]:
+    """The file at `path` to read (gunzipped if its name ends in .gz), from disk or
+    through `opener`."""
+    with path.open("rb") if opener is None else io.BufferedReader(opener(path)) as raw:
+        if path.name.lower().endswith(".gz"):
+            with gzip.GzipFile(fileobj=raw, mode="rb") as unzipped:
+                yield unzipped
+        else:
+            yield raw
 
 
 # CSV

@@ -247,6 +247,20 @@ class TaskStore:
                 found.append(msgspec.json.decode(path.read_bytes(), type=Run))
         return found
 
+    def unfinished(self) -> dict[tuple[str, int, str], int]:
+        """The rows settled of each file version (name, size, version) that a run read
+        in part as it arrived and never finished (its fetch failed): a later run that
+        takes the same version reads on after them, its rows' ids being the same."""
+        settled: dict[tuple[str, int, str], int] = {}
+        for run in self.runs():
+            if run.fetch.status != "failed":
+                continue
+            for f in run.files:
+                if f.rows_done and not f.done:
+                    key = (f.name, f.size, f.version)
+                    settled[key] = max(settled.get(key, 0), f.rows_done)
+        return settled
+
     def data(self, run: Run, file: File) -> Path:
         return self.run_dir(run.id) / "data" / file.data
 
