@@ -21,6 +21,12 @@ import's rate (the daemon's bytes written a second), and while busy loops take t
 time the import took (the daemon's and its child's CPU seconds a second). A p99 ratio
 near those is what the machine gives any load of that size, not the import's own cost.
 
+S3 is moto, on this machine's load CPU: its fetch is bound by moto's CPU, which the
+import's own work then shares. With `--s3-link 50MB` the daemon reaches it through a
+proxy carrying that many bytes a second (bench/servers.py `Link`), as it would a real
+S3 across a network, where a run reads the file's rows as it arrives (README, *From S3,
+a file is read as it arrives*) while the fetch waits on the link.
+
 Idle is the daemon's RSS after a first run from the same source (a one-row file): a
 daemon with an import task keeps its source's client from its first run on (an S3 one
 is about 15 MiB of botocore models), so that is what its idle holds once it has run.
@@ -65,7 +71,8 @@ from bench.procs import (
     write_bytes,
 )
 from bench.report import Series
-from bench.servers import Missing, Moto, Sshd
+from bench.servers import Link, Missing, Moto, Sshd
+from firehosed.units import parse_size
 
 HEADER = [
     "event",
@@ -369,6 +376,12 @@ def main() -> int:
         "--pin", action="store_true", help="pin the daemon to the server CPU even with a child"
     )
     parser.add_argument(
+        "--s3-link",
+        type=lambda text: int(parse_size(text)),
+        help='S3 across a link of this many bytes a second ("50MB"): the fetch waits on '
+        "the network, as from a real S3, rather than on this machine's CPUs (moto's here)",
+    )
+    parser.add_argument(
         "--no-contention",
         action="store_true",
         help="skip timing the POSTs under plain disk and CPU loads of the import's size",
@@ -407,6 +420,7 @@ def main() -> int:
                     processes=args.import_processes,
                     pin=args.pin,
                     contention=not args.no_contention,
+                    link=args.s3_link,
                 )
                 if figures is not None:
                     found = report(source, figures, ceiling_rate)
@@ -510,11 +524,12 @@ def measure_source(  # noqa: PLR0917 - as run_import
     processes: int = 1,
     pin: bool = False,
     contention: bool = False,
+    link: int | None = None,
 ) -> dict[str, Any] | None:
     """run_import of the file at `path` served by `source`; None (said) when the
     source's server is not installed here."""
     try:
-        channel, cleanup = _source(work, source, path)
+        channel, cleanup = _source(work, source, path, link)
     except Missing as exc:
         print(f"{source}: not measured ({exc})")
         return None
@@ -535,8 +550,9 @@ def measure_source(  # noqa: PLR0917 - as run_import
         cleanup()
 
 
-def _source(work: Path, source: str, csv_path: Path) -> tuple[str, Any]:
-    """A `[channels.NAME]` table serving the CSV from `source`, and its cleanup."""
+def _source(work: Path, source: str, csv_path: Path, link: int | None) -> tuple[str, Any]:
+    """A `[channels.NAME]` table serving the CSV from `source`, and its cleanup; S3
+    reached over a `Link` of `link` bytes a second, if given."""
     warm = f"{','.join(HEADER)}\r\nview,warm,c@example.com,s,2026-12-04T00:00:00Z"
     warm += ",sku-00001,Thing,1.00,https://shop.example/p/00001\r\n"
     if source != "s3":
@@ -550,7 +566,15 @@ def _source(work: Path, source: str, csv_path: Path) -> tuple[str, Any]:
     if source == "s3":
         moto = Moto.start()
         moto.create_bucket("bench", {csv_path.name: csv_path.read_bytes(), WARM: warm.encode()})
-        return moto.channel_toml("s3", "bench"), moto.stop
+        if link is None:
+            return moto.channel_toml("s3", "bench"), moto.stop
+        slowed = Link(moto.url, link)
+
+        def stop() -> None:
+            slowed.stop()
+            moto.stop()
+
+        return moto.channel_toml("s3", "bench", slowed.url), stop
     raise SystemExit(f"unknown source {source!r}: directory, sftp or s3")
 
 

@@ -6,15 +6,18 @@ import asyncio
 import getpass
 import os
 import subprocess
+import threading
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import asyncssh
 from aiobotocore.session import AioSession
 
 from bench.procs import LOAD_CPU, PYTHON, free_port, pinned, terminate, wait_until
+from tests.faults.proxy import FaultProxy
 
 SSHD = "/usr/sbin/sshd"
 
@@ -135,12 +138,34 @@ class Moto:
             for key, body in objects.items():
                 await client.put_object(Bucket=bucket, Key=key, Body=body)
 
-    def channel_toml(self, name: str, bucket: str) -> str:
-        """A `[channels.NAME]` table putting objects into `bucket` on this server."""
+    def channel_toml(self, name: str, bucket: str, url: str | None = None) -> str:
+        """A `[channels.NAME]` table putting objects into `bucket` on this server (reached
+        at `url`, if given: a `Link` to it)."""
         return (
-            f'\n[channels.{name}]\ntype = "s3"\nbucket = "{bucket}"\nendpoint_url = "{self.url}"\n'
+            f'\n[channels.{name}]\ntype = "s3"\nbucket = "{bucket}"\n'
+            f'endpoint_url = "{url or self.url}"\n'
             'access_key_id = "testing"\nsecret_access_key = "testing"\n'
         )
 
     def stop(self) -> None:
         terminate(self.proc)
+
+
+class Link:
+    """A server across a network of `rate` bytes a second each way: a FaultProxy
+    (tests/faults/proxy.py), slowed, in front of `upstream`, in a thread of its own.
+    Clients connect to `url`."""
+
+    def __init__(self, upstream: str, rate: int) -> None:
+        parts = urlsplit(upstream)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="link", daemon=True)
+        self._thread.start()
+        self._proxy = FaultProxy(parts.hostname or "127.0.0.1", parts.port or 80)
+        asyncio.run_coroutine_threadsafe(self._proxy.slow(rate), self._loop).result(10)
+        self.url = f"http://{self._proxy.address}"
+
+    def stop(self) -> None:
+        asyncio.run_coroutine_threadsafe(self._proxy.close(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
