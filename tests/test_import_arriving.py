@@ -35,7 +35,15 @@ from tests.daemon import BASE_CONFIG, TOKEN, Daemon, free_port, wait_until
 from tests.faults.proxy import FaultProxy, until
 from tests.servers.moto import moto_server
 from tests.test_delivery_s3 import s3_client
-from tests.test_imports import COLUMNS, delivered_ids, finished_run, imports_config, write_csv
+from tests.test_imports import (
+    COLUMNS,
+    delivered_ids,
+    finished_run,
+    imports_config,
+    reader_pids,
+    running,
+    write_csv,
+)
 
 __all__ = ["moto_server"]
 
@@ -255,11 +263,28 @@ async def every_row_once(daemon: Daemon, valid: set[str], rows: int = LARGE) -> 
 async def test_kill_9_while_an_s3_file_arrives_costs_no_row(
     tmp_path: Path, moto_server: str
 ) -> None:
+    """The fetch held, the reading process waits for the file's next bytes; the daemon
+    killed then, it ends too (its stdin closes), and the restart loses no row."""
     async with slowed_s3(tmp_path, moto_server, LARGE) as (daemon, proxy, valid, _):
+        (pid,) = reader_pids(daemon)
+        await proxy.hang()
+        await asyncio.to_thread(wait_until, partial(waiting, pid), 30)
         await asyncio.to_thread(daemon.kill)
+        assert await asyncio.to_thread(wait_until, lambda: not running(pid), 30)
         await proxy.pass_()
         await asyncio.to_thread(daemon.start)
         await every_row_once(daemon, valid)
+
+
+def waiting(pid: int, looks: int = 10) -> bool:
+    """Whether process `pid` sleeps at each of `looks` looks 50 ms apart: the reader,
+    having read all the bytes on disk, waits for more."""
+    for _ in range(looks):
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        if stat.rsplit(")", 1)[1].split()[0] != "S":
+            return False
+        time.sleep(0.05)
+    return True
 
 
 async def test_a_fetch_cut_part_way_is_made_again_and_read_on_after_its_rows(
