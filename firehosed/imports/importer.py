@@ -443,39 +443,25 @@ class Importer:
         file that fails part-way has the chunks before its fault kept, counted and saved
         first. With a `rate` (rows a second), never ahead of it."""
         saves = _Saves(store, run)
-        saved = started = time.monotonic()
+        flight = _Flight(run, file, saves)
+        started = time.monotonic()
         sent = 0
-        flight: deque[tuple[Chunk, asyncio.Future[list[Answer]]]] = deque()
-
-        async def settle(keep: int) -> None:
-            """Settle the chunks in flight, oldest first, until `keep` are left."""
-            nonlocal saved
-            while len(flight) > keep:
-                kept, accepting = flight.popleft()
-                answers = await accepting  # (before `saves.errors` is read: a save takes it)
-                saves.errors += self._settle(run, file, kept, answers)
-                last = kept.ended or not flight  # (of a file, or of what it gave)
-                if last or time.monotonic() - saved >= SAVE_EVERY:
-                    saves.ask()
-                    saved = time.monotonic()
-                if saves.failing:  # no more rows past a save that cannot be written
-                    await saves.done()
-
         # The next chunk is read while this one is accepted: the reading works while the
         # commits' fsyncs are waited for.
         reading = asyncio.ensure_future(reader.next())
         try:
             while True:
+                await flight.settle_while(reading)
                 try:
                     chunk = await reading
                 except Exception:  # the file fails here: the rows before it are kept
-                    await settle(0)
+                    await flight.settle(0)
                     await saves.done()
                     raise
                 if not chunk.ended:
                     reading = asyncio.ensure_future(reader.next())
-                flight.append((chunk, asyncio.ensure_future(self._accept_chunk(run, chunk))))
-                await settle(0 if chunk.ended else IN_FLIGHT - 1)
+                flight.add(chunk, asyncio.ensure_future(self._accept_chunk(run, chunk)))
+                await flight.settle(0 if chunk.ended else IN_FLIGHT - 1)
                 if chunk.ended:
                     await saves.done()
                     return
@@ -483,7 +469,7 @@ class Importer:
                 if rate is not None:  # ahead of `rows_per_second`: wait until on time
                     await asyncio.sleep(max(0.0, started + sent / rate - time.monotonic()))
         finally:
-            left: list[asyncio.Future[Any]] = [reading, *(f for _, f in flight)]
+            left: list[asyncio.Future[Any]] = [reading, *flight.accepting()]
             for future in left:
                 if not future.cancel() and not future.cancelled():
                     future.exception()  # retrieved: an error after a failure is not news
@@ -651,6 +637,48 @@ class Importer:
         if task.ends is not None and at > task.ends:
             return None
         return at.isoformat()
+
+
+class _Flight:
+    """A file's chunks being committed, oldest first, each settled into its run's
+    progress once it and every chunk before it were kept, and then saved (`saves`)."""
+
+    def __init__(self, run: Run, file: File, saves: _Saves) -> None:
+        self.run, self.file, self.saves = run, file, saves
+        self._chunks: deque[tuple[Chunk, asyncio.Future[list[Answer]]]] = deque()
+        self._saved = time.monotonic()
+
+    def add(self, chunk: Chunk, accepting: asyncio.Future[list[Answer]]) -> None:
+        self._chunks.append((chunk, accepting))
+
+    def accepting(self) -> list[asyncio.Future[list[Answer]]]:
+        return [accepting for _, accepting in self._chunks]
+
+    async def settle(self, keep: int) -> None:
+        """Settle the chunks in flight, oldest first, until `keep` are left."""
+        saves = self.saves
+        while len(self._chunks) > keep:
+            kept, accepting = self._chunks.popleft()
+            answers = await accepting  # (before `saves.errors` is read: a save takes it)
+            saves.errors += Importer._settle(self.run, self.file, kept, answers)
+            last = kept.ended or not self._chunks  # (of a file, or of what it gave)
+            if last or time.monotonic() - self._saved >= SAVE_EVERY:
+                saves.ask()
+                self._saved = time.monotonic()
+            if saves.failing:  # no more rows past a save that cannot be written
+                await saves.done()
+
+    async def settle_while(self, reading: asyncio.Future[Chunk]) -> None:
+        """Settle each chunk in flight as soon as it is kept, until `reading` (the next
+        chunk) is done: a read that waits (a file still arriving, a slow reader) must
+        not hold back the saves of chunks kept meanwhile, which a crash would send
+        again after their batches were delivered."""
+        while self._chunks and not reading.done():
+            oldest = self._chunks[0][1]
+            either: list[asyncio.Future[Any]] = [reading, oldest]
+            await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+            if oldest.done():
+                await self.settle(len(self._chunks) - 1)
 
 
 class _Saves:
