@@ -67,6 +67,17 @@ def wait_until(condition: Callable[[], Any], timeout: float = 15.0, interval: fl
         time.sleep(interval)
 
 
+def delivered_records(paths: list[Path]) -> list[dict[str, Any]]:
+    """Every record of the NDJSON files at `paths` (gunzipped where named .gz)."""
+    records = []
+    for path in paths:
+        data = path.read_bytes()
+        if path.suffix == ".gz":
+            data = gzip_module.decompress(data)
+        records += [json.loads(line) for line in data.splitlines() if line]
+    return records
+
+
 class Daemon:
     """A firehosed subprocess with its own temp dir, config and port."""
 
@@ -205,13 +216,7 @@ class Daemon:
 
     def delivered(self, pattern: str = "**/*.ndjson") -> list[dict[str, Any]]:
         """Every record of every delivered NDJSON file."""
-        records = []
-        for path in self.files(pattern):
-            data = path.read_bytes()
-            if path.suffix == ".gz":
-                data = gzip_module.decompress(data)
-            records += [json.loads(line) for line in data.splitlines() if line]
-        return records
+        return delivered_records(self.files(pattern))
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

@@ -31,7 +31,7 @@ from firehosed.imports import importer
 from firehosed.imports.arriving import Abandoned, Arrival
 from firehosed.imports.child import Chunk, Job
 from firehosed.imports.reader import Reader
-from tests.daemon import BASE_CONFIG, TOKEN, Daemon, free_port, wait_until
+from tests.daemon import BASE_CONFIG, TOKEN, Daemon, delivered_records, free_port, wait_until
 from tests.faults.proxy import FaultProxy, until
 from tests.servers.moto import moto_server
 from tests.test_delivery_s3 import s3_client
@@ -386,12 +386,8 @@ async def _delivered(export: Path, expected: int) -> Counter[str]:
     distinct ids were (and a moment more, for a double in the next batch)."""
 
     def ids() -> Counter[str]:
-        found: Counter[str] = Counter()
-        for path in export.glob("**/*.ndjson"):
-            if not path.name.startswith("."):
-                lines = path.read_bytes().splitlines()
-                found.update(json.loads(line)["signal_id"]["$oid"] for line in lines if line)
-        return found
+        files = [p for p in export.glob("**/*.ndjson") if not p.name.startswith(".")]
+        return Counter(r["signal_id"]["$oid"] for r in delivered_records(files))
 
     await until(lambda: len(ids()) >= expected, within=120)
     await asyncio.sleep(0.3)

@@ -486,30 +486,6 @@ class Importer:
             )
         )
 
-    @staticmethod
-    def _settle(
-        run: Run, file: File, chunk: Chunk, answers: list[Answer]
-    ) -> list[tuple[str, int, str, str]]:
-        """Count `chunk` as kept (with the receiver's `answers`) in `run`'s progress; its
-        errored rows (file, row, column, reason)."""
-        errors = [(file.name, e.row, e.column, e.reason) for e in chunk.errors]
-        imported = duplicates = 0
-        for at, answer in zip(range(0, len(chunk.signals), PIECE), answers, strict=True):
-            for rejected in answer.body.get("rejected", []):
-                row = chunk.numbers[at + rejected["index"]]
-                errors.append((file.name, row, "", rejected["error"]))
-            imported += answer.body.get("accepted", 0)
-            duplicates += answer.body.get("duplicates", 0)
-        if chunk.last:
-            processing = run.processing
-            processing.rows += chunk.last - file.rows_done
-            processing.imported += imported
-            processing.duplicates += duplicates
-            processing.errored += len(errors)
-            file.rows_done = chunk.last
-            _count(run.task, imported, duplicates, len(errors))
-        return errors
-
     @contextlib.asynccontextmanager
     async def _reader(self, job: Job, arrival: Arrival | None) -> AsyncIterator[Reader]:
         """A reader of `job`'s file: in a child process if it is large and fewer than
@@ -660,13 +636,35 @@ class _Flight:
         while len(self._chunks) > keep:
             kept, accepting = self._chunks.popleft()
             answers = await accepting  # (before `saves.errors` is read: a save takes it)
-            saves.errors += Importer._settle(self.run, self.file, kept, answers)
+            saves.errors += self._kept(kept, answers)
             last = kept.ended or not self._chunks  # (of a file, or of what it gave)
             if last or time.monotonic() - self._saved >= SAVE_EVERY:
                 saves.ask()
                 self._saved = time.monotonic()
             if saves.failing:  # no more rows past a save that cannot be written
                 await saves.done()
+
+    def _kept(self, chunk: Chunk, answers: list[Answer]) -> list[tuple[str, int, str, str]]:
+        """Count `chunk` as kept (with the receiver's `answers`) in the run's progress;
+        its errored rows (file, row, column, reason)."""
+        run, file = self.run, self.file
+        errors = [(file.name, e.row, e.column, e.reason) for e in chunk.errors]
+        imported = duplicates = 0
+        for at, answer in zip(range(0, len(chunk.signals), PIECE), answers, strict=True):
+            for rejected in answer.body.get("rejected", []):
+                row = chunk.numbers[at + rejected["index"]]
+                errors.append((file.name, row, "", rejected["error"]))
+            imported += answer.body.get("accepted", 0)
+            duplicates += answer.body.get("duplicates", 0)
+        if chunk.last:
+            processing = run.processing
+            processing.rows += chunk.last - file.rows_done
+            processing.imported += imported
+            processing.duplicates += duplicates
+            processing.errored += len(errors)
+            file.rows_done = chunk.last
+            _count(run.task, imported, duplicates, len(errors))
+        return errors
 
     async def settle_while(self, reading: asyncio.Future[Chunk]) -> None:
         """Settle each chunk in flight as soon as it is kept, until `reading` (the next
@@ -799,8 +797,7 @@ def _relisted(run: Run, listed: list[RemoteFile], ledger: Ledger) -> None:
 def _emptied(path: Path) -> None:
     """Create `path` empty, or empty it: a fetch then writes it in place, from its start,
     and a reader may open it first. Blocking: call it in a thread."""
-    with path.open("wb"):
-        pass
+    path.write_bytes(b"")
 
 
 def _pauses() -> Iterator[float]:
