@@ -42,7 +42,7 @@ from firehosed.archive.spill import Spill
 from firehosed.channels.base import Batch, Channel
 from firehosed.channels.directory import DirectoryChannel, DirectoryConfig
 from firehosed.channels.sftp import SftpChannel, SftpConfig
-from firehosed.config import FieldsConfig
+from firehosed.fields import FieldsConfig
 from firehosed.formats import zipcsv
 from firehosed.record import Record
 from firehosed.units import dec_hook

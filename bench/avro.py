@@ -47,7 +47,7 @@ from bench.fixtures import Template, new_prefix, template_text
 from bench.imports import HEADER, measure_source, write_csv
 from bench.procs import SERVER_CPU
 from firehosed import formats
-from firehosed.config import FieldsConfig
+from firehosed.fields import FieldsConfig
 from firehosed.formats import avro as avro_format
 from firehosed.imports.rows import RowError, RowMaker, read_rows
 from firehosed.mapping import Mapping

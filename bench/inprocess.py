@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from firehosed.catchup import CatchUp
-from firehosed.config import CatchUpConfig, FieldsConfig, FirehoseConfig
+from firehosed.config import CatchUpConfig, FirehoseConfig
 from firehosed.envelope import EnvelopeReader
+from firehosed.fields import FieldsConfig
 from firehosed.firehose import Firehose
 from firehosed.queue.base import Ticket
 from firehosed.queue.commit import Committer

@@ -23,6 +23,7 @@ from cronsim import CronSim, CronSimError
 
 from firehosed import channels
 from firehosed.errors import ConfigError
+from firehosed.fields import FieldsConfig
 from firehosed.imports import pattern as import_pattern
 from firehosed.names import control_character, path_problem
 from firehosed.units import Duration, Size, dec_hook
@@ -146,16 +147,6 @@ class FallbackConfig(_Section):
 
     channel: str | None = None
     prefix: str = "{account}/Firehose/"
-
-
-class FieldsConfig(_Section):
-    """`[accounts.X.fields]`: dotted paths into the posted JSON."""
-
-    type: str = "type"
-    id: str = "signal_id.$oid"
-    session: str = "did"
-    person: str = "pid"
-    time: str = "evdt.$date"
 
 
 class AccountConfig(_Section):

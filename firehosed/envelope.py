@@ -26,7 +26,7 @@ from typing import Any, Union
 
 import msgspec
 
-from firehosed.config import FieldsConfig
+from firehosed.fields import FieldsConfig
 from firehosed.record import Block
 
 _LEAF_TYPES: dict[str, Any] = {

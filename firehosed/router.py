@@ -17,8 +17,8 @@ import msgspec
 
 from firehosed import metrics
 from firehosed.catchup import CatchUp
-from firehosed.config import FieldsConfig
 from firehosed.envelope import Envelopes
+from firehosed.fields import FieldsConfig
 from firehosed.firehose import Firehose
 from firehosed.mapping import set_path
 from firehosed.queue.base import Queue, Ticket

@@ -18,7 +18,7 @@ from firehosed.archive import spill as spill_module
 from firehosed.archive.build import Built, archive_name, build
 from firehosed.archive.days import Days
 from firehosed.archive.spill import Spill
-from firehosed.config import FieldsConfig
+from firehosed.fields import FieldsConfig
 from firehosed.formats import zipcsv
 from firehosed.record import Record
 

@@ -15,9 +15,10 @@ import msgspec
 import pytest
 
 from firehosed.catchup import CatchUp
-from firehosed.config import CatchUpConfig, FieldsConfig, FirehoseConfig
+from firehosed.config import CatchUpConfig, FirehoseConfig
 from firehosed.dedupe import Dedupe
 from firehosed.envelope import EnvelopeReader, Envelopes
+from firehosed.fields import FieldsConfig
 from firehosed.firehose import Firehose
 from firehosed.queue.base import Ticket
 from firehosed.queue.commit import Committer

@@ -25,8 +25,9 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from firehosed.config import FieldsConfig, parse
+from firehosed.config import parse
 from firehosed.daemon import Daemon as InProcess
+from firehosed.fields import FieldsConfig
 from firehosed.imports import importer
 from firehosed.imports.arriving import Abandoned, Arrival
 from firehosed.imports.child import Chunk, Job

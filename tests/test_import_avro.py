@@ -24,8 +24,8 @@ import fastavro
 import msgspec
 import pytest
 
-from firehosed.config import FieldsConfig
 from firehosed.envelope import EnvelopeReader
+from firehosed.fields import FieldsConfig
 from firehosed.imports.rows import FileError, RowError, RowMaker, read_rows
 
 MiB = 1 << 20

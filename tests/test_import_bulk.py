@@ -22,8 +22,8 @@ from typing import Any
 import msgspec
 import pytest
 
-from firehosed.config import FieldsConfig
 from firehosed.envelope import EnvelopeReader
+from firehosed.fields import FieldsConfig
 from firehosed.imports import child
 from firehosed.imports.child import Job, open_rows, take
 from firehosed.imports.rows import (

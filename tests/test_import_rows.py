@@ -20,8 +20,8 @@ from typing import Any
 import msgspec
 import pytest
 
-from firehosed.config import FieldsConfig
 from firehosed.envelope import EnvelopeReader
+from firehosed.fields import FieldsConfig
 from firehosed.imports.rows import (
     REMEMBERED_CHARS,
     FileError,

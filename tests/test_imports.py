@@ -11,7 +11,10 @@ import gzip
 import io
 import json
 import os
+import pickle
 import signal
+import subprocess
+import sys
 import time
 from collections import Counter
 from datetime import datetime
@@ -20,8 +23,10 @@ from typing import Any
 
 import pytest
 
+from firehosed.fields import FieldsConfig
+from firehosed.imports.child import Job
 from firehosed.imports.importer import CHUNK, IN_FLIGHT
-from firehosed.imports.reader import PROCESS_FROM
+from firehosed.imports.reader import PACKAGE_ROOT, PROCESS_FROM
 from tests.daemon import BASE_CONFIG, TOKEN, Daemon, wait_until
 from tests.test_archive import LIBFAKETIME, faked
 
@@ -508,6 +513,27 @@ def test_a_large_file_read_in_a_process_of_its_own_gives_what_a_thread_gives(
     assert len(pids) == 1 and not none, "a child with import_processes = 1, none with 0"
     assert child_records == thread_records
     assert child_errors == thread_errors
+
+
+def test_the_reading_process_loads_neither_the_config_nor_openssl(tmp_path: Path) -> None:
+    """Each file's child imports only what reading rows takes: the config's cron, zone and
+    TOML modules and OpenSSL's libcrypto (behind hashlib) would cost it about 5 MiB, in
+    the figure the memory target judges. Its job is unpickled there as the daemon sends it."""
+    job = Job(tmp_path / "f.csv", "csv", 0, CHUNK, "users", {}, FieldsConfig(), "f.csv@1")
+    code = (
+        "import pickle, sys; from firehosed.imports.child import Job; "
+        "pickle.loads(sys.stdin.buffer.read()); print(' '.join(sorted(sys.modules)))"
+    )
+    env = {**os.environ, "PYTHONPATH": str(PACKAGE_ROOT)}
+    loaded = subprocess.run(
+        [sys.executable, "-P", "-c", code],
+        input=pickle.dumps(job),
+        capture_output=True,
+        env=env,
+        check=True,
+    ).stdout.split()
+    assert b"firehosed.fields" in loaded
+    assert {b"firehosed.config", b"_hashlib", b"cronsim", b"zoneinfo"}.isdisjoint(loaded)
 
 
 def test_a_reading_process_killed_mid_file_costs_no_row(tmp_path: Path) -> None:

@@ -20,7 +20,7 @@ import msgspec
 import pytest
 
 from firehosed.archive.days import Days
-from firehosed.config import FieldsConfig
+from firehosed.fields import FieldsConfig
 from firehosed.formats import zipcsv
 from firehosed.mapping import Mapping
 from firehosed.record import Record

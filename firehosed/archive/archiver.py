@@ -30,7 +30,8 @@ from firehosed import metrics
 from firehosed.archive.build import Built, archive_name, build
 from firehosed.archive.days import Days
 from firehosed.archive.spill import Spill
-from firehosed.config import FieldsConfig, FirehoseConfig, local_time
+from firehosed.config import FirehoseConfig, local_time
+from firehosed.fields import FieldsConfig
 from firehosed.fileio import fsync_dir, make_dirs, write_durably
 from firehosed.formats import zipcsv
 from firehosed.mapping import Mapping

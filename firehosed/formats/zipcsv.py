@@ -33,7 +33,7 @@ from typing import IO, Any, BinaryIO
 
 import msgspec
 
-from firehosed.config import FieldsConfig
+from firehosed.fields import FieldsConfig
 from firehosed.formats.csv import cell
 from firehosed.mapping import Mapping as ColumnMapping
 from firehosed.record import Record

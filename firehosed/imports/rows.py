@@ -18,9 +18,12 @@ import codecs
 import contextlib
 import csv
 import gzip
-import hashlib
 import io
 import zlib
+
+# hashlib's own blake2b (it never takes BLAKE2 from OpenSSL): `import hashlib` would load
+# OpenSSL's libcrypto, 3.7 MB of every import child's memory, for this one digest.
+from _blake2 import blake2b
 from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -33,7 +36,6 @@ from typing import IO, Any, NamedTuple, TypeAlias, cast
 import ijson
 import msgspec
 
-from firehosed.config import FieldsConfig
 from firehosed.envelope import (
     MAX_FIELD_BYTES,
     MAX_TIME_BYTES,
@@ -44,6 +46,7 @@ from firehosed.envelope import (
     _check_type,
     parse_time,
 )
+from firehosed.fields import FieldsConfig
 from firehosed.imports.errors import FileError, RowError
 
 __all__ = ["FORMATS", "FileError", "Row", "RowError", "RowMaker", "columns_problem", "read_rows"]
@@ -835,7 +838,7 @@ class RowMaker:
 
     def _made_id(self, file_key: str, number: int) -> str:
         key = f"{self._task}\0{file_key}\0{number}".encode()
-        return hashlib.blake2b(key, digest_size=ID_DIGEST).hexdigest()
+        return blake2b(key, digest_size=ID_DIGEST).hexdigest()
 
     def _import_time(self, now: float) -> str:
         """`now` in ISO 8601 UTC with milliseconds and `Z`, rendered once per value (and
