@@ -13,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import gc
 import json
+import os
+import signal
 import time
 import uuid
 from collections import Counter
@@ -32,6 +34,7 @@ from firehosed.imports import importer
 from firehosed.imports.arriving import Abandoned, Arrival
 from firehosed.imports.child import Chunk, Job
 from firehosed.imports.reader import Reader
+from firehosed.imports.rows import FileError
 from tests.daemon import BASE_CONFIG, TOKEN, Daemon, delivered_records, free_port, wait_until
 from tests.faults.proxy import FaultProxy, until
 from tests.servers.moto import moto_server
@@ -427,3 +430,57 @@ async def test_an_s3_file_failing_as_it_arrives_fails_its_run_and_is_not_taken_a
     ledger = tmp_path / "var" / "imports" / "users" / "ledger.ndjson"
     taken = {json.loads(line)["name"] for line in ledger.read_text().splitlines()}
     assert taken == {"users-1.csv", "users-2.csv"}
+
+
+def _writes(pid: int) -> int:
+    """The write system calls process `pid` has made (/proc/PID/io)."""
+    io = dict(line.split(": ") for line in Path(f"/proc/{pid}/io").read_text().splitlines())
+    return int(io["syscw"])
+
+
+def _write_stdout(pid: int, data: bytes) -> None:
+    """Write `data` into process `pid`'s stdout, a pipe the daemon reads."""
+    with Path(f"/proc/{pid}/fd/1").open("ab") as pipe:
+        pipe.write(data)
+
+
+async def test_bytes_on_the_childs_pipe_it_did_not_send_end_it_and_a_thread_reads_on(
+    tmp_path: Path,
+) -> None:
+    """What arrives on the child's pipe but is no frame of its (another process writing
+    to it, as a debugger attached mid-write once did) is never taken as rows: the daemon
+    ends the child and reads the file in a thread from the last whole chunk; every row
+    comes once. Before, the decode error ended the task's loop with its run unfinished."""
+    data, _ = whole_file(tmp_path)
+    reader = Reader(job(tmp_path / "whole.csv", len(data))._replace(arriving=None))
+    try:
+        await reader.spawn()
+        child = reader.child
+        assert child is not None
+        os.kill(child.pid, signal.SIGSTOP)
+        wait_until(lambda: Path(f"/proc/{child.pid}/stat").read_text().split()[2] == "T")
+        assert _writes(child.pid) == 0, "the child wrote before it was stopped"
+        _write_stdout(child.pid, (16).to_bytes(8, "little") + b"\xc1" * 16)  # never msgpack
+        os.kill(child.pid, signal.SIGCONT)
+        chunks = await take(reader, rows_in(data))
+        assert reader.child is None, "the child that sent the bytes still reads"
+        assert child.returncode is not None
+    finally:
+        await reader.close()
+    assert numbers(chunks) == list(range(1, rows_in(data) + 1))
+
+
+async def test_a_child_that_crashes_fails_its_file_with_the_error_and_no_loop_ends(
+    tmp_path: Path,
+) -> None:
+    """A bug in the child's reading (here: a format `check` refuses, reached on cue)
+    fails the file with the error's last line, as a file that cannot be read fails; it
+    was a RuntimeError that ended the task's loop and left its run processing."""
+    data, _ = whole_file(tmp_path)
+    reader = Reader(job(tmp_path / "whole.csv", len(data))._replace(arriving=None, format="x"))
+    try:
+        await reader.spawn()
+        with pytest.raises(FileError, match=r"reading failed \(a bug.*ValueError: unknown"):
+            await reader.next()
+    finally:
+        await reader.close()

@@ -30,6 +30,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import msgspec
 import structlog
 
 import firehosed
@@ -83,6 +84,7 @@ class Reader:
                     task=self.job.task,
                     file=self.job.key,
                     exit=lost.code,
+                    error=lost.error,
                     after_row=self.done,
                 )
                 self.child = None
@@ -118,23 +120,41 @@ class Reader:
             body = await child.stdout.readexactly(int.from_bytes(head, "little"))
         except asyncio.IncompleteReadError:
             raise _Lost(await child.wait()) from None
-        frame = FRAMES.decode(body)
+        try:
+            frame = FRAMES.decode(body)
+        except msgspec.DecodeError as exc:
+            # Bytes the child did not send as they came (the pipe written by another
+            # process, a debugger attached mid-write): none of it is taken; the thread
+            # reads on from the last chunk that came whole.
+            with contextlib.suppress(ProcessLookupError):
+                child.kill()
+            raise _Lost(await child.wait(), f"its output could not be read: {exc}") from None
         if frame.kind == "failed":
             raise FileError(frame.message)
         if frame.kind == "abandoned":
             await child.wait()
             raise Abandoned(frame.message)
         if frame.kind == "crashed" or frame.chunk is None:
-            raise RuntimeError(f"reading {self.job.key} failed in its process:\n{frame.message}")
+            # A bug in reading: a thread would meet it again. The file fails with the
+            # error's last line; the whole traceback goes to the log.
+            log.error(
+                "import.reader_crashed", task=self.job.task, file=self.job.key, error=frame.message
+            )
+            await child.wait()
+            last = (frame.message or "no message").strip().splitlines()[-1]
+            raise FileError(f"reading failed (a bug; import.reader_crashed in the log): {last}")
         if frame.chunk.ended:
             await child.wait()
         return frame.chunk
 
 
 class _Lost(Exception):
-    def __init__(self, code: int) -> None:
+    """The child is gone (its exit status), or was ended for what it sent (`error`)."""
+
+    def __init__(self, code: int, error: str | None = None) -> None:
         super().__init__(code)
         self.code = code
+        self.error = error
 
 
 async def _spawn(job: Job, arrival: Arrival | None) -> asyncio.subprocess.Process:
