@@ -23,7 +23,7 @@ from cronsim import CronSim, CronSimError
 
 from firehosed import channels
 from firehosed.errors import ConfigError
-from firehosed.fields import FieldsConfig
+from firehosed.fields import FieldsConfig, Section
 from firehosed.imports import pattern as import_pattern
 from firehosed.names import control_character, path_problem
 from firehosed.units import Duration, Size, dec_hook
@@ -43,11 +43,7 @@ _SMTP_ADDRESS = re.compile(
 SMTPS_PORT = 465
 
 
-class _Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    """Base of every config table: unknown keys are errors."""
-
-
-class ServerConfig(_Section):
+class ServerConfig(Section):
     """`[server]`: where the HTTP receiver listens and what it accepts."""
 
     listen: str = "127.0.0.1:8080"
@@ -64,7 +60,7 @@ class ServerConfig(_Section):
     body_timeout: Duration = Duration(60.0)
 
 
-class AdminConfig(_Section):
+class AdminConfig(Section):
     """`[admin]`: the operators' listener (status page, metrics, status, tail, replay,
     reload), never the one sources reach."""
 
@@ -76,7 +72,7 @@ class AdminConfig(_Section):
     idle_timeout: Duration = Duration(60.0)
 
 
-class StorageConfig(_Section):
+class StorageConfig(Section):
     """`[storage]`: the durable queues, batches and dead letters."""
 
     backend: Literal["local", "jetstream"] = "local"
@@ -86,7 +82,7 @@ class StorageConfig(_Section):
     segment_size: Size = Size(64 * MiB)
 
 
-class JetStreamConfig(_Section):
+class JetStreamConfig(Section):
     """`[jetstream]`: the NATS JetStream cluster of `storage.backend = "jetstream"`."""
 
     servers: list[str] = msgspec.field(default_factory=lambda: ["nats://127.0.0.1:4222"])
@@ -113,7 +109,7 @@ class JetStreamConfig(_Section):
     timeout: Duration = Duration(5.0)
 
 
-class CatchUpConfig(_Section):
+class CatchUpConfig(Section):
     """`[catch_up]`: the per-session ring of anonymous signals re-sent on identification."""
 
     signals_per_session: int = 30
@@ -121,7 +117,7 @@ class CatchUpConfig(_Section):
     max_memory: Size = Size(512 * MiB)
 
 
-class AlertsConfig(_Section, rename={"from_": "from"}):
+class AlertsConfig(Section, rename={"from_": "from"}):
     """`[alerts]`: the SMTP server for error-alert e-mails.
 
     `starttls = true` requires STARTTLS. With a login (`username`), STARTTLS is used
@@ -142,14 +138,14 @@ class AlertsConfig(_Section, rename={"from_": "from"}):
     timeout: Duration = Duration(30.0)
 
 
-class FallbackConfig(_Section):
+class FallbackConfig(Section):
     """`[fallback]`: the channel for accounts with no firehose of their own."""
 
     channel: str | None = None
     prefix: str = "{account}/Firehose/"
 
 
-class AccountConfig(_Section):
+class AccountConfig(Section):
     """`[accounts.X]`: one customer: who may post, and how its signals are read."""
 
     tokens: list[str] = msgspec.field(default_factory=list)
@@ -162,7 +158,7 @@ class AccountConfig(_Section):
     fields: FieldsConfig = msgspec.field(default_factory=FieldsConfig)
 
 
-class FirehoseConfig(_Section):
+class FirehoseConfig(Section):
     """`[firehoses.X]`: which signals of an account go where, in what shape, how often."""
 
     account: str
@@ -199,7 +195,7 @@ class FirehoseConfig(_Section):
     event_names: dict[str, str] = msgspec.field(default_factory=dict)
 
 
-class ImportConfig(_Section):
+class ImportConfig(Section):
     """`[imports.X]`: a task that pulls files of past events from `source` on its cron
     `schedule` (or takes uploads) into an account's pipeline (imports/)."""
 
@@ -274,7 +270,7 @@ class Config(msgspec.Struct, kw_only=True):
         return result
 
 
-_SECTIONS: dict[str, type[_Section]] = {
+_SECTIONS: dict[str, type[Section]] = {
     "server": ServerConfig,
     "admin": AdminConfig,
     "storage": StorageConfig,

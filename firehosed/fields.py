@@ -10,9 +10,12 @@ from __future__ import annotations
 import msgspec
 
 
-class FieldsConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    """`[accounts.X.fields]`: dotted paths into the posted JSON (as config.py's sections:
-    unknown keys are errors)."""
+class Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Base of every config table (config.py's too): unknown keys are errors."""
+
+
+class FieldsConfig(Section):
+    """`[accounts.X.fields]`: dotted paths into the posted JSON."""
 
     type: str = "type"
     id: str = "signal_id.$oid"

@@ -524,7 +524,7 @@ def test_the_reading_process_loads_neither_the_config_nor_openssl(tmp_path: Path
         "import pickle, sys; from firehosed.imports.child import Job; "
         "pickle.loads(sys.stdin.buffer.read()); print(' '.join(sorted(sys.modules)))"
     )
-    env = {**os.environ, "PYTHONPATH": str(PACKAGE_ROOT)}
+    env = {**os.environ, "PYTHONPATH": PACKAGE_ROOT}
     loaded = subprocess.run(
         [sys.executable, "-P", "-c", code],
         input=pickle.dumps(job),

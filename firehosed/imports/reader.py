@@ -126,8 +126,7 @@ class Reader:
             # Bytes the child did not send as they came (the pipe written by another
             # process, a debugger attached mid-write): none of it is taken; the thread
             # reads on from the last chunk that came whole.
-            with contextlib.suppress(ProcessLookupError):
-                child.kill()
+            await self.close()
             raise _Lost(await child.wait(), f"its output could not be read: {exc}") from None
         if frame.kind == "failed":
             raise FileError(frame.message)
