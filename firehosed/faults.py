@@ -13,11 +13,13 @@ Fail points (`FIREHOSED_FAIL_AT`, tests only): `queue.fsync` (a group commit's s
 `queue.rotate` (the directory sync that makes a new segment file durable),
 `queue.commit_bug` (inside the commit thread's write), `fileio.dir_fsync` (any directory
 sync that makes a new name durable), `import.save` (writing an import run's progress:
-its errors file and run.json). The variable is one or more
-comma-separated `POINT:N:K[:DELAY]`: the Nth to (N+K-1)th time POINT is reached (N and K
-default to 1; each point counts its own calls), sleep DELAY seconds if given (a slow
-disk), then raise OSError(EIO), as a dying disk does (no real disk fails on cue); a
-point whose name ends in `_bug` raises RuntimeError instead, as a bug would. Examples:
+its errors file and run.json), `import.run_save` (any other save of an import run's
+run.json), `import.settle_bug` (counting a chunk of import rows that was kept). The
+variable is one or more comma-separated `POINT:N:K[:DELAY]`: the Nth to (N+K-1)th
+time POINT is reached (N and K default to 1; each point counts its own calls), sleep
+DELAY seconds if given (a slow disk), then raise OSError(EIO), as a dying disk does
+(no real disk fails on cue); a point whose name ends in `_bug` raises RuntimeError
+instead, as a bug would. Examples:
 `queue.fsync:4:3` (calls 4, 5, 6 fail), `queue.fsync:1:1:2.5` (the first sync takes
 2.5 s, then fails), `queue.fsync:5:1,queue.fsync:9:1` (calls 5 and 9 fail).
 """

@@ -242,6 +242,37 @@ def test_a_daemon_stops_while_a_save_keeps_failing_and_the_run_resumes(tmp_path:
         daemon.close()
 
 
+@pytest.mark.parametrize(
+    ("fail", "event"),
+    [
+        # A bug counting the third chunk kept: the run resumes from its last save.
+        ("import.settle_bug:3:1", "import.run_failed"),
+        # The disk fails the save that starts processing: the same, before any row.
+        ("import.run_save:5:1", "import.run_failed"),
+        # The disk fails the new run's first save: the task's loop starts again.
+        ("import.run_save:1:1", "import.loop_failed"),
+    ],
+)
+def test_an_error_escaping_a_run_resumes_it_after_a_pause_and_costs_no_row(
+    tmp_path: Path, fail: str, event: str
+) -> None:
+    valid, bad = write_csv(tmp_path / "inbox" / "users-2026-12-04.csv", 20_000)
+    daemon = Daemon(tmp_path, imports_config(tmp_path, ONCE))
+    try:
+        daemon.start(env={"FIREHOSED_FAIL_AT": fail})
+        run = finished_run(daemon, "users")
+        processing = run["processing"]
+        assert (processing["status"], processing["rows"]) == ("processed", 20_000)
+        assert processing["imported"] + processing["duplicates"] == len(valid)
+        assert processing["errored"] == len(bad)
+        assert [e["seconds"] for e in daemon.events(event)] == [1.0]
+        assert delivered_ids(daemon, len(valid)) == Counter(valid)
+        listed = listed_errors(tmp_path, "users")
+        assert [int(e["row"]) for e in listed] == sorted(bad)  # each once, in order
+    finally:
+        daemon.close()
+
+
 def uploaded(
     daemon: Daemon, task: str, body: bytes, headers: dict[str, str]
 ) -> tuple[str, dict[str, Any]]:

@@ -35,6 +35,7 @@ from firehosed.channels.base import Channel, RemoteFile, sync_file
 from firehosed.config import Config, ImportConfig, import_offset
 from firehosed.envelope import Envelopes
 from firehosed.errors import DeliveryError, SourceChanged
+from firehosed.faults import fail_point
 from firehosed.fileio import Paced, fsync_dir
 from firehosed.imports import pattern as patterns
 from firehosed.imports.arriving import Abandoned, Arrival
@@ -129,19 +130,30 @@ class Importer:
     # -- the schedule -----------------------------------------------------------------
 
     async def _loop(self, name: str) -> None:
+        """Run `_schedule` of task `name`; an error that escapes it (a disk that fails
+        the task's state or a new run's first save) is logged as `import.loop_failed`,
+        and the loop starts again after a pause (1 s, doubling to 30 s): a task never
+        stops being scheduled until a restart."""
+        pauses = _pauses()
+        while True:
+            try:
+                await self._schedule(name)
+                return
+            except Exception:
+                pause = next(pauses)
+                log.exception("import.loop_failed", task=name, seconds=pause)
+            await asyncio.sleep(pause)
+
+    async def _schedule(self, name: str) -> None:
         """Resume the task's unfinished runs, then run it on its schedule."""
-        try:
-            store = self.stores[name]
-            for run in await asyncio.to_thread(store.runs):
-                if not run.finished and run.id not in self._active:
-                    log.info("import.resuming", task=name, run=run.id)
-                    await self._start(store, run)
-            while (slot := await self._next_slot(name)) is not None:
-                when, trigger = slot
-                await self._pull(name, when, trigger)
-        except Exception:
-            log.exception("import.loop_failed", task=name)
-            raise
+        store = self.stores[name]
+        for run in await asyncio.to_thread(store.runs):
+            if not run.finished and run.id not in self._active:
+                log.info("import.resuming", task=name, run=run.id)
+                await self._start(store, run)
+        while (slot := await self._next_slot(name)) is not None:
+            when, trigger = slot
+            await self._pull(name, when, trigger)
 
     async def _next_slot(self, name: str) -> tuple[float, str] | None:
         """Wait for the task's next run: (its slot, its trigger); None when the task does
@@ -201,7 +213,7 @@ class Importer:
         await asyncio.shield(self._spawn(store, run))
 
     def _spawn(self, store: TaskStore, run: Run) -> asyncio.Task[None]:
-        task = asyncio.create_task(self._execute(store, run), name=f"import-run:{run.id}")
+        task = asyncio.create_task(self._carry(store, run), name=f"import-run:{run.id}")
         self._active[run.id] = task
         self._live[run.id] = run
 
@@ -213,6 +225,27 @@ class Importer:
         return task
 
     # -- a run ------------------------------------------------------------------------
+
+    async def _carry(self, store: TaskStore, run: Run) -> None:
+        """Run `run` to its end. An error that escapes it (a disk that fails a save, a
+        bug) is logged as `import.run_failed`, and after a pause (1 s, doubling to 30 s)
+        the run resumes from its last save, as it would after a restart: the rows it
+        kept since are offered again, and are duplicates."""
+        pauses = _pauses()
+        failed = False
+        while True:
+            try:
+                if failed:
+                    saved = await asyncio.to_thread(store.load, run.id)
+                    run = saved or run
+                    self._live[run.id] = run
+                    log.info("import.resuming", task=run.task, run=run.id)
+                await self._execute(store, run)
+                return
+            except Exception:
+                failed, pause = True, next(pauses)
+                log.exception("import.run_failed", task=run.task, run=run.id, seconds=pause)
+            await asyncio.sleep(pause)
 
     async def _execute(self, store: TaskStore, run: Run) -> None:
         started = time.monotonic()
@@ -647,6 +680,7 @@ class _Flight:
     def _kept(self, chunk: Chunk, answers: list[Answer]) -> list[tuple[str, int, str, str]]:
         """Count `chunk` as kept (with the receiver's `answers`) in the run's progress;
         its errored rows (file, row, column, reason)."""
+        fail_point("import.settle_bug")
         run, file = self.run, self.file
         errors = [(file.name, e.row, e.column, e.reason) for e in chunk.errors]
         imported = duplicates = 0

@@ -219,6 +219,7 @@ class TaskStore:
         return self.root / "runs" / run
 
     def save(self, run: Run) -> None:
+        fail_point("import.run_save")
         write_durably(self.run_dir(run.id) / "run.json", msgspec.json.encode(run), self.sync)
         self._note(run)
 
