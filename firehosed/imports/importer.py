@@ -21,7 +21,7 @@ import asyncio
 import contextlib
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -134,15 +134,7 @@ class Importer:
         the task's state or a new run's first save) is logged as `import.loop_failed`,
         and the loop starts again after a pause (1 s, doubling to 30 s): a task never
         stops being scheduled until a restart."""
-        pauses = _pauses()
-        while True:
-            try:
-                await self._schedule(name)
-                return
-            except Exception:
-                pause = next(pauses)
-                log.exception("import.loop_failed", task=name, seconds=pause)
-            await asyncio.sleep(pause)
+        await _until_done(lambda _: self._schedule(name), "import.loop_failed", task=name)
 
     async def _schedule(self, name: str) -> None:
         """Resume the task's unfinished runs, then run it on its schedule."""
@@ -231,21 +223,16 @@ class Importer:
         bug) is logged as `import.run_failed`, and after a pause (1 s, doubling to 30 s)
         the run resumes from its last save, as it would after a restart: the rows it
         kept since are offered again, and are duplicates."""
-        pauses = _pauses()
-        failed = False
-        while True:
-            try:
-                if failed:
-                    saved = await asyncio.to_thread(store.load, run.id)
-                    run = saved or run
-                    self._live[run.id] = run
-                    log.info("import.resuming", task=run.task, run=run.id)
-                await self._execute(store, run)
-                return
-            except Exception:
-                failed, pause = True, next(pauses)
-                log.exception("import.run_failed", task=run.task, run=run.id, seconds=pause)
-            await asyncio.sleep(pause)
+
+        async def attempt(again: bool) -> None:
+            nonlocal run
+            if again:
+                saved = await asyncio.to_thread(store.load, run.id)
+                run = self._live[run.id] = saved or run
+                log.info("import.resuming", task=run.task, run=run.id)
+            await self._execute(store, run)
+
+        await _until_done(attempt, "import.run_failed", task=run.task, run=run.id)
 
     async def _execute(self, store: TaskStore, run: Run) -> None:
         started = time.monotonic()
@@ -840,6 +827,25 @@ def _pauses() -> Iterator[float]:
     while True:
         yield pause
         pause = min(pause * 2, RETRY_MAX)
+
+
+async def _until_done(
+    attempt: Callable[[bool], Awaitable[None]], event: str, **fields: str
+) -> None:
+    """Await `attempt(again)` until it returns: an error that escapes it is logged as
+    `event` (with its traceback and `fields`), and it is made again (`again` True) after
+    a pause from `_pauses`. Cancelling ends it."""
+    pauses = _pauses()
+    again = False
+    while True:
+        try:
+            await attempt(again)
+            return
+        except Exception:
+            pause = next(pauses)
+            log.exception(event, seconds=pause, **fields)
+        await asyncio.sleep(pause)
+        again = True
 
 
 def _latest_slot(schedule: str, zone: ZoneInfo, after: float, until: float) -> float | None:
