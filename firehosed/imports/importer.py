@@ -44,6 +44,7 @@ from firehosed.imports.reader import PROCESS_FROM, Reader
 from firehosed.imports.rows import FileError
 from firehosed.imports.runs import Fetch, File, Ledger, Run, TaskStore, now
 from firehosed.ingest.receiver import Answer, IngestAccount, Receiver
+from firehosed.tasks import raise_if_cancelled
 
 log = structlog.get_logger(__name__)
 
@@ -844,6 +845,7 @@ async def _until_done(
         except Exception:
             pause = next(pauses)
             log.exception(event, seconds=pause, **fields)
+        raise_if_cancelled()  # (the error may be a cancellation, lost in a wait_for)
         await asyncio.sleep(pause)
         again = True
 

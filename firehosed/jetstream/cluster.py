@@ -43,6 +43,7 @@ from nats.js.kv import KeyValue
 from firehosed.config import JetStreamConfig
 from firehosed.errors import FirehosedError
 from firehosed.fileio import write_durably
+from firehosed.tasks import raise_if_cancelled
 
 log = structlog.get_logger(__name__)
 
@@ -401,6 +402,7 @@ class Leases:
         """Renew, take and give up leases every third of the TTL, until cancelled."""
         every = self.cluster.config.lease_ttl / 3
         while True:
+            raise_if_cancelled()
             self._wake.clear()
             try:
                 await self._round()

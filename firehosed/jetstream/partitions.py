@@ -44,6 +44,7 @@ from firehosed.queue.base import Ticket
 from firehosed.queue.frames import Unsealed
 from firehosed.record import Block, Rows
 from firehosed.router import AccountRoutes, Router
+from firehosed.tasks import raise_if_cancelled
 
 log = structlog.get_logger(__name__)
 
@@ -168,6 +169,7 @@ class Partition:
 
     async def run(self) -> None:
         while True:
+            raise_if_cancelled()
             await self.lease.held.wait()
             try:
                 await self._own()

@@ -54,6 +54,7 @@ from firehosed.queue.base import (
 )
 from firehosed.queue.frames import Framed, Unsealed, scan
 from firehosed.record import BLOCKS, Joined, Rows, decoder
+from firehosed.tasks import raise_if_cancelled
 
 log = structlog.get_logger(__name__)
 
@@ -292,6 +293,7 @@ class JetStreamQueue:
         nothing heard since the last look."""
         before = -1
         while True:
+            raise_if_cancelled()
             await asyncio.sleep(TAIL_CHECK)
             heard = self._heard_up_to()
             try:
